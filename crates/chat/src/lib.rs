@@ -1,0 +1,1 @@
+//! vicugna-chat: see DESIGN.md; filled in by its issue.

@@ -1,0 +1,70 @@
+//! The engine's one error type: every variant says which file, tensor or field.
+
+use std::path::PathBuf;
+
+/// Errors from loading models and generating text.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: file not found ({what})")]
+    MissingFile { path: PathBuf, what: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {message}")]
+    BadJson { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    BadConfig {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: not a valid {format} file: {message}")]
+    BadFile {
+        path: PathBuf,
+        format: &'static str,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the prompt has {prompt} tokens but the model's context holds {context} (ask for left truncation, or shorten it)")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("default model: {0}")]
+    DefaultModel(String),
+    #[error("the engine has stopped")]
+    EngineStopped,
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result with [`EngineError`].
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            let path = path.into();
+            return EngineError::MissingFile {
+                what: "no such file or directory".into(),
+                path,
+            };
+        }
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! vicugna-eval: see DESIGN.md; filled in by its issue.

@@ -1,0 +1,1 @@
+//! vicugna-serve: see DESIGN.md; filled in by its issue.

@@ -1,0 +1,1 @@
+//! vicugna-train: see DESIGN.md; filled in by its issue.

@@ -1,0 +1,1 @@
+//! vicugna-weights: see DESIGN.md; filled in by its issue.
