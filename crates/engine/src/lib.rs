@@ -2,8 +2,20 @@
 //! family, tokenizes exactly as HF does, and generates text through one request
 //! type and one stream of events. Knows nothing of HTTP or chat templates.
 
+pub mod config;
 pub mod default_model;
+pub mod engine;
 pub mod error;
+pub mod loader;
+pub mod model;
+pub mod request;
+pub mod sampler;
+pub mod text_stream;
 pub mod tokenizer;
+pub mod weights;
 
+pub use engine::{Completion, EngineHandle, EngineOptions, EventStream, ModelInfo};
 pub use error::{EngineError, Result};
+pub use loader::{LoadOptions, LoadedModel};
+pub use model::{KvCache, Model, SeqInput, WeightDType};
+pub use request::{Event, FinishReason, GenerateRequest, Prompt, SamplingParams, StopRules, TokenLogprob, Usage};

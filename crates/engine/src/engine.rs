@@ -1,0 +1,480 @@
+//! The engine thread: owns the model, admits requests as they arrive, and runs one
+//! batched forward pass per step over every active sequence (prefill chunks and
+//! decode tokens together). Callers hold an [`EngineHandle`]; each request gets its
+//! own stream of [`Event`]s. Dropping the stream cancels the request.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::error::{EngineError, Result};
+use crate::loader::{GenerationDefaults, LoadedModel};
+use crate::model::{KvCache, Model, SeqInput};
+use crate::request::{Event, FinishReason, GenerateRequest, Prompt, TokenLogprob, Usage};
+use crate::sampler::{log_softmax, top_n, Sampler};
+use crate::text_stream::TextState;
+use crate::tokenizer::Tokenizer;
+
+/// Scheduling limits.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Sequences decoded together at most; more wait in line.
+    pub max_batch: usize,
+    /// Prompt tokens of one sequence run per step, so a long prompt does not stall
+    /// the sequences already decoding.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_batch: 16,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// What callers may know about the model behind a handle.
+pub struct ModelInfo {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub format: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub weight_bytes_per_token: usize,
+    pub load_seconds: f64,
+    pub defaults: GenerationDefaults,
+}
+
+struct Submission {
+    req: GenerateRequest,
+    prompt: Vec<u32>,
+    events: UnboundedSender<Event>,
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    info: Arc<ModelInfo>,
+    _thread: Arc<JoinGuard>,
+}
+
+struct JoinGuard(Option<JoinHandle<()>>);
+
+impl Drop for JoinGuard {
+    fn drop(&mut self) {
+        // The thread ends when the last sender is gone; nothing to wait for here.
+        self.0.take();
+    }
+}
+
+/// The events of one request.
+pub struct EventStream {
+    rx: UnboundedReceiver<Event>,
+    /// Prompt tokens after tokenization and truncation.
+    pub prompt_tokens: usize,
+}
+
+impl EventStream {
+    /// Next event, blocking (for threads that are not async).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+    /// Next event.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+/// A finished request, collected.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub prompt_text: Option<String>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for a loaded model.
+    pub fn start(loaded: LoadedModel, opts: EngineOptions) -> Self {
+        let LoadedModel {
+            model,
+            tokenizer,
+            defaults,
+            name,
+            path,
+            format,
+            load_seconds,
+        } = loaded;
+        let cfg = model.config();
+        let info = Arc::new(ModelInfo {
+            name,
+            path,
+            format,
+            context_length: cfg.max_position_embeddings,
+            vocab_size: cfg.vocab_size,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            bos_token_id: cfg.bos_token_id,
+            weight_bytes_per_token: model.weight_bytes_per_token(),
+            load_seconds,
+            defaults,
+        });
+        let tokenizer = tokenizer.map(Arc::new);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            model,
+            tokenizer: tokenizer.clone(),
+            eos: info.eos_token_ids.clone(),
+            opts,
+        };
+        let thread = std::thread::Builder::new()
+            .name("vicugna-engine".into())
+            .spawn(move || worker.run(rx))
+            .ok();
+        EngineHandle {
+            tx,
+            tokenizer,
+            info,
+            _thread: Arc::new(JoinGuard(thread)),
+        }
+    }
+
+    /// The model's tokenizer, if it has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+
+    /// Facts about the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Validates and tokenizes the request (on the caller's thread) and queues it.
+    pub fn submit(&self, req: GenerateRequest) -> Result<EventStream> {
+        req.validate()?;
+        let mut prompt = match &req.prompt {
+            Prompt::Ids(ids) => ids.clone(),
+            Prompt::Text(text) => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    EngineError::Tokenizer(format!(
+                        "{} has no tokenizer: give the prompt as token ids",
+                        self.info.path.display()
+                    ))
+                })?;
+                tok.encode(text, req.add_special_tokens)?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary (size {})",
+                self.info.vocab_size
+            )));
+        }
+        let ctx = self.info.context_length;
+        // Room for at least one generated token.
+        let room = ctx.saturating_sub(req.max_new_tokens.clamp(1, ctx / 2));
+        if prompt.len() >= ctx || (req.truncate_left && prompt.len() > room) {
+            if !req.truncate_left {
+                return Err(EngineError::PromptTooLong {
+                    prompt: prompt.len(),
+                    context: ctx,
+                });
+            }
+            prompt.drain(..prompt.len() - room);
+        }
+        let (events, rx) = unbounded_channel();
+        let prompt_tokens = prompt.len();
+        self.tx
+            .send(Submission { req, prompt, events })
+            .map_err(|_| EngineError::EngineStopped)?;
+        Ok(EventStream { rx, prompt_tokens })
+    }
+
+    /// Runs a request to the end and collects its output.
+    pub fn generate(&self, req: GenerateRequest) -> Result<Completion> {
+        let mut stream = self.submit(req)?;
+        let mut out = Completion {
+            text: String::new(),
+            ids: vec![],
+            logprobs: vec![],
+            finish_reason: FinishReason::Length,
+            usage: Usage::default(),
+            prompt_text: None,
+        };
+        while let Some(ev) = stream.next_blocking() {
+            match ev {
+                Event::Prompt { text, .. } => out.prompt_text = Some(text),
+                Event::Token { id, text, logprob } => {
+                    out.ids.push(id);
+                    out.text.push_str(&text);
+                    out.logprobs.extend(logprob);
+                }
+                Event::Done {
+                    finish_reason,
+                    usage,
+                    text,
+                } => {
+                    out.text.push_str(&text);
+                    out.finish_reason = finish_reason;
+                    out.usage = usage;
+                    return Ok(out);
+                }
+                Event::Error(e) => return Err(EngineError::InvalidRequest(e)),
+            }
+        }
+        Err(EngineError::EngineStopped)
+    }
+}
+
+struct Worker {
+    model: Model,
+    tokenizer: Option<Arc<Tokenizer>>,
+    eos: Vec<u32>,
+    opts: EngineOptions,
+}
+
+/// One request in flight.
+struct Sequence {
+    sub: Submission,
+    cache: KvCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    generated: Vec<u32>,
+    /// Prompt and generated tokens, for the repetition penalty.
+    seen: Vec<u32>,
+    sampler: Sampler,
+    text: TextState,
+    prompt_logprobs: Vec<TokenLogprob>,
+    /// Context limit of this sequence: prompt plus new tokens.
+    limit: usize,
+}
+
+impl Worker {
+    fn run(self, rx: mpsc::Receiver<Submission>) {
+        let mut waiting: VecDeque<Submission> = VecDeque::new();
+        let mut active: Vec<Sequence> = Vec::new();
+        loop {
+            if active.is_empty() && waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                waiting.push_back(s);
+            }
+            while active.len() < self.opts.max_batch {
+                let Some(sub) = waiting.pop_front() else { break };
+                if sub.events.is_closed() {
+                    continue;
+                }
+                match self.admit(sub) {
+                    Ok(seq) => active.push(seq),
+                    Err((sub, e)) => {
+                        let _ = sub.events.send(Event::Error(e.to_string()));
+                    }
+                }
+            }
+            active.retain(|s| !s.sub.events.is_closed());
+            if active.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step(&mut active) {
+                for s in active.drain(..) {
+                    let _ = s.sub.events.send(Event::Error(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn admit(&self, sub: Submission) -> std::result::Result<Sequence, (Submission, EngineError)> {
+        let ctx = self.model.config().max_position_embeddings;
+        let limit = (sub.prompt.len() + sub.req.max_new_tokens).min(ctx);
+        let cache = match self.model.new_cache(limit) {
+            Ok(c) => c,
+            Err(e) => return Err((sub, e)),
+        };
+        let sampler = Sampler::new(sub.req.sampling.clone());
+        Ok(Sequence {
+            seen: sub.prompt.clone(),
+            sampler,
+            cache,
+            prefilled: 0,
+            generated: vec![],
+            text: TextState::new(sub.req.stop.stop_strings.clone()),
+            prompt_logprobs: vec![],
+            limit,
+            sub,
+        })
+    }
+
+    /// One forward pass over every active sequence, then sampling and events.
+    fn step(&self, active: &mut Vec<Sequence>) -> Result<()> {
+        let chunk = self.opts.prefill_chunk.max(1);
+        let need_all = active
+            .iter()
+            .any(|s| s.prefilled < s.sub.prompt.len() && s.sub.req.echo && s.sub.req.logprobs.is_some());
+        let mut inputs = Vec::with_capacity(active.len());
+        let mut fed = Vec::with_capacity(active.len());
+        for s in active.iter_mut() {
+            let tokens: &[u32] = if s.prefilled < s.sub.prompt.len() {
+                let end = (s.prefilled + chunk).min(s.sub.prompt.len());
+                &s.sub.prompt[s.prefilled..end]
+            } else {
+                std::slice::from_ref(s.generated.last().unwrap_or_else(|| unreachable!("decoding starts after a sampled token")))
+            };
+            fed.push(tokens.len());
+            inputs.push(SeqInput {
+                tokens,
+                cache: &mut s.cache,
+            });
+        }
+        let logits = self.model.forward(&mut inputs, need_all)?;
+        drop(inputs);
+        let mut finished = vec![false; active.len()];
+        for (i, (s, logits)) in active.iter_mut().zip(logits).enumerate() {
+            let in_prefill = s.prefilled < s.sub.prompt.len();
+            let rows: Vec<Vec<f32>> = if need_all {
+                logits.to_vec2::<f32>()?
+            } else {
+                vec![logits.to_vec1::<f32>()?]
+            };
+            if in_prefill {
+                let start = s.prefilled;
+                s.prefilled += fed[i];
+                if s.sub.req.echo && s.sub.req.logprobs.is_some() {
+                    self.prompt_logprobs(s, start, &rows);
+                }
+                if s.prefilled < s.sub.prompt.len() {
+                    continue;
+                }
+                if s.sub.req.echo {
+                    self.send_prompt(s);
+                }
+                if s.sub.req.max_new_tokens == 0 {
+                    finished[i] = self.finish(s, FinishReason::Length);
+                    continue;
+                }
+            }
+            let mut last = rows.into_iter().last().unwrap_or_default();
+            // Logprobs are the model's own, before penalties and temperature.
+            let lps = s.sub.req.logprobs.map(|n| (log_softmax(&last), n));
+            let id = s.sampler.sample(&mut last, &s.seen);
+            let logprob = lps.map(|(lps, n)| self.logprob_of(&lps, id, n));
+            finished[i] = self.accept(s, id, logprob);
+        }
+        let mut i = 0;
+        active.retain(|_| {
+            let keep = !finished[i];
+            i += 1;
+            keep
+        });
+        Ok(())
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&[id], false).ok())
+            .unwrap_or_default()
+    }
+
+    /// Logprob of `id` and the `n` most likely alternatives, from log-softmaxed logits.
+    fn logprob_of(&self, lps: &[f32], id: u32, n: usize) -> TokenLogprob {
+        let top = top_n(lps, n)
+            .into_iter()
+            .map(|(t, lp)| (t, self.token_text(t), lp))
+            .collect();
+        TokenLogprob {
+            id,
+            text: self.token_text(id),
+            logprob: lps.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            top,
+        }
+    }
+
+    /// Logprobs of the prompt tokens that follow each row of logits.
+    fn prompt_logprobs(&self, s: &mut Sequence, start: usize, rows: &[Vec<f32>]) {
+        let n = s.sub.req.logprobs.unwrap_or(0);
+        for (j, row) in rows.iter().enumerate() {
+            if let Some(&id) = s.sub.prompt.get(start + j + 1) {
+                let lp = self.logprob_of(&log_softmax(row), id, n);
+                s.prompt_logprobs.push(lp);
+            }
+        }
+    }
+
+    fn send_prompt(&self, s: &mut Sequence) {
+        let text = match &s.sub.req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Ids(ids) => self
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.decode(ids, false).ok())
+                .unwrap_or_default(),
+        };
+        let logprobs = s.sub.req.logprobs.map(|_| std::mem::take(&mut s.prompt_logprobs));
+        let _ = s.sub.events.send(Event::Prompt {
+            text,
+            ids: s.sub.prompt.clone(),
+            logprobs,
+        });
+    }
+
+    /// Takes a sampled token: emits it and says whether the sequence is finished.
+    fn accept(&self, s: &mut Sequence, id: u32, logprob: Option<TokenLogprob>) -> bool {
+        s.generated.push(id);
+        s.seen.push(id);
+        s.sampler.observe(id);
+        let stops = &s.sub.req.stop;
+        let is_eos = !stops.ignore_eos && self.eos.contains(&id);
+        let is_stop_id = stops.stop_token_ids.contains(&id);
+        let mut text = String::new();
+        let mut stop_hit = false;
+        if !is_eos && !is_stop_id {
+            if let Some(tok) = &self.tokenizer {
+                let (delta, hit) = s.text.push(tok, id);
+                text = delta;
+                stop_hit = hit;
+            }
+        }
+        let _ = s.sub.events.send(Event::Token { id, text, logprob });
+        if is_eos || is_stop_id || stop_hit {
+            return self.finish(s, FinishReason::Stop);
+        }
+        let total = s.sub.prompt.len() + s.generated.len();
+        if s.generated.len() >= s.sub.req.max_new_tokens || total >= s.limit {
+            return self.finish(s, FinishReason::Length);
+        }
+        false
+    }
+
+    fn finish(&self, s: &mut Sequence, reason: FinishReason) -> bool {
+        let text = match (&self.tokenizer, reason) {
+            (Some(tok), FinishReason::Length) => s.text.flush(tok),
+            _ => String::new(),
+        };
+        let _ = s.sub.events.send(Event::Done {
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: s.sub.prompt.len(),
+                completion_tokens: s.generated.len(),
+            },
+            text,
+        });
+        true
+    }
+}

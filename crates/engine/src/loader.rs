@@ -1,0 +1,174 @@
+//! Opens a model by path: an HF-layout directory or a single `.gguf` file.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::model::{Model, WeightDType};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{GgufSource, SafetensorsSource};
+
+/// Sampling defaults a model ships with (`generation_config.json`).
+#[derive(Debug, Clone, Default)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// A model with everything needed to talk to it.
+pub struct LoadedModel {
+    pub model: Model,
+    /// Absent for weight-only directories (no `tokenizer.json`).
+    pub tokenizer: Option<Tokenizer>,
+    pub defaults: GenerationDefaults,
+    /// A short name: the directory or file name.
+    pub name: String,
+    pub path: PathBuf,
+    /// The format the weights came in, e.g. "safetensors bf16" or "gguf Q4_1".
+    pub format: String,
+    pub load_seconds: f64,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub dtype: WeightDType,
+}
+
+impl LoadedModel {
+    /// Loads a model directory or GGUF file.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let started = Instant::now();
+        let device = Device::Cpu;
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EngineError::MissingFile {
+                path: path.into(),
+                what: "model path: expected an HF model directory or a .gguf file".into(),
+            },
+            _ => EngineError::io(path, e),
+        })?;
+        let mut loaded = if meta.is_dir() {
+            Self::load_dir(path, opts, &device)?
+        } else {
+            Self::load_gguf(path, opts, &device)?
+        };
+        loaded.load_seconds = started.elapsed().as_secs_f64();
+        Ok(loaded)
+    }
+
+    fn load_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(EngineError::MissingFile {
+                path: config_path,
+                what: "an HF model directory needs config.json".into(),
+            });
+        }
+        let mut cfg = ModelConfig::from_hf_file(&config_path)?;
+        let defaults = read_generation_config(&dir.join("generation_config.json"))?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_hf_dir(dir)?)
+        } else {
+            None
+        };
+        merge_eos(&mut cfg, &defaults, tokenizer.as_ref());
+        let src = SafetensorsSource::open_dir(dir, device)?;
+        let dense = match opts.dtype {
+            WeightDType::Auto | WeightDType::F32 => DType::F32,
+            WeightDType::F16 => DType::F16,
+            WeightDType::BF16 => DType::BF16,
+        };
+        let format = format!("safetensors ({} file{})", src.paths().len(), if src.paths().len() == 1 { "" } else { "s" });
+        let model = Model::load(cfg, &src, Some(dense), device)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            defaults,
+            name: file_name(dir),
+            path: dir.into(),
+            format,
+            load_seconds: 0.0,
+        })
+    }
+
+    fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        let mut src = GgufSource::open(path, device)?;
+        let mut cfg = src.config()?;
+        let tokenizer = Tokenizer::from_gguf(&src.content, path)?;
+        let defaults = GenerationDefaults::default();
+        merge_eos(&mut cfg, &defaults, Some(&tokenizer));
+        let dense = match opts.dtype {
+            WeightDType::Auto => None,
+            WeightDType::F32 => Some(DType::F32),
+            WeightDType::F16 => Some(DType::F16),
+            WeightDType::BF16 => Some(DType::BF16),
+        };
+        let qtype = src
+            .content
+            .tensor_infos
+            .get("blk.0.attn_q.weight")
+            .map(|i| format!("{:?}", i.ggml_dtype))
+            .unwrap_or_default();
+        let model = Model::load(cfg, &src, dense, device)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer: Some(tokenizer),
+            defaults,
+            name: file_name(path),
+            path: path.into(),
+            format: format!("gguf {qtype}{}", if dense.is_some() { " (dequantized)" } else { "" }),
+            load_seconds: 0.0,
+        })
+    }
+
+    /// The tokenizer, or a clear error for weight-only directories.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            EngineError::Tokenizer(format!(
+                "{} has no tokenizer.json: give prompts as token ids",
+                self.path.display()
+            ))
+        })
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+/// End-of-sequence ids from every place a model declares them.
+fn merge_eos(cfg: &mut ModelConfig, defaults: &GenerationDefaults, tok: Option<&Tokenizer>) {
+    let mut ids = cfg.eos_token_ids.clone();
+    ids.extend(&defaults.eos_token_ids);
+    if let Some(t) = tok {
+        ids.extend(t.eos_ids().iter().copied());
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    cfg.eos_token_ids = ids;
+}
+
+fn read_generation_config(path: &Path) -> Result<GenerationDefaults> {
+    if !path.exists() {
+        return Ok(GenerationDefaults::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::BadJson {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| x as f32);
+    Ok(GenerationDefaults {
+        temperature: f("temperature"),
+        top_p: f("top_p"),
+        top_k: v.get("top_k").and_then(|x| x.as_u64()).map(|x| x as usize),
+        repetition_penalty: f("repetition_penalty"),
+        eos_token_ids: v.get("eos_token_id").map(crate::config::ids_from_json).unwrap_or_default(),
+    })
+}

@@ -1,0 +1,408 @@
+//! The llama-family model (llama, mistral, qwen2), one definition for every weight
+//! format: dense f32/f16/bf16 tensors (safetensors, or trainable variables) and
+//! ggml-quantized GGUF blocks go through the same `Linear`.
+//!
+//! A forward pass takes a ragged batch: each sequence brings its new tokens and its
+//! own KV cache. The projections and the MLP run once over all tokens of all
+//! sequences (that is where the weights are read, so batching pays); attention runs
+//! per sequence against its own cache. Prefill chunks and single decode tokens mix
+//! freely in one pass, which is what continuous batching needs.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{rope_inv_freq, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::weights::{Weight, WeightSource};
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    /// GGUF: keep quantized blocks; safetensors: f32.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl std::str::FromStr for WeightDType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(format!("unknown dtype {other:?}; expected auto, f32, f16 or bf16")),
+        }
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b` over dense or quantized weights.
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+enum LinearWeight {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// Wraps a stored weight: quantized blocks stay quantized unless `dense` asks
+    /// for plain values of that dtype.
+    pub fn new(weight: Weight, bias: Option<Tensor>, dense: Option<DType>, device: &Device) -> Result<Self> {
+        let weight = match (weight, dense) {
+            (Weight::Quantized(q), None) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            (w, dtype) => LinearWeight::Dense(w.to_dense(dtype.unwrap_or(DType::F32), device)?),
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// From a plain weight tensor (e.g. a trainable variable).
+    pub fn from_tensor(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// `x` is `[n, in]` f32; returns `[n, out]` f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Bytes read from memory for one pass over this layer's weight.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+enum Embedding {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded llama-family model.
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+/// One sequence's attention keys and values, preallocated and written in place.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether no token is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Tokens that fit before the cache must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets every token after the first `len` (for regenerating).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.elem_count() * 4).sum()
+    }
+}
+
+/// New tokens of one sequence for a forward pass, and that sequence's cache.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+fn load_norm(src: &dyn WeightSource, name: &str, size: usize, device: &Device) -> Result<Tensor> {
+    src.get(name, &[size])?.to_dense(DType::F32, device)
+}
+
+impl Model {
+    /// Builds the model from a weight source. `dense` forces plain weights of that
+    /// dtype; `None` keeps quantized weights quantized (and dense ones f32).
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, dense: Option<DType>, device: &Device) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv, ffn) = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = src.get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(src.get(&format!("{name}.bias"), &[out])?.to_dense(DType::F32, device)?)
+            } else {
+                None
+            };
+            Linear::new(w, b, dense, device)
+        };
+        let embed_w = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                attn_norm: load_norm(src, &format!("{p}.input_layernorm.weight"), h, device)?,
+                q: linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                mlp_norm: load_norm(src, &format!("{p}.post_attention_layernorm.weight"), h, device)?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, false)?,
+                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, false)?,
+                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, false)?,
+            });
+        }
+        let norm = load_norm(src, "model.norm.weight", h, device)?;
+        let tied = cfg.tie_word_embeddings || !src.contains("lm_head.weight");
+        let lm_head = if tied {
+            Linear::new(embed_w.clone(), None, dense, device)?
+        } else {
+            linear("lm_head", cfg.vocab_size, h, false)?
+        };
+        let embed = match (embed_w, dense) {
+            (Weight::Quantized(q), None) => Embedding::Quantized(QMatMul::from_arc(q)?),
+            (w, _) => Embedding::Dense(w.to_dense(DType::F32, device)?),
+        };
+        let inv_freq = rope_inv_freq(&cfg);
+        Ok(Model {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights read from memory to produce one token.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let per_block: usize = self
+            .blocks
+            .iter()
+            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
+            .sum();
+        per_block + self.lm_head.weight_bytes()
+    }
+
+    /// An empty cache with room for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.max(1);
+        let shape = (self.cfg.num_kv_heads, capacity, self.cfg.head_dim);
+        let mut k = Vec::with_capacity(self.cfg.num_layers);
+        let mut v = Vec::with_capacity(self.cfg.num_layers);
+        for _ in 0..self.cfg.num_layers {
+            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+        }
+        Ok(KvCache { k, v, len: 0, capacity })
+    }
+
+    /// Makes room for `needed` tokens, copying into a larger buffer only when full.
+    fn reserve(&self, cache: &mut KvCache, needed: usize) -> Result<()> {
+        if needed <= cache.capacity {
+            return Ok(());
+        }
+        let capacity = needed.max(cache.capacity * 2);
+        let mut bigger = self.new_cache(capacity)?;
+        for (dst, src) in bigger.k.iter_mut().zip(&cache.k).chain(bigger.v.iter_mut().zip(&cache.v)) {
+            if cache.len > 0 {
+                dst.slice_set(&src.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        bigger.len = cache.len;
+        *cache = bigger;
+        Ok(())
+    }
+
+    fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), &self.device)?,
+            Tensor::from_vec(sin, (len, half), &self.device)?,
+        ))
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match &self.embed {
+            Embedding::Dense(w) => w.index_select(ids, 0)?,
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+
+    /// Runs the new tokens of each sequence through the model, appending to their
+    /// caches. Returns, per sequence, the logits of its last token (`[vocab]`), or
+    /// of every new token (`[t, vocab]`) when `all_logits` is set.
+    pub fn forward(&self, batch: &mut [SeqInput<'_>], all_logits: bool) -> Result<Vec<Tensor>> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let groups = nh / nkv;
+        let eps = cfg.rms_norm_eps as f32;
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            if s.tokens.is_empty() {
+                return Err(EngineError::InvalidRequest("a sequence in the batch has no new tokens".into()));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    cfg.vocab_size
+                )));
+            }
+            let start = s.cache.len;
+            self.reserve(s.cache, start + s.tokens.len())?;
+            spans.push((ids.len(), s.tokens.len(), start));
+            ids.extend_from_slice(s.tokens);
+        }
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let mut x = self.embed(&ids)?;
+        let ropes = spans
+            .iter()
+            .map(|&(_, t, start)| self.rope_tables(start, t))
+            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            let q = b.q.forward(&h)?;
+            let k = b.k.forward(&h)?;
+            let v = b.v.forward(&h)?;
+            let mut outs = Vec::with_capacity(batch.len());
+            for (s, (&(off, t, start), (cos, sin))) in batch.iter_mut().zip(spans.iter().zip(&ropes)) {
+                let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                    x.narrow(0, off, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()
+                };
+                let qs = candle_nn::rotary_emb::rope(&heads(&q, nh)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let ks = candle_nn::rotary_emb::rope(&heads(&k, nkv)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let vs = heads(&v, nkv)?;
+                s.cache.k[layer].slice_set(&ks, 1, start)?;
+                s.cache.v[layer].slice_set(&vs, 1, start)?;
+                let len = start + t;
+                let kc = s.cache.k[layer].narrow(1, 0, len)?;
+                let vc = s.cache.v[layer].narrow(1, 0, len)?;
+                // Query heads sharing a kv head are adjacent, so they fold into rows.
+                let qg = qs.reshape((nkv, groups * t, hd))?;
+                let mut att = (qg.matmul(&kc.t()?)? * scale)?;
+                if let Some(mask) = self.mask(start, t)? {
+                    att = att.reshape((nkv, groups, t, len))?.broadcast_add(&mask)?.reshape((nkv, groups * t, len))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att.matmul(&vc)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+                outs.push(o);
+            }
+            let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            x = (x + b.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.mlp_norm, eps)?;
+            let mlp = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
+            x = (x + b.down.forward(&mlp)?)?;
+        }
+        for (s, &(_, t, _)) in batch.iter_mut().zip(&spans) {
+            s.cache.len += t;
+        }
+        if all_logits {
+            let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
+            return spans
+                .iter()
+                .map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?))
+                .collect();
+        }
+        let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
+        let n = last.len();
+        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
+        let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
+        (0..n).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    /// Additive mask `[t, start + t]` for `t` new tokens after `start` cached ones:
+    /// causal, and limited to the sliding window when the model has one.
+    fn mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
+        let len = start + t;
+        let window = self.cfg.sliding_window.filter(|&w| w < len);
+        if t == 1 && window.is_none() {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * len];
+        for i in 0..t {
+            let pos = start + i;
+            for j in 0..len {
+                let outside = window.is_some_and(|w| j + w <= pos);
+                if j > pos || outside {
+                    m[i * len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (t, len), &self.device)?))
+    }
+
+    /// The vocabulary size (width of the logits).
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
+/// Index of the largest value (first on ties), as greedy decoding picks.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
