@@ -15,13 +15,16 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "prompt_file"], required_unless_present_any = ["prompt_ids", "prompt_file"])]
     prompt: Option<String>,
+    /// Read the prompt text from this file.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt_file: Option<std::path::PathBuf>,
     /// The prompt as token ids, e.g. 5,17,42.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
     /// Wrap the prompt as one user message in the model's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long)]
     chat: bool,
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
@@ -50,7 +53,10 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(mut a: GenerateArgs) -> Result<()> {
+    if let Some(path) = &a.prompt_file {
+        a.prompt = Some(std::fs::read_to_string(path).with_context(|| format!("--prompt-file {}", path.display()))?);
+    }
     let engine = a.model.start()?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) if a.chat => {
