@@ -78,3 +78,64 @@ impl TextState {
         &self.text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/smollm2-tokenizer");
+        Tokenizer::from_hf_dir(&dir).unwrap()
+    }
+
+    /// Feeds `text`'s tokens one by one; returns the released pieces and whether a stop hit.
+    fn run(text: &str, stops: &[&str]) -> (Vec<String>, bool, String) {
+        let tok = tokenizer();
+        let mut st = TextState::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut pieces = vec![];
+        for id in tok.encode(text, false).unwrap() {
+            let (p, hit) = st.push(&tok, id);
+            pieces.push(p);
+            if hit {
+                return (pieces, true, st.text().to_string());
+            }
+        }
+        pieces.push(st.flush(&tok));
+        (pieces, false, st.text().to_string())
+    }
+
+    #[test]
+    fn chinese_text_comes_out_in_whole_characters() {
+        let (pieces, hit, text) = run("你好，世界！今天天气很好。", &[]);
+        assert!(!hit);
+        assert_eq!(pieces.concat(), "你好，世界！今天天气很好。");
+        assert_eq!(text, pieces.concat());
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
+    }
+
+    #[test]
+    fn stop_string_is_cut_and_never_sent() {
+        let (pieces, hit, text) = run("The answer is 42.\nUSER: next question", &["\nUSER:"]);
+        assert!(hit);
+        assert_eq!(pieces.concat(), "The answer is 42.");
+        assert_eq!(text, "The answer is 42.");
+    }
+
+    #[test]
+    fn a_partial_stop_string_is_held_back_then_released() {
+        let tok = tokenizer();
+        let mut st = TextState::new(vec!["###".into()]);
+        let mut sent = String::new();
+        for id in tok.encode("Total: 5 ## items", false).unwrap() {
+            let (p, hit) = st.push(&tok, id);
+            assert!(!hit);
+            // "#" or "##" at the end might start "###": it must not be out yet.
+            if st.text().ends_with('#') {
+                assert!(!(sent.clone() + &p).ends_with('#'));
+            }
+            sent.push_str(&p);
+        }
+        sent.push_str(&st.flush(&tok));
+        assert_eq!(sent, "Total: 5 ## items");
+    }
+}
