@@ -114,8 +114,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         println!("model           {} ({})", info.path.display(), info.format);
         println!("load            {:.3} s", load_s);
-        println!("prefill         {:.1} tokens/s ({} x {} tokens)", prefill_tok_s, a.batch, a.prompt_tokens);
-        println!("decode          {:.1} tokens/s ({} sequence{})", decode_tok_s, a.batch, if a.batch == 1 { "" } else { "s, total" });
+        println!(
+            "prefill         {:.1} tokens/s ({} x {} tokens)",
+            prefill_tok_s, a.batch, a.prompt_tokens
+        );
+        println!(
+            "decode          {:.1} tokens/s ({} sequence{})",
+            decode_tok_s,
+            a.batch,
+            if a.batch == 1 { "" } else { "s, total" }
+        );
         println!("peak RSS        {:.1} MiB", rss);
         println!("weights/token   {:.1} MB", info.weight_bytes_per_token as f64 / 1e6);
     }

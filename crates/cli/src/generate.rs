@@ -60,9 +60,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     let engine = a.model.start()?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) if a.chat => {
-            let tok = engine
-                .tokenizer()
-                .context("--chat needs a model with a tokenizer")?;
+            let tok = engine.tokenizer().context("--chat needs a model with a tokenizer")?;
             let Some(src) = tok.chat_template() else {
                 bail!("--chat: {} has no chat template", engine.info().path.display());
             };

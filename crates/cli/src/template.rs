@@ -38,7 +38,10 @@ pub fn run(c: TemplateCommand) -> Result<()> {
         } => {
             let text = std::fs::read_to_string(&messages).with_context(|| format!("{}", messages.display()))?;
             let msgs: Vec<ChatMessage> = serde_json::from_str(&text).with_context(|| {
-                format!("{}: expected a JSON list of {{\"role\", \"content\"}} objects", messages.display())
+                format!(
+                    "{}: expected a JSON list of {{\"role\", \"content\"}} objects",
+                    messages.display()
+                )
             })?;
             let prompt = vicugna_chat::render_messages(&template, &msgs, system.as_deref())?;
             let mut out = std::io::stdout().lock();

@@ -29,11 +29,22 @@ fn generate(model: &Path, extra: &[&str]) -> (i32, String) {
         .arg("--model")
         .arg(model)
         .args(extra)
-        .args(if extra.contains(&"--prompt-ids") { &[][..] } else { &["--prompt-ids", "5,17,42"][..] })
-        .args(if extra.contains(&"--max-new-tokens") { &[][..] } else { &["--max-new-tokens", "4"][..] })
+        .args(if extra.contains(&"--prompt-ids") {
+            &[][..]
+        } else {
+            &["--prompt-ids", "5,17,42"][..]
+        })
+        .args(if extra.contains(&"--max-new-tokens") {
+            &[][..]
+        } else {
+            &["--max-new-tokens", "4"][..]
+        })
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_fails_with(model: &Path, extra: &[&str], needles: &[&str]) {
@@ -54,7 +65,9 @@ fn directory_without_config() {
 #[test]
 fn unknown_architecture() {
     let dir = copy_model("tiny-llama", "gpt2");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"gpt2\"");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"gpt2\"");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     assert_fails_with(&dir, &[], &["unsupported architecture `gpt2`", "config.json"]);
 }
@@ -75,7 +88,14 @@ fn tensor_with_the_wrong_shape() {
         .unwrap()
         .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
-    assert_fails_with(&dir, &[], &["model.layers.0.mlp.gate_proj.weight", "expected shape [96, 64], found [128, 64]"]);
+    assert_fails_with(
+        &dir,
+        &[],
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "expected shape [96, 64], found [128, 64]",
+        ],
+    );
 }
 
 #[test]
@@ -95,7 +115,11 @@ fn corrupted_gguf_header() {
 #[test]
 fn invalid_sampling_values() {
     let model = fixtures().join("models/tiny-llama");
-    assert_fails_with(&model, &["--max-new-tokens", "0"], &["max_new_tokens must be at least 1"]);
+    assert_fails_with(
+        &model,
+        &["--max-new-tokens", "0"],
+        &["max_new_tokens must be at least 1"],
+    );
     assert_fails_with(&model, &["--temperature", "-1"], &["temperature must be >= 0, got -1"]);
     assert_fails_with(&model, &["--top-p", "1.5"], &["top_p must be in (0, 1], got 1.5"]);
 }

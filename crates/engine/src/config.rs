@@ -127,10 +127,12 @@ impl ModelConfig {
             field: field.into(),
             message,
         };
-        let model_type = json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| bad("model_type", "missing; expected \"llama\", \"mistral\" or \"qwen2\"".into()))?;
+        let model_type = json.get("model_type").and_then(|v| v.as_str()).ok_or_else(|| {
+            bad(
+                "model_type",
+                "missing; expected \"llama\", \"mistral\" or \"qwen2\"".into(),
+            )
+        })?;
         let arch = match model_type {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
@@ -156,14 +158,20 @@ impl ModelConfig {
         if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none() {
             return Err(bad(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    c.num_attention_heads, c.hidden_size
+                ),
             ));
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
             return Err(bad(
                 "num_key_value_heads",
-                format!("{num_kv_heads} must divide num_attention_heads {}", c.num_attention_heads),
+                format!(
+                    "{num_kv_heads} must divide num_attention_heads {}",
+                    c.num_attention_heads
+                ),
             ));
         }
         // Newer transformers nest rope settings in `rope_parameters`; older ones use
@@ -250,7 +258,12 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             high_freq_factor,
             original_max_position_embeddings: old,
         } => {
-            let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
+            let (factor, low, high, old) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                old as f32,
+            );
             let low_wavelen = old / low;
             let high_wavelen = old / high;
             for f in inv.iter_mut() {

@@ -334,7 +334,11 @@ impl Worker {
                 let end = (s.prefilled + chunk).min(s.sub.prompt.len());
                 &s.sub.prompt[s.prefilled..end]
             } else {
-                std::slice::from_ref(s.generated.last().unwrap_or_else(|| unreachable!("decoding starts after a sampled token")))
+                std::slice::from_ref(
+                    s.generated
+                        .last()
+                        .unwrap_or_else(|| unreachable!("decoding starts after a sampled token")),
+                )
             };
             fed.push(tokens.len());
             inputs.push(SeqInput {

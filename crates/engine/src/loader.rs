@@ -84,7 +84,11 @@ impl LoadedModel {
             WeightDType::F16 => DType::F16,
             WeightDType::BF16 => DType::BF16,
         };
-        let format = format!("safetensors ({} file{})", src.paths().len(), if src.paths().len() == 1 { "" } else { "s" });
+        let format = format!(
+            "safetensors ({} file{})",
+            src.paths().len(),
+            if src.paths().len() == 1 { "" } else { "s" }
+        );
         let model = Model::load(cfg, &src, Some(dense), device)?;
         Ok(LoadedModel {
             model,
@@ -139,7 +143,9 @@ impl LoadedModel {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// End-of-sequence ids from every place a model declares them.
@@ -169,6 +175,9 @@ fn read_generation_config(path: &Path) -> Result<GenerationDefaults> {
         top_p: f("top_p"),
         top_k: v.get("top_k").and_then(|x| x.as_u64()).map(|x| x as usize),
         repetition_penalty: f("repetition_penalty"),
-        eos_token_ids: v.get("eos_token_id").map(crate::config::ids_from_json).unwrap_or_default(),
+        eos_token_ids: v
+            .get("eos_token_id")
+            .map(crate::config::ids_from_json)
+            .unwrap_or_default(),
     })
 }

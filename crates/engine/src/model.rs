@@ -232,7 +232,12 @@ impl Model {
         let per_block: usize = self
             .blocks
             .iter()
-            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
+            .map(|b| {
+                [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                    .iter()
+                    .map(|l| l.weight_bytes())
+                    .sum::<usize>()
+            })
             .sum();
         per_block + self.lm_head.weight_bytes()
     }
@@ -257,7 +262,12 @@ impl Model {
         }
         let capacity = needed.max(cache.capacity * 2);
         let mut bigger = self.new_cache(capacity)?;
-        for (dst, src) in bigger.k.iter_mut().zip(&cache.k).chain(bigger.v.iter_mut().zip(&cache.v)) {
+        for (dst, src) in bigger
+            .k
+            .iter_mut()
+            .zip(&cache.k)
+            .chain(bigger.v.iter_mut().zip(&cache.v))
+        {
             if cache.len > 0 {
                 dst.slice_set(&src.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
             }
@@ -303,7 +313,9 @@ impl Model {
         let mut spans = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {
             if s.tokens.is_empty() {
-                return Err(EngineError::InvalidRequest("a sequence in the batch has no new tokens".into()));
+                return Err(EngineError::InvalidRequest(
+                    "a sequence in the batch has no new tokens".into(),
+                ));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(EngineError::InvalidRequest(format!(
@@ -346,13 +358,24 @@ impl Model {
                 let qg = qs.reshape((nkv, groups * t, hd))?;
                 let mut att = (qg.matmul(&kc.t()?)? * scale)?;
                 if let Some(mask) = self.mask(start, t)? {
-                    att = att.reshape((nkv, groups, t, len))?.broadcast_add(&mask)?.reshape((nkv, groups * t, len))?;
+                    att = att
+                        .reshape((nkv, groups, t, len))?
+                        .broadcast_add(&mask)?
+                        .reshape((nkv, groups * t, len))?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&vc)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+                let o = att
+                    .matmul(&vc)?
+                    .reshape((nh, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((t, nh * hd))?;
                 outs.push(o);
             }
-            let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            let attn = if outs.len() == 1 {
+                outs.pop().unwrap_or_else(|| unreachable!())
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + b.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.mlp_norm, eps)?;
             let mlp = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
@@ -363,10 +386,7 @@ impl Model {
         }
         if all_logits {
             let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
-            return spans
-                .iter()
-                .map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?))
-                .collect();
+            return spans.iter().map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?)).collect();
         }
         let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
         let n = last.len();

@@ -115,7 +115,10 @@ impl GenerateRequest {
         if !s.repetition_penalty.is_finite() || s.repetition_penalty <= 0.0 {
             return bad(format!("repetition_penalty must be > 0, got {}", s.repetition_penalty));
         }
-        for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", s.presence_penalty),
+            ("frequency_penalty", s.frequency_penalty),
+        ] {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }

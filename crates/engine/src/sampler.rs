@@ -43,7 +43,11 @@ impl Sampler {
             for &t in seen {
                 if let Some(l) = logits.get_mut(t as usize) {
                     if done.insert(t) {
-                        *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                        *l = if *l < 0.0 {
+                            *l * p.repetition_penalty
+                        } else {
+                            *l / p.repetition_penalty
+                        };
                     }
                 }
             }
@@ -175,9 +179,15 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params(1.0)
+        });
         assert_eq!(s.sample(&mut [0.0, 5.0, 1.0], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params(1.0)
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.0, 5.0, 1.0], &[]), 1);
         }

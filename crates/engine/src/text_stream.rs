@@ -84,7 +84,8 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Tokenizer {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/smollm2-tokenizer");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/smollm2-tokenizer");
         Tokenizer::from_hf_dir(&dir).unwrap()
     }
 

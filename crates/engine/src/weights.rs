@@ -63,18 +63,18 @@ impl SafetensorsSource {
             vec![single]
         } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| EngineError::BadJson {
-                    path: index.clone(),
-                    message: e.to_string(),
-                })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                EngineError::BadConfig {
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::BadJson {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::BadConfig {
                     path: index.clone(),
                     field: "weight_map".into(),
                     message: "missing; expected an object of tensor name -> shard file".into(),
-                }
-            })?;
+                })?;
             let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
@@ -231,13 +231,16 @@ impl GgufSource {
                 })
         };
         let get_f = |k: &str| -> Option<f64> {
-            self.meta(&format!("{arch_name}.{k}")).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+            self.meta(&format!("{arch_name}.{k}"))
+                .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
         };
         let hidden = get_u("embedding_length")?;
         let heads = get_u("attention.head_count")?;
         let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
         let vocab = get_u("vocab_size").ok().or_else(|| {
-            self.meta("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(|v| v.len())
+            self.meta("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok())
+                .map(|v| v.len())
         });
         let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
         let rope_scaling = match self
@@ -340,11 +343,15 @@ fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
 impl WeightSource for GgufSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let gname = Self::gguf_name(name);
-        let info = self.content.tensor_infos.get(&gname).ok_or_else(|| EngineError::BadTensor {
-            path: self.path.clone(),
-            tensor: gname.clone(),
-            message: "missing from the GGUF file".into(),
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&gname)
+            .ok_or_else(|| EngineError::BadTensor {
+                path: self.path.clone(),
+                tensor: gname.clone(),
+                message: "missing from the GGUF file".into(),
+            })?;
         let dims = info.shape.dims();
         if dims != shape {
             return Err(shape_error(&self.path, &gname, shape, dims));
@@ -360,15 +367,18 @@ impl WeightSource for GgufSource {
         }
         let size = elems / dtype.block_size() * dtype.type_size();
         let start = self.content.tensor_data_offset as usize + info.offset as usize;
-        let bytes = self.mmap.get(start..start + size).ok_or_else(|| EngineError::BadTensor {
-            path: self.path.clone(),
-            tensor: gname.clone(),
-            message: format!(
-                "needs bytes {start}..{} but the file has {} (truncated?)",
-                start + size,
-                self.mmap.len()
-            ),
-        })?;
+        let bytes = self
+            .mmap
+            .get(start..start + size)
+            .ok_or_else(|| EngineError::BadTensor {
+                path: self.path.clone(),
+                tensor: gname.clone(),
+                message: format!(
+                    "needs bytes {start}..{} but the file has {} (truncated?)",
+                    start + size,
+                    self.mmap.len()
+                ),
+            })?;
         let permuted;
         let bytes = match (self.heads, name) {
             (Some((h, _)), n) if n.ends_with("q_proj.weight") || n.ends_with("q_proj.bias") => {

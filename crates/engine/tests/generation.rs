@@ -128,6 +128,10 @@ fn invalid_requests_are_refused_before_queueing() {
     r.sampling.temperature = -1.0;
     let err = e.submit(r).err().unwrap().to_string();
     assert!(err.contains("temperature must be >= 0, got -1"), "{err}");
-    let err = e.submit(GenerateRequest::new(Prompt::Ids(vec![9999]), 4)).err().unwrap().to_string();
+    let err = e
+        .submit(GenerateRequest::new(Prompt::Ids(vec![9999]), 4))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("9999") && err.contains("512"), "{err}");
 }

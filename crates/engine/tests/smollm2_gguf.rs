@@ -32,7 +32,11 @@ fn dequantized_f32_greedy_ids_equal_hf() {
     for (i, case) in g["generation_cases"].as_array().unwrap().iter().enumerate() {
         let want = ids(&case["greedy_ids"]);
         assert_eq!(greedy(&engine, ids(&case["prompt_ids"]), want.len()), want, "case {i}");
-        assert_eq!(top10(&engine, ids(&case["prompt_ids"])), ids(&case["last_logits_top10"]["ids"]), "case {i} top-10");
+        assert_eq!(
+            top10(&engine, ids(&case["prompt_ids"])),
+            ids(&case["last_logits_top10"]["ids"]),
+            "case {i} top-10"
+        );
     }
 }
 
@@ -47,13 +51,20 @@ fn quantized_compute_stays_as_close_as_llama_cpp() {
         let hf_top = ids(&case["last_logits_top10"]["ids"]);
         let ours = top10(&engine, prompt.clone());
         let shared = ours.iter().filter(|t| hf_top.contains(t)).count();
-        assert!(shared >= 9, "case {i}: only {shared} of HF's top-10 ids in ours ({ours:?} vs {hf_top:?})");
+        assert!(
+            shared >= 9,
+            "case {i}: only {shared} of HF's top-10 ids in ours ({ours:?} vs {hf_top:?})"
+        );
         let want = ids(&case["greedy_ids"]);
         if greedy(&engine, prompt, 10) == want[..10] {
             same_first10 += 1;
         }
     }
-    assert!(same_first10 >= 4, "first 10 greedy ids equal HF's in {same_first10} of {} cases", cases.len());
+    assert!(
+        same_first10 >= 4,
+        "first 10 greedy ids equal HF's in {same_first10} of {} cases",
+        cases.len()
+    );
 }
 
 #[test]
@@ -65,6 +76,10 @@ fn chat_answer_mentions_paris() {
     req.add_special_tokens = false;
     let out = engine.generate(req).unwrap();
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
-    assert_eq!(out.finish_reason, vicugna_engine::FinishReason::Stop, "ends at <|im_end|>");
+    assert_eq!(
+        out.finish_reason,
+        vicugna_engine::FinishReason::Stop,
+        "ends at <|im_end|>"
+    );
     assert!(tok.eos_ids().contains(out.ids.last().unwrap()));
 }

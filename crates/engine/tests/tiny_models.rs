@@ -28,14 +28,24 @@ fn last_logits_and_logsumexp_match_hf() {
             let rows = all.to_vec2::<f32>().unwrap();
             let last = rows.last().unwrap();
             for (j, (got, want)) in last.iter().zip(floats(&case["last_logits_first16"])).enumerate() {
-                assert!((got - want).abs() < 1e-3, "{name} case {ci}: logit {j}: got {got}, HF {want}");
+                assert!(
+                    (got - want).abs() < 1e-3,
+                    "{name} case {ci}: logit {j}: got {got}, HF {want}"
+                );
             }
             let top: Vec<u32> = vicugna_engine::sampler::top_n(last, 5).iter().map(|t| t.0).collect();
-            assert_eq!(top, ids(&case["last_logits_top5"]["ids"]), "{name} case {ci}: top-5 ids");
+            assert_eq!(
+                top,
+                ids(&case["last_logits_top5"]["ids"]),
+                "{name} case {ci}: top-5 ids"
+            );
             for (p, (row, want)) in rows.iter().zip(floats(&case["logsumexp_per_position"])).enumerate() {
                 let max = row.iter().copied().fold(f32::MIN, f32::max);
                 let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
-                assert!((lse - want).abs() < 1e-3, "{name} case {ci} position {p}: logsumexp {lse}, HF {want}");
+                assert!(
+                    (lse - want).abs() < 1e-3,
+                    "{name} case {ci} position {p}: logsumexp {lse}, HF {want}"
+                );
             }
         }
     }
