@@ -5,6 +5,7 @@ mod bench;
 mod chat_cmd;
 mod generate;
 mod model_arg;
+mod serve_cmd;
 mod template;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models: controller, a worker and the OpenAI-compatible gateway on this machine.
+    Serve(serve_cmd::ServeArgs),
     /// Chat with a model in the terminal.
     Chat(chat_cmd::ChatArgs),
     /// Generate text from a prompt (streams it; --json prints one object).
@@ -32,6 +35,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) => serve_cmd::run_serve(a),
         Command::Chat(a) => chat_cmd::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
