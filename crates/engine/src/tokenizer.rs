@@ -120,8 +120,7 @@ impl Tokenizer {
         let add_eos_cfg = config.get("add_eos_token").and_then(Json::as_bool);
         if add_bos_cfg.is_some() || add_eos_cfg.is_some() {
             let bos = special_for_template(add_bos_cfg, &bos_token, bos_id, "bos")?;
-            let eos =
-                special_for_template(add_eos_cfg, &eos_token, eos_ids.first().copied(), "eos")?;
+            let eos = special_for_template(add_eos_cfg, &eos_token, eos_ids.first().copied(), "eos")?;
             let pp: tokenizers::processors::PostProcessorWrapper =
                 serde_json::from_value(template_processing(bos, eos))
                     .map_err(|e| EngineError::Tokenizer(format!("post-processor: {e}")))?;
@@ -158,9 +157,7 @@ impl Tokenizer {
         let n = tokens.len();
         // An id outside the vocabulary names no token (llama.cpp writes -1 / u32::MAX
         // for "none"), so it is treated as absent rather than as an error.
-        let id_key = |key: &str| -> Result<Option<u32>> {
-            Ok(meta.u32(key)?.filter(|&id| (id as usize) < n))
-        };
+        let id_key = |key: &str| -> Result<Option<u32>> { Ok(meta.u32(key)?.filter(|&id| (id as usize) < n)) };
         let bos_id = id_key("tokenizer.ggml.bos_token_id")?;
         let eos_id = id_key("tokenizer.ggml.eos_token_id")?;
         let unk_id = id_key("tokenizer.ggml.unknown_token_id")?;
@@ -191,31 +188,21 @@ impl Tokenizer {
         };
         let (doc, add_bos) = match model {
             "gpt2" => {
-                let merges = merges.ok_or_else(|| {
-                    meta.bad(
-                        "tokenizer.ggml.merges",
-                        "missing (required for a gpt2 vocabulary)",
-                    )
-                })?;
+                let merges = merges
+                    .ok_or_else(|| meta.bad("tokenizer.ggml.merges", "missing (required for a gpt2 vocabulary)"))?;
                 // HF's GPT2Converter defaults `add_bos_token` to false.
                 let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
                 let pre = meta.string("tokenizer.ggml.pre")?;
-                let doc = byte_level_document(
-                    &spec,
-                    &merges,
-                    add_prefix_space.unwrap_or(false),
-                    pre,
-                    add_bos,
-                );
+                let doc = byte_level_document(&spec, &merges, add_prefix_space.unwrap_or(false), pre, add_bos);
                 (doc, add_bos)
             }
             "llama" => {
                 let merges = match merges {
                     Some(m) => m,
                     None => {
-                        let scores = meta.floats("tokenizer.ggml.scores")?.ok_or_else(|| {
-                            meta.bad("tokenizer.ggml.scores", "missing, and there are no merges")
-                        })?;
+                        let scores = meta
+                            .floats("tokenizer.ggml.scores")?
+                            .ok_or_else(|| meta.bad("tokenizer.ggml.scores", "missing, and there are no merges"))?;
                         if scores.len() != n {
                             return Err(meta.bad(
                                 "tokenizer.ggml.scores",
@@ -228,12 +215,7 @@ impl Tokenizer {
                 // SentencePiece models prepend BOS unless told otherwise (HF's
                 // LlamaTokenizerFast and llama.cpp both default to true).
                 let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
-                let doc = sentencepiece_document(
-                    &spec,
-                    &merges,
-                    add_prefix_space.unwrap_or(true),
-                    add_bos,
-                );
+                let doc = sentencepiece_document(&spec, &merges, add_prefix_space.unwrap_or(true), add_bos);
                 (doc, add_bos)
             }
             other => {
@@ -243,9 +225,8 @@ impl Tokenizer {
                 ))
             }
         };
-        let inner: tokenizers::Tokenizer = serde_json::from_value(doc).map_err(|e| {
-            EngineError::Tokenizer(format!("{}: rebuilding the tokenizer: {e}", path.display()))
-        })?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(doc)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: rebuilding the tokenizer: {e}", path.display())))?;
 
         // llama.cpp also stops on end-of-turn / end-of-message tokens, which HF
         // lists in generation_config's eos ids (e.g. Llama-3's <|eot_id|>).
@@ -476,12 +457,10 @@ fn read_json_opt(path: &Path) -> Result<Option<Json>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(EngineError::io(path, e)),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| EngineError::BadJson {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+    serde_json::from_str(&text).map(Some).map_err(|e| EngineError::BadJson {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// A special token as tokenizer_config.json writes it: a string, or an
@@ -590,10 +569,7 @@ impl GgufMeta<'_> {
         match self.md.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(self.bad(
-                key,
-                &format!("expected a string, found {:?}", v.value_type()),
-            )),
+            Some(v) => Err(self.bad(key, &format!("expected a string, found {:?}", v.value_type()))),
         }
     }
 
@@ -621,10 +597,7 @@ impl GgufMeta<'_> {
         match self.md.get(key) {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
-            Some(v) => Err(self.bad(
-                key,
-                &format!("expected an array, found {:?}", v.value_type()),
-            )),
+            Some(v) => Err(self.bad(key, &format!("expected an array, found {:?}", v.value_type()))),
         }
     }
 
@@ -648,9 +621,7 @@ impl GgufMeta<'_> {
         };
         a.iter()
             .enumerate()
-            .map(|(i, v)| {
-                value_i64(v).ok_or_else(|| self.bad(key, &format!("entry {i} is not an integer")))
-            })
+            .map(|(i, v)| value_i64(v).ok_or_else(|| self.bad(key, &format!("entry {i} is not an integer"))))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -799,9 +770,7 @@ fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)
                 (score.contains_key(l) && score.contains_key(r)).then_some((l, r, score[token]))
             })
             .collect();
-        local.sort_by(|a, b| {
-            desc(score[a.0], score[b.0]).then_with(|| desc(score[a.1], score[b.1]))
-        });
+        local.sort_by(|a, b| desc(score[a.0], score[b.0]).then_with(|| desc(score[a.1], score[b.1])));
         merges.extend(local);
     }
     merges.sort_by(|a, b| desc(a.2, b.2));
@@ -839,8 +808,8 @@ fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
     const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
         "qwen35" => QWEN35,
         "tekken" => TEKKEN,
@@ -995,8 +964,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn smollm2() -> Tokenizer {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/models/smollm2-tokenizer");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/smollm2-tokenizer");
         Tokenizer::from_hf_dir(&dir).expect("fixture tokenizer loads")
     }
 
@@ -1008,10 +976,7 @@ mod tests {
         for &id in ids {
             match s.step(tok, id).expect("step") {
                 Some(delta) => {
-                    assert!(
-                        !delta.contains('\u{FFFD}'),
-                        "delta {delta:?} splits a character"
-                    );
+                    assert!(!delta.contains('\u{FFFD}'), "delta {delta:?} splits a character");
                     out.push_str(&delta);
                 }
                 None => held += 1,
@@ -1049,9 +1014,7 @@ mod tests {
         assert_eq!(tok.bos_token(), Some("<|im_start|>"));
         assert_eq!(tok.eos_token(), Some("<|im_end|>"));
         assert!(!tok.add_bos());
-        assert!(tok
-            .chat_template()
-            .is_some_and(|t| t.contains("<|im_start|>")));
+        assert!(tok.chat_template().is_some_and(|t| t.contains("<|im_start|>")));
         assert_eq!(tok.vocab_size(), 49152);
         assert_eq!(tok.id_of("<|im_end|>"), Some(2));
         assert_eq!(tok.token_str(2).as_deref(), Some("<|im_end|>"));
@@ -1062,8 +1025,7 @@ mod tests {
     #[test]
     fn chat_template_forms() {
         assert_eq!(pick_chat_template(&json!("x")).as_deref(), Some("x"));
-        let list =
-            json!([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]);
+        let list = json!([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]);
         assert_eq!(pick_chat_template(&list).as_deref(), Some("d"));
         assert_eq!(
             token_content(&json!({"content": "<s>", "lstrip": false})).as_deref(),
@@ -1083,8 +1045,8 @@ mod tests {
             scores.push(0.0);
         }
         let pieces = [
-            "▁h", "ll", "▁w", "or", "▁he", "llo", "ld", "▁wor", "▁hello", "▁world", "▁", "h", "e",
-            "l", "o", "w", "r", "d",
+            "▁h", "ll", "▁w", "or", "▁he", "llo", "ld", "▁wor", "▁hello", "▁world", "▁", "h", "e", "l", "o", "w", "r",
+            "d",
         ];
         for (i, p) in pieces.iter().enumerate() {
             tokens.push((*p).to_owned());
@@ -1093,10 +1055,7 @@ mod tests {
         }
         let arr = |v: Vec<Value>| Value::Array(v);
         HashMap::from([
-            (
-                "tokenizer.ggml.model".to_owned(),
-                Value::String("llama".into()),
-            ),
+            ("tokenizer.ggml.model".to_owned(), Value::String("llama".into())),
             (
                 "tokenizer.ggml.tokens".to_owned(),
                 arr(tokens.into_iter().map(Value::String).collect()),
@@ -1161,10 +1120,7 @@ mod tests {
         let tokens: Vec<String> = ["a", "b", "ab", "c", "abc", "bc"].map(String::from).into();
         let scores = [0.0, 0.0, -1.0, 0.0, -2.0, -1.5];
         let merges = merges_from_scores(&tokens, &scores);
-        let got: Vec<(&str, &str)> = merges
-            .iter()
-            .map(|(l, r)| (l.as_str(), r.as_str()))
-            .collect();
+        let got: Vec<(&str, &str)> = merges.iter().map(|(l, r)| (l.as_str(), r.as_str())).collect();
         // By merged score: ab (-1), bc (-1.5), then abc's two splits (-2), ordered
         // by their pieces' scores: ("ab", "c") has -1 first, ("a", "bc") has 0 first.
         assert_eq!(got, [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")]);
