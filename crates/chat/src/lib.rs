@@ -26,6 +26,7 @@
 
 mod conversation;
 mod error;
+mod format;
 mod hf;
 mod matching;
 mod style;
@@ -35,6 +36,7 @@ pub use conversation::{
     StopStr,
 };
 pub use error::ChatError;
+pub use format::{ChatFormat, FormatSource, MODEL_TEMPLATE_NAME};
 pub use hf::HfChatTemplate;
 pub use matching::{match_template, DEFAULT_TEMPLATE};
 pub use style::SeparatorStyle;
