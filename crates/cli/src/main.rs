@@ -21,6 +21,12 @@ struct Cli {
 enum Command {
     /// Serve models: controller, a worker and the OpenAI-compatible gateway on this machine.
     Serve(serve_cmd::ServeArgs),
+    /// Run a controller: it tracks which worker serves which model (FastChat protocol).
+    Controller(serve_cmd::ControllerArgs),
+    /// Run a model worker that registers with a controller.
+    Worker(serve_cmd::WorkerArgs),
+    /// Run the OpenAI-compatible API in front of a controller.
+    Api(serve_cmd::ApiArgs),
     /// Chat with a model in the terminal.
     Chat(chat_cmd::ChatArgs),
     /// Generate text from a prompt (streams it; --json prints one object).
@@ -36,6 +42,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => serve_cmd::run_serve(a),
+        Command::Controller(a) => serve_cmd::run_controller(a),
+        Command::Worker(a) => serve_cmd::run_worker(a),
+        Command::Api(a) => serve_cmd::run_api(a),
         Command::Chat(a) => chat_cmd::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),

@@ -1,11 +1,352 @@
-//! `vicugna serve|controller|worker|api` (being written).
+//! `vicugna serve` (controller, one worker and the OpenAI gateway on this
+//! machine), and `vicugna controller|worker|api` to run the parts separately.
 
-use anyhow::{bail, Result};
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use tokio::net::TcpListener;
+use vicugna_engine::{EngineHandle, EngineOptions};
+use vicugna_serve::{
+    listener_url, os_signal, shutdown_channel, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown, Worker,
+    WorkerOptions,
+};
 
+use crate::model_arg::ModelArgs;
+
+/// Settings of the worker part, shared by `serve` and `worker`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerPartArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Names to serve the model under, comma-separated (default: the file or directory name).
+    #[arg(long, value_delimiter = ',')]
+    model_names: Option<Vec<String>>,
+    /// A FastChat conversation template to use instead of the model's own chat template.
+    #[arg(long)]
+    conv_template: Option<String>,
+    /// Requests decoded together in the engine's batch.
+    #[arg(long, default_value_t = 16)]
+    limit_worker_concurrency: usize,
+    /// Requests that may wait for a batch slot; beyond this the API answers 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Send a stream chunk every N tokens.
+    #[arg(long, default_value_t = 1)]
+    stream_interval: usize,
+    /// Seconds between heartbeats [env FASTCHAT_WORKER_HEART_BEAT_INTERVAL, default 45].
+    #[arg(long)]
+    heart_beat_interval: Option<f64>,
+    /// Embeddings: cut inputs longer than the context instead of pooling chunks.
+    #[arg(long)]
+    embed_in_truncate: bool,
+}
+
+/// `vicugna serve`.
 #[derive(Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    #[command(flatten)]
+    worker: WorkerPartArgs,
+    /// Address to bind every part to.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port of the OpenAI-compatible API.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Port of the controller.
+    #[arg(long, default_value_t = 21001)]
+    controller_port: u16,
+    /// Port of the worker.
+    #[arg(long, default_value_t = 21002)]
+    worker_port: u16,
+    /// How the controller picks a worker: shortest_queue or lottery.
+    #[arg(long, default_value = "shortest_queue")]
+    dispatch_method: DispatchMethod,
+    /// Seconds without a heartbeat before the controller drops a worker [env FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION, default 90].
+    #[arg(long)]
+    heart_beat_expiration: Option<f64>,
+    /// Accept only these API keys (comma-separated), as `Authorization: Bearer KEY`.
+    #[arg(long, value_delimiter = ',')]
+    api_keys: Option<Vec<String>>,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 8)]
+    max_body_mb: usize,
+    /// Seconds in-flight requests get to finish after Ctrl-C/SIGTERM.
+    #[arg(long, default_value_t = 10.0)]
+    grace_seconds: f64,
+}
 
-pub fn run_serve(_a: ServeArgs) -> Result<()> {
-    bail!("vicugna serve is not built yet")
+/// `vicugna controller`.
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 21001)]
+    port: u16,
+    /// shortest_queue or lottery.
+    #[arg(long, default_value = "shortest_queue")]
+    dispatch_method: DispatchMethod,
+    /// Seconds without a heartbeat before a worker is dropped [env FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION, default 90].
+    #[arg(long)]
+    heart_beat_expiration: Option<f64>,
+    #[arg(long, default_value_t = 10.0)]
+    grace_seconds: f64,
+}
+
+/// `vicugna worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    worker: WorkerPartArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 21002)]
+    port: u16,
+    /// How the controller and gateway reach this worker (default http://HOST:PORT).
+    #[arg(long)]
+    worker_address: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:21001")]
+    controller_address: String,
+    /// Do not register with the controller.
+    #[arg(long)]
+    no_register: bool,
+    #[arg(long, default_value_t = 10.0)]
+    grace_seconds: f64,
+}
+
+/// `vicugna api`.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    #[arg(long, default_value = "http://127.0.0.1:21001")]
+    controller_address: String,
+    /// Accept only these API keys (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    api_keys: Option<Vec<String>>,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 8)]
+    max_body_mb: usize,
+    /// Seconds to wait for a worker's next chunk [env FASTCHAT_WORKER_API_TIMEOUT, default 100].
+    #[arg(long)]
+    worker_timeout: Option<f64>,
+    #[arg(long, default_value_t = 10.0)]
+    grace_seconds: f64,
+}
+
+/// A duration from a flag, else an environment variable, else a default.
+fn seconds(flag: Option<f64>, env: &str, default: Duration) -> Result<Duration> {
+    let v = match flag {
+        Some(v) => Some(v),
+        None => match std::env::var(env) {
+            Ok(s) => Some(
+                s.trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("{env}={s:?} is not a number"))?,
+            ),
+            Err(_) => None,
+        },
+    };
+    match v {
+        Some(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v)),
+        Some(v) => anyhow::bail!("{env}: seconds must be > 0, got {v}"),
+        None => Ok(default),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn bind(host: &str, port: u16, what: &str, flag: &str) -> Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port} for the {what} (choose another with {flag})"))
+}
+
+/// A shutdown signal fired by Ctrl-C or SIGTERM.
+fn signal_shutdown() -> (Shutdown, tokio::task::JoinHandle<()>) {
+    let (trigger, shutdown) = shutdown_channel();
+    let h = tokio::spawn(async move {
+        os_signal().await;
+        eprintln!("vicugna: shutting down (in-flight requests may finish)");
+        trigger.fire();
+        // A second signal exits at once.
+        os_signal().await;
+        std::process::exit(130);
+    });
+    (shutdown, h)
+}
+
+impl WorkerPartArgs {
+    fn start_engine(&self) -> Result<EngineHandle> {
+        let loaded = self.model.load()?;
+        Ok(EngineHandle::start(
+            loaded,
+            EngineOptions {
+                max_batch: self.limit_worker_concurrency.max(1),
+                ..EngineOptions::default()
+            },
+        ))
+    }
+
+    fn options(&self, engine: &EngineHandle, worker_address: &str, controller_address: &str) -> Result<WorkerOptions> {
+        let names = self
+            .model_names
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| vec![vicugna_serve::worker::default_model_name(engine)]);
+        let mut o = WorkerOptions::new(worker_address, controller_address, names);
+        o.conv_template = self.conv_template.clone();
+        o.limit_worker_concurrency = self.limit_worker_concurrency.max(1);
+        o.max_queue = self.max_queue;
+        o.stream_interval = self.stream_interval.max(1);
+        o.heart_beat_interval = seconds(
+            self.heart_beat_interval,
+            "FASTCHAT_WORKER_HEART_BEAT_INTERVAL",
+            vicugna_serve::worker::DEFAULT_HEART_BEAT_INTERVAL,
+        )?;
+        o.embed_in_truncate = self.embed_in_truncate;
+        Ok(o)
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn grace(s: f64) -> Duration {
+    Duration::from_secs_f64(if s.is_finite() && s >= 0.0 { s } else { 10.0 })
+}
+
+/// `vicugna serve`: everything on one machine.
+pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let engine = a.worker.start_engine()?;
+    let expiration = seconds(
+        a.heart_beat_expiration,
+        "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",
+        vicugna_serve::controller::DEFAULT_HEART_BEAT_EXPIRATION,
+    )?;
+    let grace = grace(a.grace_seconds);
+    runtime()?.block_on(async move {
+        let cl = bind(&a.host, a.controller_port, "controller", "--controller-port").await?;
+        let wl = bind(&a.host, a.worker_port, "worker", "--worker-port").await?;
+        let gl = bind(&a.host, a.port, "API", "--port").await?;
+        let (curl, wurl, gurl) = (listener_url(&cl)?, listener_url(&wl)?, listener_url(&gl)?);
+        let opts = a.worker.options(&engine, &wurl, &curl)?;
+        let worker = Worker::new(engine, opts)?;
+        let (shutdown, sig) = signal_shutdown();
+        let controller = tokio::spawn(vicugna_serve::run_controller(
+            cl,
+            ControllerOptions {
+                dispatch_method: a.dispatch_method,
+                heart_beat_expiration: expiration,
+            },
+            shutdown.clone(),
+            grace,
+        ));
+        let models = worker.options().model_names.join(", ");
+        let format = worker.format_name().to_string();
+        let worker_task = tokio::spawn(vicugna_serve::run_worker(wl, worker, shutdown.clone(), grace));
+        let mut gopts = GatewayOptions::new(&curl);
+        gopts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
+        gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
+        let gateway = tokio::spawn(vicugna_serve::run_gateway(gl, gopts, shutdown.clone(), grace));
+        say(&format!("vicugna serve: model {models} (prompt format: {format})"));
+        say(&format!(
+            "  API:        {gurl}/v1  (OpenAI-compatible; docs at {gurl}/openapi.json)"
+        ));
+        say(&format!("  controller: {curl}"));
+        say(&format!("  worker:     {wurl}"));
+        say("Press Ctrl-C to stop.");
+        let (g, w, c) = tokio::join!(gateway, worker_task, controller);
+        sig.abort();
+        for (what, r) in [("API", g), ("worker", w), ("controller", c)] {
+            r.context("server task failed")?
+                .with_context(|| format!("the {what} server failed"))?;
+        }
+        say("vicugna serve: stopped");
+        Ok(())
+    })
+}
+
+/// `vicugna controller`.
+pub fn run_controller(a: ControllerArgs) -> Result<()> {
+    let expiration = seconds(
+        a.heart_beat_expiration,
+        "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",
+        vicugna_serve::controller::DEFAULT_HEART_BEAT_EXPIRATION,
+    )?;
+    runtime()?.block_on(async move {
+        let l = bind(&a.host, a.port, "controller", "--port").await?;
+        say(&format!("vicugna controller: {}", listener_url(&l)?));
+        let (shutdown, sig) = signal_shutdown();
+        let opts = ControllerOptions {
+            dispatch_method: a.dispatch_method,
+            heart_beat_expiration: expiration,
+        };
+        vicugna_serve::run_controller(l, opts, shutdown, grace(a.grace_seconds)).await?;
+        sig.abort();
+        Ok(())
+    })
+}
+
+/// `vicugna worker`.
+pub fn run_worker(a: WorkerArgs) -> Result<()> {
+    let engine = a.worker.start_engine()?;
+    runtime()?.block_on(async move {
+        let l = bind(&a.host, a.port, "worker", "--port").await?;
+        let url = listener_url(&l)?;
+        let address = match &a.worker_address {
+            Some(addr) => addr.clone(),
+            None => {
+                if a.host == "0.0.0.0" || a.host == "::" {
+                    eprintln!("vicugna worker: listening on all interfaces; other hosts need --worker-address to reach it (registering {url})");
+                }
+                url.clone()
+            }
+        };
+        let mut opts = a.worker.options(&engine, &address, &a.controller_address)?;
+        opts.register = !a.no_register;
+        let worker = Worker::new(engine, opts)?;
+        say(&format!(
+            "vicugna worker: {url} serving {} (prompt format: {}), controller {}",
+            worker.options().model_names.join(", "),
+            worker.format_name(),
+            a.controller_address
+        ));
+        let (shutdown, sig) = signal_shutdown();
+        vicugna_serve::run_worker(l, worker, shutdown, grace(a.grace_seconds)).await?;
+        sig.abort();
+        Ok(())
+    })
+}
+
+/// `vicugna api`.
+pub fn run_api(a: ApiArgs) -> Result<()> {
+    let mut opts = GatewayOptions::new(&a.controller_address);
+    opts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
+    opts.max_body_bytes = a.max_body_mb.max(1) << 20;
+    opts.worker_timeout = seconds(
+        a.worker_timeout,
+        "FASTCHAT_WORKER_API_TIMEOUT",
+        vicugna_serve::gateway::DEFAULT_WORKER_TIMEOUT,
+    )?;
+    runtime()?.block_on(async move {
+        let l = bind(&a.host, a.port, "API", "--port").await?;
+        let url = listener_url(&l)?;
+        say(&format!(
+            "vicugna api: {url}/v1 (OpenAI-compatible), controller {}",
+            a.controller_address
+        ));
+        let (shutdown, sig) = signal_shutdown();
+        vicugna_serve::run_gateway(l, opts, shutdown, grace(a.grace_seconds)).await?;
+        sig.abort();
+        Ok(())
+    })
 }

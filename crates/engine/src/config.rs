@@ -155,7 +155,7 @@ impl ModelConfig {
                 return Err(bad("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
             }
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none() {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none() {
             return Err(bad(
                 "num_attention_heads",
                 format!(
@@ -165,7 +165,7 @@ impl ModelConfig {
             ));
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !c.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -269,7 +269,7 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             for f in inv.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
                 let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
                 *f = if medium {
                     let smooth = (old / wavelen - low) / (high - low);
                     (1.0 - smooth) * scaled / factor + smooth * scaled

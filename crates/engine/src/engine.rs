@@ -57,10 +57,20 @@ struct Submission {
     events: UnboundedSender<Event>,
 }
 
+/// Work for the engine thread.
+enum Job {
+    Generate(Submission),
+    /// Mean-pool the last hidden state over these tokens.
+    Embed {
+        ids: Vec<u32>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<f32>>>,
+    },
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Submission>,
+    tx: mpsc::Sender<Job>,
     tokenizer: Option<Arc<Tokenizer>>,
     info: Arc<ModelInfo>,
     _thread: Arc<JoinGuard>,
@@ -198,9 +208,35 @@ impl EngineHandle {
         let (events, rx) = unbounded_channel();
         let prompt_tokens = prompt.len();
         self.tx
-            .send(Submission { req, prompt, events })
+            .send(Job::Generate(Submission { req, prompt, events }))
             .map_err(|_| EngineError::EngineStopped)?;
         Ok(EventStream { rx, prompt_tokens })
+    }
+
+    /// The mean over `ids` of the model's last hidden state (not normalised): a
+    /// sentence embedding, as FastChat pools decoder models. `ids` must fit the
+    /// context; it runs on the engine thread between batch steps.
+    pub async fn embed(&self, ids: Vec<u32>) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the input to embed has no tokens".into()));
+        }
+        if ids.len() > self.info.context_length {
+            return Err(EngineError::PromptTooLong {
+                prompt: ids.len(),
+                context: self.info.context_length,
+            });
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.info.vocab_size
+            )));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Job::Embed { ids, reply })
+            .map_err(|_| EngineError::EngineStopped)?;
+        rx.await.map_err(|_| EngineError::EngineStopped)?
     }
 
     /// Runs a request to the end and collects its output.
@@ -263,29 +299,26 @@ struct Sequence {
 }
 
 impl Worker {
-    fn run(self, rx: mpsc::Receiver<Submission>) {
+    fn run(self, rx: mpsc::Receiver<Job>) {
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut active: Vec<Sequence> = Vec::new();
         loop {
             if active.is_empty() && waiting.is_empty() {
                 match rx.recv() {
-                    Ok(s) => waiting.push_back(s),
+                    Ok(job) => self.take(job, &mut waiting),
                     Err(_) => return,
                 }
             }
-            while let Ok(s) = rx.try_recv() {
-                waiting.push_back(s);
+            while let Ok(job) = rx.try_recv() {
+                self.take(job, &mut waiting);
             }
             while active.len() < self.opts.max_batch {
                 let Some(sub) = waiting.pop_front() else { break };
                 if sub.events.is_closed() {
                     continue;
                 }
-                match self.admit(sub) {
-                    Ok(seq) => active.push(seq),
-                    Err((sub, e)) => {
-                        let _ = sub.events.send(Event::Error(e.to_string()));
-                    }
+                if let Some(seq) = self.admit(sub) {
+                    active.push(seq);
                 }
             }
             active.retain(|s| !s.sub.events.is_closed());
@@ -300,15 +333,42 @@ impl Worker {
         }
     }
 
-    fn admit(&self, sub: Submission) -> std::result::Result<Sequence, (Submission, EngineError)> {
+    /// Queues a generation; runs an embedding at once (one forward pass).
+    fn take(&self, job: Job, waiting: &mut VecDeque<Submission>) {
+        match job {
+            Job::Generate(sub) => waiting.push_back(sub),
+            Job::Embed { ids, reply } => {
+                if !reply.is_closed() {
+                    let _ = reply.send(self.embed(&ids));
+                }
+            }
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.model.new_cache(ids.len())?;
+        let mut batch = [SeqInput {
+            tokens: ids,
+            cache: &mut cache,
+        }];
+        let hidden = self.model.hidden_states(&mut batch)?;
+        let h = hidden.into_iter().next().ok_or(EngineError::EngineStopped)?;
+        Ok(h.mean(0)?.to_vec1::<f32>()?)
+    }
+
+    /// Starts a sequence; on failure the request gets the error and `None` returns.
+    fn admit(&self, sub: Submission) -> Option<Sequence> {
         let ctx = self.model.config().max_position_embeddings;
         let limit = (sub.prompt.len() + sub.req.max_new_tokens).min(ctx);
         let cache = match self.model.new_cache(limit) {
             Ok(c) => c,
-            Err(e) => return Err((sub, e)),
+            Err(e) => {
+                let _ = sub.events.send(Event::Error(e.to_string()));
+                return None;
+            }
         };
         let sampler = Sampler::new(sub.req.sampling.clone());
-        Ok(Sequence {
+        Some(Sequence {
             seen: sub.prompt.clone(),
             sampler,
             cache,

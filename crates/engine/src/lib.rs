@@ -6,6 +6,7 @@ pub mod config;
 pub mod default_model;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod request;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::kernels::QMatrix;
 use crate::weights::{Weight, WeightSource};
 
 /// How weights are held in memory.
@@ -47,6 +48,9 @@ pub struct Linear {
 
 enum LinearWeight {
     Dense(Tensor),
+    /// Block types with our own kernels: f32 activations, never quantized.
+    Kernel(QMatrix),
+    /// Other block types: candle's `QMatMul`.
     Quantized(QMatMul),
 }
 
@@ -55,7 +59,10 @@ impl Linear {
     /// for plain values of that dtype.
     pub fn new(weight: Weight, bias: Option<Tensor>, dense: Option<DType>, device: &Device) -> Result<Self> {
         let weight = match (weight, dense) {
-            (Weight::Quantized(q), None) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            (Weight::Quantized(q), None) => match QMatrix::from_qtensor(&q) {
+                Some(m) => LinearWeight::Kernel(m),
+                None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            },
             (w, dtype) => LinearWeight::Dense(w.to_dense(dtype.unwrap_or(DType::F32), device)?),
         };
         Ok(Linear { weight, bias })
@@ -74,6 +81,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?)?,
             LinearWeight::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            LinearWeight::Kernel(m) => m.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
         Ok(match &self.bias {
@@ -86,6 +94,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Kernel(m) => m.size_in_bytes(),
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.elem_count() * w.dtype().size_in_bytes()
@@ -110,6 +119,10 @@ struct Block {
     up: Linear,
     down: Linear,
 }
+
+/// One sequence's place in a ragged batch: (offset in the batch, new tokens,
+/// tokens already cached).
+type Span = (usize, usize, usize);
 
 /// A loaded llama-family model.
 pub struct Model {
@@ -305,6 +318,31 @@ impl Model {
     /// caches. Returns, per sequence, the logits of its last token (`[vocab]`), or
     /// of every new token (`[t, vocab]`) when `all_logits` is set.
     pub fn forward(&self, batch: &mut [SeqInput<'_>], all_logits: bool) -> Result<Vec<Tensor>> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (x, spans) = self.transformer(batch)?;
+        if all_logits {
+            let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
+            return spans.iter().map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?)).collect();
+        }
+        let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
+        let n = last.len();
+        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
+        let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
+        (0..n).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    /// Like [`Self::forward`], but returns the last hidden state (after the final
+    /// norm, as HF's `hidden_states[-1]`) of every new token, `[t, hidden]` per
+    /// sequence: what embeddings are pooled from.
+    pub fn hidden_states(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
+        let (x, spans) = self.transformer(batch)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        spans.iter().map(|&(off, t, _)| Ok(x.narrow(0, off, t)?)).collect()
+    }
+
+    /// The decoder layers over a ragged batch: the residual stream `[tokens, hidden]`
+    /// (before the final norm) and where each sequence's tokens sit in it.
+    fn transformer(&self, batch: &mut [SeqInput<'_>]) -> Result<(Tensor, Vec<Span>)> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let groups = nh / nkv;
@@ -384,15 +422,7 @@ impl Model {
         for (s, &(_, t, _)) in batch.iter_mut().zip(&spans) {
             s.cache.len += t;
         }
-        if all_logits {
-            let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
-            return spans.iter().map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?)).collect();
-        }
-        let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
-        let n = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
-        let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
-        (0..n).map(|i| Ok(logits.get(i)?)).collect()
+        Ok((x, spans))
     }
 
     /// Additive mask `[t, start + t]` for `t` new tokens after `start` cached ones:

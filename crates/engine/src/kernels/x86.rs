@@ -1,0 +1,446 @@
+//! AVX-512 and AVX2 versions of the two building blocks in `scalar.rs`: dequantize
+//! one row of ggml blocks to f32 (the same arithmetic, so the same bits), and the
+//! `R × T` f32 dot-product micro-kernel.
+//!
+//! Soundness: every function here is `unsafe` for two reasons only, and both are
+//! discharged by the callers in `mod.rs` and by the asserts at the top of each
+//! function:
+//! - it must run on a CPU with the features named in its `target_feature` (the
+//!   callers check `is_x86_feature_detected!` first);
+//! - it reads and writes through raw pointers; each function asserts the slice
+//!   lengths it needs once, and all pointer offsets stay below those lengths.
+
+use std::arch::x86_64::*;
+
+use super::Kind;
+use crate::kernels::scalar::scale_min_k4;
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+// ---------------------------------------------------------------- AVX-512 ----
+
+/// 16 bytes at `p` zero-extended to 16 × i32.
+#[inline(always)]
+unsafe fn u8x16(p: *const u8) -> __m512i {
+    _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Dequantizes one row (see `scalar::dequant_row`) with AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn dequant_row_512(kind: Kind, src: &[u8], dst: &mut [f32]) {
+    let (bs, bb) = (kind.block_elems(), kind.block_bytes());
+    let nb = dst.len() / bs;
+    assert!(dst.len() == nb * bs && src.len() >= nb * bb);
+    let (s, y) = (src.as_ptr(), dst.as_mut_ptr());
+    let m4 = _mm512_set1_epi32(0xF);
+    let cvt = |v: __m512i| _mm512_cvtepi32_ps(v);
+    for b in 0..nb {
+        let blk = &src[b * bb..(b + 1) * bb];
+        let (p, y) = (s.add(b * bb), y.add(b * bs));
+        match kind {
+            Kind::Q4_0 => {
+                let d = _mm512_set1_ps(f16_at(blk, 0));
+                let eight = _mm512_set1_epi32(8);
+                let q = u8x16(p.add(2));
+                let lo = _mm512_sub_epi32(_mm512_and_si512(q, m4), eight);
+                let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(q), eight);
+                _mm512_storeu_ps(y, _mm512_mul_ps(cvt(lo), d));
+                _mm512_storeu_ps(y.add(16), _mm512_mul_ps(cvt(hi), d));
+            }
+            Kind::Q4_1 => {
+                let (d, m) = (_mm512_set1_ps(f16_at(blk, 0)), _mm512_set1_ps(f16_at(blk, 2)));
+                let q = u8x16(p.add(4));
+                let lo = _mm512_and_si512(q, m4);
+                let hi = _mm512_srli_epi32::<4>(q);
+                // mul then add (not fma): the same rounding as ggml's dequantization.
+                _mm512_storeu_ps(y, _mm512_add_ps(_mm512_mul_ps(cvt(lo), d), m));
+                _mm512_storeu_ps(y.add(16), _mm512_add_ps(_mm512_mul_ps(cvt(hi), d), m));
+            }
+            Kind::Q8_0 => {
+                let d = _mm512_set1_ps(f16_at(blk, 0));
+                for h in 0..2 {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2 + 16 * h) as *const __m128i));
+                    _mm512_storeu_ps(y.add(16 * h), _mm512_mul_ps(cvt(q), d));
+                }
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let scales = &blk[4..16];
+                let five = kind == Kind::Q5K;
+                let qs = if five { p.add(48) } else { p.add(16) };
+                for pair in 0..4 {
+                    let (sc1, mn1) = scale_min_k4(2 * pair, scales);
+                    let (sc2, mn2) = scale_min_k4(2 * pair + 1, scales);
+                    let (d1, m1) = (_mm512_set1_ps(d * sc1 as f32), _mm512_set1_ps(dmin * mn1 as f32));
+                    let (d2, m2) = (_mm512_set1_ps(d * sc2 as f32), _mm512_set1_ps(dmin * mn2 as f32));
+                    for h in 0..2 {
+                        let q = u8x16(qs.add(32 * pair + 16 * h));
+                        let mut lo = _mm512_and_si512(q, m4);
+                        let mut hi = _mm512_srli_epi32::<4>(q);
+                        if five {
+                            let qh = u8x16(p.add(16 + 16 * h));
+                            let one = _mm512_set1_epi32(1);
+                            let s1 = _mm512_srlv_epi32(qh, _mm512_set1_epi32(2 * pair as i32));
+                            let s2 = _mm512_srli_epi32::<1>(s1);
+                            lo = _mm512_or_si512(lo, _mm512_slli_epi32::<4>(_mm512_and_si512(s1, one)));
+                            hi = _mm512_or_si512(hi, _mm512_slli_epi32::<4>(_mm512_and_si512(s2, one)));
+                        }
+                        let o = y.add(64 * pair + 16 * h);
+                        _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(d1, cvt(lo)), m1));
+                        _mm512_storeu_ps(o.add(32), _mm512_sub_ps(_mm512_mul_ps(d2, cvt(hi)), m2));
+                    }
+                }
+            }
+            Kind::Q6K => {
+                let d = f16_at(blk, 208);
+                let sc = &blk[192..208];
+                let (three, off) = (_mm512_set1_epi32(3), _mm512_set1_epi32(32));
+                for h in 0..2 {
+                    for c in 0..2 {
+                        let qa = u8x16(p.add(64 * h + 16 * c));
+                        let qb = u8x16(p.add(64 * h + 32 + 16 * c));
+                        let qh = u8x16(p.add(128 + 32 * h + 16 * c));
+                        let hbits = |shift: __m512i| {
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srlv_epi32(qh, shift), three))
+                        };
+                        let vals = [
+                            _mm512_or_si512(_mm512_and_si512(qa, m4), hbits(_mm512_set1_epi32(0))),
+                            _mm512_or_si512(_mm512_and_si512(qb, m4), hbits(_mm512_set1_epi32(2))),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(qa), hbits(_mm512_set1_epi32(4))),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(qb), hbits(_mm512_set1_epi32(6))),
+                        ];
+                        for (k, v) in vals.into_iter().enumerate() {
+                            let scale = _mm512_set1_ps(d * sc[8 * h + c + 2 * k] as i8 as f32);
+                            let q = cvt(_mm512_sub_epi32(v, off));
+                            _mm512_storeu_ps(y.add(128 * h + 32 * k + 16 * c), _mm512_mul_ps(scale, q));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out[r][t] = dot(w row r, x row t)` over `cols` (a multiple of 16), AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+// `acc[r][t]` indexed by both loops reads clearer than iterator chains.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn micro_512<const R: usize, const T: usize>(w: &[f32], x: &[f32], cols: usize) -> [[f32; T]; R] {
+    assert!(cols.is_multiple_of(16) && w.len() >= R * cols && x.len() >= T * cols);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for k in (0..cols).step_by(16) {
+        let mut wv = [_mm512_setzero_ps(); R];
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(wp.add(r * cols + k));
+        }
+        for t in 0..T {
+            let xv = _mm512_loadu_ps(xp.add(t * cols + k));
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------- AVX2 ----
+
+/// 8 bytes at `p` zero-extended to 8 × i32.
+#[inline(always)]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
+/// Dequantizes one row (see `scalar::dequant_row`) with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dequant_row_256(kind: Kind, src: &[u8], dst: &mut [f32]) {
+    let (bs, bb) = (kind.block_elems(), kind.block_bytes());
+    let nb = dst.len() / bs;
+    assert!(dst.len() == nb * bs && src.len() >= nb * bb);
+    let (s, y) = (src.as_ptr(), dst.as_mut_ptr());
+    let m4 = _mm256_set1_epi32(0xF);
+    let cvt = |v: __m256i| _mm256_cvtepi32_ps(v);
+    for b in 0..nb {
+        let blk = &src[b * bb..(b + 1) * bb];
+        let (p, y) = (s.add(b * bb), y.add(b * bs));
+        match kind {
+            Kind::Q4_0 => {
+                let d = _mm256_set1_ps(f16_at(blk, 0));
+                let eight = _mm256_set1_epi32(8);
+                for g in 0..2 {
+                    let q = u8x8(p.add(2 + 8 * g));
+                    let lo = _mm256_sub_epi32(_mm256_and_si256(q, m4), eight);
+                    let hi = _mm256_sub_epi32(_mm256_srli_epi32::<4>(q), eight);
+                    _mm256_storeu_ps(y.add(8 * g), _mm256_mul_ps(cvt(lo), d));
+                    _mm256_storeu_ps(y.add(16 + 8 * g), _mm256_mul_ps(cvt(hi), d));
+                }
+            }
+            Kind::Q4_1 => {
+                let (d, m) = (_mm256_set1_ps(f16_at(blk, 0)), _mm256_set1_ps(f16_at(blk, 2)));
+                for g in 0..2 {
+                    let q = u8x8(p.add(4 + 8 * g));
+                    let lo = _mm256_and_si256(q, m4);
+                    let hi = _mm256_srli_epi32::<4>(q);
+                    _mm256_storeu_ps(y.add(8 * g), _mm256_add_ps(_mm256_mul_ps(cvt(lo), d), m));
+                    _mm256_storeu_ps(y.add(16 + 8 * g), _mm256_add_ps(_mm256_mul_ps(cvt(hi), d), m));
+                }
+            }
+            Kind::Q8_0 => {
+                let d = _mm256_set1_ps(f16_at(blk, 0));
+                for g in 0..4 {
+                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + 8 * g) as *const __m128i));
+                    _mm256_storeu_ps(y.add(8 * g), _mm256_mul_ps(cvt(q), d));
+                }
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let scales = &blk[4..16];
+                let five = kind == Kind::Q5K;
+                let qs = if five { p.add(48) } else { p.add(16) };
+                let one = _mm256_set1_epi32(1);
+                for pair in 0..4 {
+                    let (sc1, mn1) = scale_min_k4(2 * pair, scales);
+                    let (sc2, mn2) = scale_min_k4(2 * pair + 1, scales);
+                    let (d1, m1) = (_mm256_set1_ps(d * sc1 as f32), _mm256_set1_ps(dmin * mn1 as f32));
+                    let (d2, m2) = (_mm256_set1_ps(d * sc2 as f32), _mm256_set1_ps(dmin * mn2 as f32));
+                    for g in 0..4 {
+                        let q = u8x8(qs.add(32 * pair + 8 * g));
+                        let mut lo = _mm256_and_si256(q, m4);
+                        let mut hi = _mm256_srli_epi32::<4>(q);
+                        if five {
+                            let qh = u8x8(p.add(16 + 8 * g));
+                            let s1 = _mm256_srlv_epi32(qh, _mm256_set1_epi32(2 * pair as i32));
+                            let s2 = _mm256_srli_epi32::<1>(s1);
+                            lo = _mm256_or_si256(lo, _mm256_slli_epi32::<4>(_mm256_and_si256(s1, one)));
+                            hi = _mm256_or_si256(hi, _mm256_slli_epi32::<4>(_mm256_and_si256(s2, one)));
+                        }
+                        let o = y.add(64 * pair + 8 * g);
+                        _mm256_storeu_ps(o, _mm256_sub_ps(_mm256_mul_ps(d1, cvt(lo)), m1));
+                        _mm256_storeu_ps(o.add(32), _mm256_sub_ps(_mm256_mul_ps(d2, cvt(hi)), m2));
+                    }
+                }
+            }
+            Kind::Q6K => {
+                let d = f16_at(blk, 208);
+                let sc = &blk[192..208];
+                let (three, off) = (_mm256_set1_epi32(3), _mm256_set1_epi32(32));
+                for h in 0..2 {
+                    for g in 0..4 {
+                        let qa = u8x8(p.add(64 * h + 8 * g));
+                        let qb = u8x8(p.add(64 * h + 32 + 8 * g));
+                        let qh = u8x8(p.add(128 + 32 * h + 8 * g));
+                        let hbits = |shift: __m256i| {
+                            _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(qh, shift), three))
+                        };
+                        let vals = [
+                            _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(_mm256_set1_epi32(0))),
+                            _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(_mm256_set1_epi32(2))),
+                            _mm256_or_si256(_mm256_srli_epi32::<4>(qa), hbits(_mm256_set1_epi32(4))),
+                            _mm256_or_si256(_mm256_srli_epi32::<4>(qb), hbits(_mm256_set1_epi32(6))),
+                        ];
+                        let c = g / 2; // which 16-value scale group
+                        for (k, v) in vals.into_iter().enumerate() {
+                            let scale = _mm256_set1_ps(d * sc[8 * h + c + 2 * k] as i8 as f32);
+                            let q = cvt(_mm256_sub_epi32(v, off));
+                            _mm256_storeu_ps(y.add(128 * h + 32 * k + 8 * g), _mm256_mul_ps(scale, q));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out[r][t] = dot(w row r, x row t)` over `cols` (a multiple of 8), AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+// `acc[r][t]` indexed by both loops reads clearer than iterator chains.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn micro_256<const R: usize, const T: usize>(w: &[f32], x: &[f32], cols: usize) -> [[f32; T]; R] {
+    assert!(cols.is_multiple_of(8) && w.len() >= R * cols && x.len() >= T * cols);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for k in (0..cols).step_by(8) {
+        let mut wv = [_mm256_setzero_ps(); R];
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(wp.add(r * cols + k));
+        }
+        for t in 0..T {
+            let xv = _mm256_loadu_ps(xp.add(t * cols + k));
+            for r in 0..R {
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+// ------------------------------------------------ AVX-512, fused (small n) ----
+
+/// Block kinds of `fused_512` (a const parameter).
+pub(super) const FUSED_Q4_0: u8 = 0;
+pub(super) const FUSED_Q4_1: u8 = 1;
+pub(super) const FUSED_Q8_0: u8 = 2;
+
+/// The f16 block scales of `R` rows as f32, so that the fused loop broadcasts
+/// them straight from memory: `out[r * nbp + b]` is `d` of block `b` of row `r`
+/// and, with `with_min` (Q4_1), `out[(R + r) * nbp + b]` its `m`, where `nbp` is
+/// `nb` rounded up to 16. One gather of the first 4 bytes of 16 blocks, then
+/// one conversion per 16 scales.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn scales_512<const R: usize>(
+    rows: &[&[u8]; R],
+    bb: usize,
+    nb: usize,
+    with_min: bool,
+    out: &mut Vec<f32>,
+) {
+    let nbp = nb.next_multiple_of(16);
+    let len = if with_min { 2 * R * nbp } else { R * nbp };
+    if out.len() < len {
+        out.resize(len, 0.0);
+    }
+    assert!(bb >= 4 && rows.iter().all(|r| r.len() >= nb * bb) && nb * bb <= i32::MAX as usize);
+    let step = _mm512_set1_epi32(16 * bb as i32);
+    let first = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(bb as i32),
+    );
+    let o = out.as_mut_ptr();
+    for (r, row) in rows.iter().enumerate() {
+        let mut idx = first;
+        for g in (0..nb).step_by(16) {
+            // Lanes past the last block load nothing (masked) and stay zero.
+            let mask: __mmask16 = if nb - g >= 16 { 0xFFFF } else { (1u16 << (nb - g)) - 1 };
+            let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, row.as_ptr() as *const i32);
+            _mm512_storeu_ps(o.add(r * nbp + g), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
+            if with_min {
+                let m = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v));
+                _mm512_storeu_ps(o.add((R + r) * nbp + g), _mm512_cvtph_ps(m));
+            }
+            idx = _mm512_add_epi32(idx, step);
+        }
+    }
+}
+
+/// `out[r][t] = dot(row r, x row t)` straight from the blocks of `R` rows of
+/// Q4_0, Q4_1 or Q8_0 (`K`), given their block scales `d` (and `m` for Q4_1) as
+/// f32 (`scales_512`), dequantized in registers: the 4-bit types through a
+/// 16-entry table per block (`vpermps`; the table is built with ggml's own
+/// arithmetic, so the weights are exactly ggml's dequantized values). Each block
+/// read also prefetches the byte `prefetch` bytes further on (the next rows).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+// `acc[r][t]` indexed by both loops reads clearer than iterator chains.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn fused_512<const K: u8, const R: usize, const T: usize>(
+    rows: [&[u8]; R],
+    x: &[f32],
+    cols: usize,
+    prefetch: usize,
+    d: [&[f32]; R],
+    m: [&[f32]; R],
+) -> [[f32; T]; R] {
+    let bb = match K {
+        FUSED_Q4_0 => 18,
+        FUSED_Q4_1 => 20,
+        _ => 34,
+    };
+    let nb = cols / 32;
+    assert!(cols.is_multiple_of(32) && x.len() >= T * cols && rows.iter().all(|r| r.len() >= nb * bb));
+    assert!(d.iter().all(|d| d.len() >= nb) && (K != FUSED_Q4_1 || m.iter().all(|m| m.len() >= nb)));
+    let xp = x.as_ptr();
+    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let iota_m8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0));
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let p = rows[r].as_ptr().add(b * bb);
+            // A hint only: it never faults, so the address may lie past the
+            // matrix (hence `wrapping_add`, which makes no in-bounds claim).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(prefetch) as *const i8);
+            let d = _mm512_set1_ps(*d[r].as_ptr().add(b));
+            let (lo, hi) = match K {
+                FUSED_Q4_0 => {
+                    // (q - 8) * d, as ggml.
+                    let lut = _mm512_mul_ps(iota_m8, d);
+                    let q = u8x16(p.add(2));
+                    (
+                        _mm512_permutexvar_ps(q, lut),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
+                    )
+                }
+                FUSED_Q4_1 => {
+                    // q * d + m, as ggml (two roundings).
+                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*m[r].as_ptr().add(b)));
+                    let q = u8x16(p.add(4));
+                    // vpermps reads the low 4 bits of each index: no mask needed.
+                    (
+                        _mm512_permutexvar_ps(q, lut),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
+                    )
+                }
+                _ => {
+                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2) as *const __m128i));
+                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18) as *const __m128i));
+                    (
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
+                    )
+                }
+            };
+            for t in 0..T {
+                let xq = xp.add(t * cols + 32 * b);
+                acc[r][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq), acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq.add(16)), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
