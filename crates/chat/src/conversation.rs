@@ -123,11 +123,7 @@ pub fn template_names() -> Vec<&'static str> {
 ///
 /// See [`Conversation::from_messages`] for how messages are mapped; a trailing
 /// user message leaves the assistant turn open for generation.
-pub fn render_messages(
-    template: &str,
-    messages: &[ChatMessage],
-    system: Option<&str>,
-) -> Result<String, ChatError> {
+pub fn render_messages(template: &str, messages: &[ChatMessage], system: Option<&str>) -> Result<String, ChatError> {
     Ok(Conversation::from_messages(template, messages, system)?.get_prompt())
 }
 
@@ -147,11 +143,7 @@ impl Conversation {
     /// turns with the template's role strings, and a trailing user message is
     /// followed by an open assistant turn. Turns are not checked for
     /// alternation, matching FastChat.
-    pub fn from_messages(
-        template: &str,
-        messages: &[ChatMessage],
-        system: Option<&str>,
-    ) -> Result<Self, ChatError> {
+    pub fn from_messages(template: &str, messages: &[ChatMessage], system: Option<&str>) -> Result<Self, ChatError> {
         let mut conv = Self::from_template(template)?;
         if let Some(system) = system {
             conv.set_system_message(system);
@@ -210,10 +202,7 @@ impl Conversation {
 
     /// The stop strings (empty when the template has none).
     pub fn stop_str(&self) -> Vec<&str> {
-        self.stop_str
-            .as_ref()
-            .map(StopStr::as_vec)
-            .unwrap_or_default()
+        self.stop_str.as_ref().map(StopStr::as_vec).unwrap_or_default()
     }
 
     /// The stop token ids (empty when the template has none).
@@ -293,11 +282,7 @@ fn close_names(name: &str) -> Vec<String> {
         })
         .collect();
     scored.sort();
-    scored
-        .into_iter()
-        .take(5)
-        .map(|(_, n)| n.to_string())
-        .collect()
+    scored.into_iter().take(5).map(|(_, n)| n.to_string()).collect()
 }
 
 /// Levenshtein distance over chars.

@@ -91,10 +91,7 @@ impl HfChatTemplate {
 
     /// Like [`Self::from_tokenizer_config`], picking a named template (e.g.
     /// `"tool_use"`) when the config holds several.
-    pub fn from_tokenizer_config_named(
-        config: &serde_json::Value,
-        name: Option<&str>,
-    ) -> Result<Self, ChatError> {
+    pub fn from_tokenizer_config_named(config: &serde_json::Value, name: Option<&str>) -> Result<Self, ChatError> {
         let missing = || ChatError::MissingChatTemplate {
             name: name.map(str::to_string),
         };
@@ -126,11 +123,7 @@ impl HfChatTemplate {
 
     /// Renders `messages` (HF's `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=…)`).
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ChatError> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
         self.render_with(messages, add_generation_prompt, &())
     }
 
@@ -163,10 +156,7 @@ impl HfChatTemplate {
         } else {
             merge_maps([defaults, base])
         };
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         template.render(ctx).map_err(template_error)
     }
 }
@@ -189,8 +179,7 @@ fn template_error(err: Error) -> ChatError {
 
 /// HF's `raise_exception(message)`: aborts rendering with `message`.
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
-        .with_source(RaisedException(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
 }
 
 /// HF's `strftime_now(format)`: the current time formatted with Python's
@@ -380,9 +369,7 @@ fn write_json(out: &mut String, value: &Value, o: &JsonOpts, depth: usize) -> Re
             let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
             out.push_str(&py_float_repr(f));
         }
-        ValueKind::String => {
-            write_json_str(out, value.as_str().unwrap_or_default(), o.ensure_ascii)
-        }
+        ValueKind::String => write_json_str(out, value.as_str().unwrap_or_default(), o.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             write_container(out, '[', ']', items.len(), o, depth, |out, i| {

@@ -32,8 +32,7 @@ mod matching;
 mod style;
 
 pub use conversation::{
-    get_template, render_messages, template_names, ChatMessage, Conversation, SavedConversation,
-    StopStr,
+    get_template, render_messages, template_names, ChatMessage, Conversation, SavedConversation, StopStr,
 };
 pub use error::ChatError;
 pub use format::{ChatFormat, FormatSource, MODEL_TEMPLATE_NAME};

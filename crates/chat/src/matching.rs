@@ -42,10 +42,7 @@ fn has_any(s: &str, needles: &[&str]) -> bool {
 
 /// Python's `os.path.basename(os.path.normpath(path))`, for `/`-separated paths.
 fn basename(path: &str) -> &str {
-    path.trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(path)
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or(path)
 }
 
 /// FastChat 0.2.36's adapter list (see the module doc for what is left out).

@@ -66,11 +66,7 @@ pub enum SeparatorStyle {
 const ALL: [(SeparatorStyle, &str, u32); 20] = [
     (SeparatorStyle::AddColonSingle, "ADD_COLON_SINGLE", 1),
     (SeparatorStyle::AddColonTwo, "ADD_COLON_TWO", 2),
-    (
-        SeparatorStyle::AddColonSpaceSingle,
-        "ADD_COLON_SPACE_SINGLE",
-        3,
-    ),
+    (SeparatorStyle::AddColonSpaceSingle, "ADD_COLON_SPACE_SINGLE", 3),
     (SeparatorStyle::NoColonSingle, "NO_COLON_SINGLE", 4),
     (SeparatorStyle::NoColonTwo, "NO_COLON_TWO", 5),
     (SeparatorStyle::AddNewLineSingle, "ADD_NEW_LINE_SINGLE", 6),
@@ -120,13 +116,8 @@ impl SeparatorStyle {
         // FastChat formats the system template with str.format(system_message=…);
         // every template's only placeholder is `{system_message}`, so one
         // non-recursive replace is the same operation.
-        let system = conv
-            .system_template
-            .replace("{system_message}", &conv.system_message);
-        let r = Render {
-            conv,
-            system: &system,
-        };
+        let system = conv.system_template.replace("{system_message}", &conv.system_message);
+        let r = Render { conv, system: &system };
         match self {
             Self::AddColonSingle => r.add_colon_single(),
             Self::AddColonTwo => r.add_colon_two(),
@@ -175,12 +166,10 @@ impl<'de> Deserialize<'de> for SeparatorStyle {
             Name(String),
         }
         match Repr::deserialize(d)? {
-            Repr::Id(id) => Self::from_fastchat_id(id).ok_or_else(|| {
-                serde::de::Error::custom(format!("unknown FastChat sep_style id {id}"))
-            }),
-            Repr::Name(name) => Self::from_name(&name).ok_or_else(|| {
-                serde::de::Error::custom(format!("unknown FastChat sep_style {name:?}"))
-            }),
+            Repr::Id(id) => Self::from_fastchat_id(id)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown FastChat sep_style id {id}"))),
+            Repr::Name(name) => Self::from_name(&name)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown FastChat sep_style {name:?}"))),
         }
     }
 }

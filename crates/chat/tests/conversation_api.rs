@@ -4,15 +4,11 @@
 
 use serde_json::json;
 use vicugna_chat::{
-    get_template, render_messages, ChatError, ChatMessage, Conversation, SavedConversation,
-    SeparatorStyle,
+    get_template, render_messages, ChatError, ChatMessage, Conversation, SavedConversation, SeparatorStyle,
 };
 
 fn turns(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
-    pairs
-        .iter()
-        .map(|(r, c)| ChatMessage::new(*r, *c))
-        .collect()
+    pairs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
 }
 
 #[test]
@@ -27,22 +23,14 @@ fn fastchat_quirks() {
         Some("sys"),
     )
     .unwrap();
-    assert_eq!(
-        yuan2,
-        "sys\nTell me about Python<n>It is a snake, not an aeo<sep>"
-    );
+    assert_eq!(yuan2, "sys\nTell me about Python<n>It is a snake, not an aeo<sep>");
 
     // RWKV collapses blank lines inside a message (one pass, CRLF first).
     let rwkv = render_messages("rwkv", &turns(&[("user", "a\r\n\r\nb\n\n\nc")]), None).unwrap();
     assert!(rwkv.ends_with("Bob: a\nb\n\nc\n\nAlice:"), "{rwkv:?}");
 
     // An empty message is an open turn, as FastChat's `if message:`.
-    let vicuna = render_messages(
-        "vicuna_v1.1",
-        &turns(&[("user", "Hi"), ("assistant", "")]),
-        None,
-    )
-    .unwrap();
+    let vicuna = render_messages("vicuna_v1.1", &turns(&[("user", "Hi"), ("assistant", "")]), None).unwrap();
     assert!(vicuna.ends_with(" USER: Hi ASSISTANT:"), "{vicuna:?}");
 
     // ChatGLM2 numbers rounds from 1.
@@ -52,10 +40,7 @@ fn fastchat_quirks() {
         None,
     )
     .unwrap();
-    assert_eq!(
-        glm2,
-        "[Round 1]\n\n问：Hi\n\n答：Yo\n\n[Round 2]\n\n问：Q\n\n答："
-    );
+    assert_eq!(glm2, "[Round 1]\n\n问：Hi\n\n答：Yo\n\n[Round 2]\n\n问：Q\n\n答：");
 
     let llama2 = render_messages(
         "llama-2",
@@ -79,18 +64,12 @@ fn system_messages_in_the_list_override_the_argument() {
 #[test]
 fn bad_role_and_unknown_template_are_typed_errors() {
     let err = render_messages("vicuna_v1.1", &turns(&[("tool", "{}")]), None).unwrap_err();
-    assert!(
-        matches!(&err, ChatError::BadRole { role } if role == "tool"),
-        "{err}"
-    );
+    assert!(matches!(&err, ChatError::BadRole { role } if role == "tool"), "{err}");
     let err = render_messages("Llama-2", &[], None).unwrap_err();
     match err {
         ChatError::UnknownTemplate { name, suggestions } => {
             assert_eq!(name, "Llama-2");
-            assert!(
-                suggestions.iter().any(|s| s == "llama-2"),
-                "{suggestions:?}"
-            );
+            assert!(suggestions.iter().any(|s| s == "llama-2"), "{suggestions:?}");
         }
         other => panic!("{other:?}"),
     }
@@ -136,17 +115,11 @@ fn wire_form_uses_fastchat_fields() {
     let conv = get_template("qwen-7b-chat").unwrap();
     let wire = serde_json::to_value(&conv).unwrap();
     assert_eq!(wire["name"], "qwen-7b-chat");
-    assert_eq!(
-        wire["system_template"],
-        "<|im_start|>system\n{system_message}"
-    );
+    assert_eq!(wire["system_template"], "<|im_start|>system\n{system_message}");
     assert_eq!(wire["sep_style"], 10);
     assert_eq!(wire["stop_token_ids"], json!([151643, 151644, 151645]));
     let back: Conversation = serde_json::from_value(wire).unwrap();
     assert_eq!(back, conv);
-    assert_eq!(
-        SeparatorStyle::from_name("CHATML"),
-        Some(SeparatorStyle::ChatMl)
-    );
+    assert_eq!(SeparatorStyle::from_name("CHATML"), Some(SeparatorStyle::ChatMl));
     assert_eq!(conv.stop_str(), vec!["<|endoftext|>"]);
 }

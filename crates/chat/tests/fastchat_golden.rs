@@ -20,17 +20,8 @@ fn golden(name: &str) -> Value {
 /// Where two strings first differ, with some context: long system prompts
 /// make whole-prompt dumps unreadable.
 fn first_difference(expected: &str, got: &str) -> String {
-    let at = expected
-        .chars()
-        .zip(got.chars())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let window = |s: &str| {
-        s.chars()
-            .skip(at.saturating_sub(40))
-            .take(80)
-            .collect::<String>()
-    };
+    let at = expected.chars().zip(got.chars()).take_while(|(a, b)| a == b).count();
+    let window = |s: &str| s.chars().skip(at.saturating_sub(40)).take(80).collect::<String>();
     format!(
         "differs at char {at} (lengths {} vs {}):\n  expected …{:?}…\n  got      …{:?}…",
         expected.chars().count(),
@@ -44,8 +35,7 @@ fn first_difference(expected: &str, got: &str) -> String {
 fn ours(case: &Value) -> Result<Value, String> {
     let name = case["template"].as_str().unwrap();
     let system = case["system_message"].as_str();
-    let messages: Vec<ChatMessage> =
-        serde_json::from_value(case["messages"].clone()).map_err(|e| e.to_string())?;
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).map_err(|e| e.to_string())?;
     let prompt = render_messages(name, &messages, system).map_err(|e| e.to_string())?;
     let conv = get_template(name).ok_or("no template")?;
     Ok(serde_json::json!({
@@ -68,10 +58,7 @@ fn all_fastchat_golden_cases() {
         let got = match ours(case) {
             Ok(v) => v,
             Err(e) => {
-                failures.push(format!(
-                    "{} / {}: error {e}",
-                    case["template"], case["conversation"]
-                ));
+                failures.push(format!("{} / {}: error {e}", case["template"], case["conversation"]));
                 continue;
             }
         };
@@ -93,12 +80,7 @@ fn all_fastchat_golden_cases() {
         "{} of {} golden cases failed; first ones:\n{}",
         failures.len(),
         cases.len(),
-        failures
-            .iter()
-            .take(5)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
 }
 

@@ -18,11 +18,7 @@ fn read_json(rel: &str) -> Value {
 
 /// Where two strings first differ, with a little context, for readable failures.
 fn first_difference(expected: &str, got: &str) -> String {
-    let at = expected
-        .bytes()
-        .zip(got.bytes())
-        .take_while(|(a, b)| a == b)
-        .count();
+    let at = expected.bytes().zip(got.bytes()).take_while(|(a, b)| a == b).count();
     let from = at.saturating_sub(40);
     let window = |s: &str| s.get(from..(at + 40).min(s.len())).unwrap_or(s).to_string();
     format!(
@@ -38,19 +34,13 @@ fn smollm2_generation_cases() {
     let config = read_json("../../tests/fixtures/models/smollm2-tokenizer/tokenizer_config.json");
     let template = HfChatTemplate::from_tokenizer_config(&config).expect("template compiles");
     let golden = read_json("../../tests/fixtures/golden/smollm2-135m-instruct.json");
-    let cases = golden["generation_cases"]
-        .as_array()
-        .expect("generation_cases");
+    let cases = golden["generation_cases"].as_array().expect("generation_cases");
     assert_eq!(cases.len(), 5);
     for (i, case) in cases.iter().enumerate() {
         let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
         let expected = case["prompt"].as_str().unwrap();
         let got = template.render(&messages, true).expect("renders");
-        assert!(
-            got == expected,
-            "case {i}: {}",
-            first_difference(expected, &got)
-        );
+        assert!(got == expected, "case {i}: {}", first_difference(expected, &got));
     }
 }
 
@@ -89,9 +79,7 @@ fn raise_exception_gives_its_message() {
         "",
     )
     .unwrap();
-    let err = template
-        .render(&[ChatMessage::new("user", "Hi")], true)
-        .unwrap_err();
+    let err = template.render(&[ChatMessage::new("user", "Hi")], true).unwrap_err();
     match &err {
         ChatError::TemplateException { message } => {
             assert_eq!(message, "System message required, got user")
@@ -102,12 +90,7 @@ fn raise_exception_gives_its_message() {
         err.to_string(),
         "chat template raised an exception: System message required, got user"
     );
-    assert_eq!(
-        template
-            .render(&[ChatMessage::new("system", "s")], true)
-            .unwrap(),
-        "ok"
-    );
+    assert_eq!(template.render(&[ChatMessage::new("system", "s")], true).unwrap(), "ok");
 }
 
 #[test]
@@ -117,10 +100,7 @@ fn syntax_and_render_errors_are_reported() {
         Err(ChatError::Template { .. })
     ));
     let t = HfChatTemplate::new("{{ messages | tojson(bogus=1) }}", "", "").unwrap();
-    assert!(matches!(
-        t.render(&[], false),
-        Err(ChatError::Template { .. })
-    ));
+    assert!(matches!(t.render(&[], false), Err(ChatError::Template { .. })));
 }
 
 #[test]

@@ -58,22 +58,10 @@ fn precedence_follows_fastchat_order() {
         match_template("cognitivecomputations/dolphin-2.2.1-mistral-7b"),
         Some("dolphin-2.2.1-mistral-7b")
     );
-    assert_eq!(
-        match_template("jondurbin/airoboros-l2-70b-3.1.2"),
-        Some("airoboros_v3")
-    );
-    assert_eq!(
-        match_template("jondurbin/airoboros-l2-13b-2.2.1"),
-        Some("airoboros_v2")
-    );
-    assert_eq!(
-        match_template("jondurbin/airoboros-7b"),
-        Some("airoboros_v1")
-    );
-    assert_eq!(
-        match_template("BAAI/AquilaChat2-34B"),
-        Some("aquila-legacy")
-    );
+    assert_eq!(match_template("jondurbin/airoboros-l2-70b-3.1.2"), Some("airoboros_v3"));
+    assert_eq!(match_template("jondurbin/airoboros-l2-13b-2.2.1"), Some("airoboros_v2"));
+    assert_eq!(match_template("jondurbin/airoboros-7b"), Some("airoboros_v1"));
+    assert_eq!(match_template("BAAI/AquilaChat2-34B"), Some("aquila-legacy"));
 }
 
 /// The last path component is tried before the whole path; a trailing slash
@@ -84,14 +72,8 @@ fn basename_then_full_path() {
         match_template("/home/zephyr/models/vicuna-7b-v1.3"),
         Some("vicuna_v1.1")
     );
-    assert_eq!(
-        match_template("/models/vicuna-ft/checkpoint-1000"),
-        Some("vicuna_v1.1")
-    );
-    assert_eq!(
-        match_template("/models/Llama-2-7b-chat-hf/"),
-        Some("llama-2")
-    );
+    assert_eq!(match_template("/models/vicuna-ft/checkpoint-1000"), Some("vicuna_v1.1"));
+    assert_eq!(match_template("/models/Llama-2-7b-chat-hf/"), Some("llama-2"));
     assert_eq!(match_template("/weights/vicuna-13b-v0"), Some("one_shot"));
     assert_eq!(match_template("/v0/vicuna-13b"), Some("vicuna_v1.1"));
 }

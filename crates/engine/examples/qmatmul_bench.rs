@@ -47,7 +47,10 @@ fn main() -> candle_core::Result<()> {
     let only_ours = std::env::args().any(|a| a == "--ours");
     // `--n N`: only that many activation rows.
     let args: Vec<String> = std::env::args().collect();
-    let only_n: Option<usize> = args.iter().position(|a| a == "--n").and_then(|i| args.get(i + 1)?.parse().ok());
+    let only_n: Option<usize> = args
+        .iter()
+        .position(|a| a == "--n")
+        .and_then(|i| args.get(i + 1)?.parse().ok());
     let budget = Duration::from_millis(if quick { 150 } else { 600 });
     let dev = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());

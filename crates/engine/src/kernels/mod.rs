@@ -3,20 +3,28 @@
 //!
 //! `out[n × rows] = x[n × cols] · Wᵀ` where `W` is a ggml-quantized matrix (each of
 //! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32. Weight
-//! blocks are dequantized on the fly (exactly as ggml dequantizes them) into a
-//! small f32 scratch tile that stays in L1, and an f32 FMA micro-kernel runs over
-//! it. So the result is the dequantized-f32 matmul up to summation order — unlike
-//! candle's `QMatMul`, which rounds the activations to 8 bits first.
+//! blocks are dequantized on the fly, to exactly the values ggml's dequantization
+//! gives, and multiplied with f32 FMAs: the result is the dequantized-f32 matmul
+//! up to summation order — unlike candle's `QMatMul`, which rounds the
+//! activations to 8 bits first (and moves near-ties in greedy decoding).
+//!
+//! Two schemes, both over tiles of `R` weight rows:
+//! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_MAX_N`, i.e. decode): each
+//!   block is dequantized in registers (4-bit types through a 16-entry `vpermps`
+//!   table) and used at once for all `n` activation rows; memory bound for n = 1.
+//! - panel (every type and path; larger n, i.e. prefill): rows are dequantized
+//!   once into an f32 panel that stays in L2, then an `R × T` f32 micro-kernel
+//!   runs over it for every tile of `T` activation rows.
 //!
 //! Work is split over chunks of output rows, claimed dynamically by the calling
-//! thread and `RAYON_NUM_THREADS - 1` helpers spawned on rayon's global pool (the
-//! caller never blocks on a sleeping worker: decode runs ~200 small products per
-//! token). Each dequantized tile of `R` rows is reused for every activation row,
-//! so a batch of 8 decode tokens streams the weights once, as one token does.
+//! thread and `RAYON_NUM_THREADS - 1` helpers spawned on rayon's global pool. The
+//! caller works too and never blocks on a sleeping worker: decode runs ~200 small
+//! products per token, so a wake-up per product would dominate.
 //!
 //! Supported: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K on CPU (`QMatrix::from_qtensor`
 //! returns `None` for anything else; callers keep candle's `QMatMul` for those).
-//! Paths: AVX-512 (F, VL, BW, DQ), AVX2+FMA, portable scalar (the reference), picked at run time.
+//! Paths: AVX-512 (F, VL, BW, DQ), AVX2 + FMA, and portable scalar code (the
+//! reference), picked at run time.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -101,22 +109,28 @@ impl Isa {
 
     /// Every path this CPU can run, slowest first.
     pub fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// Whether this CPU can run this path (feature detection is cached by std).
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
             }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq")
-            {
-                v.push(Isa::Avx512);
-            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        v
     }
 
     /// Activation rows per micro-kernel call: `R × T` accumulators must fit in
@@ -222,7 +236,7 @@ impl QMatrix {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!(x.len(), n * cols, "x must be [n, cols]");
         assert_eq!(out.len(), n * rows, "out must be [n, rows]");
-        assert!(Isa::available().contains(&isa), "{isa:?} is not supported by this CPU");
+        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
         if n == 0 || rows == 0 {
             return;
         }
@@ -420,16 +434,16 @@ impl Job {
 /// Per-thread buffers of `rows_task`.
 #[derive(Default)]
 struct Scratch {
-    /// `R × cols` dequantized weights.
+    /// A panel of dequantized weight rows (the unfused path).
     w: Vec<f32>,
     /// Block scales for the fused kernels.
     scales: Vec<f32>,
 }
 
 /// Up to this many activation rows, Q4_0 / Q4_1 / Q8_0 on AVX-512 use the fused
-/// kernel (weights dequantized in registers once per `R` rows and all `n`);
-/// beyond it, dequantizing a tile to f32 once and running the f32 micro-kernel
-/// over it is cheaper.
+/// kernel (each block dequantized in registers once for all `n`); beyond it,
+/// dequantizing a panel to f32 once and running the f32 micro-kernel over it is
+/// cheaper.
 const FUSED_MAX_N: usize = 8;
 
 /// The fused AVX-512 kernel on `R` rows for `n ≤ FUSED_MAX_N` activation rows:
@@ -452,8 +466,9 @@ fn fused(
         _ => (34, cols / 32),
     };
     let nbp = nb.next_multiple_of(16);
-    // SAFETY (all three `unsafe` blocks): only called with `Isa::Avx512`, which
-    // `Isa::available` lists only on CPUs with AVX-512 F, VL, BW and DQ.
+    // SAFETY (all three `unsafe` blocks): only called on the `Isa::Avx512` path,
+    // which `matmul_with` accepts only on CPUs with AVX-512 F, VL, BW and DQ; the
+    // kernels check their slice lengths.
     unsafe { scales_512(&rows, bb, nb, k == FUSED_Q4_1, &mut s.scales) };
     let sc = &s.scales;
     let d: [&[f32]; R] = std::array::from_fn(|r| &sc[r * nbp..(r + 1) * nbp]);
@@ -498,8 +513,8 @@ fn fused(
 /// One row of blocks to f32 on the given path.
 fn dequant_row(isa: Isa, kind: Kind, src: &[u8], dst: &mut [f32]) {
     match isa {
-        // SAFETY: `matmul_with` only accepts paths `Isa::available` lists, i.e.
-        // that this CPU supports; the kernels check their slice lengths.
+        // SAFETY: `matmul_with` only accepts paths this CPU supports
+        // (`Isa::supported`); the kernels check their slice lengths.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::dequant_row_512(kind, src, dst) },
         #[cfg(target_arch = "x86_64")]
