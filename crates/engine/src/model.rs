@@ -9,7 +9,8 @@
 //! freely in one pass, which is what continuous batching needs.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -390,6 +391,17 @@ impl Model {
                 s.cache.k[layer].slice_set(&ks, 1, start)?;
                 s.cache.v[layer].slice_set(&vs, 1, start)?;
                 let len = start + t;
+                if t == 1 && self.cfg.sliding_window.is_none_or(|w| w >= len) {
+                    outs.push(decode_attention(
+                        &qs,
+                        &s.cache.k[layer],
+                        &s.cache.v[layer],
+                        len,
+                        groups,
+                        scale,
+                    )?);
+                    continue;
+                }
                 let kc = s.cache.k[layer].narrow(1, 0, len)?;
                 let vc = s.cache.v[layer].narrow(1, 0, len)?;
                 // Query heads sharing a kv head are adjacent, so they fold into rows.
@@ -450,6 +462,70 @@ impl Model {
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }
+}
+
+/// Attention of one new token per head over the first `len` cached positions.
+///
+/// Decode steps dominate generation; going through candle here meant strided views
+/// of the cache, a score tensor and a softmax tensor per head group per layer, which
+/// cost more than the arithmetic once the context grows. This reads the cache in
+/// place. `q` is `[heads, 1, head_dim]`; the caches are `[kv_heads, capacity, head_dim]`.
+fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, groups: usize, scale: f64) -> Result<Tensor> {
+    let (nh, _, hd) = q.dims3()?;
+    let cap = k.dim(1)?;
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; nh * hd];
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Err(EngineError::InvalidRequest(
+            "decode attention runs on the CPU only".into(),
+        ));
+    };
+    let (kd, vd) = (
+        &kc.as_slice::<f32>()?[kl.start_offset()..],
+        &vc.as_slice::<f32>()?[vl.start_offset()..],
+    );
+    // One task per kv head: its query heads share the keys and values it reads.
+    out.par_chunks_mut(groups * hd).enumerate().for_each(|(kvh, out)| {
+        let base = kvh * cap * hd;
+        let mut scores = vec![0f32; len];
+        for (g, oh) in out.chunks_mut(hd).enumerate() {
+            let h = kvh * groups + g;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                *sc = dot(qh, &kd[base + j * hd..base + (j + 1) * hd]) * scale as f32;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            for (j, &p) in scores.iter().enumerate() {
+                for (o, x) in oh.iter_mut().zip(&vd[base + j * hd..base + (j + 1) * hd]) {
+                    *o += p * x;
+                }
+            }
+            oh.iter_mut().for_each(|o| *o /= sum);
+        }
+    });
+    Ok(Tensor::from_vec(out, (1, nh * hd), k.device())?)
+}
+
+/// Dot product with eight independent sums, so the compiler can keep them in one
+/// vector register (a single running sum must be added in order, one at a time).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Index of the largest value (first on ties), as greedy decoding picks.
