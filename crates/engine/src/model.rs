@@ -487,7 +487,7 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, groups: usiz
         &vc.as_slice::<f32>()?[vl.start_offset()..],
     );
     // One task per kv head: its query heads share the keys and values it reads.
-    out.par_chunks_mut(groups * hd).enumerate().for_each(|(kvh, out)| {
+    let head = |(kvh, out): (usize, &mut [f32])| {
         let base = kvh * cap * hd;
         let mut scores = vec![0f32; len];
         for (g, oh) in out.chunks_mut(hd).enumerate() {
@@ -510,7 +510,13 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, groups: usiz
             }
             oh.iter_mut().for_each(|o| *o /= sum);
         }
-    });
+    };
+    // Waking the thread pool costs more than a short context's attention.
+    if len >= 256 {
+        out.par_chunks_mut(groups * hd).enumerate().for_each(head);
+    } else {
+        out.chunks_mut(groups * hd).enumerate().for_each(head);
+    }
     Ok(Tensor::from_vec(out, (1, nh * hd), k.device())?)
 }
 
