@@ -6,7 +6,6 @@
 use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -73,16 +72,6 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     tokenizer: Option<Arc<Tokenizer>>,
     info: Arc<ModelInfo>,
-    _thread: Arc<JoinGuard>,
-}
-
-struct JoinGuard(Option<JoinHandle<()>>);
-
-impl Drop for JoinGuard {
-    fn drop(&mut self) {
-        // The thread ends when the last sender is gone; nothing to wait for here.
-        self.0.take();
-    }
 }
 
 /// The events of one request.
@@ -147,16 +136,12 @@ impl EngineHandle {
             eos: info.eos_token_ids.clone(),
             opts,
         };
-        let thread = std::thread::Builder::new()
+        // Detached: the thread ends when the last handle (sender) is gone. If it
+        // cannot start, every submit reports that the engine has stopped.
+        let _ = std::thread::Builder::new()
             .name("vicugna-engine".into())
-            .spawn(move || worker.run(rx))
-            .ok();
-        EngineHandle {
-            tx,
-            tokenizer,
-            info,
-            _thread: Arc::new(JoinGuard(thread)),
-        }
+            .spawn(move || worker.run(rx));
+        EngineHandle { tx, tokenizer, info }
     }
 
     /// The model's tokenizer, if it has one.
