@@ -132,3 +132,33 @@ fn reused_prefix_gives_the_same_tokens_as_a_full_prefill() {
     assert!(stats.reused_prompt_tokens >= 40, "{stats:?}");
     assert!(stats.reused_prompt_tokens < stats.prompt_tokens);
 }
+
+#[test]
+fn a_long_prompt_attended_in_blocks_equals_token_by_token() {
+    let with_chunk = |prefill_chunk| {
+        let loaded = LoadedModel::load(&default_gguf(), &LoadOptions::default()).unwrap();
+        EngineHandle::start(
+            loaded,
+            EngineOptions {
+                prefill_chunk,
+                prefix_cache: false,
+                ..EngineOptions::default()
+            },
+        )
+    };
+    // Over two query blocks of prompt attention.
+    let text = "The river carried boats past farms and mills to the sea. ".repeat(24);
+    let run = |e: &EngineHandle| {
+        let mut r = GenerateRequest::new(Prompt::Text(text.clone()), 6);
+        r.logprobs = Some(0);
+        r.stop.ignore_eos = true;
+        e.generate(r).unwrap()
+    };
+    let whole = run(&with_chunk(512));
+    let stepped = run(&with_chunk(1));
+    assert!(whole.usage.prompt_tokens > 256, "{}", whole.usage.prompt_tokens);
+    assert_eq!(whole.ids, stepped.ids);
+    for (a, b) in whole.logprobs.iter().zip(&stepped.logprobs) {
+        assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
+    }
+}
