@@ -315,7 +315,7 @@ impl EngineHandle {
                     out.usage = usage;
                     return Ok(out);
                 }
-                Event::Error(e) => return Err(EngineError::InvalidRequest(e)),
+                Event::Error(e) => return Err(EngineError::Generation(e)),
             }
         }
         Err(EngineError::EngineStopped)

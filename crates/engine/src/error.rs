@@ -45,6 +45,9 @@ pub enum EngineError {
     DefaultModel(String),
     #[error("the engine has stopped")]
     EngineStopped,
+    /// A request that was accepted failed while generating.
+    #[error("generation failed: {0}")]
+    Generation(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
