@@ -64,7 +64,7 @@ done
 [ -n "$URL" ] || die "vicugna serve printed no URL (log: $LOG)"
 MODEL=""
 for _ in $(seq 1 300); do
-    MODEL="$(curl -s "$URL/v1/models" 2>/dev/null | sed -n 's/.*"id":"\([^"]*\)".*/\1/p' | head -n1 || true)"
+    MODEL="$(python3 -c 'import json,sys,urllib.request; d=json.load(urllib.request.urlopen(sys.argv[1]+"/v1/models"))["data"]; print(d[0]["id"] if d else "")' "$URL" 2>/dev/null || true)"
     [ -n "$MODEL" ] && break
     sleep 0.2
 done

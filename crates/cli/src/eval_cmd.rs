@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vicugna_eval::answer::{self, AnswerOptions};
-use vicugna_eval::client::{OpenAiChat, RetryPolicy};
+use vicugna_eval::client::{Listing, OpenAiChat, RetryPolicy};
 use vicugna_eval::judge::{self, JudgeOptions, MatchInputs, Mode};
 use vicugna_eval::pool::Progress;
 use vicugna_eval::review::{self, ReviewJob};
@@ -285,11 +285,22 @@ fn connect(
                 ..RetryPolicy::default()
             };
             let client = OpenAiChat::new(base, model, key, retry)?;
+            let owner = match client.listing() {
+                Listing::Served { owner } => Some(owner),
+                Listing::NotServed { models } => {
+                    bail!(
+                        "{}: model {model:?} is not served there (models: {})",
+                        client.base(),
+                        models.join(", ")
+                    )
+                }
+                Listing::Unknown => None,
+            };
             let guided = match constrain {
                 Constrain::On => true,
                 Constrain::Off => false,
                 // Only a server known to take guided_choice gets it: OpenAI rejects unknown fields.
-                Constrain::Auto => matches!(client.owner(), Ok(Some(o)) if o == "vicugna"),
+                Constrain::Auto => owner.as_deref() == Some("vicugna"),
             };
             Ok((Box::new(client.with_guided(guided)), model.to_string()))
         }

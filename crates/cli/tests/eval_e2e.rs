@@ -186,3 +186,36 @@ fn serve_answers_judges_and_shows() {
     assert!(s.lines().any(|l| l.starts_with("smol")), "{s}");
     assert_eq!(&std::fs::read(&chart).unwrap()[..4], b"\x89PNG");
 }
+
+#[test]
+fn local_model_answers_without_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("local.jsonl");
+    let q = data("questions.jsonl");
+    let s = ok(&vicugna(&[
+        "eval",
+        "answer",
+        "--questions",
+        q.to_str().unwrap(),
+        "--model-id",
+        "smol-local",
+        "--model",
+        "default",
+        "--answer-file",
+        out.to_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--parallel",
+        "3",
+    ]));
+    assert!(s.contains("3 answered now"), "{s}");
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["model_id"], "smol-local");
+    let turns: Vec<usize> = rows
+        .iter()
+        .map(|r| r["choices"][0]["turns"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(turns, [2, 2, 1]);
+    assert!(rows.iter().all(|r| r.get("error").is_none()));
+}

@@ -96,6 +96,7 @@ pub fn draw_bar_chart(path: &Path, chart: &BarChart) -> Result<()> {
         }
         _ => return Err(err("the file name must end in .png or .svg".into())),
     }
+    crate::jsonl::readable_by_all(tmp.as_file(), path)?;
     tmp.persist(path).map_err(|e| EvalError::io(path, e.error))?;
     Ok(())
 }
@@ -112,7 +113,8 @@ fn draw<DB: DrawingBackend>(
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(56)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..c.y_max)?;
+        // Headroom above the scale for the legend; no ticks there.
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..c.y_max * 1.2)?;
     let cats = c.categories;
     let label = |x: &f64| {
         let i = x.round();
@@ -127,6 +129,14 @@ fn draw<DB: DrawingBackend>(
         .disable_x_mesh()
         .x_labels(n)
         .x_label_formatter(&label)
+        .y_label_formatter(&|y: &f64| {
+            if *y <= c.y_max + 1e-9 {
+                format!("{y}")
+            } else {
+                String::new()
+            }
+        })
+        .light_line_style(WHITE)
         .y_desc(c.y_label)
         .label_style(("sans-serif", 14))
         .draw()?;

@@ -48,6 +48,23 @@ impl RetryPolicy {
     }
 }
 
+/// What `GET /models` says about a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listing {
+    /// Listed, with its `owned_by`.
+    Served {
+        /// `owned_by` (`vicugna` for vicugna's gateway).
+        owner: String,
+    },
+    /// The server lists other models only.
+    NotServed {
+        /// The models it lists.
+        models: Vec<String>,
+    },
+    /// No usable answer (no such endpoint, an error): calls will tell.
+    Unknown,
+}
+
 /// An OpenAI-compatible chat model behind `base_url`.
 pub struct OpenAiChat {
     url: String,
@@ -93,26 +110,25 @@ impl OpenAiChat {
         &self.base
     }
 
-    /// Asks `GET /models` who serves `model`: `Some(owned_by)` when listed.
-    /// vicugna's gateway answers `vicugna`, so constrained decoding can be
-    /// switched on for it.
-    pub fn owner(&self) -> Result<Option<String>> {
-        let v = self.get_json(&format!("{}/models", self.base))?;
-        let data = v["data"].as_array().cloned().unwrap_or_default();
-        if data.is_empty() {
-            return Ok(None);
-        }
+    /// Asks `GET /models` about the model. vicugna's gateway lists itself as
+    /// owner `vicugna`, so constrained decoding can be switched on for it.
+    pub fn listing(&self) -> Listing {
+        let Ok(v) = self.get_json(&format!("{}/models", self.base)) else {
+            return Listing::Unknown;
+        };
+        let Some(data) = v["data"].as_array().filter(|d| !d.is_empty()) else {
+            return Listing::Unknown;
+        };
         match data.iter().find(|m| m["id"] == self.model.as_str()) {
-            Some(m) => Ok(Some(m["owned_by"].as_str().unwrap_or("").to_string())),
-            None => {
-                let ids: Vec<&str> = data.iter().filter_map(|m| m["id"].as_str()).collect();
-                Err(EvalError::Api(format!(
-                    "{}: model {:?} is not served here (models: {})",
-                    self.base,
-                    self.model,
-                    ids.join(", ")
-                )))
-            }
+            Some(m) => Listing::Served {
+                owner: m["owned_by"].as_str().unwrap_or("").to_string(),
+            },
+            None => Listing::NotServed {
+                models: data
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect(),
+            },
         }
     }
 

@@ -67,6 +67,7 @@ pub fn write_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         }
         w.flush().map_err(|e| EvalError::io(path, e))?;
     }
+    readable_by_all(tmp.as_file(), path)?;
     tmp.persist(path).map_err(|e| EvalError::io(path, e.error))?;
     Ok(())
 }
@@ -77,7 +78,21 @@ pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| EvalError::io(dir, e))?;
     tmp.write_all(text.as_bytes()).map_err(|e| EvalError::io(path, e))?;
+    readable_by_all(tmp.as_file(), path)?;
     tmp.persist(path).map_err(|e| EvalError::io(path, e.error))?;
+    Ok(())
+}
+
+/// Temporary files are created owner-only; results are ordinary files (0644).
+pub(crate) fn readable_by_all(file: &std::fs::File, path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| EvalError::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (file, path);
     Ok(())
 }
 
