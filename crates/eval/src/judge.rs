@@ -733,7 +733,14 @@ fn ask(
         guide: Some(guide),
     };
     match judge.chat(&req) {
-        Ok(r) => (format!("{text}\n\n{}", r.text), true, None),
+        Ok(r) => {
+            let full = format!("{text}\n\n{}", r.text);
+            let forced = match output_format {
+                "[[rating]]" => parse_rating(&r.text).is_some(),
+                f => parse_winner(&r.text, f) != "error",
+            };
+            (full, forced, None)
+        }
         // The first reply stands (unreadable, as FastChat would record it).
         Err(_) => (text, false, None),
     }
