@@ -63,6 +63,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         EngineOptions {
             max_batch: a.batch,
             prefill_chunk: a.prompt_tokens.max(512),
+            // Measures the model, not the cache.
+            prefix_cache: false,
+            ..Default::default()
         },
     );
     let info = engine.info();

@@ -269,6 +269,19 @@ impl Model {
         Ok(KvCache { k, v, len: 0, capacity })
     }
 
+    /// A new cache holding the first `len` tokens of `src`, with room for `capacity`.
+    pub fn cache_prefix(&self, src: &KvCache, len: usize, capacity: usize) -> Result<KvCache> {
+        let len = len.min(src.len);
+        let mut dst = self.new_cache(capacity.max(len))?;
+        if len > 0 {
+            for (d, s) in dst.k.iter_mut().zip(&src.k).chain(dst.v.iter_mut().zip(&src.v)) {
+                d.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        dst.len = len;
+        Ok(dst)
+    }
+
     /// Makes room for `needed` tokens, copying into a larger buffer only when full.
     fn reserve(&self, cache: &mut KvCache, needed: usize) -> Result<()> {
         if needed <= cache.capacity {
