@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use vicugna_chat::{match_template, ChatFormat, ChatMessage};
-use vicugna_engine::{EngineHandle, GenerateRequest, Prompt, SamplingParams, StopRules};
-use vicugna_eval::{ChatModel, ChatReply, ChatRequest, EvalError};
+use vicugna_engine::{Constraint, EngineHandle, GenerateRequest, Prompt, SamplingParams, StopRules};
+use vicugna_eval::{ChatModel, ChatReply, ChatRequest, EvalError, Guide};
 
 use crate::model_arg::ModelArgs;
 
@@ -71,6 +71,10 @@ impl ChatModel for LocalChat {
         g.add_special_tokens = self.format.add_special_tokens();
         // As FastChat's worker: a prompt longer than the context keeps its end.
         g.truncate_left = true;
+        g.constraint = req.guide.as_ref().map(|guide| match guide {
+            Guide::Choice(c) => Constraint::Choice(c.clone()),
+            Guide::Regex(r) => Constraint::Regex(r.clone()),
+        });
         let out = self
             .engine
             .generate(g)
@@ -80,6 +84,10 @@ impl ChatModel for LocalChat {
             prompt_tokens: Some(out.usage.prompt_tokens as u64),
             completion_tokens: Some(out.usage.completion_tokens as u64),
         })
+    }
+
+    fn supports_guide(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> String {

@@ -218,4 +218,36 @@ fn local_model_answers_without_a_server() {
         .collect();
     assert_eq!(turns, [2, 2, 1]);
     assert!(rows.iter().all(|r| r.get("error").is_none()));
+
+    // The same model judges locally; constrained decoding makes every verdict readable.
+    let answers = dir.path().join("answers");
+    std::fs::create_dir_all(&answers).unwrap();
+    std::fs::copy(&out, answers.join("smol-local.jsonl")).unwrap();
+    let judgments = dir.path().join("local-judge.jsonl");
+    let s = ok(&vicugna(&[
+        "eval",
+        "judge",
+        "--judge-model",
+        "default",
+        "--judge-prompts",
+        data("judge_prompts.jsonl").to_str().unwrap(),
+        "--questions",
+        q.to_str().unwrap(),
+        "--answers",
+        answers.to_str().unwrap(),
+        "--ref-answers",
+        data("reference_answers.jsonl").to_str().unwrap(),
+        "--output",
+        judgments.to_str().unwrap(),
+        "--max-tokens",
+        "24",
+        "--parallel",
+        "5",
+        "--yes",
+    ]));
+    assert!(s.contains("5 judged now, 0 failed, 0 verdicts unreadable"), "{s}");
+    for r in read_jsonl(&judgments) {
+        let score = r["score"].as_f64().unwrap();
+        assert!((1.0..=10.0).contains(&score), "{r}");
+    }
 }
