@@ -344,7 +344,7 @@ fn run(args: &[String]) -> Output {
 
 #[test]
 fn single_judge_follows_fastchat() {
-    let (url, _script) = server();
+    let (url, script) = server();
     let dir = tempfile::tempdir().unwrap();
     let answers = dir.path().join("answers");
     write_answers(&answers, "good", "GOOD");
@@ -399,6 +399,27 @@ fn single_judge_follows_fastchat() {
     // Resumable: a second run has nothing to do.
     let s = ok(&run(&args));
     assert!(s.contains("already judged"), "{s}");
+    // After a crash (a failed row, a missing row, a torn last line) only the
+    // failed and the missing judgments are redone.
+    let mut lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.pop();
+    let mut failed: Value = serde_json::from_str(&lines[0]).unwrap();
+    failed["judgment"] = json!("$ERROR$");
+    failed["score"] = json!(-1);
+    failed["error"] = json!("HTTP 500");
+    lines[0] = failed.to_string();
+    std::fs::write(&out, lines.join("\n") + "\n{\"question_id\": 1, \"mod").unwrap();
+    let before = script.requests.lock().unwrap().len();
+    let s = ok(&run(&args));
+    assert!(s.contains("2 judged now"), "{s}");
+    assert_eq!(script.requests.lock().unwrap().len() - before, 2);
+    let again = read_jsonl(&out);
+    assert_eq!(again.len(), 10);
+    assert!(again.iter().all(|r| r.get("error").is_none() && r["score"] != -1));
 
     let s = ok(&vicugna(&["eval", "show", "--judgments", o, "--json", "--no-chart"]));
     let v: Value = serde_json::from_str(&s).unwrap();

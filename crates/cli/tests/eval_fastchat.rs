@@ -107,8 +107,8 @@ fn pair_file(path: &Path, seed: u64) {
     let mut r = Lcg(seed);
     let mut s = String::new();
     let outcomes = ["model_1", "model_2", "tie", "error"];
-    for i in 0..MODELS.len() {
-        for j in i + 1..MODELS.len() {
+    for (i, m1) in MODELS.iter().enumerate() {
+        for m2 in &MODELS[i + 1..] {
             for q in 81..96 {
                 for turn in [1, 2] {
                     // Mostly agreeing orders, some disagreements, ties and errors.
@@ -120,7 +120,7 @@ fn pair_file(path: &Path, seed: u64) {
                     };
                     s += &format!(
                         "{}\n",
-                        json!({"question_id": q, "model_1": MODELS[i], "model_2": MODELS[j], "g1_winner": g1,
+                        json!({"question_id": q, "model_1": m1, "model_2": m2, "g1_winner": g1,
                             "g2_winner": g2, "judge": ["gpt-4", "pair-v2"], "g1_user_prompt": "", "g1_judgment": "",
                             "g2_user_prompt": "", "g2_judgment": "", "turn": turn, "tstamp": 1.0})
                     );
