@@ -92,11 +92,14 @@ fn single_file(path: &Path, seed: u64) {
                     1 => json!(r.next(19) as f64 / 2.0 + 1.0),
                     _ => json!(r.next(10) + 1),
                 };
-                s += &format!(
-                    "{}\n",
-                    json!({"question_id": q, "model": m, "judge": ["gpt-4", "single-v1"], "user_prompt": "p",
-                        "judgment": "j", "score": score, "turn": turn, "tstamp": 1.0})
-                );
+                let mut row = json!({"question_id": q, "model": m, "judge": ["gpt-4", "single-v1"], "user_prompt": "p",
+                    "judgment": "j", "score": score, "turn": turn, "tstamp": 1.0});
+                // The fields vicugna adds must not disturb FastChat.
+                if r.next(2) == 0 {
+                    row["category"] = json!("writing");
+                    row["verdict_forced"] = json!(true);
+                }
+                s += &format!("{row}\n");
             }
         }
     }
@@ -118,12 +121,14 @@ fn pair_file(path: &Path, seed: u64) {
                     } else {
                         g1
                     };
-                    s += &format!(
-                        "{}\n",
-                        json!({"question_id": q, "model_1": m1, "model_2": m2, "g1_winner": g1,
-                            "g2_winner": g2, "judge": ["gpt-4", "pair-v2"], "g1_user_prompt": "", "g1_judgment": "",
-                            "g2_user_prompt": "", "g2_judgment": "", "turn": turn, "tstamp": 1.0})
-                    );
+                    let mut row = json!({"question_id": q, "model_1": m1, "model_2": m2, "g1_winner": g1,
+                        "g2_winner": g2, "judge": ["gpt-4", "pair-v2"], "g1_user_prompt": "", "g1_judgment": "",
+                        "g2_user_prompt": "", "g2_judgment": "", "turn": turn, "tstamp": 1.0});
+                    if r.next(2) == 0 {
+                        row["category"] = json!("math");
+                        row["verdict_forced"] = json!(true);
+                    }
+                    s += &format!("{row}\n");
                 }
             }
         }
