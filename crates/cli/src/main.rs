@@ -3,6 +3,8 @@
 
 mod bench;
 mod chat_cmd;
+mod eval_cmd;
+mod eval_local;
 mod generate;
 mod model_arg;
 mod serve_cmd;
@@ -36,6 +38,9 @@ enum Command {
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Evaluate chatbots with an LLM judge: answer, judge, show, review (MT-bench / Vicuna-80).
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
 }
 
 fn main() {
@@ -49,6 +54,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
+        Command::Eval(c) => eval_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
