@@ -7,6 +7,7 @@ mod generate;
 mod model_arg;
 mod serve_cmd;
 mod template;
+mod weights_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,9 @@ enum Command {
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Apply or make a weight delta (tensor by tensor, low memory).
+    #[command(subcommand)]
+    Delta(weights_cmd::DeltaCommand),
 }
 
 fn main() {
@@ -49,6 +53,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
+        Command::Delta(c) => weights_cmd::run_delta(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
