@@ -457,7 +457,7 @@ impl ShardedWriter {
         }
         let mut bytes = serde_json::to_vec(&Value::Object(header)).expect("a JSON map serializes");
         // The data that follows starts 8-byte aligned, as the format recommends.
-        while bytes.len() % 8 != 0 {
+        while !bytes.len().is_multiple_of(8) {
             bytes.push(b' ');
         }
         let mut w = BufWriter::with_capacity(1 << 20, file);
