@@ -40,6 +40,11 @@ enum Command {
     /// Apply or make a weight delta (tensor by tensor, low memory).
     #[command(subcommand)]
     Delta(weights_cmd::DeltaCommand),
+    /// Merge LoRA adapters into a base model.
+    #[command(subcommand)]
+    Lora(weights_cmd::LoraCommand),
+    /// Convert weights: HF safetensors <-> GGUF, dtype (f32/f16/bf16), quantize (q8_0/q4_0/q4_k).
+    Convert(weights_cmd::ConvertArgs),
 }
 
 fn main() {
@@ -54,6 +59,8 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
         Command::Delta(c) => weights_cmd::run_delta(c),
+        Command::Lora(c) => weights_cmd::run_lora(c),
+        Command::Convert(a) => weights_cmd::run_convert(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -155,3 +155,66 @@ pub fn run_delta(cmd: DeltaCommand) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand, Debug)]
+pub enum LoraCommand {
+    /// Merge a PEFT LoRA adapter into its base model (peft's merge_and_unload).
+    Merge {
+        /// Base model directory (HF layout, safetensors).
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter directory: adapter_config.json + adapter_model.safetensors.
+        #[arg(long)]
+        lora: PathBuf,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+pub fn run_lora(cmd: LoraCommand) -> Result<()> {
+    let started = Instant::now();
+    let LoraCommand::Merge {
+        base,
+        lora,
+        out,
+        output,
+    } = cmd;
+    let r = vicugna_weights::lora::merge(&base, &lora, &out, &output.options()?, &Bar::new())?;
+    report("lora merge", &out, &r, started);
+    Ok(())
+}
+
+/// Convert between HF safetensors and GGUF, change dtype, quantize.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// An HF model directory or a .gguf file.
+    #[arg(long)]
+    input: PathBuf,
+    /// An output directory (HF safetensors) or a file ending in .gguf (must not exist).
+    #[arg(long)]
+    output: PathBuf,
+    /// Quantize a GGUF output: q8_0, q4_0 or q4_k (norms stay f32).
+    #[arg(long)]
+    quant: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+pub fn run_convert(a: ConvertArgs) -> Result<()> {
+    use vicugna_weights::convert::{convert, ConvertOptions, Quant};
+    let started = Instant::now();
+    let quant = match &a.quant {
+        None => None,
+        Some(s) => Some(Quant::parse(s).ok_or_else(|| anyhow!("--quant {s:?}: expected q8_0, q4_0 or q4_k"))?),
+    };
+    let opts = ConvertOptions {
+        job: a.out.options()?,
+        quant,
+    };
+    let r = convert(&a.input, &a.output, &opts, &Bar::new())?;
+    report("convert", &a.output, &r, started);
+    Ok(())
+}

@@ -4,9 +4,12 @@
 //! into place when complete, and can re-read its output to check it.
 
 pub mod atomic_output;
+pub mod convert;
 pub mod delta;
 pub mod elementwise;
 pub mod error;
+pub mod gguf_write;
+pub mod lora;
 pub mod safetensors_io;
 
 pub use error::{Result, WeightsError};
@@ -51,4 +54,35 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     (n > 0.0).then_some((n * mult) as u64)
+}
+
+/// Elements per chunk of streamed copies.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Streams tensor `t` of `ck` into the writer (already `begin`-ed) as `dtype`, in
+/// chunks; bytes are copied as they are when the dtype does not change.
+pub fn copy_tensor(
+    ck: &safetensors_io::Checkpoint,
+    t: &safetensors_io::TensorInfo,
+    dtype: Float,
+    writer: &mut safetensors_io::ShardedWriter,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let n = t.numel();
+    let (mut vals, mut scratch, mut bytes) = (vec![0f32; COPY_CHUNK.min(n)], Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < n {
+        let k = COPY_CHUNK.min(n - start);
+        if t.float() == Some(dtype) {
+            bytes.resize(k * dtype.size(), 0);
+            ck.read_bytes(t, (start * dtype.size()) as u64, &mut bytes)?;
+        } else {
+            ck.read_f32(t, start, &mut vals[..k], &mut scratch)?;
+            elementwise::encode(dtype, &vals[..k], &mut bytes);
+        }
+        writer.write(&bytes)?;
+        progress.advance(bytes.len() as u64);
+        start += k;
+    }
+    Ok(())
 }
