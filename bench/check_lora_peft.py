@@ -55,7 +55,7 @@ for dtype in (torch.float32, torch.bfloat16):
                        check=True)
         p, v = load_dir(peft_out), load_dir(vi_out)
         assert set(p) == set(v), sorted(set(p) ^ set(v))
-        worst, changed, ulps = 0.0, 0, 0
+        worst, changed, ulps, differ, total = 0.0, 0, 0, 0, 0
         b = load_dir(base)
         for k in sorted(p):
             assert p[k].dtype == v[k].dtype == dtype, (k, p[k].dtype, v[k].dtype)
@@ -63,14 +63,19 @@ for dtype in (torch.float32, torch.bfloat16):
             worst = max(worst, d)
             changed += int(not torch.equal(p[k], b[k]))
             if dtype == torch.bfloat16:
-                # Distance in bfloat16 units in the last place of the larger magnitude.
-                mag = torch.maximum(p[k].float().abs(), v[k].float().abs()).clamp_min(1e-30)
+                # Distance in bfloat16 units in the last place of the largest magnitude
+                # involved (weight, merged value, or the update itself): peft and vicugna
+                # each round the float32 update to bfloat16, then round the sum.
+                pf, vf, bf = p[k].float(), v[k].float(), b[k].float()
+                mag = torch.stack([bf.abs(), pf.abs(), vf.abs(), (pf - bf).abs()]).amax(0).clamp_min(1e-30)
                 ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
-                ulps = max(ulps, ((p[k].float() - v[k].float()).abs() / ulp).max().item())
-        good = worst < 1e-5 if dtype == torch.float32 else ulps <= 1
+                ulps = max(ulps, ((pf - vf).abs() / ulp).max().item())
+                differ += int((pf != vf).sum())
+                total += pf.numel()
+        good = worst < 1e-5 if dtype == torch.float32 else ulps <= 2
         ok &= good
         print(f"{name} {variant}: {len(p)} tensors, {changed} changed by the merge, max |peft - vicugna| = {worst:.2e}"
-              + (f", max difference {ulps:.0f} ulp" if dtype == torch.bfloat16 else "") + (" OK" if good else " FAIL"))
+              + (f", {differ} of {total} values differ, by at most {ulps:.0f} ulp" if dtype == torch.bfloat16 else "") + (" OK" if good else " FAIL"))
 if not ok:
     sys.exit("LORA CHECK FAILED")
 print("PEFT LORA CHECK OK")

@@ -552,3 +552,300 @@ fn a_full_disk_gives_a_clear_error_and_no_target() {
     drop(_guard);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// An adapter directory in PEFT's layout.
+fn write_adapter(dir: &Path, config: serde_json::Value, tensors: &Tensors) {
+    std::fs::create_dir_all(dir).unwrap();
+    let outs = tensors
+        .iter()
+        .map(|(n, s, _)| OutTensor {
+            name: n.clone(),
+            dtype: "F32".into(),
+            shape: s.clone(),
+        })
+        .collect();
+    let mut w = ShardedWriter::new(dir, outs, 1 << 40, false);
+    let mut bytes = Vec::new();
+    for (n, _, v) in tensors {
+        w.begin(n).unwrap();
+        encode(Float::F32, v, &mut bytes);
+        w.write(&bytes).unwrap();
+        w.end().unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::rename(dir.join("model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn lora_merge_adds_the_scaled_product_and_lists_bad_adapters() {
+    let d = scratch("lora");
+    // Values on a 1/16 grid: every product and sum below is exact in f32.
+    let grid =
+        |seed: u64, n: usize| -> Vec<f32> { (0..n).map(|i| (val(seed, i) * 16.0).round() / 16.0 + 0.0).collect() };
+    let base: Tensors = llama(32, 16, 2, 12, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (n, s, v))| (n, s, grid(100 + k as u64, v.len())))
+        .collect();
+    write_model(&d.join("base"), &base, Float::F32, 1 << 30);
+    let r = 4;
+    let q = "base_model.model.model.layers.1.self_attn.q_proj";
+    let down = "base_model.model.model.layers.0.mlp.down_proj";
+    let (a_q, b_q) = (grid(1, r * 16), grid(2, 16 * r));
+    let (a_d, b_d) = (grid(3, r * 32), grid(4, 16 * r));
+    let adapter: Tensors = vec![
+        (format!("{q}.lora_A.weight"), vec![r, 16], a_q.clone()),
+        (format!("{q}.lora_B.weight"), vec![16, r], b_q.clone()),
+        (format!("{down}.lora_A.weight"), vec![r, 32], a_d.clone()),
+        (format!("{down}.lora_B.weight"), vec![16, r], b_d.clone()),
+    ];
+    let merged_with = |cfg: serde_json::Value, name: &str| -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+        write_adapter(&d.join(format!("adapter-{name}")), cfg, &adapter);
+        let out = d.join(format!("merged-{name}"));
+        let o = vicugna(&[
+            "lora",
+            "merge",
+            "--base",
+            p(&d.join("base")),
+            "--lora",
+            p(&d.join(format!("adapter-{name}"))),
+            "--out",
+            p(&out),
+            "--verify",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_model(&out)
+    };
+    let expect = |w: &[f32], a: &[f32], b: &[f32], rows: usize, cols: usize, scale: f32| -> Vec<f32> {
+        let mut out = w.to_vec();
+        for i in 0..rows {
+            for j in 0..cols {
+                let s: f32 = (0..r).map(|k| b[i * r + k] * a[k * cols + j]).sum();
+                out[i * cols + j] += scale * s;
+            }
+        }
+        out
+    };
+    let w = |name: &str| base.iter().find(|t| t.0 == name).unwrap().2.clone();
+    for (cfg, scale, name) in [
+        (
+            serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}),
+            2.0,
+            "plain",
+        ),
+        (
+            serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}),
+            4.0,
+            "rslora",
+        ),
+    ] {
+        let got = merged_with(cfg, name);
+        let qn = "model.layers.1.self_attn.q_proj.weight";
+        assert_eq!(
+            f32s(&got[qn].2),
+            expect(&w(qn), &a_q, &b_q, 16, 16, scale),
+            "{name} {qn}"
+        );
+        let dn = "model.layers.0.mlp.down_proj.weight";
+        assert_eq!(
+            f32s(&got[dn].2),
+            expect(&w(dn), &a_d, &b_d, 16, 32, scale),
+            "{name} {dn}"
+        );
+        let untouched = "model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(f32s(&got[untouched].2), w(untouched));
+    }
+
+    // Broken adapters: every problem at once, no output.
+    let bad: Tensors = vec![
+        (format!("{q}.lora_A.weight"), vec![r, 16], a_q.clone()),
+        (format!("{down}.lora_A.weight"), vec![r, 8], grid(5, r * 8)),
+        (format!("{down}.lora_B.weight"), vec![16, r], b_d.clone()),
+        (
+            "base_model.model.model.layers.0.mlp.nope.lora_A.weight".into(),
+            vec![r, 16],
+            a_q.clone(),
+        ),
+        (
+            "base_model.model.model.layers.0.mlp.nope.lora_B.weight".into(),
+            vec![16, r],
+            b_q.clone(),
+        ),
+    ];
+    write_adapter(&d.join("bad"), serde_json::json!({"r": r, "lora_alpha": 8}), &bad);
+    let out = d.join("merged-bad");
+    let o = vicugna(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&d.join("base")),
+        "--lora",
+        p(&d.join("bad")),
+        "--out",
+        p(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for needle in [
+        "3 problems",
+        "q_proj.lora_A.weight: has no",
+        "down_proj.weight: base [16, 32] needs lora_A [4, 32]",
+        "the base has no model.layers.0.mlp.nope.weight",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(!out.exists());
+    write_adapter(
+        &d.join("dora"),
+        serde_json::json!({"r": r, "lora_alpha": 8, "use_dora": true}),
+        &adapter,
+    );
+    let o = vicugna(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&d.join("base")),
+        "--lora",
+        p(&d.join("dora")),
+        "--out",
+        p(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("adapter_config.json: use_dora: DoRA"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn convert_changes_the_dtype_of_an_hf_checkpoint() {
+    let d = scratch("dtype");
+    let base = llama(32, 16, 2, 13, 1.0);
+    write_model(&d.join("f32"), &base, Float::F32, 3_000);
+    let out = d.join("bf16");
+    let o = vicugna(&[
+        "convert",
+        "--input",
+        p(&d.join("f32")),
+        "--output",
+        p(&out),
+        "--dtype",
+        "bf16",
+        "--verify",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read_model(&out);
+    for (n, s, v) in &base {
+        let want: Vec<u16> = v.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect();
+        assert_eq!((&got[n].0, &got[n].1), (&"BF16".to_string(), s));
+        assert_eq!(f16_bits(&got[n].2), want, "{n}");
+    }
+    assert!(std::fs::read_to_string(out.join("config.json"))
+        .unwrap()
+        .contains("bfloat16"));
+    let o = vicugna(&["convert", "--input", p(&d.join("f32")), "--output", p(&d.join("x"))]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pass --dtype"), "{o:?}");
+    let o = vicugna(&[
+        "convert",
+        "--input",
+        p(&d.join("f32")),
+        "--output",
+        p(&d.join("x")),
+        "--quant",
+        "q4_0",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ending in .gguf"), "{o:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Greedy ids of `vicugna generate` on a model.
+fn greedy(model: &Path, prompt: &str) -> Vec<u64> {
+    let o = vicugna(&[
+        "generate",
+        "--model",
+        p(model),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_default_model_goes_gguf_to_hf_to_gguf_and_still_speaks() {
+    let gguf = vicugna_engine::default_model::default_model_path(&mut |m| eprintln!("{m}"))
+        .unwrap_or_else(|e| panic!("the default model is needed for this test: {e}"));
+    let d = scratch("gguf");
+    let (hf, f16, q8) = (d.join("hf"), d.join("model-f16.gguf"), d.join("model-q8_0.gguf"));
+    for args in [
+        vec![
+            "convert",
+            "--input",
+            p(&gguf),
+            "--output",
+            p(&hf),
+            "--dtype",
+            "f16",
+            "--verify",
+        ],
+        vec!["convert", "--input", p(&hf), "--output", p(&f16), "--verify"],
+        vec![
+            "convert",
+            "--input",
+            p(&hf),
+            "--output",
+            p(&q8),
+            "--quant",
+            "q8_0",
+            "--verify",
+        ],
+    ] {
+        let o = vicugna(&args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    // The HF directory holds a config, a tokenizer and the chat template.
+    let tc = std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap();
+    assert!(tc.contains("<|im_start|>"), "{tc}");
+    // The f16 GGUF holds exactly the HF directory's f16 weights (q/k permuted for
+    // llama.cpp and back): the same greedy ids.
+    let prompt = "The capital of France is";
+    let want = greedy(&hf, prompt);
+    assert_eq!(greedy(&f16, prompt), want);
+    // Metadata a llama.cpp loader needs, and the quantized layout.
+    let mut file = std::fs::File::open(&q8).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let md = &content.metadata;
+    assert_eq!(md["general.architecture"].to_string().unwrap(), "llama");
+    assert_eq!(md["tokenizer.ggml.tokens"].to_vec().unwrap().len(), 49152);
+    assert!(md["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .contains("<|im_start|>"));
+    let t = |n: &str| content.tensor_infos[n].ggml_dtype;
+    assert_eq!(t("blk.0.attn_q.weight"), candle_core::quantized::GgmlDType::Q8_0);
+    assert_eq!(t("blk.0.attn_norm.weight"), candle_core::quantized::GgmlDType::F32);
+    let q8_ids = greedy(&q8, prompt);
+    assert_eq!(q8_ids[..4], want[..4], "q8_0 {q8_ids:?} vs f16 {want:?}");
+    // The output is not overwritten.
+    let o = vicugna(&["convert", "--input", p(&hf), "--output", p(&q8), "--quant", "q8_0"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    let _ = std::fs::remove_dir_all(&d);
+}

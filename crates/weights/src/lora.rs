@@ -2,7 +2,8 @@
 //! `adapter_model.safetensors`) into its base model, as peft's `merge_and_unload`
 //! does: W += scale * (B @ A) (transposed when `fan_in_fan_out`), with
 //! scale = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`. The product
-//! is computed in f32, cast to the weight's dtype, then added, as peft does on CPU.
+//! is computed in f32, cast to the adapter's dtype, then added to the weight, as
+//! peft does on CPU.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -175,7 +176,7 @@ fn match_adapter(base: &Checkpoint, lora: &Checkpoint, cfg: &LoraConfig) -> Resu
         );
     }
     for t in &lora.tensors {
-        if t.name.contains(".lora_B.") && !lora.get(&t.name.replace(".lora_B.", ".lora_A.")).is_some() {
+        if t.name.contains(".lora_B.") && lora.get(&t.name.replace(".lora_B.", ".lora_A.")).is_none() {
             problems.push(format!("{}: has no matching lora_A", t.name));
         }
     }
@@ -251,8 +252,9 @@ pub fn merge(
                 }
                 let mut d: Vec<f32> = (d * scale)?.flatten_all()?.to_vec1()?;
                 let w_dtype = t.float().expect("checked float");
-                // peft: the product is cast to the weight's dtype, then added in it.
-                round_to(w_dtype, &mut d);
+                // peft: the product is computed in f32 and cast to the adapter's dtype,
+                // then added to the weight and rounded once to the weight's dtype.
+                round_to(b.float().expect("checked float"), &mut d);
                 let mut w = base.read_all_f32(t)?;
                 for (x, y) in w.iter_mut().zip(&d) {
                     *x += *y;
