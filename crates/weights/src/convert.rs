@@ -24,6 +24,9 @@ use crate::gguf_write::{GgufTensor, GgufWriter, Meta};
 use crate::safetensors_io::{drop_page_cache, verify_checkpoint, Checkpoint, Float, OutTensor, ShardedWriter};
 use crate::{copy_tensor, Progress};
 
+/// f32 elements per chunk when writing a GGUF tensor.
+const CONVERT_CHUNK: usize = 1 << 22;
+
 /// ggml quantization a GGUF output can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
@@ -517,37 +520,56 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
     let device = Device::Cpu;
     let mut bytes = Vec::new();
     let permute = cfg.arch != Arch::Qwen2;
+    let mut scratch = Vec::new();
     for ((t, g), gt) in plan.iter().zip(&tensors) {
-        let mut v = ck.read_all_f32(t)?;
-        if permute && (t.name.ends_with("q_proj.weight") || t.name.ends_with("q_proj.bias")) {
-            v = permute_rows(&v, t.shape[0], cfg.num_heads);
-        } else if permute && (t.name.ends_with("k_proj.weight") || t.name.ends_with("k_proj.bias")) {
-            v = permute_rows(&v, t.shape[0], cfg.num_kv_heads);
-        }
-        let data: &[u8] = match gt.dtype {
-            GgmlDType::F32 => {
-                encode(Float::F32, &v, &mut bytes);
-                &bytes
-            }
-            GgmlDType::F16 => {
-                encode(Float::F16, &v, &mut bytes);
-                &bytes
-            }
-            GgmlDType::BF16 => {
-                encode(Float::BF16, &v, &mut bytes);
-                &bytes
-            }
-            q => {
-                let tensor = Tensor::from_vec(v, t.shape.as_slice(), &device)?;
-                bytes = QTensor::quantize(&tensor, q)?.data()?.into_owned();
-                &bytes
-            }
+        let permute_heads = match t.name.rsplit('.').nth(1) {
+            Some("q_proj") if permute => Some(cfg.num_heads),
+            Some("k_proj") if permute => Some(cfg.num_kv_heads),
+            _ => None,
         };
-        if opts.job.verify {
-            sums.push((g.clone(), Sha256::digest(data)));
+        // Whole rows at a time (quantization blocks never cross rows); q/k are
+        // permuted across rows, so they are taken whole (they are small).
+        let rows = t.shape[0].max(1);
+        let cols = t.numel() / rows;
+        let rows_per_chunk = match permute_heads {
+            Some(_) => rows,
+            None => (CONVERT_CHUNK / cols.max(1)).clamp(1, rows),
+        };
+        let mut hasher = opts.job.verify.then(Sha256::new);
+        w.begin(g)?;
+        let mut row = 0;
+        while row < rows {
+            let n = rows_per_chunk.min(rows - row);
+            let mut v = vec![0f32; n * cols];
+            ck.read_f32(t, row * cols, &mut v, &mut scratch)?;
+            if let Some(h) = permute_heads {
+                v = permute_rows(&v, rows, h);
+            }
+            match gt.dtype {
+                GgmlDType::F32 => encode(Float::F32, &v, &mut bytes),
+                GgmlDType::F16 => encode(Float::F16, &v, &mut bytes),
+                GgmlDType::BF16 => encode(Float::BF16, &v, &mut bytes),
+                q => {
+                    let shape: Vec<usize> = if t.shape.len() == 1 {
+                        vec![n * cols]
+                    } else {
+                        vec![n, cols]
+                    };
+                    let tensor = Tensor::from_vec(v, shape.as_slice(), &device)?;
+                    bytes = QTensor::quantize(&tensor, q)?.data()?.into_owned();
+                }
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&bytes);
+            }
+            w.write(&bytes)?;
+            progress.advance(bytes.len() as u64);
+            row += n;
         }
-        w.write_tensor(g, data)?;
-        progress.advance(data.len() as u64);
+        w.end()?;
+        if let Some(h) = hasher {
+            sums.push((g.clone(), h.finalize()));
+        }
     }
     w.finish()?;
     progress.finish();

@@ -187,23 +187,40 @@ impl GgufWriter {
         &self.tensors
     }
 
-    /// Writes the whole data of the next tensor.
-    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+    /// Starts the next tensor, which must be `name`.
+    pub fn begin(&mut self, name: &str) -> Result<()> {
         let t = &self.tensors[self.next];
         assert_eq!(t.name, name, "tensors must be written in the planned order");
-        assert_eq!(self.remaining, 0);
-        if data.len() as u64 != t.len() {
+        self.remaining = t.len();
+        Ok(())
+    }
+
+    /// Appends bytes of the current tensor.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        if data.len() as u64 > self.remaining {
             return Err(WeightsError::Unsupported(format!(
-                "internal: tensor {name} has {} bytes, expected {}",
-                data.len(),
-                t.len()
+                "internal: more bytes than tensor {} holds",
+                self.tensors[self.next].name
+            )));
+        }
+        self.remaining -= data.len() as u64;
+        let (path, total) = (self.path.clone(), self.total);
+        self.w.write_all(data).map_err(|e| io_err(&path, e, total))
+    }
+
+    /// Ends the current tensor (pads to the alignment).
+    pub fn end(&mut self) -> Result<()> {
+        let t = &self.tensors[self.next];
+        if self.remaining != 0 {
+            return Err(WeightsError::Unsupported(format!(
+                "internal: tensor {} ended {} bytes short",
+                t.name, self.remaining
             )));
         }
         let pad = (t.len().div_ceil(ALIGN) * ALIGN - t.len()) as usize;
         let (path, total) = (self.path.clone(), self.total);
         self.w
-            .write_all(data)
-            .and_then(|_| self.w.write_all(&[0u8; ALIGN as usize][..pad]))
+            .write_all(&[0u8; ALIGN as usize][..pad])
             .map_err(|e| io_err(&path, e, total))?;
         self.next += 1;
         Ok(())
