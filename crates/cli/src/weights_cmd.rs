@@ -11,18 +11,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vicugna_weights::delta::{self, JobOptions, JobReport};
 use vicugna_weights::{parse_size, Float, Progress};
 
+/// FastChat's flag names (`--base-model-path`, `--delta-path`, `--target-model-path`)
+/// are accepted too.
 #[derive(Subcommand, Debug)]
 pub enum DeltaCommand {
     /// Rebuild released weights: target = base + delta (FastChat's apply_delta).
     Apply {
         /// Base model directory (HF layout, safetensors).
-        #[arg(long)]
+        #[arg(long, alias = "base-model-path")]
         base: PathBuf,
         /// Delta directory (HF layout); its config and tokenizer files are copied.
-        #[arg(long)]
+        #[arg(long, alias = "delta-path")]
         delta: PathBuf,
         /// Output directory (must not exist).
-        #[arg(long)]
+        #[arg(long, alias = "target-model-path")]
         target: PathBuf,
         #[command(flatten)]
         out: OutputArgs,
@@ -30,13 +32,13 @@ pub enum DeltaCommand {
     /// Make a delta: delta = target - base (FastChat's make_delta).
     Make {
         /// Base model directory.
-        #[arg(long)]
+        #[arg(long, alias = "base-model-path")]
         base: PathBuf,
         /// Fine-tuned model directory; its config and tokenizer files are copied.
-        #[arg(long)]
+        #[arg(long, alias = "target-model-path")]
         target: PathBuf,
         /// Output directory for the delta (must not exist).
-        #[arg(long)]
+        #[arg(long, alias = "delta-path")]
         delta: PathBuf,
         #[command(flatten)]
         out: OutputArgs,
@@ -114,14 +116,27 @@ impl Progress for Bar {
     }
 }
 
+/// Peak resident memory of this process in bytes (VmHWM).
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn report(what: &str, out: &std::path::Path, r: &JobReport, started: Instant) {
     eprintln!(
-        "{what}: wrote {} tensors, {:.1} MB in {} shard(s) to {} in {:.1}s{}",
+        "{what}: wrote {} tensors, {:.1} MB in {} shard(s) to {} in {:.1}s, peak RSS {:.0} MB{}",
         r.tensors,
         r.bytes as f64 / 1e6,
         r.shards,
         out.display(),
         started.elapsed().as_secs_f64(),
+        peak_rss_bytes() as f64 / 1e6,
         if r.verified {
             "; every tensor's checksum verified on disk"
         } else {

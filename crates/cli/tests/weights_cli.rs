@@ -419,6 +419,54 @@ fn every_mismatch_is_listed_and_nothing_is_written() {
 }
 
 #[test]
+fn peak_memory_stays_under_three_largest_tensors_plus_100_mb() {
+    let d = scratch("memory");
+    // 2 x 64 MB embeddings in f16 per checkpoint: holding both checkpoints
+    // (about 300 MB) would break the bound of 3 x 64 MB + 100 MB = 296 MB.
+    let base = llama(32000, 1024, 2, 14, 1.0);
+    let delta = llama(32000, 1024, 2, 15, 0.01);
+    write_model(&d.join("base"), &base, Float::F16, 100_000_000);
+    write_model(&d.join("delta"), &delta, Float::F16, 1 << 40);
+    let total: usize = base.iter().map(|t| t.2.len() * 2).sum();
+    let largest = base.iter().map(|t| t.2.len() * 2).max().unwrap() as u64;
+    let bound = 3 * largest + 100_000_000;
+    drop((base, delta));
+    let target = d.join("target");
+    // FastChat's flag names work too.
+    let out = vicugna(&[
+        "delta",
+        "apply",
+        "--base-model-path",
+        p(&d.join("base")),
+        "--delta-path",
+        p(&d.join("delta")),
+        "--target-model-path",
+        p(&target),
+        "--verify",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The command reports its own peak (VmHWM): a child's rusage would include the
+    // test process's memory, shared until exec.
+    let rss: u64 = err
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {err}"))
+        * 1_000_000;
+    assert!(
+        rss < bound,
+        "peak RSS {} MB over the bound {} MB (checkpoints of {} MB)",
+        rss / 1_000_000,
+        bound / 1_000_000,
+        total / 1_000_000
+    );
+    assert!(target.join("model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
 fn kill_9_leaves_no_target_or_a_complete_one() {
     let d = scratch("kill");
     // ~24 MB per checkpoint: the job takes a noticeable fraction of a second.
