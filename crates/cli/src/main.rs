@@ -9,6 +9,7 @@ mod generate;
 mod model_arg;
 mod serve_cmd;
 mod template;
+mod weights_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,14 @@ enum Command {
     /// Evaluate chatbots with an LLM judge: answer, judge, show, review (MT-bench / Vicuna-80).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
+    /// Apply or make a weight delta (tensor by tensor, low memory).
+    #[command(subcommand)]
+    Delta(weights_cmd::DeltaCommand),
+    /// Merge LoRA adapters into a base model.
+    #[command(subcommand)]
+    Lora(weights_cmd::LoraCommand),
+    /// Convert weights: HF safetensors <-> GGUF, dtype (f32/f16/bf16), quantize (q8_0/q4_0/q4_k).
+    Convert(weights_cmd::ConvertArgs),
 }
 
 fn main() {
@@ -55,6 +64,9 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
         Command::Eval(c) => eval_cmd::run(c),
+        Command::Delta(c) => weights_cmd::run_delta(c),
+        Command::Lora(c) => weights_cmd::run_lora(c),
+        Command::Convert(a) => weights_cmd::run_convert(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

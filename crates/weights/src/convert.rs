@@ -1,0 +1,758 @@
+//! `convert`: dtype changes of HF checkpoints, HF safetensors -> GGUF (llama
+//! family, tokenizer and chat template in the metadata, optional quantization to
+//! Q8_0 / Q4_0 / Q4_K), and GGUF -> HF safetensors (dequantized).
+//!
+//! GGUF conventions follow llama.cpp's `convert_hf_to_gguf.py`: llama.cpp names,
+//! q/k rows permuted per head for its RoPE (not for qwen2), norms kept in F32, and
+//! a `gpt2` (byte-level BPE) vocabulary with merges, token types and special ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use vicugna_engine::config::{Arch, ModelConfig, RopeScaling};
+use vicugna_engine::weights::{GgufSource, WeightSource};
+
+use crate::atomic_output::{copy_side_files, set_config_dtype, AtomicOutput};
+use crate::delta::{JobOptions, JobReport};
+use crate::elementwise::encode;
+use crate::error::{Result, WeightsError};
+use crate::gguf_write::{GgufTensor, GgufWriter, Meta};
+use crate::safetensors_io::{drop_page_cache, verify_checkpoint, Checkpoint, Float, OutTensor, ShardedWriter};
+use crate::{copy_tensor, Progress};
+
+/// f32 elements per chunk when writing a GGUF tensor.
+const CONVERT_CHUNK: usize = 1 << 22;
+
+/// ggml quantization a GGUF output can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl Quant {
+    /// Parses `q8_0`, `q4_0`, `q4_k` (any case).
+    pub fn parse(s: &str) -> Option<Quant> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Some(Quant::Q8_0),
+            "q4_0" => Some(Quant::Q4_0),
+            "q4_k" | "q4_k_m" | "q4k" => Some(Quant::Q4K),
+            _ => None,
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quant::Q8_0 => GgmlDType::Q8_0,
+            Quant::Q4_0 => GgmlDType::Q4_0,
+            Quant::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` for a file mostly of this type.
+    fn file_type(self) -> u32 {
+        match self {
+            Quant::Q8_0 => 7,
+            Quant::Q4_0 => 2,
+            Quant::Q4K => 15,
+        }
+    }
+}
+
+/// Options of `convert`.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    pub job: JobOptions,
+    pub quant: Option<Quant>,
+}
+
+/// Converts `input` (an HF directory or a `.gguf` file) to `output` (a directory,
+/// or a file ending in `.gguf`).
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<JobReport> {
+    let in_gguf = input.extension().is_some_and(|e| e == "gguf");
+    let out_gguf = output.extension().is_some_and(|e| e == "gguf");
+    match (in_gguf, out_gguf) {
+        (false, false) => {
+            if opts.quant.is_some() {
+                return Err(WeightsError::Unsupported(format!(
+                    "{}: quantized weights are written as GGUF; give an output path ending in .gguf",
+                    output.display()
+                )));
+            }
+            hf_to_hf(input, output, &opts.job, progress)
+        }
+        (false, true) => hf_to_gguf(input, output, opts, progress),
+        (true, false) => {
+            if opts.quant.is_some() {
+                return Err(WeightsError::Unsupported(
+                    "--quant applies to GGUF output; GGUF -> HF dequantizes".into(),
+                ));
+            }
+            gguf_to_hf(input, output, &opts.job, progress)
+        }
+        (true, true) => Err(WeightsError::Unsupported(format!(
+            "{} -> {}: GGUF to GGUF is not supported; convert to an HF directory first",
+            input.display(),
+            output.display()
+        ))),
+    }
+}
+
+fn hf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Progress) -> Result<JobReport> {
+    let dtype = opts.dtype.ok_or_else(|| {
+        WeightsError::Unsupported("HF -> HF conversion changes the dtype: pass --dtype f32, f16 or bf16".into())
+    })?;
+    let ck = Checkpoint::open_dir(input)?;
+    let outs: Vec<OutTensor> = ck
+        .tensors
+        .iter()
+        .map(|t| {
+            let dt = if t.float().is_some() {
+                dtype.as_str().to_string()
+            } else {
+                t.dtype.clone()
+            };
+            OutTensor {
+                name: t.name.clone(),
+                dtype: dt,
+                shape: t.shape.clone(),
+            }
+        })
+        .collect();
+    let out = AtomicOutput::dir(output)?;
+    let mut writer = ShardedWriter::new(out.path(), outs.clone(), opts.max_shard_bytes, opts.verify);
+    out.check_space(writer.total_bytes())?;
+    let total: u64 = outs.iter().map(OutTensor::len).sum();
+    progress.start("convert", total);
+    for t in &ck.tensors {
+        writer.begin(&t.name)?;
+        if t.float().is_some() {
+            copy_tensor(&ck, t, dtype, &mut writer, progress)?;
+        } else {
+            let mut buf = vec![0u8; t.len as usize];
+            ck.read_bytes(t, 0, &mut buf)?;
+            writer.write(&buf)?;
+        }
+        writer.end()?;
+    }
+    let sums = writer.finish()?;
+    progress.finish();
+    let side_files = copy_side_files(input, out.path())?;
+    set_config_dtype(out.path(), dtype.torch_name())?;
+    if opts.verify {
+        verify_checkpoint(out.path(), &sums, progress)?;
+    }
+    let shards = crate::safetensors_io::plan_shards(&outs, opts.max_shard_bytes.max(1)).len();
+    out.commit()?;
+    Ok(JobReport {
+        tensors: outs.len(),
+        bytes: total,
+        shards,
+        verified: opts.verify,
+        side_files,
+    })
+}
+
+/// llama.cpp's name of an HF tensor, or `None` when llama.cpp has no place for it.
+pub fn gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let mapped = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}.{kind}"))
+}
+
+/// The HF name of a llama.cpp tensor name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let mapped = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{mapped}.{kind}"))
+}
+
+/// llama.cpp's row order for q/k: within each head, the two rotary halves are
+/// interleaved (the inverse of the engine's unpermute).
+fn permute_rows(data: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = data.len() / rows;
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + j * half + i;
+                let dst = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| WeightsError::BadFile {
+        path: path.into(),
+        format: "JSON",
+        message: e.to_string(),
+    })
+}
+
+/// `tokenizer.ggml.pre` of a byte-level BPE tokenizer.json, from its pre-tokenizer.
+fn pre_tokenizer_name(pre: &Value, path: &Path) -> Result<&'static str> {
+    let text = pre.to_string();
+    let byte_level = text.contains("\"ByteLevel\"");
+    if !byte_level {
+        return Err(WeightsError::Unsupported(format!(
+            "{}: pre_tokenizer without ByteLevel; GGUF export supports byte-level BPE (gpt2-style) tokenizers",
+            path.display()
+        )));
+    }
+    if pre.get("type").and_then(Value::as_str) == Some("ByteLevel") {
+        return Ok("gpt-2");
+    }
+    if text.contains("\"Digits\"") && text.contains("\"individual_digits\":true") && !text.contains("\"Split\"") {
+        return Ok("smollm");
+    }
+    if text.contains(r"\\p{N}{1,3}") {
+        return Ok("llama-bpe");
+    }
+    if text.contains(r"[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|") {
+        return Ok("qwen2");
+    }
+    Err(WeightsError::Unsupported(format!(
+        "{}: this pre-tokenizer has no llama.cpp name vicugna knows (gpt-2, smollm, llama-bpe, qwen2)",
+        path.display()
+    )))
+}
+
+/// Tokenizer and chat template as GGUF metadata (`tokenizer.ggml.*`), padded with
+/// unused tokens up to `n_vocab` rows of the embedding, as llama.cpp's converter does.
+fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<(String, Meta)>> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(WeightsError::MissingFile {
+            path,
+            what: "missing; a GGUF carries the tokenizer, so the HF directory needs tokenizer.json".into(),
+        });
+    }
+    let tj = read_json(&path)?;
+    let bad = |field: &str, message: &str| WeightsError::BadConfig {
+        path: path.clone(),
+        field: field.into(),
+        message: message.into(),
+    };
+    let model = tj.get("model").ok_or_else(|| bad("model", "missing"))?;
+    if model.get("type").and_then(Value::as_str) != Some("BPE") || model.get("byte_fallback") == Some(&json!(true)) {
+        return Err(WeightsError::Unsupported(format!(
+            "{}: GGUF export supports byte-level BPE tokenizers (gpt2-style, e.g. SmolLM2, Qwen2, Llama 3); \
+             this one is {} with byte_fallback {}",
+            path.display(),
+            model.get("type").and_then(Value::as_str).unwrap_or("?"),
+            model.get("byte_fallback").unwrap_or(&json!(false))
+        )));
+    }
+    let pre = pre_tokenizer_name(tj.get("pre_tokenizer").unwrap_or(&Value::Null), &path)?;
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("model.vocab", "missing"))?;
+    let mut by_id: HashMap<usize, (String, i32)> = HashMap::new();
+    for (tok, id) in vocab {
+        let id = id.as_u64().ok_or_else(|| bad("model.vocab", "ids must be integers"))? as usize;
+        by_id.insert(id, (tok.clone(), 1));
+    }
+    for a in tj.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Value::as_u64),
+            a.get("content").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let special = a.get("special").and_then(Value::as_bool).unwrap_or(false);
+        by_id.insert(id as usize, (content.into(), if special { 3 } else { 4 }));
+    }
+    let n_tok = by_id.keys().max().map_or(0, |m| m + 1);
+    if n_tok > n_vocab {
+        return Err(WeightsError::Mismatch {
+            what: "tokenizer and embedding".into(),
+            count: 1,
+            list: format!(
+                "  {} has {n_tok} tokens but the embedding has {n_vocab} rows",
+                path.display()
+            ),
+        });
+    }
+    let (mut tokens, mut types) = (Vec::with_capacity(n_vocab), Vec::with_capacity(n_vocab));
+    for i in 0..n_vocab {
+        match by_id.get(&i) {
+            Some((t, ty)) => {
+                tokens.push(t.clone());
+                types.push(*ty);
+            }
+            None => {
+                tokens.push(format!("[PAD{i}]"));
+                types.push(5);
+            }
+        }
+    }
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("model.merges", "missing"))?
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("model.merges", "expected \"a b\" strings or [a, b] pairs"))?;
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = if tc_path.is_file() {
+        read_json(&tc_path)?
+    } else {
+        json!({})
+    };
+    let id_of = |key: &str| -> Option<u32> {
+        let v = tc.get(key)?;
+        let s = v.as_str().or_else(|| v.get("content").and_then(Value::as_str))?;
+        tokens.iter().position(|t| t == s).map(|i| i as u32)
+    };
+    let cfg_id = |key: &str| -> Option<u32> {
+        let v = config.get(key)?;
+        v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|x| x as u32)
+    };
+    let mut md = vec![
+        ("tokenizer.ggml.model".to_string(), Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Meta::Str(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Meta::Strs(tokens.clone())),
+        ("tokenizer.ggml.token_type".to_string(), Meta::I32s(types)),
+        ("tokenizer.ggml.merges".to_string(), Meta::Strs(merges)),
+    ];
+    for (key, tc_key, cfg_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token", "eos_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token", ""),
+        ("tokenizer.ggml.padding_token_id", "pad_token", "pad_token_id"),
+    ] {
+        if let Some(id) = id_of(tc_key).or_else(|| cfg_id(cfg_key)) {
+            md.push((key.into(), Meta::U32(id)));
+        }
+    }
+    let add_bos = tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    md.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
+    let template = match tc.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or(list.first())
+            .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
+        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    };
+    if let Some(t) = template {
+        md.push(("tokenizer.chat_template".into(), Meta::Str(t)));
+    }
+    Ok(md)
+}
+
+/// GGUF type of an HF tensor: norms and vectors stay F32, matrices take the
+/// quantization when their rows are whole blocks (else Q8_0, else the float dtype).
+fn gguf_dtype(shape: &[usize], float: Float, quant: Option<Quant>) -> GgmlDType {
+    if shape.len() < 2 {
+        return GgmlDType::F32;
+    }
+    let cols = shape[shape.len() - 1];
+    let fallback = match float {
+        Float::F32 => GgmlDType::F32,
+        Float::F16 => GgmlDType::F16,
+        Float::BF16 => GgmlDType::BF16,
+    };
+    match quant {
+        None => fallback,
+        Some(q) if cols.is_multiple_of(q.ggml().block_size()) => q.ggml(),
+        Some(_) if cols.is_multiple_of(32) => GgmlDType::Q8_0,
+        Some(_) => fallback,
+    }
+}
+
+fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<JobReport> {
+    let cfg_path = input.join("config.json");
+    let cfg = ModelConfig::from_hf_file(&cfg_path)?;
+    let cfg_json = read_json(&cfg_path)?;
+    let ck = Checkpoint::open_dir(input)?;
+    let float = opts.job.dtype.unwrap_or(Float::F16);
+    let arch_name = match cfg.arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+    };
+    let mut problems = Vec::new();
+    let mut plan = Vec::new();
+    for t in &ck.tensors {
+        if t.name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        match gguf_name(&t.name) {
+            Some(g) if t.float().is_some() => plan.push((t, g)),
+            Some(_) => problems.push(format!("{}: dtype {} is not a float type", t.name, t.dtype)),
+            None => problems.push(format!("{}: no llama.cpp tensor of this name", t.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(WeightsError::Mismatch {
+            what: format!("tensors of {} and the GGUF llama layout", input.display()),
+            count: problems.len(),
+            list: problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"),
+        });
+    }
+    let n_vocab = ck
+        .get("model.embed_tokens.weight")
+        .map(|t| t.shape[0])
+        .unwrap_or(cfg.vocab_size);
+    let a = |k: &str| format!("{arch_name}.{k}");
+    let file_type = match opts.quant {
+        Some(q) => q.file_type(),
+        None => match float {
+            Float::F32 => 0,
+            Float::F16 => 1,
+            Float::BF16 => 32,
+        },
+    };
+    let name = input
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let mut md = vec![
+        ("general.architecture".to_string(), Meta::Str(arch_name.into())),
+        ("general.name".to_string(), Meta::Str(name)),
+        ("general.file_type".to_string(), Meta::U32(file_type)),
+        ("general.quantization_version".to_string(), Meta::U32(2)),
+        (a("context_length"), Meta::U32(cfg.max_position_embeddings as u32)),
+        (a("embedding_length"), Meta::U32(cfg.hidden_size as u32)),
+        (a("block_count"), Meta::U32(cfg.num_layers as u32)),
+        (a("feed_forward_length"), Meta::U32(cfg.intermediate_size as u32)),
+        (a("attention.head_count"), Meta::U32(cfg.num_heads as u32)),
+        (a("attention.head_count_kv"), Meta::U32(cfg.num_kv_heads as u32)),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            Meta::F32(cfg.rms_norm_eps as f32),
+        ),
+        (a("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
+        (a("rope.dimension_count"), Meta::U32(cfg.head_dim as u32)),
+        (a("vocab_size"), Meta::U32(n_vocab as u32)),
+    ];
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size {
+        md.push((a("attention.key_length"), Meta::U32(cfg.head_dim as u32)));
+        md.push((a("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
+    }
+    match cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            md.push((a("rope.scaling.type"), Meta::Str("linear".into())));
+            md.push((a("rope.scaling.factor"), Meta::F32(factor as f32)));
+        }
+        RopeScaling::Llama3 { .. } => {
+            return Err(WeightsError::Unsupported(format!(
+                "{}: Llama 3 RoPE scaling is not supported for GGUF export yet",
+                cfg_path.display()
+            )))
+        }
+    }
+    md.extend(tokenizer_metadata(input, &cfg_json, n_vocab)?);
+
+    let tensors: Vec<GgufTensor> = plan
+        .iter()
+        .map(|(t, g)| GgufTensor {
+            name: g.clone(),
+            shape: t.shape.clone(),
+            dtype: gguf_dtype(&t.shape, float, opts.quant),
+        })
+        .collect();
+    let out = AtomicOutput::file(output)?;
+    let total: u64 = tensors.iter().map(GgufTensor::len).sum();
+    out.check_space(total + (1 << 20))?;
+    let mut w = GgufWriter::create(out.path(), &md, tensors.clone())?;
+    progress.start(if opts.quant.is_some() { "quantize" } else { "convert" }, total);
+    let mut sums = Vec::new();
+    let device = Device::Cpu;
+    let mut bytes = Vec::new();
+    let permute = cfg.arch != Arch::Qwen2;
+    let mut scratch = Vec::new();
+    for ((t, g), gt) in plan.iter().zip(&tensors) {
+        let permute_heads = match t.name.rsplit('.').nth(1) {
+            Some("q_proj") if permute => Some(cfg.num_heads),
+            Some("k_proj") if permute => Some(cfg.num_kv_heads),
+            _ => None,
+        };
+        // Whole rows at a time (quantization blocks never cross rows); q/k are
+        // permuted across rows, so they are taken whole (they are small).
+        let rows = t.shape[0].max(1);
+        let cols = t.numel() / rows;
+        let rows_per_chunk = match permute_heads {
+            Some(_) => rows,
+            None => (CONVERT_CHUNK / cols.max(1)).clamp(1, rows),
+        };
+        let mut hasher = opts.job.verify.then(Sha256::new);
+        w.begin(g)?;
+        let mut row = 0;
+        while row < rows {
+            let n = rows_per_chunk.min(rows - row);
+            let mut v = vec![0f32; n * cols];
+            ck.read_f32(t, row * cols, &mut v, &mut scratch)?;
+            if let Some(h) = permute_heads {
+                v = permute_rows(&v, rows, h);
+            }
+            match gt.dtype {
+                GgmlDType::F32 => encode(Float::F32, &v, &mut bytes),
+                GgmlDType::F16 => encode(Float::F16, &v, &mut bytes),
+                GgmlDType::BF16 => encode(Float::BF16, &v, &mut bytes),
+                q => {
+                    let shape: Vec<usize> = if t.shape.len() == 1 {
+                        vec![n * cols]
+                    } else {
+                        vec![n, cols]
+                    };
+                    let tensor = Tensor::from_vec(v, shape.as_slice(), &device)?;
+                    bytes = QTensor::quantize(&tensor, q)?.data()?.into_owned();
+                }
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&bytes);
+            }
+            w.write(&bytes)?;
+            progress.advance(bytes.len() as u64);
+            row += n;
+        }
+        w.end()?;
+        if let Some(h) = hasher {
+            sums.push((g.clone(), h.finalize()));
+        }
+    }
+    w.finish()?;
+    progress.finish();
+    if opts.job.verify {
+        verify_gguf(out.path(), &sums, progress)?;
+    }
+    out.commit()?;
+    Ok(JobReport {
+        tensors: tensors.len(),
+        bytes: total,
+        shards: 1,
+        verified: opts.job.verify,
+        side_files: Vec::new(),
+    })
+}
+
+/// Re-reads a written GGUF and compares each tensor's bytes with what was written.
+fn verify_gguf(path: &Path, sums: &[(String, impl AsRef<[u8]>)], progress: &dyn Progress) -> Result<()> {
+    drop_page_cache(path);
+    let mut file = std::fs::File::open(path).map_err(|e| WeightsError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| WeightsError::BadFile {
+        path: path.into(),
+        format: "GGUF",
+        message: e.to_string(),
+    })?;
+    if content.tensor_infos.len() != sums.len() {
+        return Err(WeightsError::Verify(format!(
+            "{}: holds {} tensors, {} were written",
+            path.display(),
+            content.tensor_infos.len(),
+            sums.len()
+        )));
+    }
+    let total: u64 = content
+        .tensor_infos
+        .values()
+        .map(|i| (i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64)
+        .sum();
+    progress.start("verify", total);
+    use std::os::unix::fs::FileExt;
+    for (name, want) in sums {
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| WeightsError::Verify(format!("{}: tensor {name} is missing", path.display())))?;
+        let len = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, content.tensor_data_offset + info.offset)
+            .map_err(|e| WeightsError::io(path, e))?;
+        if Sha256::digest(&buf).as_slice() != want.as_ref() {
+            return Err(WeightsError::Verify(format!(
+                "{}: tensor {name}: checksum on disk differs from the bytes written",
+                path.display()
+            )));
+        }
+        progress.advance(len as u64);
+    }
+    progress.finish();
+    Ok(())
+}
+
+fn gguf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Progress) -> Result<JobReport> {
+    let device = Device::Cpu;
+    let mut src = GgufSource::open(input, &device)?;
+    let cfg = src.config()?;
+    let dtype = opts.dtype.unwrap_or(Float::F32);
+    let mut infos: Vec<(String, Vec<usize>, u64)> = Vec::new();
+    let mut problems = Vec::new();
+    for (name, info) in &src.content.tensor_infos {
+        match hf_name(name) {
+            Some(h) => infos.push((h, info.shape.dims().to_vec(), info.offset)),
+            None => problems.push(format!("{name}: no HF tensor of this name")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(WeightsError::Mismatch {
+            what: format!("tensors of {} and the HF llama layout", input.display()),
+            count: problems.len(),
+            list: problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"),
+        });
+    }
+    infos.sort_by_key(|i| i.2);
+    let outs: Vec<OutTensor> = infos
+        .iter()
+        .map(|(n, s, _)| OutTensor {
+            name: n.clone(),
+            dtype: dtype.as_str().into(),
+            shape: s.clone(),
+        })
+        .collect();
+    let out = AtomicOutput::dir(output)?;
+    let mut writer = ShardedWriter::new(out.path(), outs.clone(), opts.max_shard_bytes, opts.verify);
+    out.check_space(writer.total_bytes())?;
+    let total: u64 = outs.iter().map(OutTensor::len).sum();
+    progress.start("dequantize", total);
+    let mut bytes = Vec::new();
+    for (name, shape, _) in &infos {
+        let w = src.get(name, shape)?;
+        let v: Vec<f32> = w.to_dense(candle_core::DType::F32, &device)?.flatten_all()?.to_vec1()?;
+        encode(dtype, &v, &mut bytes);
+        writer.begin(name)?;
+        writer.write(&bytes)?;
+        writer.end()?;
+        progress.advance(bytes.len() as u64);
+    }
+    let sums = writer.finish()?;
+    progress.finish();
+    write_hf_side_files(&src, input, &cfg, dtype, out.path())?;
+    if opts.verify {
+        verify_checkpoint(out.path(), &sums, progress)?;
+    }
+    let shards = crate::safetensors_io::plan_shards(&outs, opts.max_shard_bytes.max(1)).len();
+    let side_files = std::fs::read_dir(out.path())
+        .map_err(|e| WeightsError::io(out.path(), e))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".json") && !n.ends_with("index.json"))
+        .collect();
+    out.commit()?;
+    Ok(JobReport {
+        tensors: outs.len(),
+        bytes: total,
+        shards,
+        verified: opts.verify,
+        side_files,
+    })
+}
+
+/// config.json, tokenizer.json and tokenizer_config.json from GGUF metadata.
+fn write_hf_side_files(src: &GgufSource, input: &Path, cfg: &ModelConfig, dtype: Float, out: &Path) -> Result<()> {
+    let (arch, class) = match cfg.arch {
+        Arch::Llama => ("llama", "LlamaForCausalLM"),
+        Arch::Mistral => ("mistral", "MistralForCausalLM"),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+    };
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": arch,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": dtype.torch_name(),
+    });
+    if let Some(b) = cfg.bos_token_id {
+        config["bos_token_id"] = json!(b);
+    }
+    if let Some(e) = cfg.eos_token_ids.first() {
+        config["eos_token_id"] = json!(e);
+    }
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        config["rope_scaling"] = json!({"type": "linear", "factor": factor});
+    }
+    let write = |name: &str, v: &Value| -> Result<()> {
+        let p = out.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v).expect("JSON serializes") + "\n")
+            .map_err(|e| WeightsError::io(&p, e))
+    };
+    write("config.json", &config)?;
+    if src.content.metadata.contains_key("tokenizer.ggml.tokens") {
+        let tok = vicugna_engine::tokenizer::Tokenizer::from_gguf(&src.content, input)?;
+        let p = out.join("tokenizer.json");
+        tok.inner()
+            .save(&p, false)
+            .map_err(|e| WeightsError::Unsupported(format!("{}: writing the tokenizer: {e}", p.display())))?;
+        let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos()});
+        if let Some(t) = tok.chat_template() {
+            tc["chat_template"] = json!(t);
+        }
+        if let Some(b) = tok.bos_token() {
+            tc["bos_token"] = json!(b);
+        }
+        if let Some(e) = tok.eos_token() {
+            tc["eos_token"] = json!(e);
+        }
+        write("tokenizer_config.json", &tc)?;
+    }
+    Ok(())
+}
