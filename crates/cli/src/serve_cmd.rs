@@ -281,6 +281,7 @@ fn grace(s: f64) -> Duration {
 
 /// `vicugna serve`: everything on one machine.
 pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let web = a.web.options()?;
     let engine = a.worker.start_engine()?;
     let expiration = seconds(
         a.heart_beat_expiration,
@@ -288,7 +289,6 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         vicugna_serve::controller::DEFAULT_HEART_BEAT_EXPIRATION,
     )?;
     let grace = grace(a.grace_seconds);
-    let web = a.web.options()?;
     runtime()?.block_on(async move {
         let cl = bind(&a.host, a.controller_port, "controller", "--controller-port").await?;
         let wl = bind(&a.host, a.worker_port, "worker", "--worker-port").await?;

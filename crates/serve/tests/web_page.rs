@@ -88,7 +88,7 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
         .args(["--model", "default", "--model-names", "smol-a,smol-b"])
         .arg("--log-dir")
         .arg(log_dir)
-        .args(["--max-input-chars", "500", "--max-turns", "50", "--rate-limit", "5"])
+        .args(["--max-input-chars", "500", "--max-turns", "50", "--rate-limit", "8"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -255,7 +255,7 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     assert!(seen["rate_limit_notice"]
         .as_str()
         .unwrap()
-        .contains("Too many messages: the limit is 5 per minute"));
+        .contains("Too many messages: the limit is 8 per minute"));
 
     // Arena: names hidden until the vote, then revealed (two different models).
     assert_eq!(seen["names_before_vote"], json!(["Model A", "Model B"]));
@@ -272,6 +272,14 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     for a in seen["arena_answers"].as_array().unwrap() {
         assert!(!a.as_str().unwrap().trim().is_empty());
     }
+
+    // Stop kept the part of the answer that had arrived.
+    let stopped = seen["stopped_answer"].as_str().unwrap();
+    assert!(stopped.len() > 20 && stopped.ends_with("(stopped)"), "{seen}");
+    // Side by side: the picked models, voting does not end the conversation.
+    assert_eq!(seen["named_models"], json!(["smol-a", "smol-b"]));
+    assert!(seen["named_notice"].as_str().unwrap().contains("recorded"));
+    assert_eq!(seen["named_input_disabled_after_vote"], json!(false));
 
     // The log: chat rows for the first answer and its regeneration, the
     // upvote, and the arena vote with both states, in FastChat's layout.
@@ -296,6 +304,14 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
         assert_eq!(msgs[1][0], "assistant");
         assert!(!msgs[1][1].as_str().unwrap().is_empty());
     }
+    let stop_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["type"] == "chat" && r["finish_reason"] == "stopped_by_user")
+        .collect();
+    assert_eq!(stop_rows.len(), 1, "{rows:#?}");
+    let msgs = stop_rows[0]["state"]["messages"].as_array().unwrap();
+    assert_eq!(msgs[2][1], "Tell me a long story about a llama who learns to code.");
+    assert!(msgs[3][1].as_str().unwrap().len() > 20);
     let up: Vec<&Value> = rows.iter().filter(|r| r["type"] == "upvote").collect();
     assert_eq!(up.len(), 1);
     // The vote is on the regenerated answer, the last one shown.
@@ -310,6 +326,11 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
         assert_eq!(st["messages"][0], json!(["user", "Name a fruit that is yellow."]));
         assert_eq!(st["messages"][1][0], "assistant");
     }
+
+    let ties: Vec<&Value> = rows.iter().filter(|r| r["type"] == "tievote").collect();
+    assert_eq!(ties.len(), 1, "{rows:#?}");
+    assert_eq!(ties[0]["models"], json!(["smol-a", "smol-b"]));
+    assert_eq!(ties[0]["states"][1]["model_name"], "smol-b");
 
     // The leaderboard: Model A won the one vote, on the page, from the API
     // and from `vicugna leaderboard` reading the same logs.
@@ -343,29 +364,72 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
             .await
             .unwrap()
     });
-    let cli = Command::new(&bin)
-        .args(["leaderboard", "--json", "--logs"])
-        .arg(&log_dir)
-        .output()
-        .unwrap();
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
-    let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
-    assert_eq!(ratings(&api["rows"]), ratings(&cli["rows"]));
+    let cli = |extra: &[&str]| -> Value {
+        let out = Command::new(&bin)
+            .args(["leaderboard", "--json", "--logs"])
+            .arg(&log_dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Both votes (the anonymous win, then the named tie) count.
+    let all = cli(&[]);
+    assert_eq!(all["battles"], 2);
+    assert_eq!(ratings(&api["rows"]), ratings(&all["rows"]));
+    assert_eq!(api["win_fraction"], all["win_fraction"]);
+    assert_ne!(ratings(&all["rows"])[0].1, 1002.0, "the tie moved the ratings");
     assert_eq!(
-        ratings(&cli["rows"]),
+        ratings(&cli(&["--anony-only"])["rows"]),
         [(revealed[0].clone(), 1002.0), (revealed[1].clone(), 998.0)]
     );
 
     for name in [
         "1-chat.png",
-        "2-chat-limit.png",
-        "3-arena-before-vote.png",
-        "4-arena-after-vote.png",
-        "5-leaderboard.png",
-        "6-rate-limit.png",
+        "2-chat-stopped.png",
+        "3-chat-limit.png",
+        "4-arena-before-vote.png",
+        "5-arena-after-vote.png",
+        "6-leaderboard.png",
+        "7-side-by-side.png",
+        "8-rate-limit.png",
     ] {
         let len = std::fs::metadata(shots.join(name)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "screenshot {name} missing or empty");
     }
     let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+#[test]
+fn unusable_log_dir_and_missing_logs_are_clear_errors() {
+    let Some(bin) = need(vicugna_bin()) else { return };
+    let out = Command::new(&bin)
+        .args(["serve", "--port", "0", "--controller-port", "0", "--worker-port", "0"])
+        .args(["--log-dir", "/dev/null/logs"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot create log directory /dev/null/logs"), "{err}");
+
+    let out = Command::new(&bin)
+        .args(["leaderboard", "--logs", "/nonexistent/vicugna-logs"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("log directory /nonexistent/vicugna-logs"), "{err}");
+
+    let empty = target_dir().join(format!("web-empty-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(&bin)
+        .args(["leaderboard", "--logs"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&empty);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no log files (*-conv.json)"), "{err}");
 }

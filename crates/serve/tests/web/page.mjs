@@ -1,6 +1,7 @@
 // Drives vicugna's web page in a real headless Chromium, as a person would:
-// a streamed chat answer, regenerate, a vote, the input and rate limits, an
-// anonymous arena round with a vote, and the leaderboard.
+// a streamed chat answer, regenerate, a vote, stop, the input limit, an
+// anonymous arena round with a vote, the leaderboard, a named side-by-side
+// round, and the rate limit.
 //
 //   node page.mjs URL SCREENSHOT_DIR
 //
@@ -30,6 +31,7 @@ try {
   seen.models = await page.$$eval("#chat-model option", (os) => os.map((o) => o.value));
 
   // ---- chat: a streamed answer ----
+  await page.click(".params summary");
   await page.$eval("#p-max-tokens", (el) => { el.value = "48"; el.dispatchEvent(new Event("input")); });
   await page.fill("#chat-input", "Write a Python function that adds two numbers, in a code block.");
   // Record the answer's length while it streams: more than one length before
@@ -58,12 +60,26 @@ try {
   await page.waitForSelector("#chat-notice:not([hidden])", { timeout: T });
   seen.upvote_notice = await page.textContent("#chat-notice");
 
+  // ---- Stop: a long answer cut short keeps what arrived ----
+  await page.$eval("#p-max-tokens", (el) => { el.value = "1024"; el.dispatchEvent(new Event("input")); });
+  await page.fill("#chat-input", "Tell me a long story about a llama who learns to code.");
+  await page.click("#chat-send");
+  await page.waitForFunction(() => {
+    const a = document.querySelector("#chat-messages .msg.assistant.streaming");
+    return a && a.textContent.length > 30;
+  }, null, { timeout: T });
+  await page.click("#chat-stop");
+  await page.waitForSelector("#chat-send:not([hidden])", { timeout: T });
+  seen.stopped_answer = await page.$$eval("#chat-messages .msg.assistant", (els) => els[els.length - 1].textContent);
+  await page.screenshot({ path: join(shots, "2-chat-stopped.png") });
+  await page.$eval("#p-max-tokens", (el) => { el.value = "48"; el.dispatchEvent(new Event("input")); });
+
   // ---- the input limit, shown on the page ----
   const limit = await page.evaluate(() => fetch("/api/config").then((r) => r.json()));
   await page.fill("#chat-input", "x".repeat(limit.max_input_chars + 1));
   await page.click("#chat-send");
   seen.input_limit_notice = await page.textContent("#chat-notice");
-  await page.screenshot({ path: join(shots, "2-chat-limit.png") });
+  await page.screenshot({ path: join(shots, "3-chat-limit.png") });
   await page.fill("#chat-input", "");
 
   // ---- anonymous arena: one round, a vote, names revealed ----
@@ -73,12 +89,12 @@ try {
   await page.waitForSelector("#vote-left:not([disabled])", { timeout: T });
   seen.names_before_vote = [await page.textContent("#name-0"), await page.textContent("#name-1")];
   seen.arena_answers = await page.$$eval(".side .msg.assistant", (els) => els.map((e) => e.textContent));
-  await page.screenshot({ path: join(shots, "3-arena-before-vote.png") });
+  await page.screenshot({ path: join(shots, "4-arena-before-vote.png") });
   await page.click("#vote-left");
   await page.waitForFunction(() => document.getElementById("name-0").textContent.startsWith("Model A: "), null, { timeout: T });
   seen.names_after_vote = [await page.textContent("#name-0"), await page.textContent("#name-1")];
   seen.arena_input_disabled_after_vote = await page.$eval("#arena-input", (e) => e.disabled);
-  await page.screenshot({ path: join(shots, "4-arena-after-vote.png") });
+  await page.screenshot({ path: join(shots, "5-arena-after-vote.png") });
 
   // ---- leaderboard ----
   await page.click("#tab-leaderboard");
@@ -86,7 +102,22 @@ try {
   seen.leaderboard = await page.$$eval("#lb-table tbody tr", (rows) => rows.map((r) => [...r.children].map((c) => c.textContent)));
   seen.leaderboard_summary = await page.textContent("#lb-summary");
   seen.matrix_cells = await page.$$eval("#lb-matrix td", (tds) => tds.map((t) => t.textContent));
-  await page.screenshot({ path: join(shots, "5-leaderboard.png"), fullPage: true });
+  await page.screenshot({ path: join(shots, "6-leaderboard.png"), fullPage: true });
+
+  // ---- named side by side: the person picks both models ----
+  await page.click("#tab-arena");
+  await page.click("text=Side by side (pick models)");
+  await page.selectOption("#arena-model-0", "smol-a");
+  await page.selectOption("#arena-model-1", "smol-b");
+  await page.fill("#arena-input", "What is 2 + 2?");
+  await page.click("#arena-send");
+  await page.waitForSelector("#vote-tie:not([disabled])", { timeout: T });
+  await page.click("#vote-tie");
+  await page.waitForSelector("#arena-notice:not([hidden])", { timeout: T });
+  seen.named_notice = await page.textContent("#arena-notice");
+  seen.named_models = [await page.inputValue("#arena-model-0"), await page.inputValue("#arena-model-1")];
+  seen.named_input_disabled_after_vote = await page.$eval("#arena-input", (e) => e.disabled);
+  await page.screenshot({ path: join(shots, "7-side-by-side.png") });
 
   // ---- the per-address rate limit, shown on the page ----
   await page.click("#tab-chat");
@@ -104,7 +135,7 @@ try {
     const notice = await page.$eval("#chat-notice", (n) => (n.hidden ? "" : n.textContent));
     if (notice.includes("Too many messages")) { seen.rate_limit_notice = notice; break; }
   }
-  await page.screenshot({ path: join(shots, "6-rate-limit.png") });
+  await page.screenshot({ path: join(shots, "8-rate-limit.png") });
 } finally {
   await browser.close();
 }

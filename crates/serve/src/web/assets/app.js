@@ -104,6 +104,14 @@ function addBubble(container, role, text) {
   return el;
 }
 
+function markStopped(bubble, r) {
+  if (r.finish !== "stopped") return;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.textContent = "(stopped)";
+  bubble.appendChild(meta);
+}
+
 function params() {
   return {
     temperature: parseFloat($("p-temperature").value),
@@ -181,6 +189,7 @@ async function chatAnswer() {
     return false;
   }
   renderMarkdown(bubble, r.text);
+  markStopped(bubble, r);
   if (!r.ok) showNotice($("chat-notice"), r.error);
   else if (r.finish === "length") showNotice($("chat-notice"), "The answer reached the max output tokens; raise it under Parameters for longer answers.", "info");
   chat.messages.push({ role: "assistant", content: r.text });
@@ -272,7 +281,6 @@ function arenaReset() {
     $("name-" + side).textContent = side === 0 ? "Model A" : "Model B";
     $("name-" + side).classList.remove("revealed");
     $("arena-model-" + side).hidden = !named;
-    $("name-" + side).hidden = named;
   }
   document.querySelectorAll(".vote-row .vote").forEach((b) => b.classList.remove("chosen"));
   $("arena-rules").textContent = named
@@ -307,6 +315,7 @@ async function arenaSide(side) {
   bubble.classList.remove("streaming");
   if (!r.ok && !r.text) { bubble.remove(); return r; }
   renderMarkdown(bubble, r.text);
+  markStopped(bubble, r);
   arena.messages[side].push({ role: "assistant", content: r.text });
   return r;
 }
@@ -357,10 +366,11 @@ for (const [id, type] of [["vote-left", "leftvote"], ["vote-right", "rightvote"]
       const r = await postJson("/api/vote", { session_id: arena.session, type });
       arena.voted = arena.mode === "arena";
       $(id).classList.add("chosen");
-      for (const side of [0, 1]) {
-        $("name-" + side).textContent = (side === 0 ? "Model A: " : "Model B: ") + r.models[side];
-        $("name-" + side).classList.add("revealed");
-        $("name-" + side).hidden = false;
+      if (arena.mode === "arena") {
+        for (const side of [0, 1]) {
+          $("name-" + side).textContent = (side === 0 ? "Model A: " : "Model B: ") + r.models[side];
+          $("name-" + side).classList.add("revealed");
+        }
       }
       showNotice($("arena-notice"), arena.mode === "arena"
         ? `Thanks for voting! Model A was ${r.models[0]}, Model B was ${r.models[1]}. Press New round for another battle.`
