@@ -53,6 +53,9 @@ pub struct WebArgs {
     /// Do not log the page's conversations and votes.
     #[arg(long, conflicts_with = "log_dir")]
     no_log: bool,
+    /// Do not serve the web page (and its /api endpoints) at all.
+    #[arg(long)]
+    no_page: bool,
     /// Longest message the page accepts, in characters.
     #[arg(long, default_value_t = 12_000)]
     max_input_chars: usize,
@@ -66,7 +69,7 @@ pub struct WebArgs {
 
 impl WebArgs {
     fn options(&self) -> Result<WebOptions> {
-        let log_dir = if self.no_log {
+        let log_dir = if self.no_log || self.no_page {
             None
         } else {
             let dir = match &self.log_dir {
@@ -82,11 +85,15 @@ impl WebArgs {
             max_input_chars: self.max_input_chars.max(1),
             max_turns: self.max_turns.max(1),
             rate_limit_per_minute: self.rate_limit,
+            enabled: !self.no_page,
         })
     }
 }
 
 fn say_page(url: &str, web: &WebOptions) {
+    if !web.enabled {
+        return;
+    }
     say(&format!("  web page:   {url}/"));
     match &web.log_dir {
         Some(d) => say(&format!("  logs:       {}", d.display())),

@@ -89,6 +89,8 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
         .arg("--log-dir")
         .arg(log_dir)
         .args(["--max-input-chars", "500", "--max-turns", "50", "--rate-limit", "8"])
+        // The API needs a key; the page works without one.
+        .args(["--api-keys", "test-key"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -156,13 +158,15 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         eventually(Duration::from_secs(60), "both names are served", || async {
-            let Ok(r) = http().get(format!("{url}/v1/models")).send().await else {
+            let Ok(r) = http().get(format!("{url}/api/models")).send().await else {
                 return false;
             };
             let v: Value = r.json().await.unwrap_or_default();
-            v["data"].as_array().is_some_and(|d| d.len() == 2)
+            v["models"].as_array().is_some_and(|d| d.len() == 2)
         })
         .await;
+        let r = http().get(format!("{url}/v1/models")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401);
         // The page is the gateway's own, with no outside resources.
         let html = http()
             .get(format!("{url}/"))

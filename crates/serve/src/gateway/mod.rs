@@ -137,9 +137,14 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/engines/{model}/embeddings", post(engine_embeddings))
         .route_layer(axum::middleware::from_fn_with_state(g.clone(), auth));
+    let page = if g.opts.web.enabled {
+        crate::web::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(v1)
-        .merge(crate::web::router())
+        .merge(page)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))

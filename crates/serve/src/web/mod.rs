@@ -47,6 +47,8 @@ pub struct WebOptions {
     pub max_turns: usize,
     /// Messages per minute from one address; 0 = no limit.
     pub rate_limit_per_minute: usize,
+    /// Serve the page and its API at all.
+    pub enabled: bool,
 }
 
 impl Default for WebOptions {
@@ -56,6 +58,7 @@ impl Default for WebOptions {
             max_input_chars: 12_000,
             max_turns: 50,
             rate_limit_per_minute: 30,
+            enabled: true,
         }
     }
 }
@@ -160,6 +163,7 @@ pub fn router() -> Router<Arc<Gateway>> {
             get(|| async { asset(MARKED_JS, "text/javascript; charset=utf-8") }),
         )
         .route("/api/config", get(config))
+        .route("/api/models", get(models))
         .route("/api/session", post(new_session))
         .route("/api/chat", post(chat))
         .route("/api/vote", post(vote))
@@ -203,6 +207,18 @@ async fn config(State(g): State<Arc<Gateway>>) -> Response {
         "logging": g.web.log.is_some(),
     }))
     .into_response()
+}
+
+/// `GET /api/models`: the served models, for the page's pickers. The page
+/// does not use `/v1/models`, which needs a key when the API has `--api-keys`.
+async fn models(State(g): State<Arc<Gateway>>) -> Response {
+    match g.list_models().await {
+        Ok(mut m) => {
+            m.sort();
+            Json(json!({"models": m})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(g: &Gateway, body: Body) -> Result<T, ApiError> {

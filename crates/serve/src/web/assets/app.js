@@ -440,9 +440,9 @@ async function start() {
   if (config.rate_limit_per_minute > 0) limits.push(`${config.rate_limit_per_minute} messages per minute`);
   $("chat-limits").textContent = "Limits: " + limits.join(" · ") + (config.logging ? " · conversations and votes are logged" : "");
   try {
-    const resp = await fetch("/v1/models");
+    const resp = await fetch("/api/models");
     if (!resp.ok) throw new Error(await errorMessage(resp));
-    models = (await resp.json()).data.map((m) => m.id).sort();
+    models = (await resp.json()).models;
   } catch (err) {
     showNotice($("chat-notice"), "Could not list the models: " + err.message);
   }
