@@ -241,6 +241,11 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     });
     eprintln!("seen in the browser: {seen:#}");
 
+    let html = seen["rendered_untrusted"].as_str().unwrap();
+    assert!(html.contains("<strong>bold</strong>"), "{html}");
+    assert!(!html.contains("<img") && html.contains("&lt;img"), "{html}");
+    assert!(!html.contains("javascript:"), "{html}");
+
     // Chat: the answer arrived in pieces and was rendered as markdown.
     assert_eq!(seen["models"], json!(["smol-a", "smol-b"]));
     let lengths = seen["stream_lengths"].as_array().unwrap();

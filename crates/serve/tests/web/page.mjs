@@ -29,6 +29,12 @@ try {
   await page.goto(url);
   await page.waitForSelector("body[data-ready=true]", { timeout: T });
   seen.models = await page.$$eval("#chat-model option", (os) => os.map((o) => o.value));
+  // Model output with HTML and an image: shown as text, nothing fetched.
+  seen.rendered_untrusted = await page.evaluate(() => {
+    const d = document.createElement("div");
+    renderMarkdown(d, "<img src=x onerror=alert(1)> **bold** ![pic](http://example.com/p.png) [a](javascript:alert(1))");
+    return d.innerHTML;
+  });
 
   // ---- chat: a streamed answer ----
   await page.click(".params summary");

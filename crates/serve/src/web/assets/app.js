@@ -7,11 +7,15 @@ const $ = (id) => document.getElementById(id);
 function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
-// Model output is untrusted: raw HTML in it is shown as text, not rendered.
+// Model output is untrusted: raw HTML in it is shown as text, not rendered,
+// and images are not fetched (the page loads nothing from elsewhere).
 marked.use({
   gfm: true,
   breaks: true,
-  renderer: { html: (token) => escapeHtml(token.text !== undefined ? token.text : token.raw) },
+  renderer: {
+    html: (token) => escapeHtml(token.text !== undefined ? token.text : token.raw),
+    image: (token) => escapeHtml(`[image: ${token.text || token.href}]`),
+  },
 });
 function renderMarkdown(el, text) {
   el.innerHTML = marked.parse(text || "");
