@@ -19,9 +19,10 @@ pub struct LeaderboardArgs {
     /// Seed of the bootstrap resampling.
     #[arg(long, default_value_t = elo::DEFAULT_SEED)]
     seed: u64,
-    /// Only votes cast in the anonymous arena.
+    /// Count side-by-side votes too (the person knew the names); by default only
+    /// anonymous battles count, as in FastChat's leaderboard.
     #[arg(long)]
-    anony_only: bool,
+    include_named: bool,
     /// Print the leaderboard as JSON.
     #[arg(long)]
     json: bool,
@@ -45,12 +46,16 @@ pub fn run(a: LeaderboardArgs) -> Result<()> {
     if log.invalid_votes > 0 {
         eprintln!("warning: skipped {} vote(s) without two model names", log.invalid_votes);
     }
-    let battles: Vec<_> = log.battles.into_iter().filter(|b| b.anony || !a.anony_only).collect();
+    let battles: Vec<_> = log.battles.into_iter().filter(|b| b.anony || a.include_named).collect();
     let board = Leaderboard::compute(&battles, a.rounds.max(1), a.seed);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&board)?);
     } else if battles.is_empty() {
-        println!("no arena votes in {} ({} log files)", a.logs.display(), log.files);
+        println!(
+            "no anonymous arena votes in {} ({} log files)",
+            a.logs.display(),
+            log.files
+        );
     } else {
         print!("{}", board.render_text());
     }

@@ -383,16 +383,18 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    // Both votes (the anonymous win, then the named tie) count.
-    let all = cli(&[]);
-    assert_eq!(all["battles"], 2);
-    assert_eq!(ratings(&api["rows"]), ratings(&all["rows"]));
-    assert_eq!(api["win_fraction"], all["win_fraction"]);
-    assert_ne!(ratings(&all["rows"])[0].1, 1002.0, "the tie moved the ratings");
+    // Only the anonymous vote is rated; the named tie counts on request.
+    let anony = cli(&[]);
+    assert_eq!(anony["battles"], 1);
+    assert_eq!(ratings(&api["rows"]), ratings(&anony["rows"]));
+    assert_eq!(api["win_fraction"], anony["win_fraction"]);
     assert_eq!(
-        ratings(&cli(&["--anony-only"])["rows"]),
+        ratings(&anony["rows"]),
         [(revealed[0].clone(), 1002.0), (revealed[1].clone(), 998.0)]
     );
+    let all = cli(&["--include-named"]);
+    assert_eq!(all["battles"], 2);
+    assert_ne!(ratings(&all["rows"])[0].1, 1002.0, "the tie moved the ratings");
 
     for name in [
         "1-chat.png",

@@ -562,9 +562,19 @@ async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `GET /api/leaderboard`: ratings from every arena vote, as `vicugna leaderboard`.
+/// `GET /api/leaderboard`: ratings from the anonymous arena's votes (named
+/// side-by-side votes are logged but, as in FastChat, not rated), as
+/// `vicugna leaderboard`.
 async fn get_leaderboard(State(g): State<Arc<Gateway>>) -> Response {
-    let battles = g.web.battles.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let battles: Vec<Battle> = g
+        .web
+        .battles
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|b| b.anony)
+        .cloned()
+        .collect();
     let n = battles.len();
     let cached = g.web.cached.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let board = match cached {

@@ -404,7 +404,7 @@ async function loadLeaderboard() {
     board = await resp.json();
   } catch (err) { $("lb-summary").textContent = err.message; return; }
   $("lb-summary").textContent = board.battles === 0
-    ? "No arena votes yet. Vote in the Arena tab and come back."
+    ? "No votes yet. Vote in an anonymous battle in the Arena tab and come back."
     : `${board.battles} vote${board.battles === 1 ? "" : "s"} · ${board.models.length} models · ${board.bootstrap_rounds} bootstrap rounds`;
   const tbody = $("lb-table").querySelector("tbody");
   tbody.innerHTML = "";
