@@ -92,6 +92,19 @@ pub fn compute_elo<'a>(battles: impl IntoIterator<Item = &'a Battle>, p: EloPara
     rating
 }
 
+/// Online Elo over battles given as (index of A, index of B, A's score).
+fn elo_indexed(battles: impl Iterator<Item = (usize, usize, f64)>, n: usize, p: EloParams) -> Vec<f64> {
+    let mut rating = vec![p.init; n];
+    for (a, b, sa) in battles {
+        let (ra, rb) = (rating[a], rating[b]);
+        let ea = 1.0 / (1.0 + p.base.powf((rb - ra) / p.scale));
+        let eb = 1.0 / (1.0 + p.base.powf((ra - rb) / p.scale));
+        rating[a] += p.k * (sa - ea);
+        rating[b] += p.k * (1.0 - sa - eb);
+    }
+    rating
+}
+
 /// `compute_elo` on `rounds` resamples (with replacement, same size) of the
 /// battles; per model, the ratings it got in the rounds where it played.
 pub fn bootstrap(battles: &[Battle], p: EloParams, rounds: usize, seed: u64) -> BTreeMap<String, Vec<f64>> {
@@ -99,13 +112,37 @@ pub fn bootstrap(battles: &[Battle], p: EloParams, rounds: usize, seed: u64) -> 
     if battles.is_empty() {
         return out;
     }
+    // Names to indices once; each round is then plain arithmetic.
+    let mut names: Vec<&str> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut coded: Vec<(usize, usize, f64)> = Vec::with_capacity(battles.len());
+    for b in battles {
+        let mut ab = [0usize; 2];
+        for (slot, m) in ab.iter_mut().zip([b.model_a.as_str(), b.model_b.as_str()]) {
+            *slot = *index.entry(m).or_insert_with(|| {
+                names.push(m);
+                names.len() - 1
+            });
+        }
+        coded.push((ab[0], ab[1], b.winner.score_a()));
+    }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut sample: Vec<&Battle> = Vec::with_capacity(battles.len());
+    let mut played = vec![false; names.len()];
+    let mut sample: Vec<usize> = vec![0; coded.len()];
     for _ in 0..rounds {
-        sample.clear();
-        sample.extend((0..battles.len()).map(|_| &battles[rng.random_range(0..battles.len())]));
-        for (m, r) in compute_elo(sample.iter().copied(), p) {
-            out.entry(m).or_default().push(r);
+        played.iter_mut().for_each(|x| *x = false);
+        for s in sample.iter_mut() {
+            *s = rng.random_range(0..coded.len());
+        }
+        for &i in &sample {
+            played[coded[i].0] = true;
+            played[coded[i].1] = true;
+        }
+        let r = elo_indexed(sample.iter().map(|&i| coded[i]), names.len(), p);
+        for (m, name) in names.iter().enumerate() {
+            if played[m] {
+                out.entry(name.to_string()).or_default().push(r[m]);
+            }
         }
     }
     out
