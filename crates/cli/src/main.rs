@@ -6,6 +6,7 @@ mod chat_cmd;
 mod eval_cmd;
 mod eval_local;
 mod generate;
+mod leaderboard;
 mod model_arg;
 mod serve_cmd;
 mod template;
@@ -36,6 +37,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(bench::BenchArgs),
+    /// Arena ratings (Elo, 95% intervals, win fractions) from the web page's vote logs.
+    Leaderboard(leaderboard::LeaderboardArgs),
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -62,6 +65,7 @@ fn main() {
         Command::Chat(a) => chat_cmd::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Leaderboard(a) => leaderboard::run(a),
         Command::Template(c) => template::run(c),
         Command::Eval(c) => eval_cmd::run(c),
         Command::Delta(c) => weights_cmd::run_delta(c),

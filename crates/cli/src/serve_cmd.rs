@@ -2,6 +2,7 @@
 //! machine), and `vicugna controller|worker|api` to run the parts separately.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -9,8 +10,8 @@ use clap::Args;
 use tokio::net::TcpListener;
 use vicugna_engine::{EngineHandle, EngineOptions};
 use vicugna_serve::{
-    listener_url, os_signal, shutdown_channel, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown, Worker,
-    WorkerOptions,
+    listener_url, os_signal, shutdown_channel, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown, WebOptions,
+    Worker, WorkerOptions,
 };
 
 use crate::model_arg::ModelArgs;
@@ -43,11 +44,70 @@ pub struct WorkerPartArgs {
     embed_in_truncate: bool,
 }
 
+/// Settings of the web page, shared by `serve` and `api`.
+#[derive(Args, Debug, Clone)]
+pub struct WebArgs {
+    /// Where the page's conversation and vote logs go, one JSONL file per day [default: $VICUGNA_HOME/logs].
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Do not log the page's conversations and votes.
+    #[arg(long, conflicts_with = "log_dir")]
+    no_log: bool,
+    /// Do not serve the web page (and its /api endpoints) at all.
+    #[arg(long)]
+    no_page: bool,
+    /// Longest message the page accepts, in characters.
+    #[arg(long, default_value_t = 12_000)]
+    max_input_chars: usize,
+    /// User turns per conversation on the page.
+    #[arg(long, default_value_t = 50)]
+    max_turns: usize,
+    /// Messages per minute the page accepts from one address (0 = no limit).
+    #[arg(long, default_value_t = 30)]
+    rate_limit: usize,
+}
+
+impl WebArgs {
+    fn options(&self) -> Result<WebOptions> {
+        let log_dir = if self.no_log || self.no_page {
+            None
+        } else {
+            let dir = match &self.log_dir {
+                Some(d) => d.clone(),
+                None => vicugna_engine::default_model::vicugna_home().join("logs"),
+            };
+            // Fail at start, not at the first vote, when the directory is unusable.
+            vicugna_serve::web::log::ConvLog::open(&dir)?;
+            Some(std::path::absolute(&dir).unwrap_or(dir))
+        };
+        Ok(WebOptions {
+            log_dir,
+            max_input_chars: self.max_input_chars.max(1),
+            max_turns: self.max_turns.max(1),
+            rate_limit_per_minute: self.rate_limit,
+            enabled: !self.no_page,
+        })
+    }
+}
+
+fn say_page(url: &str, web: &WebOptions) {
+    if !web.enabled {
+        return;
+    }
+    say(&format!("  web page:   {url}/"));
+    match &web.log_dir {
+        Some(d) => say(&format!("  logs:       {}", d.display())),
+        None => say("  logs:       off"),
+    }
+}
+
 /// `vicugna serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
     worker: WorkerPartArgs,
+    #[command(flatten)]
+    web: WebArgs,
     /// Address to bind every part to.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -118,6 +178,8 @@ pub struct WorkerArgs {
 /// `vicugna api`.
 #[derive(Args, Debug)]
 pub struct ApiArgs {
+    #[command(flatten)]
+    web: WebArgs,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -226,6 +288,7 @@ fn grace(s: f64) -> Duration {
 
 /// `vicugna serve`: everything on one machine.
 pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let web = a.web.options()?;
     let engine = a.worker.start_engine()?;
     let expiration = seconds(
         a.heart_beat_expiration,
@@ -256,6 +319,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         let mut gopts = GatewayOptions::new(&curl);
         gopts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
         gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
+        gopts.web = web.clone();
         let gateway = tokio::spawn(vicugna_serve::run_gateway(gl, gopts, shutdown.clone(), grace));
         say(&format!("vicugna serve: model {models} (prompt format: {format})"));
         say(&format!(
@@ -263,6 +327,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         ));
         say(&format!("  controller: {curl}"));
         say(&format!("  worker:     {wurl}"));
+        say_page(&gurl, &web);
         say("Press Ctrl-C to stop.");
         let (g, w, c) = tokio::join!(gateway, worker_task, controller);
         sig.abort();
@@ -332,6 +397,7 @@ pub fn run_api(a: ApiArgs) -> Result<()> {
     let mut opts = GatewayOptions::new(&a.controller_address);
     opts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
     opts.max_body_bytes = a.max_body_mb.max(1) << 20;
+    opts.web = a.web.options()?;
     opts.worker_timeout = seconds(
         a.worker_timeout,
         "FASTCHAT_WORKER_API_TIMEOUT",
@@ -344,6 +410,7 @@ pub fn run_api(a: ApiArgs) -> Result<()> {
             "vicugna api: {url}/v1 (OpenAI-compatible), controller {}",
             a.controller_address
         ));
+        say_page(&url, &opts.web);
         let (shutdown, sig) = signal_shutdown();
         vicugna_serve::run_gateway(l, opts, shutdown, grace(a.grace_seconds)).await?;
         sig.abort();

@@ -8,14 +8,17 @@
 
 pub mod controller;
 pub mod gateway;
+pub mod leaderboard;
 pub mod metrics;
 pub mod protocol;
 pub mod shutdown;
+pub mod web;
 pub mod worker;
 
 pub use controller::{Controller, ControllerOptions, DispatchMethod};
 pub use gateway::{Gateway, GatewayOptions};
 pub use shutdown::{os_signal, shutdown_channel, Shutdown, ShutdownTrigger};
+pub use web::WebOptions;
 pub use worker::{Worker, WorkerOptions};
 
 use std::time::Duration;

@@ -72,6 +72,8 @@ pub async fn os_signal() {
 /// Serves `app` until shutdown, then lets in-flight requests finish for at most
 /// `grace` before returning.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown, grace: Duration) -> std::io::Result<()> {
+    // Connect info: the web page's per-address limits and logs need the client address.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().wait());
     let deadline = async move {
         shutdown.wait().await;

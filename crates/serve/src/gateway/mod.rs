@@ -1,6 +1,6 @@
 //! The OpenAI-compatible gateway (FastChat's `openai_api_server`): validates
 //! requests, finds workers through the controller and turns their chunk streams
-//! into OpenAI responses.
+//! into OpenAI responses. It also serves the web page ([`crate::web`]).
 
 pub mod dispatch;
 pub mod error;
@@ -45,6 +45,8 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     /// Longest wait for a worker's next chunk.
     pub worker_timeout: Duration,
+    /// The web page's limits and log directory.
+    pub web: crate::web::WebOptions,
 }
 
 impl GatewayOptions {
@@ -55,6 +57,7 @@ impl GatewayOptions {
             api_keys: None,
             max_body_bytes: 8 << 20,
             worker_timeout: DEFAULT_WORKER_TIMEOUT,
+            web: crate::web::WebOptions::default(),
         }
     }
 }
@@ -65,6 +68,7 @@ pub struct Gateway {
     http: reqwest::Client,
     metrics: GatewayMetrics,
     dispatch: Mutex<DispatchState>,
+    pub(crate) web: crate::web::Web,
 }
 
 /// Counts a request in flight while alive.
@@ -87,6 +91,7 @@ impl Gateway {
     /// A gateway with empty caches.
     pub fn new(opts: GatewayOptions) -> Arc<Self> {
         Arc::new(Gateway {
+            web: crate::web::Web::new(opts.web.clone()),
             opts,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
@@ -132,8 +137,14 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/engines/{model}/embeddings", post(engine_embeddings))
         .route_layer(axum::middleware::from_fn_with_state(g.clone(), auth));
+    let page = if g.opts.web.enabled {
+        crate::web::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(v1)
+        .merge(page)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
