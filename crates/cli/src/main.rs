@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat_cmd;
+mod classify_cmd;
 mod generate;
 mod model_arg;
 mod serve_cmd;
@@ -33,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(bench::BenchArgs),
+    /// Label texts with a model (CARP, vanilla or chain-of-thought; zero- or few-shot).
+    Classify(classify_cmd::ClassifyArgs),
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -49,6 +52,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
+        Command::Classify(a) => classify_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
