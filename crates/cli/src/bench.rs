@@ -44,6 +44,23 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Bytes of the model's weight files: the GGUF file, or a directory's safetensors.
+fn weight_file_bytes(path: &std::path::Path) -> u64 {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    if path.is_file() {
+        return size(path);
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .map(|p| size(&p))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens < 2 || a.batch == 0 {
         bail!("--prompt-tokens must be >= 1, --gen-tokens >= 2 and --batch >= 1");
@@ -62,7 +79,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         loaded,
         EngineOptions {
             max_batch: a.batch,
-            prefill_chunk: a.prompt_tokens.max(512),
+            // Measures the model, not the cache.
+            prefix_cache: false,
+            ..Default::default()
         },
     );
     let info = engine.info();
@@ -100,6 +119,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let prefill_tok_s = (a.prompt_tokens * a.batch) as f64 / prefill_s;
     let decode_tok_s = decoded as f64 / decode_s;
     let rss = peak_rss_mib();
+    // What the memory bound allows: the model file, every sequence's KV cache at
+    // full length, and 64 MiB for everything else.
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let file_mib = mib(weight_file_bytes(&info.path) as f64);
+    let kv_mib = mib((info.kv_bytes_per_token * (a.prompt_tokens + a.gen_tokens) * a.batch) as f64);
+    let bound_mib = file_mib + kv_mib + 64.0;
     if a.json {
         println!(
             "{}",
@@ -107,7 +132,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "model": info.path.display().to_string(), "format": info.format,
                 "load_s": load_s, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                 "batch": a.batch, "threads": a.model.threads, "prefill_tok_s": prefill_tok_s,
-                "decode_tok_s": decode_tok_s, "peak_rss_mib": rss,
+                "decode_tok_s": decode_tok_s, "peak_rss_mib": rss, "model_file_mib": file_mib,
+                "kv_cache_mib": kv_mib, "rss_bound_mib": bound_mib,
                 "weight_bytes_per_token": info.weight_bytes_per_token,
             })
         );
@@ -124,7 +150,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.batch,
             if a.batch == 1 { "" } else { "s, total" }
         );
-        println!("peak RSS        {:.1} MiB", rss);
+        println!(
+            "peak RSS        {:.1} MiB (bound {:.1} = file {:.1} + KV cache {:.1} + 64)",
+            rss, bound_mib, file_mib, kv_mib
+        );
         println!("weights/token   {:.1} MB", info.weight_bytes_per_token as f64 / 1e6);
     }
     Ok(())

@@ -3,12 +3,15 @@
 //! decode tokens together). Callers hold an [`EngineHandle`]; each request gets its
 //! own stream of [`Event`]s. Dropping the stream cancels the request.
 
+use std::cell::{OnceCell, RefCell};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::constraint::{mask_logits, CompiledConstraint, ConstraintState};
 use crate::error::{EngineError, Result};
 use crate::loader::{GenerationDefaults, LoadedModel};
 use crate::model::{KvCache, Model, SeqInput};
@@ -25,6 +28,11 @@ pub struct EngineOptions {
     /// Prompt tokens of one sequence run per step, so a long prompt does not stall
     /// the sequences already decoding.
     pub prefill_chunk: usize,
+    /// Reuse the KV cache of a recent or running request that shares a prompt
+    /// prefix (a common instruction, few-shot demonstrations, the chat so far).
+    pub prefix_cache: bool,
+    /// Bytes of finished requests' KV caches kept for reuse.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -32,8 +40,29 @@ impl Default for EngineOptions {
         EngineOptions {
             max_batch: 16,
             prefill_chunk: 512,
+            prefix_cache: true,
+            prefix_cache_bytes: 128 << 20,
         }
     }
+}
+
+/// Shortest shared prefix worth copying a cache for.
+const MIN_PREFIX_REUSE: usize = 4;
+
+/// Counters since the engine started.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: AtomicU64,
+    /// Of those, tokens whose KV came from the prefix cache instead of a forward pass.
+    pub reused_prompt_tokens: AtomicU64,
+}
+
+/// A snapshot of [`EngineStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub prompt_tokens: u64,
+    pub reused_prompt_tokens: u64,
 }
 
 /// What callers may know about the model behind a handle.
@@ -46,6 +75,8 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     pub weight_bytes_per_token: usize,
+    /// Bytes of keys and values one cached token takes, over all layers.
+    pub kv_bytes_per_token: usize,
     pub load_seconds: f64,
     pub defaults: GenerationDefaults,
 }
@@ -53,12 +84,13 @@ pub struct ModelInfo {
 struct Submission {
     req: GenerateRequest,
     prompt: Vec<u32>,
+    constraint: Option<CompiledConstraint>,
     events: UnboundedSender<Event>,
 }
 
 /// Work for the engine thread.
 enum Job {
-    Generate(Submission),
+    Generate(Box<Submission>),
     /// Mean-pool the last hidden state over these tokens.
     Embed {
         ids: Vec<u32>,
@@ -72,6 +104,7 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     tokenizer: Option<Arc<Tokenizer>>,
     info: Arc<ModelInfo>,
+    stats: Arc<EngineStats>,
 }
 
 /// The events of one request.
@@ -125,23 +158,41 @@ impl EngineHandle {
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             weight_bytes_per_token: model.weight_bytes_per_token(),
+            kv_bytes_per_token: cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * std::mem::size_of::<f32>(),
             load_seconds,
             defaults,
         });
         let tokenizer = tokenizer.map(Arc::new);
         let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
             eos: info.eos_token_ids.clone(),
             opts,
+            vocab_bytes: OnceCell::new(),
+            pool: RefCell::new(VecDeque::new()),
+            stats: stats.clone(),
         };
         // Detached: the thread ends when the last handle (sender) is gone. If it
         // cannot start, every submit reports that the engine has stopped.
         let _ = std::thread::Builder::new()
             .name("vicugna-engine".into())
             .spawn(move || worker.run(rx));
-        EngineHandle { tx, tokenizer, info }
+        EngineHandle {
+            tx,
+            tokenizer,
+            info,
+            stats,
+        }
+    }
+
+    /// Counters since the engine started (prefix-cache reuse among them).
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            prompt_tokens: self.stats.prompt_tokens.load(Ordering::Relaxed),
+            reused_prompt_tokens: self.stats.reused_prompt_tokens.load(Ordering::Relaxed),
+        }
     }
 
     /// The model's tokenizer, if it has one.
@@ -157,6 +208,12 @@ impl EngineHandle {
     /// Validates and tokenizes the request (on the caller's thread) and queues it.
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream> {
         req.validate()?;
+        let constraint = req.constraint.as_ref().map(|c| c.compile()).transpose()?;
+        if constraint.is_some() && self.tokenizer.is_none() {
+            return Err(EngineError::InvalidRequest(
+                "constrained decoding needs the model's tokenizer".into(),
+            ));
+        }
         let mut prompt = match &req.prompt {
             Prompt::Ids(ids) => ids.clone(),
             Prompt::Text(text) => {
@@ -193,7 +250,12 @@ impl EngineHandle {
         let (events, rx) = unbounded_channel();
         let prompt_tokens = prompt.len();
         self.tx
-            .send(Job::Generate(Submission { req, prompt, events }))
+            .send(Job::Generate(Box::new(Submission {
+                req,
+                prompt,
+                constraint,
+                events,
+            })))
             .map_err(|_| EngineError::EngineStopped)?;
         Ok(EventStream { rx, prompt_tokens })
     }
@@ -265,6 +327,11 @@ struct Worker {
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     opts: EngineOptions,
+    /// Each id's text bytes, built on the first constrained request.
+    vocab_bytes: OnceCell<Arc<Vec<Option<Vec<u8>>>>>,
+    /// Finished requests' caches with the tokens they hold, oldest first.
+    pool: RefCell<VecDeque<(Vec<u32>, KvCache)>>,
+    stats: Arc<EngineStats>,
 }
 
 /// One request in flight.
@@ -281,6 +348,7 @@ struct Sequence {
     prompt_logprobs: Vec<TokenLogprob>,
     /// Context limit of this sequence: prompt plus new tokens.
     limit: usize,
+    constraint: Option<ConstraintState>,
 }
 
 impl Worker {
@@ -302,7 +370,7 @@ impl Worker {
                 if sub.events.is_closed() {
                     continue;
                 }
-                if let Some(seq) = self.admit(sub) {
+                if let Some(seq) = self.admit(sub, &active) {
                     active.push(seq);
                 }
             }
@@ -321,7 +389,7 @@ impl Worker {
     /// Queues a generation; runs an embedding at once (one forward pass).
     fn take(&self, job: Job, waiting: &mut VecDeque<Submission>) {
         match job {
-            Job::Generate(sub) => waiting.push_back(sub),
+            Job::Generate(sub) => waiting.push_back(*sub),
             Job::Embed { ids, reply } => {
                 if !reply.is_closed() {
                     let _ = reply.send(self.embed(&ids));
@@ -342,28 +410,98 @@ impl Worker {
     }
 
     /// Starts a sequence; on failure the request gets the error and `None` returns.
-    fn admit(&self, sub: Submission) -> Option<Sequence> {
+    fn admit(&self, sub: Submission, active: &[Sequence]) -> Option<Sequence> {
         let ctx = self.model.config().max_position_embeddings;
         let limit = (sub.prompt.len() + sub.req.max_new_tokens).min(ctx);
-        let cache = match self.model.new_cache(limit) {
+        let (cache, prefilled) = match self.cache_for(&sub, limit, active) {
             Ok(c) => c,
             Err(e) => {
                 let _ = sub.events.send(Event::Error(e.to_string()));
                 return None;
             }
         };
+        self.stats
+            .prompt_tokens
+            .fetch_add(sub.prompt.len() as u64, Ordering::Relaxed);
+        self.stats
+            .reused_prompt_tokens
+            .fetch_add(prefilled as u64, Ordering::Relaxed);
         let sampler = Sampler::new(sub.req.sampling.clone());
+        let constraint = sub.constraint.clone().map(ConstraintState::new);
         Some(Sequence {
             seen: sub.prompt.clone(),
             sampler,
             cache,
-            prefilled: 0,
+            prefilled,
+            constraint,
             generated: vec![],
             text: TextState::new(sub.req.stop.stop_strings.clone()),
             prompt_logprobs: vec![],
             limit,
             sub,
         })
+    }
+
+    /// A cache for a new sequence: a copy of the longest cached prefix of its prompt
+    /// (from a running or a recently finished request) when there is one, else
+    /// empty. Returns the cache and how many prompt tokens it already holds.
+    fn cache_for(&self, sub: &Submission, limit: usize, active: &[Sequence]) -> Result<(KvCache, usize)> {
+        // Prompt logprobs need a forward pass over every prompt token.
+        let wants_prompt_rows = sub.req.echo && sub.req.logprobs.is_some();
+        if !self.opts.prefix_cache || wants_prompt_rows {
+            return Ok((self.model.new_cache(limit)?, 0));
+        }
+        // One prompt token is always left to run, for the next-token logits.
+        let most = sub.prompt.len() - 1;
+        let common = |held: &[u32]| {
+            held.iter()
+                .zip(&sub.prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(most)
+        };
+        let pool = self.pool.borrow();
+        let best = active
+            .iter()
+            .map(|s| (common(&s.seen[..s.cache.len()]), &s.cache))
+            .chain(pool.iter().map(|(held, cache)| (common(held), cache)))
+            .max_by_key(|(n, _)| *n);
+        match best {
+            Some((n, src)) if n >= MIN_PREFIX_REUSE => Ok((self.model.cache_prefix(src, n, limit)?, n)),
+            _ => Ok((self.model.new_cache(limit)?, 0)),
+        }
+    }
+
+    /// Keeps a finished sequence's cache for later prompts that share its prefix,
+    /// dropping the oldest ones beyond the byte budget.
+    fn keep_for_reuse(&self, s: &Sequence) -> Result<()> {
+        let len = s.cache.len();
+        if !self.opts.prefix_cache || len < MIN_PREFIX_REUSE {
+            return Ok(());
+        }
+        let tight = self.model.cache_prefix(&s.cache, len, len)?;
+        if tight.bytes() > self.opts.prefix_cache_bytes {
+            return Ok(());
+        }
+        let mut pool = self.pool.borrow_mut();
+        // A kept prefix of this sequence's tokens adds nothing.
+        pool.retain(|(held, _)| !(held.len() <= len && s.seen[..held.len()] == held[..]));
+        pool.push_back((s.seen[..len].to_vec(), tight));
+        let mut total: usize = pool.iter().map(|(_, c)| c.bytes()).sum();
+        while total > self.opts.prefix_cache_bytes {
+            match pool.pop_front() {
+                Some((_, c)) => total -= c.bytes(),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Each vocabulary id's text bytes (for constraints), built once.
+    fn vocab_bytes(&self) -> Arc<Vec<Option<Vec<u8>>>> {
+        self.vocab_bytes
+            .get_or_init(|| Arc::new(self.tokenizer.as_ref().map(|t| t.token_bytes()).unwrap_or_default()))
+            .clone()
     }
 
     /// One forward pass over every active sequence, then sampling and events.
@@ -421,16 +559,43 @@ impl Worker {
             let mut last = rows.into_iter().last().unwrap_or_default();
             // Logprobs are the model's own, before penalties and temperature.
             let lps = s.sub.req.logprobs.map(|n| (log_softmax(&last), n));
+            if let Some(c) = s.constraint.as_mut() {
+                let vocab = self.vocab_bytes();
+                let allowed = c.allowed(&vocab);
+                if !mask_logits(&mut last, &allowed, &self.eos) {
+                    let _ = s.sub.events.send(Event::Error(
+                        "the constraint cannot be completed with this model's vocabulary".into(),
+                    ));
+                    finished[i] = true;
+                    continue;
+                }
+            }
             let id = s.sampler.sample(&mut last, &s.seen);
             let logprob = lps.map(|(lps, n)| self.logprob_of(&lps, id, n));
             finished[i] = self.accept(s, id, logprob);
+            if !finished[i] {
+                if let Some(c) = s.constraint.as_mut() {
+                    let vocab = self.vocab_bytes();
+                    if let Some(Some(bytes)) = vocab.get(id as usize) {
+                        c.advance(bytes);
+                    }
+                    // EOS ends a complete match even when the request ignores EOS.
+                    if self.eos.contains(&id) || c.finished(&vocab) {
+                        finished[i] = self.finish(s, FinishReason::Stop);
+                    }
+                }
+            }
         }
-        let mut i = 0;
-        active.retain(|_| {
-            let keep = !finished[i];
-            i += 1;
-            keep
-        });
+        let mut kept = Vec::with_capacity(active.len());
+        for (s, done) in active.drain(..).zip(finished) {
+            if done {
+                // A cache that cannot be copied is simply not kept.
+                let _ = self.keep_for_reuse(&s);
+            } else {
+                kept.push(s);
+            }
+        }
+        *active = kept;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! type and one stream of events. Knows nothing of HTTP or chat templates.
 
 pub mod config;
+pub mod constraint;
 pub mod default_model;
 pub mod engine;
 pub mod error;
@@ -15,7 +16,8 @@ pub mod text_stream;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine::{Completion, EngineHandle, EngineOptions, EventStream, ModelInfo};
+pub use constraint::Constraint;
+pub use engine::{Completion, EngineHandle, EngineOptions, EngineStats, EventStream, ModelInfo, StatsSnapshot};
 pub use error::{EngineError, Result};
 pub use loader::{LoadOptions, LoadedModel};
 pub use model::{KvCache, Model, SeqInput, WeightDType};

@@ -121,6 +121,10 @@ struct Block {
     down: Linear,
 }
 
+/// Query rows per block in prompt attention: bounds the score matrix to
+/// `heads × block × context` floats.
+const PREFILL_QUERY_BLOCK: usize = 128;
+
 /// One sequence's place in a ragged batch: (offset in the batch, new tokens,
 /// tokens already cached).
 type Span = (usize, usize, usize);
@@ -269,6 +273,19 @@ impl Model {
         Ok(KvCache { k, v, len: 0, capacity })
     }
 
+    /// A new cache holding the first `len` tokens of `src`, with room for `capacity`.
+    pub fn cache_prefix(&self, src: &KvCache, len: usize, capacity: usize) -> Result<KvCache> {
+        let len = len.min(src.len);
+        let mut dst = self.new_cache(capacity.max(len))?;
+        if len > 0 {
+            for (d, s) in dst.k.iter_mut().zip(&src.k).chain(dst.v.iter_mut().zip(&src.v)) {
+                d.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        dst.len = len;
+        Ok(dst)
+    }
+
     /// Makes room for `needed` tokens, copying into a larger buffer only when full.
     fn reserve(&self, cache: &mut KvCache, needed: usize) -> Result<()> {
         if needed <= cache.capacity {
@@ -402,23 +419,33 @@ impl Model {
                     )?);
                     continue;
                 }
-                let kc = s.cache.k[layer].narrow(1, 0, len)?;
-                let vc = s.cache.v[layer].narrow(1, 0, len)?;
-                // Query heads sharing a kv head are adjacent, so they fold into rows.
-                let qg = qs.reshape((nkv, groups * t, hd))?;
-                let mut att = (qg.matmul(&kc.t()?)? * scale)?;
-                if let Some(mask) = self.mask(start, t)? {
-                    att = att
-                        .reshape((nkv, groups, t, len))?
-                        .broadcast_add(&mask)?
-                        .reshape((nkv, groups * t, len))?;
+                // Query rows go in blocks, each against only the keys it may see, so
+                // the score matrix of a long prompt never exists whole.
+                let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
+                for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
+                    let bt = PREFILL_QUERY_BLOCK.min(t - i);
+                    let seen = start + i + bt;
+                    let kc = s.cache.k[layer].narrow(1, 0, seen)?;
+                    let vc = s.cache.v[layer].narrow(1, 0, seen)?;
+                    // Query heads sharing a kv head are adjacent, so they fold into rows.
+                    let qg = qs.narrow(1, i, bt)?.contiguous()?.reshape((nkv, groups * bt, hd))?;
+                    let mut att = (qg.matmul(&kc.t()?)? * scale)?;
+                    if let Some(mask) = self.mask(start + i, bt)? {
+                        att = att.reshape((nkv, groups, bt, seen))?.broadcast_add(&mask)?.reshape((
+                            nkv,
+                            groups * bt,
+                            seen,
+                        ))?;
+                    }
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    parts.push(att.matmul(&vc)?.reshape((nh, bt, hd))?);
                 }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att
-                    .matmul(&vc)?
-                    .reshape((nh, t, hd))?
-                    .transpose(0, 1)?
-                    .reshape((t, nh * hd))?;
+                let o = if parts.len() == 1 {
+                    parts.pop().unwrap_or_else(|| unreachable!())
+                } else {
+                    Tensor::cat(&parts, 1)?
+                };
+                let o = o.transpose(0, 1)?.reshape((t, nh * hd))?;
                 outs.push(o);
             }
             let attn = if outs.len() == 1 {

@@ -1,5 +1,6 @@
 //! The one request type every caller uses, and the events a request produces.
 
+use crate::constraint::Constraint;
 use crate::error::{EngineError, Result};
 
 /// What to continue: text (tokenized by the engine) or token ids.
@@ -85,6 +86,8 @@ pub struct GenerateRequest {
     pub truncate_left: bool,
     /// Add the tokenizer's special tokens (BOS) to a text prompt.
     pub add_special_tokens: bool,
+    /// The generated text must be one of a list of strings or match a regex.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -99,6 +102,7 @@ impl GenerateRequest {
             logprobs: None,
             truncate_left: false,
             add_special_tokens: true,
+            constraint: None,
         }
     }
 

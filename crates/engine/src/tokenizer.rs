@@ -329,6 +329,36 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// The bytes each id stands for in generated text, indexed by id; `None` for
+    /// special tokens (they are control, not text). Constrained decoding matches
+    /// these against the allowed language.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        let unicode_to_byte: HashMap<char, u8> = if byte_level {
+            bytes_to_unicode()
+                .into_iter()
+                .enumerate()
+                .map(|(b, c)| (c, b as u8))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(tok) = added.get(&id) {
+                    return (!tok.special).then(|| tok.content.as_bytes().to_vec());
+                }
+                let piece = self.inner.id_to_token(id)?;
+                if byte_level {
+                    piece.chars().map(|c| unicode_to_byte.get(&c).copied()).collect()
+                } else {
+                    Some(sentencepiece_bytes(&piece))
+                }
+            })
+            .collect()
+    }
+
     /// A fresh streaming decoder for this tokenizer's output.
     pub fn decode_stream(&self, skip_special: bool) -> DecodeStream {
         DecodeStream::new(skip_special)
@@ -956,6 +986,16 @@ fn sentencepiece_document(
             "merges": merges_json(merges),
         },
     })
+}
+
+/// A SentencePiece piece as text bytes: `▁` is a space, `<0xNN>` is one raw byte.
+fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
+    if piece.len() == 6 && piece.starts_with("<0x") && piece.ends_with('>') {
+        if let Ok(b) = u8::from_str_radix(&piece[3..5], 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
 }
 
 #[cfg(test)]

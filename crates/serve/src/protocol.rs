@@ -204,6 +204,12 @@ pub struct GenerateParams {
     /// Keep going past EOS (vicugna, as vLLM's worker).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// The output must be one of these strings (vLLM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_choice: Option<Vec<String>>,
+    /// The output must match this regex (vLLM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_regex: Option<String>,
 }
 
 /// `/worker_get_embeddings` parameters.

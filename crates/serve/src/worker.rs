@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use vicugna_chat::{ChatFormat, Conversation};
-use vicugna_engine::{EngineError, EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules};
+use vicugna_engine::{
+    Constraint, EngineError, EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules,
+};
 
 use crate::metrics::WorkerMetrics;
 use crate::protocol::{
@@ -336,6 +338,11 @@ impl Worker {
             logprobs,
             truncate_left: false,
             add_special_tokens: false,
+            constraint: match (&p.guided_choice, &p.guided_regex) {
+                (Some(choices), _) => Some(Constraint::Choice(choices.clone())),
+                (None, Some(re)) => Some(Constraint::Regex(re.clone())),
+                (None, None) => None,
+            },
         };
         Ok((req, text))
     }

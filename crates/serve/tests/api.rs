@@ -302,6 +302,60 @@ async fn embeddings_are_unit_vectors_in_float_and_base64() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guided_choice_and_regex_constrain_the_answer() {
+    within(async {
+        let c = Cluster::start(|_| {}).await;
+        let labels = ["sports", "politics", "technology"];
+        for seed in 0..4 {
+            let (s, r) = post(
+                &c.url("/v1/chat/completions"),
+                &c.chat_body(
+                    "Which topic: 'The new phone has a faster chip.'",
+                    json!({"temperature": 1.2, "seed": seed, "guided_choice": labels}),
+                ),
+            )
+            .await;
+            assert_eq!(s, 200, "{r}");
+            let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+            assert!(labels.contains(&text), "{text:?}");
+            assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        }
+        let (s, r) = post(
+            &c.url("/v1/chat/completions"),
+            &c.chat_body("Score it", json!({"guided_regex": "\\[\\[[1-5]\\]\\]"})),
+        )
+        .await;
+        assert_eq!(s, 200, "{r}");
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            text.len() == 5 && text.starts_with("[[") && text.ends_with("]]"),
+            "{text:?}"
+        );
+
+        for (body, field) in [
+            (json!({"guided_choice": []}), "guided_choice"),
+            (json!({"guided_choice": ["a", 3]}), "guided_choice[1]"),
+            (json!({"guided_choice": ["a"], "guided_regex": "b"}), "guided_regex"),
+        ] {
+            let (s, r) = post(&c.url("/v1/chat/completions"), &c.chat_body("x", body)).await;
+            assert_eq!(s, 400, "{r}");
+            assert_eq!(r["error"]["param"], field, "{r}");
+        }
+        let (s, r) = post(
+            &c.url("/v1/chat/completions"),
+            &c.chat_body("x", json!({"guided_regex": "(unclosed"})),
+        )
+        .await;
+        assert_eq!(s, 400, "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("constraint pattern"),
+            "{r}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_openai_error_objects_naming_the_field() {
     within(async {
         let c = Cluster::start(|_| {}).await;

@@ -126,6 +126,12 @@ impl Gateway {
         if let Some(seed) = job.seed {
             p["seed"] = json!(seed);
         }
+        if let Some(choices) = &req.guided_choice {
+            p["guided_choice"] = json!(choices);
+        }
+        if let Some(re) = &req.guided_regex {
+            p["guided_regex"] = json!(re);
+        }
         let prompt_text = match &job.input {
             JobInput::Chat(messages) if info.renders_messages => {
                 p["messages"] = json!(messages);

@@ -53,6 +53,10 @@ pub struct GenRequest {
     pub echo: bool,
     /// Keep generating past EOS (vLLM's extension; for load tests).
     pub ignore_eos: bool,
+    /// The answer must be one of these strings (vLLM's `guided_choice`).
+    pub guided_choice: Option<Vec<String>>,
+    /// The answer must match this regex (vLLM's `guided_regex`).
+    pub guided_regex: Option<String>,
 }
 
 /// A validated embeddings request.
@@ -315,7 +319,52 @@ impl Fields<'_> {
             logprobs: None,
             echo: false,
             ignore_eos: self.bool("ignore_eos", false)?,
+            guided_choice: self.guided_choice()?,
+            guided_regex: self.guided_regex()?,
         })
+    }
+
+    fn guided_choice(&self) -> Result<Option<Vec<String>>, ApiError> {
+        let items = match self.get("guided_choice") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(items)) if !items.is_empty() => items,
+            Some(v) => {
+                return Err(ApiError::bad_field(
+                    "guided_choice",
+                    format!("expected a non-empty list of strings, got {}", type_name(v)),
+                ))
+            }
+        };
+        if self.get("guided_regex").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::bad_field(
+                "guided_regex",
+                "give either guided_choice or guided_regex, not both",
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, v) in items.iter().enumerate() {
+            match v {
+                Value::String(s) if !s.is_empty() => out.push(s.clone()),
+                v => {
+                    return Err(ApiError::bad_field(
+                        format!("guided_choice[{i}]"),
+                        format!("expected a non-empty string, got {}", type_name(v)),
+                    ))
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn guided_regex(&self) -> Result<Option<String>, ApiError> {
+        match self.get("guided_regex") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(v) => Err(ApiError::bad_field(
+                "guided_regex",
+                format!("expected a non-empty string, got {}", type_name(v)),
+            )),
+        }
     }
 
     fn stop(&self) -> Result<Vec<String>, ApiError> {
