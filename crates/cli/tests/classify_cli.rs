@@ -22,7 +22,9 @@ fn model_ready() {
 }
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/classify").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/classify")
+        .join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -55,7 +57,10 @@ fn show(o: &Output) -> String {
 
 fn records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.is_empty() || text.ends_with('\n'), "the results file ends with a whole line");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "the results file ends with a whole line"
+    );
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?}: {e}")))
         .collect()
@@ -95,8 +100,18 @@ fn english_carp_zero_shot_writes_valid_labels_metrics_and_png() {
     let summary = dir.join("summary.json");
     let o = classify(
         &[
-            &["--labels", "positive,negative", "--input", data("en.jsonl").to_str().unwrap()],
-            &["--output", out.to_str().unwrap(), "--summary-json", summary.to_str().unwrap()],
+            &[
+                "--labels",
+                "positive,negative",
+                "--input",
+                data("en.jsonl").to_str().unwrap(),
+            ],
+            &[
+                "--output",
+                out.to_str().unwrap(),
+                "--summary-json",
+                summary.to_str().unwrap(),
+            ],
             FAST,
         ]
         .concat(),
@@ -106,10 +121,20 @@ fn english_carp_zero_shot_writes_valid_labels_metrics_and_png() {
     assert_eq!(recs.len(), 4, "{}", show(&o));
     check_records(&recs, &["positive", "negative"]);
     let ids: HashSet<&str> = recs.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, HashSet::from(["e1", "e2", "e3", "e4"]), "ids come from the id field");
+    assert_eq!(
+        ids,
+        HashSet::from(["e1", "e2", "e3", "e4"]),
+        "ids come from the id field"
+    );
     for r in &recs {
-        assert!(!r["clues"].as_str().unwrap().trim().is_empty(), "CARP writes clues: {r}");
-        assert!(!r["reasoning"].as_str().unwrap().trim().is_empty(), "CARP writes reasoning: {r}");
+        assert!(
+            !r["clues"].as_str().unwrap().trim().is_empty(),
+            "CARP writes clues: {r}"
+        );
+        assert!(
+            !r["reasoning"].as_str().unwrap().trim().is_empty(),
+            "CARP writes reasoning: {r}"
+        );
         assert!(r["gold"].is_string(), "{r}");
     }
     // The metrics agree with the records.
@@ -125,7 +150,10 @@ fn english_carp_zero_shot_writes_valid_labels_metrics_and_png() {
         .sum();
     assert_eq!(confusion_total, 4);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("macro-F1") && stdout.contains("confusion matrix"), "{stdout}");
+    assert!(
+        stdout.contains("macro-F1") && stdout.contains("confusion matrix"),
+        "{stdout}"
+    );
     let png = std::fs::read(dir.join("out.confusion.png")).expect("the confusion-matrix PNG");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
@@ -141,7 +169,12 @@ fn chinese_csv_with_a_label_file_gets_chinese_prompts() {
     let o = classify(
         &[
             &["--labels", data("zh-labels.txt").to_str().unwrap()],
-            &["--input", data("zh.csv").to_str().unwrap(), "--output", out.to_str().unwrap()],
+            &[
+                "--input",
+                data("zh.csv").to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
             FAST,
         ]
         .concat(),
@@ -152,7 +185,11 @@ fn chinese_csv_with_a_label_file_gets_chinese_prompts() {
     check_records(&recs, &["正面", "负面"]);
     let run: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out.run.json")).unwrap()).unwrap();
     assert_eq!(run["lang"], "zh", "Chinese is detected from the data: {run}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("prompts in zh"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("prompts in zh"),
+        "{}",
+        show(&o)
+    );
     let ids: HashSet<&str> = recs.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, HashSet::from(["z1", "z2", "z3", "z4"]));
 }
@@ -164,9 +201,28 @@ fn few_shot_knn_with_votes_uses_cached_demonstrations() {
     let cache = dir.join("demos-cache.jsonl");
     let args = |out: &Path| {
         [
-            &["--labels", "positive,negative", "--input", data("en.jsonl").to_str().unwrap()][..],
-            &["--output", out.to_str().unwrap(), "--demos", data("en-demos.jsonl").to_str().unwrap()],
-            &["--shots", "2", "--votes", "3", "--demo-cache", cache.to_str().unwrap(), "--limit", "2"],
+            &[
+                "--labels",
+                "positive,negative",
+                "--input",
+                data("en.jsonl").to_str().unwrap(),
+            ][..],
+            &[
+                "--output",
+                out.to_str().unwrap(),
+                "--demos",
+                data("en-demos.jsonl").to_str().unwrap(),
+            ],
+            &[
+                "--shots",
+                "2",
+                "--votes",
+                "3",
+                "--demo-cache",
+                cache.to_str().unwrap(),
+                "--limit",
+                "2",
+            ],
             FAST,
         ]
         .concat()
@@ -192,13 +248,21 @@ fn few_shot_knn_with_votes_uses_cached_demonstrations() {
             assert!(["positive", "negative"].contains(&r[k].as_str().unwrap()), "{k}: {r}");
         }
         assert_eq!(r["label"], r["weighted"], "the default rule is the weighted vote");
-        let demos: Vec<&str> = r["demos"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+        let demos: Vec<&str> = r["demos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
         assert_eq!(demos.len(), 2, "{r}");
         assert!(demos.iter().all(|d| demo_ids.contains(d)), "{r}");
     }
     let cached = std::fs::read_to_string(&cache).unwrap();
     let n_cached = cached.lines().count();
-    assert!((2..=4).contains(&n_cached), "one cache line per demonstration used:\n{cached}");
+    assert!(
+        (2..=4).contains(&n_cached),
+        "one cache line per demonstration used:\n{cached}"
+    );
     for l in cached.lines() {
         let v: Value = serde_json::from_str(l).unwrap();
         assert!(!v["clues"].as_str().unwrap().is_empty(), "{v}");
@@ -208,7 +272,11 @@ fn few_shot_knn_with_votes_uses_cached_demonstrations() {
     let a = args(&out2);
     let o = classify(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(std::fs::read_to_string(&cache).unwrap().lines().count(), n_cached, "cache reused");
+    assert_eq!(
+        std::fs::read_to_string(&cache).unwrap().lines().count(),
+        n_cached,
+        "cache reused"
+    );
     assert_eq!(records(&out2).len(), 2);
 }
 
@@ -218,7 +286,12 @@ fn resumes_after_sigkill_without_losing_or_duplicating() {
     let dir = scratch("resume");
     let out = dir.join("out.jsonl");
     let args = [
-        &["--labels", "positive,negative", "--input", data("more.txt").to_str().unwrap()][..],
+        &[
+            "--labels",
+            "positive,negative",
+            "--input",
+            data("more.txt").to_str().unwrap(),
+        ][..],
         &["--output", out.to_str().unwrap(), "--concurrency", "1"],
         FAST,
     ]
@@ -236,7 +309,10 @@ fn resumes_after_sigkill_without_losing_or_duplicating() {
         if n >= 2 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
         assert!(t0.elapsed() < Duration::from_secs(300), "no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -263,12 +339,20 @@ fn resumes_after_sigkill_without_losing_or_duplicating() {
     let ids: Vec<&str> = recs.iter().map(|r| r["id"].as_str().unwrap()).collect();
     let unique: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), 6, "no duplicates: {ids:?}");
-    assert_eq!(unique, HashSet::from(["1", "2", "3", "4", "5", "6"]), "ids are line numbers");
+    assert_eq!(
+        unique,
+        HashSet::from(["1", "2", "3", "4", "5", "6"]),
+        "ids are line numbers"
+    );
     check_records(&recs, &["positive", "negative"]);
     // Resuming with other settings is refused rather than mixed.
     let o = classify(&[&args[..], &["--method", "vanilla"]].concat());
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("other settings"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -288,7 +372,9 @@ fn api_path_through_vicugna_serve_parses_answers() {
         }
     });
     let api = loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("vicugna serve printed no API URL");
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("vicugna serve printed no API URL");
         if let Some(rest) = line.trim().strip_prefix("API:") {
             break rest.split_whitespace().next().unwrap().to_string();
         }
@@ -341,7 +427,11 @@ fn api_path_through_vicugna_serve_parses_answers() {
         );
     }
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-    assert_eq!(s["metrics"]["parse_failures"].as_u64().unwrap() as usize, unparsed, "{s}");
+    assert_eq!(
+        s["metrics"]["parse_failures"].as_u64().unwrap() as usize,
+        unparsed,
+        "{s}"
+    );
     // Each unparsed input was tried 1 + 2 retries times, each failure counted.
     assert!(s["parse_failures"].as_u64().unwrap() as usize >= 3 * unparsed, "{s}");
 }
@@ -366,9 +456,20 @@ fn bad_inputs_are_reported_with_file_and_line() {
     let out = dir.join("out.jsonl");
     let out = out.to_str().unwrap();
     let bad_csv = dir.join("bad.csv");
-    std::fs::write(&bad_csv, "id,text,label\n1,fine text,positive\n2,too,many,fields,here\n").unwrap();
+    std::fs::write(
+        &bad_csv,
+        "id,text,label\n1,fine text,positive\n2,too,many,fields,here\n",
+    )
+    .unwrap();
     expect_error(
-        &["--labels", "positive,negative", "--input", bad_csv.to_str().unwrap(), "--output", out],
+        &[
+            "--labels",
+            "positive,negative",
+            "--input",
+            bad_csv.to_str().unwrap(),
+            "--output",
+            out,
+        ],
         &["bad.csv:3", "5 fields but the header has 3"],
     );
     let unknown = dir.join("unknown.jsonl");
@@ -378,7 +479,14 @@ fn bad_inputs_are_reported_with_file_and_line() {
     )
     .unwrap();
     expect_error(
-        &["--labels", "positive,negative", "--input", unknown.to_str().unwrap(), "--output", out],
+        &[
+            "--labels",
+            "positive,negative",
+            "--input",
+            unknown.to_str().unwrap(),
+            "--output",
+            out,
+        ],
         &["unknown.jsonl:2", "\"neutral\"", "positive, negative"],
     );
     expect_error(
@@ -397,9 +505,26 @@ fn bad_inputs_are_reported_with_file_and_line() {
     let not_json = dir.join("broken.jsonl");
     std::fs::write(&not_json, "{\"text\": \"ok\"}\n{\"text\": \"unterminated\n").unwrap();
     expect_error(
-        &["--labels", "a,b", "--input", not_json.to_str().unwrap(), "--output", out],
+        &[
+            "--labels",
+            "a,b",
+            "--input",
+            not_json.to_str().unwrap(),
+            "--output",
+            out,
+        ],
         &["broken.jsonl:2", "not a JSON object"],
     );
-    expect_error(&["--labels", "only", "--input", not_json.to_str().unwrap(), "--output", out], &["at least two labels"]);
+    expect_error(
+        &[
+            "--labels",
+            "only",
+            "--input",
+            not_json.to_str().unwrap(),
+            "--output",
+            out,
+        ],
+        &["at least two labels"],
+    );
     assert!(!Path::new(out).exists(), "no results file is created for bad input");
 }

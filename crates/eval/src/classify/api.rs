@@ -91,7 +91,10 @@ impl ApiBackend {
             ))
         })?;
         if !status.is_success() {
-            let msg = v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
             return Err(err(format!("HTTP {status}: {msg}")));
         }
         Ok(v)
@@ -118,14 +121,25 @@ impl ApiBackend {
             .map(str::to_string)
             .ok_or_else(|| ClassifyError::Api {
                 url: format!("{}/chat/completions", self.base),
-                message: format!("no choices[0].message.content in {}", v.to_string().chars().take(200).collect::<String>()),
+                message: format!(
+                    "no choices[0].message.content in {}",
+                    v.to_string().chars().take(200).collect::<String>()
+                ),
             })
     }
 }
 
 /// Markers that may introduce the answer in free text.
 fn answer_markers(prompts: &Prompts) -> Vec<&'static str> {
-    vec![prompts.label_marker(), "label:", "标签:", "answer:", "答案：", "sentiment:", "topic:"]
+    vec![
+        prompts.label_marker(),
+        "label:",
+        "标签:",
+        "answer:",
+        "答案：",
+        "sentiment:",
+        "topic:",
+    ]
 }
 
 impl Backend for ApiBackend {
@@ -171,7 +185,11 @@ impl Backend for ApiBackend {
             label: None,
             probs: None,
             clues,
-            reasoning: if reasoning.is_empty() { last.trim().to_string() } else { reasoning },
+            reasoning: if reasoning.is_empty() {
+                last.trim().to_string()
+            } else {
+                reasoning
+            },
         })
     }
 
@@ -180,7 +198,10 @@ impl Backend for ApiBackend {
             let t = s.trim();
             t.strip_prefix(marker).unwrap_or(t).trim().to_string()
         };
-        let clues = strip(self.chat(&prompts.demo_clues_request(text, label), None)?, prompts.clues_marker());
+        let clues = strip(
+            self.chat(&prompts.demo_clues_request(text, label), None)?,
+            prompts.clues_marker(),
+        );
         let reasoning = strip(
             self.chat(&prompts.demo_reasoning_request(text, label, &clues), None)?,
             prompts.reasoning_marker(),

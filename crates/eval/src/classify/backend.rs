@@ -33,8 +33,14 @@ pub struct BackendStats {
 pub trait Backend: Sync {
     /// One classification of `text`, shown `demos` (least similar first). `seed`
     /// set means sample (one vote of several); unset means greedy.
-    fn classify(&self, prompts: &Prompts, method: Method, demos: &[Demo], text: &str, seed: Option<u64>)
-        -> Result<Vote>;
+    fn classify(
+        &self,
+        prompts: &Prompts,
+        method: Method,
+        demos: &[Demo],
+        text: &str,
+        seed: Option<u64>,
+    ) -> Result<Vote>;
 
     /// Clues and reasoning for a demonstration, written by the model knowing its gold label.
     fn explain(&self, prompts: &Prompts, text: &str, label: usize) -> Result<(String, String)>;
@@ -70,7 +76,11 @@ pub fn split_sections(answer: &str, prompts: &Prompts) -> (String, String) {
         let lower = hay.to_lowercase();
         lower.find(&marker.to_lowercase()).filter(|_| lower.len() == hay.len())
     };
-    let (c, r, l) = (prompts.clues_marker(), prompts.reasoning_marker(), prompts.label_marker());
+    let (c, r, l) = (
+        prompts.clues_marker(),
+        prompts.reasoning_marker(),
+        prompts.label_marker(),
+    );
     let end_of = |s: &str| find(s, l).unwrap_or(s.len());
     let clues_start = find(answer, c).map(|p| p + c.len());
     let reason_start = find(answer, r);

@@ -69,7 +69,13 @@ impl DemoCache {
     fn key(model: &str, prompts: &Prompts, item: &Item) -> String {
         let label = item.gold.map(|g| prompts.labels.labels[g].name.as_str()).unwrap_or("");
         let mut h = Sha256::new();
-        for part in [model, prompts.lang.code(), &prompts.task, label, &prompts.clip(&item.text)] {
+        for part in [
+            model,
+            prompts.lang.code(),
+            &prompts.task,
+            label,
+            &prompts.clip(&item.text),
+        ] {
             h.update(part.as_bytes());
             h.update([0u8]);
         }
@@ -101,7 +107,8 @@ impl DemoCache {
         if len > 0 && !ends_with_newline(&self.path) {
             s.insert(0, '\n');
         }
-        f.write_all(s.as_bytes()).map_err(|e| ClassifyError::io(&self.path, e))?;
+        f.write_all(s.as_bytes())
+            .map_err(|e| ClassifyError::io(&self.path, e))?;
         entries.insert(key, (clues.to_string(), reasoning.to_string()));
         Ok(())
     }
@@ -109,7 +116,9 @@ impl DemoCache {
 
 fn ends_with_newline(path: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return true };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return true;
+    };
     if f.seek(SeekFrom::End(-1)).is_err() {
         return true;
     }
@@ -209,7 +218,10 @@ pub fn explain(
     let demos = par_map(w.threads, needed, w.stop, |_, &d| {
         let item = &pool[d];
         let label = item.gold.ok_or_else(|| {
-            ClassifyError::Setting(format!("demonstration {} (line {}) has no gold label", item.id, item.line))
+            ClassifyError::Setting(format!(
+                "demonstration {} (line {}) has no gold label",
+                item.id, item.line
+            ))
         })?;
         let key = DemoCache::key(&model, prompts, item);
         let (clues, reasoning) = match cache.get(&key) {

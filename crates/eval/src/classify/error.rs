@@ -13,7 +13,11 @@ pub enum ClassifyError {
     },
     /// A record of an input file (data, demonstrations, labels) is malformed.
     #[error("{path}:{line}: {message}")]
-    Input { path: PathBuf, line: usize, message: String },
+    Input {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("labels: {0}")]
     Labels(String),
     #[error("{path}: {message}")]

@@ -36,7 +36,12 @@ pub enum InputFormat {
 impl InputFormat {
     /// From the file name: `.jsonl`/`.json`, `.csv`, `.tsv`, anything else one text per line.
     pub fn from_path(path: &Path) -> InputFormat {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("jsonl" | "json" | "ndjson") => InputFormat::Jsonl,
             Some("csv") => InputFormat::Csv,
             Some("tsv") => InputFormat::Tsv,
@@ -75,10 +80,18 @@ pub fn read_items(path: &Path, format: InputFormat, fields: &Fields, labels: &La
     let mut items = Vec::with_capacity(raw.len());
     for r in raw {
         if r.text.trim().is_empty() {
-            return Err(ClassifyError::input(path, r.line, format!("the text field {:?} is empty", fields.text)));
+            return Err(ClassifyError::input(
+                path,
+                r.line,
+                format!("the text field {:?} is empty", fields.text),
+            ));
         }
         if !seen.insert(r.id.clone()) {
-            return Err(ClassifyError::input(path, r.line, format!("id {:?} appears twice", r.id)));
+            return Err(ClassifyError::input(
+                path,
+                r.line,
+                format!("id {:?} appears twice", r.id),
+            ));
         }
         let gold = match &r.gold {
             None => None,
@@ -86,7 +99,10 @@ pub fn read_items(path: &Path, format: InputFormat, fields: &Fields, labels: &La
                 ClassifyError::input(
                     path,
                     r.line,
-                    format!("gold label {g:?} is not one of the labels ({})", labels.names().join(", ")),
+                    format!(
+                        "gold label {g:?} is not one of the labels ({})",
+                        labels.names().join(", ")
+                    ),
                 )
             })?),
         };
@@ -113,7 +129,10 @@ struct RawItem {
 fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| ClassifyError::io(path, e))?;
     String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         ClassifyError::input(path, line, "not valid UTF-8")
     })
 }
@@ -126,8 +145,8 @@ fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<RawItem>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| ClassifyError::input(path, n, format!("not a JSON object: {e}")))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| ClassifyError::input(path, n, format!("not a JSON object: {e}")))?;
         let Value::Object(obj) = v else {
             return Err(ClassifyError::input(path, n, "expected a JSON object"));
         };
@@ -145,7 +164,11 @@ fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<RawItem>> {
                 return Err(ClassifyError::input(
                     path,
                     n,
-                    format!("no field {:?} (fields: {}); name the text field with --text-field", fields.text, keys()),
+                    format!(
+                        "no field {:?} (fields: {}); name the text field with --text-field",
+                        fields.text,
+                        keys()
+                    ),
                 ))
             }
         };
@@ -153,21 +176,40 @@ fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<RawItem>> {
             None | Some(Value::Null) => n.to_string(),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(x)) => x.to_string(),
-            Some(other) => return Err(ClassifyError::input(path, n, format!("field \"id\" must be a string or number, got {other}"))),
+            Some(other) => {
+                return Err(ClassifyError::input(
+                    path,
+                    n,
+                    format!("field \"id\" must be a string or number, got {other}"),
+                ))
+            }
         };
         let gold_key = fields.gold.as_deref().unwrap_or("label");
         let gold = match obj.get(gold_key) {
             None | Some(Value::Null) if fields.gold.is_some() => {
-                return Err(ClassifyError::input(path, n, format!("no gold label field {gold_key:?} (fields: {})", keys())))
+                return Err(ClassifyError::input(
+                    path,
+                    n,
+                    format!("no gold label field {gold_key:?} (fields: {})", keys()),
+                ))
             }
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(x)) => Some(x.to_string()),
             Some(other) => {
-                return Err(ClassifyError::input(path, n, format!("gold label {gold_key:?} must be a string, got {other}")))
+                return Err(ClassifyError::input(
+                    path,
+                    n,
+                    format!("gold label {gold_key:?} must be a string, got {other}"),
+                ))
             }
         };
-        out.push(RawItem { id, text, gold, line: n });
+        out.push(RawItem {
+            id,
+            text,
+            gold,
+            line: n,
+        });
     }
     Ok(out)
 }

@@ -60,10 +60,18 @@ impl LabelSet {
                 None => (line, None),
             };
             if name.is_empty() {
-                return Err(ClassifyError::input(path, i + 1, "the label name before the separator is empty"));
+                return Err(ClassifyError::input(
+                    path,
+                    i + 1,
+                    "the label name before the separator is empty",
+                ));
             }
             if labels.iter().any(|l: &Label| l.name == name) {
-                return Err(ClassifyError::input(path, i + 1, format!("label {name:?} is listed twice")));
+                return Err(ClassifyError::input(
+                    path,
+                    i + 1,
+                    format!("label {name:?} is listed twice"),
+                ));
             }
             labels.push(Label {
                 name: name.to_string(),
@@ -103,10 +111,11 @@ impl LabelSet {
     /// The index of `name`: exact match first, then ignoring case and surrounding space.
     pub fn index(&self, name: &str) -> Option<usize> {
         let name = name.trim();
-        self.labels
-            .iter()
-            .position(|l| l.name == name)
-            .or_else(|| self.labels.iter().position(|l| l.name.to_lowercase() == name.to_lowercase()))
+        self.labels.iter().position(|l| l.name == name).or_else(|| {
+            self.labels
+                .iter()
+                .position(|l| l.name.to_lowercase() == name.to_lowercase())
+        })
     }
 
     /// Whether any label has a description.

@@ -1,19 +1,18 @@
 //! Classification with a local model through the engine.
 //!
-//! CARP runs as three requests per vote, each continuing the previous one's
-//! text: clues (after `CLUES:`), reasoning (after `REASONING:`), and the
-//! decision after `LABEL:`. The decision is scored: each label's tokens are
-//! scored as the continuation of the decision prompt and the label
-//! probabilities are those scores normalised over the label set.
+//! CARP runs as three steps per vote, each continuing the previous one's text:
+//! clues (after `CLUES:`), reasoning (after `REASONING:`), and the decision
+//! after `LABEL:`, decoded under a choice constraint to the label set, with
+//! each label's probability from the model's logprobs (see `decide`).
 //!
 //! Many inputs are classified at once from several threads; the engine batches
-//! their requests (continuous batching).
+//! their requests (continuous batching), and each step's prompt extends the
+//! previous one, so its KV cache is reused (prefix reuse) rather than recomputed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rand::{Rng, SeedableRng};
 use vicugna_chat::{ChatFormat, ChatMessage};
-use vicugna_engine::{EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules};
+use vicugna_engine::{Constraint, EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules};
 
 use super::backend::{normalize, Backend, BackendStats, Vote};
 use super::error::{ClassifyError, Result};
@@ -50,7 +49,6 @@ pub struct LocalBackend {
     opts: LocalOptions,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
-    reused_tokens: AtomicU64,
 }
 
 impl LocalBackend {
@@ -71,7 +69,6 @@ impl LocalBackend {
             opts,
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
-            reused_tokens: AtomicU64::new(0),
         })
     }
 
@@ -120,86 +117,76 @@ impl LocalBackend {
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let tok = self.engine.tokenizer().ok_or(vicugna_engine::EngineError::EngineStopped)?;
+        let tok = self
+            .engine
+            .tokenizer()
+            .ok_or(vicugna_engine::EngineError::EngineStopped)?;
         Ok(tok.encode(text, special)?)
     }
 
-    /// Log-probability of each label's tokens as the continuation of `prompt`.
-    ///
-    /// Each label is one request of the prompt ids followed by the label ids,
-    /// scored with echo + logprobs and no new tokens; all labels are submitted
-    /// before any is read, so the engine runs them in one batch.
-    fn label_logprobs(&self, prompt: &str, prompts: &Prompts) -> Result<Vec<f64>> {
-        let ids = self.encode(prompt, self.format.add_special_tokens())?;
-        let mut streams = Vec::with_capacity(prompts.labels.len());
-        for i in 0..prompts.labels.len() {
-            let label_ids = self.encode(&prompts.label_choice(i), false)?;
-            let mut all = ids.clone();
-            all.extend_from_slice(&label_ids);
-            let mut req = GenerateRequest::new(Prompt::Ids(all), 0);
-            req.echo = true;
-            req.logprobs = Some(0);
-            streams.push((label_ids.len(), self.engine.submit(req)?));
-        }
-        let mut scores = Vec::with_capacity(streams.len());
-        for (n, mut stream) in streams {
-            let mut score = None;
-            while let Some(ev) = stream.next_blocking() {
-                match ev {
-                    Event::Prompt { logprobs: Some(lps), .. } => {
-                        let tail = &lps[lps.len().saturating_sub(n)..];
-                        score = Some(tail.iter().map(|t| t.logprob as f64).sum::<f64>());
-                    }
-                    Event::Done { usage, .. } => {
-                        self.count(usage.prompt_tokens, 0);
-                        break;
-                    }
-                    Event::Error(e) => return Err(vicugna_engine::EngineError::InvalidRequest(e).into()),
-                    _ => {}
-                }
-            }
-            scores.push(score.ok_or(vicugna_engine::EngineError::EngineStopped)?);
-        }
-        Ok(scores)
-    }
-
     /// The decision after `prompt` (which ends with the label marker): the label
-    /// and every label's probability.
+    /// chosen under a constraint to the label set, and every label's probability.
+    ///
+    /// A label's probability is the model's own probability of its tokens after
+    /// the prompt, normalised over the label set. Each label is forced with a
+    /// one-string choice constraint; the engine reports logprobs before the
+    /// constraint's mask, so the sum over the forced tokens is the model's
+    /// log-probability of that label (in the tokenization the constrained
+    /// decoder follows). The decision and the label requests are submitted
+    /// together, share the prompt's KV cache (prefix reuse) and cost a few
+    /// decode steps each.
     fn decide(&self, prompt: &str, prompts: &Prompts, seed: Option<u64>) -> Result<(usize, Vec<f64>)> {
-        let probs = normalize(&self.label_logprobs(prompt, prompts)?);
-        let label = match seed {
-            None => argmax(&probs),
-            Some(s) => {
-                // A sampled vote draws the label from the label distribution at the
-                // vote temperature, as constrained sampling would.
-                let t = self.opts.temperature.max(1e-3) as f64;
-                let tempered = normalize(&probs.iter().map(|p| p.max(1e-300).ln() / t).collect::<Vec<_>>());
-                let mut rng = rand::rngs::StdRng::seed_from_u64(s ^ 0x5eed);
-                let mut r: f64 = rng.random();
-                let mut pick = tempered.len() - 1;
-                for (i, p) in tempered.iter().enumerate() {
-                    if r < *p {
-                        pick = i;
-                        break;
-                    }
-                    r -= p;
-                }
-                pick
-            }
+        let choices: Vec<String> = (0..prompts.labels.len()).map(|i| prompts.label_choice(i)).collect();
+        let request = |choice: Vec<String>, sampling: SamplingParams, logprobs: Option<usize>| {
+            let mut req = GenerateRequest::new(Prompt::Text(prompt.to_string()), 64);
+            req.add_special_tokens = self.format.add_special_tokens();
+            req.sampling = sampling;
+            req.logprobs = logprobs;
+            req.constraint = Some(Constraint::Choice(choice));
+            req
         };
-        Ok((label, probs))
-    }
-}
-
-/// Index of the largest value (the first on ties).
-pub fn argmax(v: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
+        let decision = self
+            .engine
+            .submit(request(choices.clone(), self.sampling(seed), None))?;
+        let scored: Vec<_> = choices
+            .iter()
+            .map(|c| {
+                self.engine
+                    .submit(request(vec![c.clone()], SamplingParams::greedy(), Some(0)))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let mut logs = Vec::with_capacity(choices.len());
+        for stream in scored {
+            let (_, lps) = self.collect(stream)?;
+            logs.push(lps.iter().sum::<f64>());
         }
+        let (text, _) = self.collect(decision)?;
+        let label = choices.iter().position(|c| *c == text).ok_or_else(|| {
+            ClassifyError::Setting(format!("the constrained decision {text:?} is not one of the labels"))
+        })?;
+        Ok((label, normalize(&logs)))
     }
-    best
+
+    /// Reads a request to its end: the text and each generated token's logprob.
+    fn collect(&self, mut stream: vicugna_engine::EventStream) -> Result<(String, Vec<f64>)> {
+        let (mut text, mut lps) = (String::new(), Vec::new());
+        while let Some(ev) = stream.next_blocking() {
+            match ev {
+                Event::Token { text: t, logprob, .. } => {
+                    text.push_str(&t);
+                    lps.extend(logprob.map(|l| l.logprob as f64));
+                }
+                Event::Done { usage, text: t, .. } => {
+                    text.push_str(&t);
+                    self.count(usage.prompt_tokens, usage.completion_tokens);
+                    return Ok((text, lps));
+                }
+                Event::Error(e) => return Err(vicugna_engine::EngineError::InvalidRequest(e).into()),
+                Event::Prompt { .. } => {}
+            }
+        }
+        Err(vicugna_engine::EngineError::EngineStopped.into())
+    }
 }
 
 impl Backend for LocalBackend {
@@ -213,7 +200,11 @@ impl Backend for LocalBackend {
     ) -> Result<Vote> {
         let user = prompts.user_message(method, demos, text);
         let stops = prompts.section_stops();
-        let (c, r, l) = (prompts.clues_marker(), prompts.reasoning_marker(), prompts.label_marker());
+        let (c, r, l) = (
+            prompts.clues_marker(),
+            prompts.reasoning_marker(),
+            prompts.label_marker(),
+        );
         let sub = |s: Option<u64>, k: u64| s.map(|s| s.wrapping_mul(31).wrapping_add(k));
         let (answer, clues, reasoning) = match method {
             Method::Vanilla => (l.to_string(), String::new(), String::new()),
@@ -221,14 +212,29 @@ impl Backend for LocalBackend {
             // space after a marker: the model writes the space with its first word).
             Method::Cot => {
                 let head = prompts.cot_trigger().to_string();
-                let thought = self.generate(self.render(&user, &head)?, self.opts.reasoning_tokens, stops, sub(seed, 1))?;
+                let thought = self.generate(
+                    self.render(&user, &head)?,
+                    self.opts.reasoning_tokens,
+                    stops,
+                    sub(seed, 1),
+                )?;
                 let answer = format!("{head}{}\n{l}", thought.trim_end());
                 (answer, String::new(), thought.trim().to_string())
             }
             Method::Carp => {
-                let clues = self.generate(self.render(&user, c)?, self.opts.clue_tokens, stops.clone(), sub(seed, 1))?;
+                let clues = self.generate(
+                    self.render(&user, c)?,
+                    self.opts.clue_tokens,
+                    stops.clone(),
+                    sub(seed, 1),
+                )?;
                 let head = format!("{c}{}\n{r}", clues.trim_end());
-                let reasoning = self.generate(self.render(&user, &head)?, self.opts.reasoning_tokens, stops, sub(seed, 2))?;
+                let reasoning = self.generate(
+                    self.render(&user, &head)?,
+                    self.opts.reasoning_tokens,
+                    stops,
+                    sub(seed, 2),
+                )?;
                 let answer = format!("{head}{}\n{l}", reasoning.trim_end());
                 (answer, clues.trim().to_string(), reasoning.trim().to_string())
             }
@@ -245,10 +251,20 @@ impl Backend for LocalBackend {
     fn explain(&self, prompts: &Prompts, text: &str, label: usize) -> Result<(String, String)> {
         let stops = prompts.section_stops();
         let user = prompts.demo_clues_request(text, label);
-        let clues = self.generate(self.render(&user, prompts.clues_marker())?, self.opts.clue_tokens, stops.clone(), None)?;
+        let clues = self.generate(
+            self.render(&user, prompts.clues_marker())?,
+            self.opts.clue_tokens,
+            stops.clone(),
+            None,
+        )?;
         let clues = clues.trim().to_string();
         let user = prompts.demo_reasoning_request(text, label, &clues);
-        let reasoning = self.generate(self.render(&user, prompts.reasoning_marker())?, self.opts.reasoning_tokens, stops, None)?;
+        let reasoning = self.generate(
+            self.render(&user, prompts.reasoning_marker())?,
+            self.opts.reasoning_tokens,
+            stops,
+            None,
+        )?;
         Ok((clues, reasoning.trim().to_string()))
     }
 
@@ -278,10 +294,12 @@ impl Backend for LocalBackend {
     }
 
     fn stats(&self) -> BackendStats {
+        let engine = self.engine.stats();
         BackendStats {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
-            reused_tokens: self.reused_tokens.load(Ordering::Relaxed),
+            // The engine counts every request of the process; this backend is its only user.
+            reused_tokens: engine.reused_prompt_tokens,
             parse_failures: 0,
         }
     }

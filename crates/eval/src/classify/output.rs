@@ -111,7 +111,8 @@ impl ResultsFile {
         file.set_len(keep).map_err(|e| ClassifyError::io(path, e))?;
         let mut file = file;
         use std::io::Seek;
-        file.seek(std::io::SeekFrom::End(0)).map_err(|e| ClassifyError::io(path, e))?;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| ClassifyError::io(path, e))?;
         Ok((
             ResultsFile {
                 path: path.to_path_buf(),
@@ -142,7 +143,10 @@ impl ResultsFile {
 
 /// Writes `contents` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| ClassifyError::io(dir, e))?;
     tmp.write_all(contents).map_err(|e| ClassifyError::io(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| ClassifyError::io(path, e.error))?;
@@ -162,7 +166,12 @@ pub fn check_run_settings(output: &Path, settings: &serde_json::Value, has_recor
                         .into_iter()
                         .flatten()
                         .filter(|(k, v)| old.get(k.as_str()) != Some(v))
-                        .map(|(k, v)| format!("{k}: was {}, now {v}", old.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+                        .map(|(k, v)| {
+                            format!(
+                                "{k}: was {}, now {v}",
+                                old.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                            )
+                        })
                         .collect();
                     return Err(ClassifyError::Output {
                         path: output.to_path_buf(),
@@ -181,6 +190,9 @@ pub fn check_run_settings(output: &Path, settings: &serde_json::Value, has_recor
 
 /// `<output>.<suffix>` next to the results file (`out.jsonl` → `out.metrics.json`).
 pub fn sidecar(output: &Path, suffix: &str) -> PathBuf {
-    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     output.with_file_name(format!("{stem}.{suffix}"))
 }

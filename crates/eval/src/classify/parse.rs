@@ -22,7 +22,11 @@ pub fn parse_label(answer: &str, labels: &LabelSet, markers: &[&str]) -> Option<
     }
     if let Some(start) = best {
         // `to_lowercase` can change byte lengths; fall back to the original when it did.
-        let tail = if lower.len() == answer.len() { &answer[start..] } else { &lower[start..] };
+        let tail = if lower.len() == answer.len() {
+            &answer[start..]
+        } else {
+            &lower[start..]
+        };
         let line = tail.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
         if let Some(i) = only_one(line, labels) {
             return Some(i);
@@ -111,7 +115,10 @@ mod tests {
     #[test]
     fn last_sentence_then_whole_answer() {
         let l = set("sport,business,tech");
-        assert_eq!(parse_label("It mentions markets and sport. So: business.", &l, &["LABEL:"]), Some(1));
+        assert_eq!(
+            parse_label("It mentions markets and sport. So: business.", &l, &["LABEL:"]),
+            Some(1)
+        );
         assert_eq!(parse_label("Clearly about sport", &l, &["LABEL:"]), Some(0));
         assert_eq!(parse_label("sport or business, hard to say", &l, &["LABEL:"]), None);
         assert_eq!(parse_label("no idea", &l, &["LABEL:"]), None);
@@ -128,7 +135,10 @@ mod tests {
     #[test]
     fn chinese_labels() {
         let l = set("正面,负面");
-        assert_eq!(parse_label("线索：好吃\n推理：评价很好。\n标签：正面", &l, &["标签："]), Some(0));
+        assert_eq!(
+            parse_label("线索：好吃\n推理：评价很好。\n标签：正面", &l, &["标签："]),
+            Some(0)
+        );
         assert_eq!(parse_label("这条评论是负面的。", &l, &["标签："]), Some(1));
     }
 }

@@ -54,7 +54,10 @@ pub fn confusion_png(m: &Metrics, title: &str, path: &Path) -> Result<()> {
     let cell = 90u32;
     let (w, h) = (200 + cell * cols as u32 + 40, 130 + cell * k as u32 + 90);
     // The encoder is chosen by extension, so the temporary name ends in .png too.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = path.with_file_name(format!(".{name}.part.png"));
     {
         let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
@@ -87,10 +90,16 @@ pub fn confusion_png(m: &Metrics, title: &str, path: &Path) -> Result<()> {
                 let share = v as f64 / total as f64;
                 let shade = (255.0 * (1.0 - 0.85 * share)) as u8;
                 let color = RGBColor(shade, shade, 255);
-                root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], color.filled()))
-                    .map_err(|e| err(e.to_string()))?;
-                root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], BLACK.stroke_width(1)))
-                    .map_err(|e| err(e.to_string()))?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell as i32, y + cell as i32)],
+                    color.filled(),
+                ))
+                .map_err(|e| err(e.to_string()))?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell as i32, y + cell as i32)],
+                    BLACK.stroke_width(1),
+                ))
+                .map_err(|e| err(e.to_string()))?;
                 let text_color = if share > 0.55 { WHITE } else { BLACK };
                 root.draw(&Text::new(
                     v.to_string(),

@@ -89,7 +89,12 @@ mod tests {
 
     #[test]
     fn without_probabilities_weighted_is_majority_and_failures_do_not_vote() {
-        let v = [vote(None, None), vote(Some(2), None), vote(Some(2), None), vote(Some(1), None)];
+        let v = [
+            vote(None, None),
+            vote(Some(2), None),
+            vote(Some(2), None),
+            vote(Some(1), None),
+        ];
         let c = combine(&v, 3);
         assert_eq!((c.majority, c.weighted, c.probs), (Some(2), Some(2), None));
         let c = combine(&[vote(None, None)], 3);
