@@ -12,7 +12,8 @@
 # Settings (environment): N test items per class (200), POOL demonstrations per
 # class (16), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
 # METHODS ("vanilla carp carp-knn"), BIN (target/release/vicugna),
-# WORK (target/classify-real), EXTRA (more flags for every run), PREP_ONLY=1
+# WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
+# and BBC_WORDS (120): texts are clipped to this length, PREP_ONLY=1
 # (fetch and sample only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,8 +91,8 @@ PY
 run() { # dataset method
   local ds=$1 m=$2 out="$WORK/$1-$2.jsonl" flags=()
   case $ds in
-    zh) flags=(--task "中文商品评论的情感倾向" --max-words 150) ;;
-    bbc) flags=(--task "the topic of a BBC news article" --max-words 120) ;;
+    zh) flags=(--task "中文商品评论的情感倾向" --max-words ${ZH_CHARS:-150}) ;;
+    bbc) flags=(--task "the topic of a BBC news article" --max-words ${BBC_WORDS:-120}) ;;
   esac
   case $m in
     vanilla) flags+=(--method vanilla) ;;

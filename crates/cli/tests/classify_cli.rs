@@ -168,7 +168,7 @@ fn chinese_csv_with_a_label_file_gets_chinese_prompts() {
     let out = dir.join("out.jsonl");
     let o = classify(
         &[
-            &["--labels", data("zh-labels.txt").to_str().unwrap()],
+            &["--labels", data("zh-labels.txt").to_str().unwrap()][..],
             &[
                 "--input",
                 data("zh.csv").to_str().unwrap(),
@@ -285,13 +285,9 @@ fn resumes_after_sigkill_without_losing_or_duplicating() {
     model_ready();
     let dir = scratch("resume");
     let out = dir.join("out.jsonl");
+    let more = data("more.txt");
     let args = [
-        &[
-            "--labels",
-            "positive,negative",
-            "--input",
-            data("more.txt").to_str().unwrap(),
-        ][..],
+        &["--labels", "positive,negative", "--input", more.to_str().unwrap()][..],
         &["--output", out.to_str().unwrap(), "--concurrency", "1"],
         FAST,
     ]
