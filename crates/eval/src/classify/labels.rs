@@ -123,3 +123,34 @@ impl LabelSet {
         self.labels.iter().any(|l| l.description.is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_and_file_forms() {
+        let l = LabelSet::from_list("sport, business ,tech").unwrap();
+        assert_eq!(l.names(), vec!["sport", "business", "tech"]);
+        assert_eq!(l.index("Business"), Some(1));
+        assert_eq!(l.index("science"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("labels.txt");
+        std::fs::write(
+            &p,
+            "# topics\nsport: matches, players\n\nbusiness\tcompanies\n正面：满意\n",
+        )
+        .unwrap();
+        let l = LabelSet::from_file(&p).unwrap();
+        assert_eq!(l.names(), vec!["sport", "business", "正面"]);
+        assert_eq!(l.labels[0].description.as_deref(), Some("matches, players"));
+        assert_eq!(l.labels[2].description.as_deref(), Some("满意"));
+        std::fs::write(&p, "a\nb\na: again\n").unwrap();
+        let e = LabelSet::from_file(&p).unwrap_err().to_string();
+        assert!(e.ends_with("labels.txt:3: label \"a\" is listed twice"), "{e}");
+        assert!(LabelSet::from_list("only")
+            .unwrap_err()
+            .to_string()
+            .contains("at least two labels"));
+    }
+}

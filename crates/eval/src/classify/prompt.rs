@@ -325,3 +325,55 @@ impl Prompts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompts(lang: Lang) -> Prompts {
+        Prompts::new(LabelSet::from_list("positive,negative").unwrap(), lang, None, 5)
+    }
+
+    #[test]
+    fn language_detection() {
+        assert_eq!(Lang::detect(["这本书很好看", "not bad"]), Lang::Zh);
+        assert_eq!(Lang::detect(["A fine book.", "好"]), Lang::En);
+    }
+
+    #[test]
+    fn carp_prompt_has_steps_demos_in_order_and_input_last() {
+        let p = prompts(Lang::En);
+        let demo = |id: &str, label| Demo {
+            id: id.into(),
+            text: format!("text of {id}"),
+            label,
+            clues: "c".into(),
+            reasoning: "r".into(),
+        };
+        let u = p.user_message(
+            Method::Carp,
+            &[demo("far", 1), demo("near", 0)],
+            "one two three four five six seven",
+        );
+        for step in [
+            "First, list CLUES",
+            "Second, deduce a diagnostic REASONING",
+            "Third, determine the LABEL",
+        ] {
+            assert!(u.contains(step), "{u}");
+        }
+        let (far, near) = (u.find("text of far").unwrap(), u.find("text of near").unwrap());
+        assert!(far < near, "demonstrations keep their order (most similar last)");
+        assert!(
+            u.ends_with("INPUT: one two three four five ..."),
+            "input last, clipped to 5 words: {u}"
+        );
+        assert!(
+            u.contains("LABEL: negative\n") && u.contains("CLUES: c\nREASONING: r\n"),
+            "{u}"
+        );
+        let z = prompts(Lang::Zh);
+        assert_eq!(z.label_choice(0), "positive");
+        assert!(z.user_message(Method::Carp, &[], "很好").contains("首先，列出"));
+    }
+}
