@@ -6,6 +6,7 @@
 #
 #   bench/classify-throughput.sh            # 32 BBC news items, both methods
 #   ITEMS=16 DATASET=zh bench/classify-throughput.sh
+# Texts are clipped as in bench/classify-real.sh (BBC_WORDS, ZH_CHARS); EXTRA adds flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITEMS=${ITEMS:-32}
@@ -19,8 +20,8 @@ export VICUGNA_HOME=${VICUGNA_HOME:-$HOME/.cache/vicugna}
 # The same seeded sample as bench/classify-real.sh.
 PREP_ONLY=1 WORK="$WORK" BIN="$BIN" bench/classify-real.sh
 case $DATASET in
-  zh) flags=(--task "中文商品评论的情感倾向" --max-words 150) ;;
-  *) flags=(--task "the topic of a BBC news article" --max-words 120) ;;
+  zh) flags=(--task "中文商品评论的情感倾向" --max-words "${ZH_CHARS:-150}") ;;
+  *) flags=(--task "the topic of a BBC news article" --max-words "${BBC_WORDS:-120}") ;;
 esac
 for m in $METHODS; do
   for reuse in on off; do
