@@ -5,6 +5,7 @@ mod bench;
 mod chat_cmd;
 mod eval_cmd;
 mod eval_local;
+mod classify_cmd;
 mod generate;
 mod leaderboard;
 mod model_arg;
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Arena ratings (Elo, 95% intervals, win fractions) from the web page's vote logs.
     Leaderboard(leaderboard::LeaderboardArgs),
+    /// Label texts with a model (CARP, vanilla or chain-of-thought; zero- or few-shot).
+    Classify(classify_cmd::ClassifyArgs),
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -71,6 +74,7 @@ fn main() {
         Command::Delta(c) => weights_cmd::run_delta(c),
         Command::Lora(c) => weights_cmd::run_lora(c),
         Command::Convert(a) => weights_cmd::run_convert(a),
+        Command::Classify(a) => classify_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -16,6 +16,9 @@
 
 pub mod answer;
 pub mod chart;
+// Field-level docs of the classification types are still to be written.
+#[allow(missing_docs)]
+pub mod classify;
 pub mod client;
 mod error;
 pub mod jsonl;

@@ -1,0 +1,405 @@
+//! `vicugna classify`: label a corpus with CARP (or vanilla / chain-of-thought
+//! prompting) on a local model or through an OpenAI-compatible API, writing one
+//! JSON line per input as it goes, resumable, with metrics when gold labels exist.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use vicugna_engine::{EngineHandle, EngineOptions};
+use vicugna_eval::classify::api::{ApiBackend, ApiOptions};
+use vicugna_eval::classify::demos::{self, DemoCache, DemoSelect, Workers};
+use vicugna_eval::classify::local::{LocalBackend, LocalOptions};
+use vicugna_eval::classify::output::{check_run_settings, sidecar, write_atomic};
+use vicugna_eval::classify::{
+    classify_items, plot, read_items, Backend, ClassifyError, Demo, Fields, InputFormat, Item, LabelSet, Lang, Method,
+    Metrics, Prompts, ResultsFile, RunOptions, VoteRule,
+};
+
+use crate::model_arg::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    /// Labels: a comma-separated list, or a file with one `label: description` per line.
+    #[arg(long)]
+    labels: String,
+    /// Texts to classify: .jsonl, .csv, .tsv (header row), or one text per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Input layout, when the file name does not tell.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// The field (JSONL key or CSV column) holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// The field holding the gold label (default: `label` when present).
+    #[arg(long)]
+    gold_field: Option<String>,
+    /// Results, one JSON line per input; an existing file is resumed.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use an OpenAI-compatible API at this URL (e.g. http://127.0.0.1:8000/v1) with --model NAME.
+    #[arg(long)]
+    api_base: Option<String>,
+    /// Bearer key for --api-base (default: $OPENAI_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "carp")]
+    method: MethodArg,
+    /// Prompt language; auto detects Chinese from the inputs.
+    #[arg(long, value_enum, default_value = "auto")]
+    lang: LangArg,
+    /// What is decided, e.g. "the overall sentiment of a product review".
+    #[arg(long)]
+    task: Option<String>,
+    /// Demonstrations per prompt (few-shot); needs --demos.
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// Labelled examples to draw demonstrations from (same layout as --input).
+    #[arg(long)]
+    demos: Option<PathBuf>,
+    /// How demonstrations are chosen.
+    #[arg(long, value_enum, default_value = "knn")]
+    demo_select: DemoSelectArg,
+    /// Where the demonstrations' generated clues and reasoning are cached (default: <output>.demos.jsonl).
+    #[arg(long)]
+    demo_cache: Option<PathBuf>,
+    /// Answers per input; more than one samples at --temperature and votes.
+    #[arg(long, default_value_t = 1)]
+    votes: usize,
+    /// Which vote decides the label.
+    #[arg(long, value_enum, default_value = "weighted")]
+    vote: VoteArg,
+    /// Sampling temperature of votes.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Inputs in flight at once (the engine batches their requests).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Texts are clipped to this many words (characters for Chinese).
+    #[arg(long, default_value_t = 200)]
+    max_words: usize,
+    /// Demonstrations are dropped (least similar first) until the prompt fits.
+    #[arg(long, default_value_t = 1536)]
+    max_prompt_tokens: usize,
+    /// Tokens for the clues and for the reasoning.
+    #[arg(long, default_value_t = 48)]
+    clue_tokens: usize,
+    #[arg(long, default_value_t = 96)]
+    reasoning_tokens: usize,
+    /// Classify only the first N inputs.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// A FastChat conversation template instead of the model's own chat template.
+    #[arg(long)]
+    conv_template: Option<String>,
+    /// Turn off the engine's prefix KV-cache reuse (for comparison).
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Memory for finished requests' KV caches kept for prefix reuse, in MiB.
+    #[arg(long, default_value_t = 512)]
+    prefix_cache_mib: usize,
+    /// Also write a JSON summary (items/s, token counts, metrics) here.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Jsonl,
+    Csv,
+    Tsv,
+    Lines,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodArg {
+    Vanilla,
+    Cot,
+    Carp,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LangArg {
+    Auto,
+    En,
+    Zh,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DemoSelectArg {
+    Random,
+    Knn,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum VoteArg {
+    Majority,
+    Weighted,
+}
+
+fn input_format(path: &std::path::Path, f: Option<FormatArg>) -> InputFormat {
+    match f {
+        Some(FormatArg::Jsonl) => InputFormat::Jsonl,
+        Some(FormatArg::Csv) => InputFormat::Csv,
+        Some(FormatArg::Tsv) => InputFormat::Tsv,
+        Some(FormatArg::Lines) => InputFormat::Lines,
+        None => InputFormat::from_path(path),
+    }
+}
+
+pub fn run(a: ClassifyArgs) -> Result<()> {
+    if a.votes == 0 || a.concurrency == 0 {
+        bail!("--votes and --concurrency must be at least 1");
+    }
+    if a.shots > 0 && a.demos.is_none() {
+        bail!(
+            "--shots {} needs --demos FILE (labelled examples to draw demonstrations from)",
+            a.shots
+        );
+    }
+    let labels = LabelSet::from_arg(&a.labels)?;
+    let fields = Fields {
+        text: a.text_field.clone(),
+        gold: a.gold_field.clone(),
+    };
+    let mut items = read_items(&a.input, input_format(&a.input, a.format), &fields, &labels)?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let pool: Vec<Item> = match (&a.demos, a.shots) {
+        (Some(path), k) if k > 0 => {
+            let pool = read_items(path, input_format(path, a.format), &fields, &labels)?;
+            if let Some(bad) = pool.iter().find(|i| i.gold.is_none()) {
+                return Err(ClassifyError::input(path, bad.line, "a demonstration needs a gold label").into());
+            }
+            pool
+        }
+        _ => Vec::new(),
+    };
+    let lang = match a.lang {
+        LangArg::En => Lang::En,
+        LangArg::Zh => Lang::Zh,
+        LangArg::Auto => Lang::detect(items.iter().take(100).map(|i| i.text.as_str())),
+    };
+    let method = match a.method {
+        MethodArg::Vanilla => Method::Vanilla,
+        MethodArg::Cot => Method::Cot,
+        MethodArg::Carp => Method::Carp,
+    };
+    let prompts = Prompts::new(labels.clone(), lang, a.task.clone(), a.max_words);
+
+    // Resume: skip inputs already in the results file.
+    let (out, done) = ResultsFile::open(&a.output)?;
+    let done_ids: HashSet<&str> = done.iter().map(|r| r.id.as_str()).collect();
+    let todo: Vec<Item> = items
+        .iter()
+        .filter(|i| !done_ids.contains(i.id.as_str()))
+        .cloned()
+        .collect();
+    let backend: Box<dyn Backend> = match &a.api_base {
+        Some(base) => {
+            let key = a.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
+            let opts = ApiOptions {
+                temperature: a.temperature,
+                ..ApiOptions::default()
+            };
+            Box::new(ApiBackend::new(base, &a.model.model, key, opts)?)
+        }
+        None => {
+            let loaded = a.model.load()?;
+            let engine = EngineHandle::start(
+                loaded,
+                EngineOptions {
+                    prefix_cache: !a.no_prefix_cache,
+                    prefix_cache_bytes: a.prefix_cache_mib << 20,
+                    ..EngineOptions::default()
+                },
+            );
+            let opts = LocalOptions {
+                temperature: a.temperature,
+                clue_tokens: a.clue_tokens,
+                reasoning_tokens: a.reasoning_tokens,
+                ..LocalOptions::default()
+            };
+            Box::new(LocalBackend::new(engine, a.conv_template.as_deref(), opts)?)
+        }
+    };
+    let settings = json!({
+        "method": method.name(),
+        "labels": labels.names(),
+        "lang": lang.code(),
+        "model": backend.model_id(),
+        "shots": a.shots,
+        "demo_select": format!("{:?}", a.demo_select).to_lowercase(),
+        "votes": a.votes,
+        "vote": format!("{:?}", a.vote).to_lowercase(),
+        "task": prompts.task,
+    });
+    check_run_settings(&a.output, &settings, !done.is_empty())?;
+    eprintln!(
+        "{} inputs ({} already in {}), method {}, {} labels, prompts in {}, model {}",
+        items.len(),
+        items.len() - todo.len(),
+        a.output.display(),
+        method.name(),
+        labels.len(),
+        lang.code(),
+        backend.model_id()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // First Ctrl-C: finish the lines being written and stop; second: leave at once.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping (Ctrl-C again to quit at once); rerun the same command to resume");
+        });
+    }
+
+    // Demonstrations for the inputs still to do.
+    let mut per_item: Vec<Vec<Demo>> = vec![Vec::new(); todo.len()];
+    if a.shots > 0 && !todo.is_empty() {
+        let phase_bar = ProgressBar::new(0);
+        phase_bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let progress = |name: &str, n: usize, total: usize| {
+            phase_bar.set_message(name.to_string());
+            phase_bar.set_length(total as u64);
+            phase_bar.set_position(n as u64);
+        };
+        let select = match a.demo_select {
+            DemoSelectArg::Random => DemoSelect::Random,
+            DemoSelectArg::Knn => DemoSelect::Knn,
+        };
+        let workers = Workers {
+            threads: a.concurrency,
+            stop: &stop,
+            progress: &progress,
+        };
+        let chosen =
+            demos::choose(backend.as_ref(), &pool, &todo, a.shots, select, a.seed, &workers).map_err(interrupted)?;
+        let mut needed: Vec<usize> = chosen.iter().flatten().copied().collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let cache_path = a
+            .demo_cache
+            .clone()
+            .unwrap_or_else(|| sidecar(&a.output, "demos.jsonl"));
+        let cache = DemoCache::open(&cache_path)?;
+        let explained: HashMap<usize, Demo> =
+            demos::explain(backend.as_ref(), &prompts, &pool, &needed, &cache, &workers).map_err(interrupted)?;
+        phase_bar.finish_and_clear();
+        for (slot, idx) in per_item.iter_mut().zip(&chosen) {
+            *slot = idx.iter().map(|d| explained[d].clone()).collect();
+        }
+    }
+
+    let bar = ProgressBar::new(items.len() as u64).with_position((items.len() - todo.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} [{elapsed_precise}] {per_sec} ETA {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.reset_eta();
+    let opts = RunOptions {
+        method,
+        votes: a.votes,
+        rule: match a.vote {
+            VoteArg::Majority => VoteRule::Majority,
+            VoteArg::Weighted => VoteRule::Weighted,
+        },
+        threads: a.concurrency,
+        seed: a.seed,
+        max_prompt_tokens: a.max_prompt_tokens,
+    };
+    let work: Vec<(Item, Vec<Demo>)> = todo.into_iter().zip(per_item).collect();
+    let on_record = |r: &vicugna_eval::classify::Record| {
+        bar.set_message(r.label.clone().unwrap_or_else(|| "(unparsed)".into()));
+        bar.inc(1);
+    };
+    let summary = classify_items(backend.as_ref(), &prompts, &opts, &work, &out, &stop, &on_record);
+    bar.finish_and_clear();
+    let summary = summary.map_err(interrupted)?;
+    let s = summary.stats;
+    eprintln!(
+        "classified {} inputs in {:.1} s: {:.3} items/s; prompt tokens {} (KV reused {}), generated {}, parse failures {}",
+        summary.classified,
+        summary.seconds,
+        summary.items_per_s(),
+        s.prompt_tokens,
+        s.reused_tokens,
+        s.completion_tokens,
+        s.parse_failures
+    );
+
+    // Metrics over every record in the results file, old and new.
+    let (_, all) = ResultsFile::open(&a.output)?;
+    let names: Vec<String> = labels.names().iter().map(|s| s.to_string()).collect();
+    let pairs: Vec<(usize, Option<usize>)> = all
+        .iter()
+        .filter_map(|r| {
+            let g = labels.index(r.gold.as_deref()?)?;
+            Some((g, r.label.as_deref().and_then(|l| labels.index(l))))
+        })
+        .collect();
+    let mut summary_json = json!({
+        "method": method.name(),
+        "lang": lang.code(),
+        "items": summary.classified,
+        "seconds": summary.seconds,
+        "items_per_s": summary.items_per_s(),
+        "prompt_tokens": s.prompt_tokens,
+        "reused_tokens": s.reused_tokens,
+        "completion_tokens": s.completion_tokens,
+        "parse_failures": s.parse_failures,
+        "records": all.len(),
+    });
+    if !pairs.is_empty() {
+        let m = Metrics::compute(&names, &pairs);
+        println!("{}", m.table());
+        let metrics_path = sidecar(&a.output, "metrics.json");
+        write_atomic(&metrics_path, serde_json::to_string_pretty(&m)?.as_bytes())?;
+        let png = sidecar(&a.output, "confusion.png");
+        let title = format!(
+            "{} — {}",
+            method.name(),
+            a.input.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+        );
+        match plot::confusion_png(&m, &title, &png) {
+            Ok(()) => eprintln!(
+                "metrics: {}, confusion matrix: {}",
+                metrics_path.display(),
+                png.display()
+            ),
+            Err(e) => eprintln!("warning: {e}"),
+        }
+        summary_json["metrics"] = serde_json::to_value(&m)?;
+    }
+    if let Some(p) = &a.summary_json {
+        write_atomic(p, serde_json::to_string_pretty(&summary_json)?.as_bytes())
+            .with_context(|| format!("--summary-json {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// An interrupted run exits with 130 after saying how to resume.
+fn interrupted(e: ClassifyError) -> anyhow::Error {
+    if matches!(e, ClassifyError::Interrupted) {
+        eprintln!("interrupted; the results so far are saved, rerun the same command to resume");
+        std::process::exit(130);
+    }
+    e.into()
+}

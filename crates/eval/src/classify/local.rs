@@ -1,0 +1,306 @@
+//! Classification with a local model through the engine.
+//!
+//! CARP runs as three steps per vote, each continuing the previous one's text:
+//! clues (after `CLUES:`), reasoning (after `REASONING:`), and the decision
+//! after `LABEL:`, decoded under a choice constraint to the label set, with
+//! each label's probability from the model's logprobs (see `decide`).
+//!
+//! Many inputs are classified at once from several threads; the engine batches
+//! their requests (continuous batching), and each step's prompt extends the
+//! previous one, so its KV cache is reused (prefix reuse) rather than recomputed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vicugna_chat::{ChatFormat, ChatMessage};
+use vicugna_engine::{Constraint, EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules};
+
+use super::backend::{normalize, Backend, BackendStats, Vote};
+use super::error::{ClassifyError, Result};
+use super::prompt::{Demo, Method, Prompts};
+
+/// Generation budgets and sampling for the local model.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Temperature of sampled votes (a single vote is greedy).
+    pub temperature: f32,
+    /// Tokens for the clues.
+    pub clue_tokens: usize,
+    /// Tokens for the reasoning (and for chain-of-thought).
+    pub reasoning_tokens: usize,
+    /// Tokens of a text used for its embedding.
+    pub embed_tokens: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            temperature: 0.7,
+            clue_tokens: 48,
+            reasoning_tokens: 96,
+            embed_tokens: 256,
+        }
+    }
+}
+
+/// The local engine as a classifier.
+pub struct LocalBackend {
+    engine: EngineHandle,
+    format: ChatFormat,
+    opts: LocalOptions,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl LocalBackend {
+    /// Wraps a started engine; `conv_template` names a FastChat template, else the
+    /// model's own chat template is used (as `vicugna chat` chooses).
+    pub fn new(engine: EngineHandle, conv_template: Option<&str>, opts: LocalOptions) -> Result<LocalBackend> {
+        let tok = engine
+            .tokenizer()
+            .ok_or_else(|| ClassifyError::Setting("the model has no tokenizer; classification needs text".into()))?;
+        let model_template = tok
+            .chat_template()
+            .map(|src| (src, tok.bos_token().unwrap_or(""), tok.eos_token().unwrap_or("")));
+        let key = engine.info().path.display().to_string();
+        let format = ChatFormat::select(conv_template, model_template, &key)?;
+        Ok(LocalBackend {
+            engine,
+            format,
+            opts,
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+        })
+    }
+
+    /// The engine behind this backend.
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// The chat-formatted prompt for one user turn, with the assistant's answer begun.
+    fn render(&self, user: &str, assistant: &str) -> Result<String> {
+        let text = self.format.render(&[ChatMessage::new("user", user)], None)?;
+        Ok(text + assistant)
+    }
+
+    fn sampling(&self, seed: Option<u64>) -> SamplingParams {
+        match seed {
+            None => SamplingParams::greedy(),
+            Some(s) => SamplingParams {
+                temperature: self.opts.temperature,
+                seed: Some(s),
+                ..SamplingParams::greedy()
+            },
+        }
+    }
+
+    /// Generates up to `max_tokens` after `prompt`, stopping at any of `stops`.
+    fn generate(&self, prompt: String, max_tokens: usize, stops: Vec<String>, seed: Option<u64>) -> Result<String> {
+        let mut req = GenerateRequest::new(Prompt::Text(prompt), max_tokens);
+        req.add_special_tokens = self.format.add_special_tokens();
+        req.sampling = self.sampling(seed);
+        let mut stop_strings = stops;
+        stop_strings.extend(self.format.stop_strings());
+        req.stop = StopRules {
+            stop_strings,
+            stop_token_ids: self.format.stop_token_ids(),
+            ignore_eos: false,
+        };
+        let out = self.engine.generate(req)?;
+        self.count(out.usage.prompt_tokens, out.usage.completion_tokens);
+        Ok(out.text)
+    }
+
+    fn count(&self, prompt: usize, completion: usize) {
+        self.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(completion as u64, Ordering::Relaxed);
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let tok = self
+            .engine
+            .tokenizer()
+            .ok_or(vicugna_engine::EngineError::EngineStopped)?;
+        Ok(tok.encode(text, special)?)
+    }
+
+    /// The decision after `prompt` (which ends with the label marker): the label
+    /// chosen under a constraint to the label set, and every label's probability.
+    ///
+    /// A label's probability is the model's own probability of its tokens after
+    /// the prompt, normalised over the label set. Each label is forced with a
+    /// one-string choice constraint; the engine reports logprobs before the
+    /// constraint's mask, so the sum over the forced tokens is the model's
+    /// log-probability of that label (in the tokenization the constrained
+    /// decoder follows). The decision and the label requests are submitted
+    /// together, share the prompt's KV cache (prefix reuse) and cost a few
+    /// decode steps each.
+    fn decide(&self, prompt: &str, prompts: &Prompts, seed: Option<u64>) -> Result<(usize, Vec<f64>)> {
+        let choices: Vec<String> = (0..prompts.labels.len()).map(|i| prompts.label_choice(i)).collect();
+        let request = |choice: Vec<String>, sampling: SamplingParams, logprobs: Option<usize>| {
+            let mut req = GenerateRequest::new(Prompt::Text(prompt.to_string()), 64);
+            req.add_special_tokens = self.format.add_special_tokens();
+            req.sampling = sampling;
+            req.logprobs = logprobs;
+            req.constraint = Some(Constraint::Choice(choice));
+            req
+        };
+        let decision = self
+            .engine
+            .submit(request(choices.clone(), self.sampling(seed), None))?;
+        let scored: Vec<_> = choices
+            .iter()
+            .map(|c| {
+                self.engine
+                    .submit(request(vec![c.clone()], SamplingParams::greedy(), Some(0)))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let mut logs = Vec::with_capacity(choices.len());
+        for stream in scored {
+            let (_, lps) = self.collect(stream)?;
+            logs.push(lps.iter().sum::<f64>());
+        }
+        let (text, _) = self.collect(decision)?;
+        let label = choices.iter().position(|c| *c == text).ok_or_else(|| {
+            ClassifyError::Setting(format!("the constrained decision {text:?} is not one of the labels"))
+        })?;
+        Ok((label, normalize(&logs)))
+    }
+
+    /// Reads a request to its end: the text and each generated token's logprob.
+    fn collect(&self, mut stream: vicugna_engine::EventStream) -> Result<(String, Vec<f64>)> {
+        let (mut text, mut lps) = (String::new(), Vec::new());
+        while let Some(ev) = stream.next_blocking() {
+            match ev {
+                Event::Token { text: t, logprob, .. } => {
+                    text.push_str(&t);
+                    lps.extend(logprob.map(|l| l.logprob as f64));
+                }
+                Event::Done { usage, text: t, .. } => {
+                    text.push_str(&t);
+                    self.count(usage.prompt_tokens, usage.completion_tokens);
+                    return Ok((text, lps));
+                }
+                Event::Error(e) => return Err(vicugna_engine::EngineError::InvalidRequest(e).into()),
+                Event::Prompt { .. } => {}
+            }
+        }
+        Err(vicugna_engine::EngineError::EngineStopped.into())
+    }
+}
+
+impl Backend for LocalBackend {
+    fn classify(
+        &self,
+        prompts: &Prompts,
+        method: Method,
+        demos: &[Demo],
+        text: &str,
+        seed: Option<u64>,
+    ) -> Result<Vote> {
+        let user = prompts.user_message(method, demos, text);
+        let stops = prompts.section_stops();
+        let (c, r, l) = (
+            prompts.clues_marker(),
+            prompts.reasoning_marker(),
+            prompts.label_marker(),
+        );
+        let sub = |s: Option<u64>, k: u64| s.map(|s| s.wrapping_mul(31).wrapping_add(k));
+        let (answer, clues, reasoning) = match method {
+            Method::Vanilla => (l.to_string(), String::new(), String::new()),
+            // Each step continues the previous one's text exactly (no trailing
+            // space after a marker: the model writes the space with its first word).
+            Method::Cot => {
+                let head = prompts.cot_trigger().to_string();
+                let thought = self.generate(
+                    self.render(&user, &head)?,
+                    self.opts.reasoning_tokens,
+                    stops,
+                    sub(seed, 1),
+                )?;
+                let answer = format!("{head}{}\n{l}", thought.trim_end());
+                (answer, String::new(), thought.trim().to_string())
+            }
+            Method::Carp => {
+                let clues = self.generate(
+                    self.render(&user, c)?,
+                    self.opts.clue_tokens,
+                    stops.clone(),
+                    sub(seed, 1),
+                )?;
+                let head = format!("{c}{}\n{r}", clues.trim_end());
+                let reasoning = self.generate(
+                    self.render(&user, &head)?,
+                    self.opts.reasoning_tokens,
+                    stops,
+                    sub(seed, 2),
+                )?;
+                let answer = format!("{head}{}\n{l}", reasoning.trim_end());
+                (answer, clues.trim().to_string(), reasoning.trim().to_string())
+            }
+        };
+        let (label, probs) = self.decide(&self.render(&user, &answer)?, prompts, sub(seed, 3))?;
+        Ok(Vote {
+            label: Some(label),
+            probs: Some(probs),
+            clues,
+            reasoning,
+        })
+    }
+
+    fn explain(&self, prompts: &Prompts, text: &str, label: usize) -> Result<(String, String)> {
+        let stops = prompts.section_stops();
+        let user = prompts.demo_clues_request(text, label);
+        let clues = self.generate(
+            self.render(&user, prompts.clues_marker())?,
+            self.opts.clue_tokens,
+            stops.clone(),
+            None,
+        )?;
+        let clues = clues.trim().to_string();
+        let user = prompts.demo_reasoning_request(text, label, &clues);
+        let reasoning = self.generate(
+            self.render(&user, prompts.reasoning_marker())?,
+            self.opts.reasoning_tokens,
+            stops,
+            None,
+        )?;
+        Ok((clues, reasoning.trim().to_string()))
+    }
+
+    fn embed(&self, text: &str) -> Result<Vec<f32>> {
+        let mut ids = self.encode(text, false)?;
+        ids.truncate(self.opts.embed_tokens.max(1));
+        if ids.is_empty() {
+            ids = self.encode(" ", false)?;
+        }
+        // The engine's embedding call is async; a one-thread runtime drives it here.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| ClassifyError::Setting(format!("could not start a runtime: {e}")))?;
+        Ok(rt.block_on(self.engine.embed(ids))?)
+    }
+
+    fn count_tokens(&self, user: &str) -> usize {
+        self.render(user, "")
+            .ok()
+            .and_then(|t| self.encode(&t, self.format.add_special_tokens()).ok())
+            .map_or(user.len() / 3, |ids| ids.len())
+    }
+
+    fn model_id(&self) -> String {
+        let info = self.engine.info();
+        format!("{} ({})", info.name, info.path.display())
+    }
+
+    fn stats(&self) -> BackendStats {
+        let engine = self.engine.stats();
+        BackendStats {
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+            // The engine counts every request of the process; this backend is its only user.
+            reused_tokens: engine.reused_prompt_tokens,
+            parse_failures: 0,
+        }
+    }
+}
