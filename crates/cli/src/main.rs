@@ -3,9 +3,9 @@
 
 mod bench;
 mod chat_cmd;
+mod classify_cmd;
 mod eval_cmd;
 mod eval_local;
-mod classify_cmd;
 mod generate;
 mod leaderboard;
 mod model_arg;
