@@ -3,10 +3,12 @@
 
 mod bench;
 mod chat_cmd;
+mod data_cmd;
 mod generate;
 mod model_arg;
 mod serve_cmd;
 mod template;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +38,11 @@ enum Command {
     /// List or render conversation templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Prepare training data (ShareGPT JSON): clean, split, filter, stats, sample, merge, inspect.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Fine-tune a model (full or LoRA) on conversations; resumable.
+    Train(train_cmd::TrainArgs),
 }
 
 fn main() {
@@ -49,6 +56,8 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Template(c) => template::run(c),
+        Command::Data(c) => data_cmd::run(c),
+        Command::Train(a) => train_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
