@@ -11,6 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 N="${N:-300}"; STEPS="${STEPS:-60}"; MAX_LEN="${MAX_LEN:-512}"; BATCH="${BATCH:-2}"; ACCUM="${ACCUM:-2}"; LR="${LR:-5e-4}"
+EVAL_RATIO="${EVAL_RATIO:-0.1}"; R="${R:-16}"; TARGETS="${TARGETS:-all-linear}"
 THREADS="${THREADS:-$(nproc)}"
 OUT="${1:-$ROOT/target/lora-sharegpt}"
 BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
@@ -27,9 +28,9 @@ fi
 "$BIN" data split --input "$OUT/sample.json" --output "$OUT/data.json" --max-tokens "$MAX_LEN"
 "$BIN" data stats --input "$OUT/data.json" --model default --plot "$OUT/lengths.png"
 "$BIN" train --model default --data "$OUT/data.json" --output "$OUT/adapter" --mode lora \
-    --lora-r 16 --lora-alpha 32 --lora-target-modules all-linear --max-steps "$STEPS" --lr "$LR" \
+    --lora-r "$R" --lora-alpha $((2 * R)) --lora-target-modules "$TARGETS" --max-steps "$STEPS" --lr "$LR" \
     --warmup-ratio 0.05 --max-len "$MAX_LEN" --micro-batch "$BATCH" --grad-accum "$ACCUM" \
-    --eval-ratio 0.1 --eval-steps $((STEPS / 3)) --save-steps 10 --threads "$THREADS" --resume auto
+    --eval-ratio "$EVAL_RATIO" --eval-steps $((STEPS / 3)) --save-steps 10 --threads "$THREADS" --resume auto
 python3 - "$OUT/adapter/trainer_state.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))

@@ -197,6 +197,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let plain = a.plain;
+    // The hidden bar of --plain would swallow its println.
+    let say = |bar: &ProgressBar, line: String| {
+        if plain {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut last_eval = None;
     let summary = trainer.run(&stop, &mut |p| match p {
         Progress::Started {
@@ -208,12 +216,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             notes,
         } => {
             for n in notes {
-                bar.println(format!("note: {n}"));
+                say(&bar, format!("note: {n}"));
             }
-            bar.println(format!(
+            say(
+                &bar,
+                format!(
                 "training {trainable_params} parameters on {train_samples} conversations ({eval_samples} held out), \
                  steps {start_step}..{total_steps}"
-            ));
+                ),
+            );
             bar.set_length(total_steps as u64);
             bar.set_position(start_step as u64);
             bar.reset_eta();
@@ -238,7 +249,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         Progress::Eval { step, loss } => {
             last_eval = Some(loss);
-            bar.println(format!("step {step}: eval loss {loss:.4}"));
+            say(&bar, format!("step {step}: eval loss {loss:.4}"));
         }
         Progress::Checkpoint { step, path } => {
             if plain {

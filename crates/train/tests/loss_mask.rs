@@ -113,8 +113,8 @@ fn vicuna_labels_answers_and_eos() {
 }
 
 #[test]
-fn llama2_labels_answers_and_eos() {
-    check(ChatFormat::named("llama-2").unwrap(), " </s>");
+fn zephyr_labels_answers_and_eos() {
+    check(ChatFormat::named("zephyr").unwrap(), "</s>");
 }
 
 #[test]
