@@ -393,7 +393,7 @@ fn killed_runs_resume_to_bit_identical_weights() {
         "--mode",
         "lora",
         "--max-steps",
-        "10",
+        "6",
         "--lr",
         "3e-3",
         "--micro-batch",

@@ -623,7 +623,7 @@ impl Trainer {
             });
             self.step_times.push((input_tokens, t0.elapsed().as_secs_f64()));
             let done = self.state.step == total;
-            if (self.cfg.eval_steps > 0 && self.state.step % self.cfg.eval_steps == 0) || done {
+            if (self.cfg.eval_steps > 0 && self.state.step.is_multiple_of(self.cfg.eval_steps)) || done {
                 if let Some(l) = self.evaluate()? {
                     self.state.eval_loss.push((self.state.step, l));
                     report(Progress::Eval {
@@ -633,7 +633,7 @@ impl Trainer {
                 }
             }
             let stop_now = stop.load(Ordering::SeqCst);
-            if (self.cfg.save_steps > 0 && self.state.step % self.cfg.save_steps == 0) || stop_now || done {
+            if (self.cfg.save_steps > 0 && self.state.step.is_multiple_of(self.cfg.save_steps)) || stop_now || done {
                 let path = self.save_checkpoint()?;
                 report(Progress::Checkpoint {
                     step: self.state.step,
