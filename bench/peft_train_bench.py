@@ -31,7 +31,8 @@ def train(a):
     for s in data:
         msgs = [{"role": "user" if t["from"] in ("human", "user") else "assistant", "content": t["value"]}
                 for t in s["conversations"]]
-        ids.extend(tok.apply_chat_template(msgs, tokenize=True))
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        ids.extend(tok(text, add_special_tokens=False)["input_ids"])
     rows = [ids[i:i + a.max_len] for i in range(0, len(ids) - a.max_len, a.max_len)]
     cfg = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.targets.split(","),
                      task_type="CAUSAL_LM")
@@ -72,8 +73,8 @@ def interop(gguf_dir, gguf_file, adapter, prompt, n):
     tok, model = load(gguf_dir, gguf_file)
     model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=int(n), do_sample=False)
     print(json.dumps({"ids": out[0, ids.shape[1]:].tolist()}))
