@@ -309,6 +309,7 @@ fn connect(
                 model: model.to_string(),
                 dtype: vicugna_engine::WeightDType::Auto,
                 threads: api.threads,
+                lora: None,
             };
             let local = LocalChat::load(&args, api.conv_template.as_deref())?;
             let name = local.name();

@@ -4,6 +4,7 @@
 mod bench;
 mod chat_cmd;
 mod classify_cmd;
+mod data_cmd;
 mod eval_cmd;
 mod eval_local;
 mod generate;
@@ -11,6 +12,7 @@ mod leaderboard;
 mod model_arg;
 mod serve_cmd;
 mod template;
+mod train_cmd;
 mod weights_cmd;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,11 @@ enum Command {
     Lora(weights_cmd::LoraCommand),
     /// Convert weights: HF safetensors <-> GGUF, dtype (f32/f16/bf16), quantize (q8_0/q4_0/q4_k).
     Convert(weights_cmd::ConvertArgs),
+    /// Prepare training data (ShareGPT JSON): clean, split, filter, stats, sample, merge, inspect.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Fine-tune a model (full or LoRA) on conversations; resumable.
+    Train(train_cmd::TrainArgs),
 }
 
 fn main() {
@@ -75,6 +82,8 @@ fn main() {
         Command::Lora(c) => weights_cmd::run_lora(c),
         Command::Convert(a) => weights_cmd::run_convert(a),
         Command::Classify(a) => classify_cmd::run(a),
+        Command::Data(c) => data_cmd::run(c),
+        Command::Train(a) => train_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

