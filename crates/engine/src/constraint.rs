@@ -153,17 +153,18 @@ impl ConstraintState {
 /// Keeps only the allowed entries of `logits` (EOS ids only where the match is
 /// complete). Returns false when nothing is allowed.
 pub fn mask_logits(logits: &mut [f32], allowed: &Allowed, eos: &[u32]) -> bool {
-    let mut keep = vec![f32::NEG_INFINITY; logits.len()];
-    let mut any = false;
-    let ids = allowed.tokens.iter().chain(eos.iter().filter(|_| allowed.complete));
-    for &id in ids {
-        if let Some(&l) = logits.get(id as usize) {
-            keep[id as usize] = l;
-            any = true;
-        }
+    // The allowed set is usually a handful of ids: keep those, not a vocabulary-sized copy.
+    let kept: Vec<(usize, f32)> = allowed
+        .tokens
+        .iter()
+        .chain(eos.iter().filter(|_| allowed.complete))
+        .filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l)))
+        .collect();
+    logits.fill(f32::NEG_INFINITY);
+    for &(id, l) in &kept {
+        logits[id] = l;
     }
-    logits.copy_from_slice(&keep);
-    any
+    !kept.is_empty()
 }
 
 #[cfg(test)]
