@@ -12,6 +12,7 @@ pub mod loader;
 pub mod model;
 pub mod request;
 pub mod sampler;
+pub mod team;
 pub mod text_stream;
 pub mod tokenizer;
 pub mod weights;

@@ -45,6 +45,7 @@ impl LoadedModel {
     /// Loads a model directory or GGUF file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let started = Instant::now();
+        large_allocations_return_to_the_system();
         let device = Device::Cpu;
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => EngineError::MissingFile {
@@ -180,4 +181,25 @@ fn read_generation_config(path: &Path) -> Result<GenerationDefaults> {
             .map(crate::config::ids_from_json)
             .unwrap_or_default(),
     })
+}
+
+/// Makes glibc serve every allocation of 256 KiB or more with its own mapping,
+/// returned to the system when freed.
+///
+/// Loading copies each quantized tensor and repacks it, freeing the copy; by
+/// default glibc then raises its mapping threshold to the largest freed block (the
+/// 30 MB vocabulary matrix), so later buffers (weights, prompt attention's
+/// per-layer copies) come from the heap, whose freed holes stay resident: about
+/// 20 MB more peak memory at a 2K context. A fixed threshold keeps memory at what
+/// is live.
+fn large_allocations_return_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only changes allocator parameters; it is called once,
+        // before the model's buffers exist.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        });
+    }
 }

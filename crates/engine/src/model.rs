@@ -9,12 +9,12 @@
 //! freely in one pass, which is what continuous batching needs.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Storage, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::QMatrix;
+use crate::team::Team;
 use crate::weights::{Weight, WeightSource};
 
 /// How weights are held in memory.
@@ -111,6 +111,14 @@ impl Linear {
         }
     }
 
+    /// Our kernel's matrix, when this layer is exactly that (no adapter).
+    fn kernel(&self) -> Option<&QMatrix> {
+        match (&self.weight, &self.lora) {
+            (LinearWeight::Kernel(m), None) => Some(m),
+            _ => None,
+        }
+    }
+
     /// Bytes read from memory for one pass over this layer's weight.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
@@ -126,6 +134,8 @@ impl Linear {
 
 enum Embedding {
     Dense(Tensor),
+    /// Rows dequantized on lookup; shares its blocks with a tied output layer.
+    Kernel(QMatrix),
     Quantized(QMatMul),
 }
 
@@ -139,6 +149,11 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// q, k and v as one matrix (the three are views of it), for one pass per
+    /// decode step instead of three; `None` where the weights do not allow it.
+    qkv: Option<QMatrix>,
+    /// gate and up as one matrix, likewise.
+    gate_up: Option<QMatrix>,
 }
 
 /// Query rows per block in prompt attention: bounds the score matrix to
@@ -164,10 +179,13 @@ pub struct Model {
 
 /// One sequence's attention keys and values, preallocated and written in place.
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Per layer, `[kv_heads, capacity, head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     len: usize,
     capacity: usize,
+    heads: usize,
+    head_dim: usize,
 }
 
 impl KvCache {
@@ -189,7 +207,34 @@ impl KvCache {
     }
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * 4).sum()
+        self.k.iter().chain(&self.v).map(|b| b.len() * 4).sum()
+    }
+
+    /// Positions `0 .. len` of one layer's keys or values as `[kv_heads, len, head_dim]`.
+    fn gather(&self, buf: &[f32], len: usize) -> Vec<f32> {
+        let (cap, hd) = (self.capacity, self.head_dim);
+        let mut out = Vec::with_capacity(self.heads * len * hd);
+        for g in 0..self.heads {
+            out.extend_from_slice(&buf[g * cap * hd..][..len * hd]);
+        }
+        out
+    }
+
+    /// Writes `t` positions from `src` (`[kv_heads, t, head_dim]`) at `start`.
+    fn write(buf: &mut [f32], capacity: usize, head_dim: usize, src: &[f32], t: usize, start: usize) {
+        for (g, part) in src.chunks_exact(t * head_dim).enumerate() {
+            buf[(g * capacity + start) * head_dim..][..t * head_dim].copy_from_slice(part);
+        }
+    }
+
+    /// Copies the first `len` positions of `src` (same model) into `self`.
+    fn copy_from(&mut self, src: &KvCache, len: usize) {
+        let (hd, dc, sc) = (self.head_dim, self.capacity, src.capacity);
+        for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
+            for g in 0..self.heads {
+                d[g * dc * hd..][..len * hd].copy_from_slice(&s[g * sc * hd..][..len * hd]);
+            }
+        }
     }
 }
 
@@ -218,33 +263,46 @@ impl Model {
             };
             Linear::new(w, b, dense, device)
         };
+        // The vocabulary-sized matrices first: repacking one briefly holds two
+        // copies, which then costs the least with nothing else loaded yet.
         let embed_w = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            blocks.push(Block {
-                attn_norm: load_norm(src, &format!("{p}.input_layernorm.weight"), h, device)?,
-                q: linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                o: linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
-                mlp_norm: load_norm(src, &format!("{p}.post_attention_layernorm.weight"), h, device)?,
-                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, false)?,
-                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, false)?,
-                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, false)?,
-            });
-        }
-        let norm = load_norm(src, "model.norm.weight", h, device)?;
         let tied = cfg.tie_word_embeddings || !src.contains("lm_head.weight");
         let lm_head = if tied {
             Linear::new(embed_w.clone(), None, dense, device)?
         } else {
             linear("lm_head", cfg.vocab_size, h, false)?
         };
-        let embed = match (embed_w, dense) {
-            (Weight::Quantized(q), None) => Embedding::Quantized(QMatMul::from_arc(q)?),
-            (w, _) => Embedding::Dense(w.to_dense(DType::F32, device)?),
+        let embed = match (embed_w, dense, &lm_head.weight) {
+            (Weight::Quantized(_), None, LinearWeight::Kernel(m)) if tied => Embedding::Kernel(m.clone()),
+            (Weight::Quantized(q), None, _) => match QMatrix::from_qtensor(&q) {
+                Some(m) => Embedding::Kernel(m),
+                None => Embedding::Quantized(QMatMul::from_arc(q)?),
+            },
+            (w, _, _) => Embedding::Dense(w.to_dense(DType::F32, device)?),
         };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut q = linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, cfg.qkv_bias)?;
+            let mut k = linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, cfg.qkv_bias)?;
+            let mut v = linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, cfg.qkv_bias)?;
+            let mut gate = linear(&format!("{p}.mlp.gate_proj"), ffn, h, false)?;
+            let mut up = linear(&format!("{p}.mlp.up_proj"), ffn, h, false)?;
+            blocks.push(Block {
+                attn_norm: load_norm(src, &format!("{p}.input_layernorm.weight"), h, device)?,
+                qkv: fuse(&mut [&mut q, &mut k, &mut v]),
+                gate_up: fuse(&mut [&mut gate, &mut up]),
+                q,
+                k,
+                v,
+                o: linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                mlp_norm: load_norm(src, &format!("{p}.post_attention_layernorm.weight"), h, device)?,
+                gate,
+                up,
+                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, false)?,
+            });
+        }
+        let norm = load_norm(src, "model.norm.weight", h, device)?;
         let inv_freq = rope_inv_freq(&cfg);
         Ok(Model {
             cfg,
@@ -286,25 +344,24 @@ impl Model {
     /// An empty cache with room for `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let capacity = capacity.max(1);
-        let shape = (self.cfg.num_kv_heads, capacity, self.cfg.head_dim);
-        let mut k = Vec::with_capacity(self.cfg.num_layers);
-        let mut v = Vec::with_capacity(self.cfg.num_layers);
-        for _ in 0..self.cfg.num_layers {
-            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-        }
-        Ok(KvCache { k, v, len: 0, capacity })
+        let (heads, head_dim) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        // Zeroed allocations: pages are committed only as positions are written.
+        let layer = || vec![0f32; heads * capacity * head_dim];
+        Ok(KvCache {
+            k: (0..self.cfg.num_layers).map(|_| layer()).collect(),
+            v: (0..self.cfg.num_layers).map(|_| layer()).collect(),
+            len: 0,
+            capacity,
+            heads,
+            head_dim,
+        })
     }
 
     /// A new cache holding the first `len` tokens of `src`, with room for `capacity`.
     pub fn cache_prefix(&self, src: &KvCache, len: usize, capacity: usize) -> Result<KvCache> {
         let len = len.min(src.len);
         let mut dst = self.new_cache(capacity.max(len))?;
-        if len > 0 {
-            for (d, s) in dst.k.iter_mut().zip(&src.k).chain(dst.v.iter_mut().zip(&src.v)) {
-                d.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-            }
-        }
+        dst.copy_from(src, len);
         dst.len = len;
         Ok(dst)
     }
@@ -316,16 +373,7 @@ impl Model {
         }
         let capacity = needed.max(cache.capacity * 2);
         let mut bigger = self.new_cache(capacity)?;
-        for (dst, src) in bigger
-            .k
-            .iter_mut()
-            .zip(&cache.k)
-            .chain(bigger.v.iter_mut().zip(&cache.v))
-        {
-            if cache.len > 0 {
-                dst.slice_set(&src.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
-            }
-        }
+        bigger.copy_from(cache, cache.len);
         bigger.len = cache.len;
         *cache = bigger;
         Ok(())
@@ -351,6 +399,15 @@ impl Model {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match &self.embed {
             Embedding::Dense(w) => w.index_select(ids, 0)?,
+            Embedding::Kernel(m) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let h = m.cols();
+                let mut out = vec![0f32; ids.len() * h];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(h)) {
+                    m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), h), &self.device)?
+            }
             Embedding::Quantized(q) => q.embedding(ids)?,
         })
     }
@@ -410,6 +467,13 @@ impl Model {
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed(&ids)?;
+        if self.decodes_raw(&spans) {
+            let x = self.decode_layers(batch, &spans, x.flatten_all()?.to_vec1::<f32>()?)?;
+            for s in batch.iter_mut() {
+                s.cache.len += 1;
+            }
+            return Ok((Tensor::from_vec(x, (total, cfg.hidden_size), &self.device)?, spans));
+        }
         let ropes = spans
             .iter()
             .map(|&(_, t, start)| self.rope_tables(start, t))
@@ -428,28 +492,31 @@ impl Model {
                 let qs = candle_nn::rotary_emb::rope(&heads(&q, nh)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
                 let ks = candle_nn::rotary_emb::rope(&heads(&k, nkv)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
                 let vs = heads(&v, nkv)?;
-                s.cache.k[layer].slice_set(&ks, 1, start)?;
-                s.cache.v[layer].slice_set(&vs, 1, start)?;
+                let (cap, c) = (s.cache.capacity, &mut *s.cache);
+                KvCache::write(&mut c.k[layer], cap, hd, &ks.flatten_all()?.to_vec1::<f32>()?, t, start);
+                KvCache::write(&mut c.v[layer], cap, hd, &vs.flatten_all()?.to_vec1::<f32>()?, t, start);
                 let len = start + t;
                 if t == 1 && self.cfg.sliding_window.is_none_or(|w| w >= len) {
-                    outs.push(decode_attention(
-                        &qs,
-                        &s.cache.k[layer],
-                        &s.cache.v[layer],
-                        len,
-                        groups,
-                        scale,
-                    )?);
+                    let q = qs.flatten_all()?.to_vec1::<f32>()?;
+                    let mut out = vec![0f32; nh * hd];
+                    let mut scores = Vec::new();
+                    for (g, (out, qg)) in out.chunks_mut(groups * hd).zip(q.chunks(groups * hd)).enumerate() {
+                        let (kh, vh) = (&c.k[layer][g * cap * hd..], &c.v[layer][g * cap * hd..]);
+                        attend(qg, kh, vh, hd, len, scale as f32, out, &mut scores);
+                    }
+                    outs.push(Tensor::from_vec(out, (1, nh * hd), &self.device)?);
                     continue;
                 }
+                let kall = Tensor::from_vec(c.gather(&c.k[layer], len), (nkv, len, hd), &self.device)?;
+                let vall = Tensor::from_vec(c.gather(&c.v[layer], len), (nkv, len, hd), &self.device)?;
                 // Query rows go in blocks, each against only the keys it may see, so
                 // the score matrix of a long prompt never exists whole.
                 let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
                 for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
                     let bt = PREFILL_QUERY_BLOCK.min(t - i);
                     let seen = start + i + bt;
-                    let kc = s.cache.k[layer].narrow(1, 0, seen)?;
-                    let vc = s.cache.v[layer].narrow(1, 0, seen)?;
+                    let kc = kall.narrow(1, 0, seen)?;
+                    let vc = vall.narrow(1, 0, seen)?;
                     // Query heads sharing a kv head are adjacent, so they fold into rows.
                     let qg = qs.narrow(1, i, bt)?.contiguous()?.reshape((nkv, groups * bt, hd))?;
                     let mut att = (qg.matmul(&kc.t()?)? * scale)?;
@@ -485,6 +552,110 @@ impl Model {
             s.cache.len += t;
         }
         Ok((x, spans))
+    }
+
+    /// Whether a pass can take the decode path: one new token per sequence, no
+    /// sliding window in play, and every projection on our kernels without adapters.
+    fn decodes_raw(&self, spans: &[Span]) -> bool {
+        spans
+            .iter()
+            .all(|&(_, t, start)| t == 1 && self.cfg.sliding_window.is_none_or(|w| w > start))
+            && self
+                .blocks
+                .iter()
+                .all(|b| b.linears().iter().all(|(_, l)| l.kernel().is_some()))
+    }
+
+    /// The decoder layers for one new token per sequence, on plain buffers: `x` is
+    /// the embedded tokens, `[n, hidden]`; returns the residual stream.
+    ///
+    /// Generation is this loop. Through candle it cost an allocation and a
+    /// dispatch per operation per sequence (rope, cache write, attention, the
+    /// reshapes between them), about as much as the weights' arithmetic at batch
+    /// 8; here each layer is four matrix products (q/k/v and gate/up fused where
+    /// the weights allow) and one parallel loop over (sequence, kv head) that
+    /// applies rope, writes the cache and attends. The arithmetic is candle's
+    /// (rms_norm, rope, silu), so both paths agree.
+    fn decode_layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (n, h, ffn) = (batch.len(), cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (groups, half, qdim, kvdim) = (nh / nkv, hd / 2, nh * hd, nkv * hd);
+        let width = qdim + 2 * kvdim;
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        // Rope angles per sequence, shared by every layer (as `rope_tables`).
+        let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
+        for (i, &(_, _, start)) in spans.iter().enumerate() {
+            for (j, &f) in self.inv_freq.iter().enumerate() {
+                let a = start as f32 * f;
+                cos[i * half + j] = a.cos();
+                sin[i * half + j] = a.sin();
+            }
+        }
+        let (mut hbuf, mut qkv, mut att) = (vec![0f32; n * h], vec![0f32; n * width], vec![0f32; n * qdim]);
+        let (mut proj, mut gu, mut act) = (vec![0f32; n * h], vec![0f32; n * 2 * ffn], vec![0f32; n * ffn]);
+        let team = Team::global();
+        fn kernel(l: &Linear) -> &QMatrix {
+            l.kernel().unwrap_or_else(|| unreachable!("checked by decodes_raw"))
+        }
+        for (layer, b) in self.blocks.iter().enumerate() {
+            rms_norm_rows(&x, &b.attn_norm.to_vec1::<f32>()?, eps, &mut hbuf);
+            project(&[&b.q, &b.k, &b.v], b.qkv.as_ref(), &hbuf, n, &mut qkv)?;
+            let caches: Vec<(Shared, Shared, usize)> = batch
+                .iter_mut()
+                .map(|s| {
+                    let c = &mut *s.cache;
+                    (
+                        Shared(c.k[layer].as_mut_ptr()),
+                        Shared(c.v[layer].as_mut_ptr()),
+                        c.capacity,
+                    )
+                })
+                .collect();
+            let out = Shared(att.as_mut_ptr());
+            let (qkv, cos, sin) = (&qkv, &cos, &sin);
+            team.run(n * nkv, &|task| {
+                let (si, g) = (task / nkv, task % nkv);
+                let (k, v, cap) = caches[si];
+                let pos = spans[si].2;
+                let row = &qkv[si * width..(si + 1) * width];
+                let (cs, sn) = (&cos[si * half..(si + 1) * half], &sin[si * half..(si + 1) * half]);
+                // SAFETY: task (si, g) alone touches kv head g of sequence si's
+                // cache for this layer (`cap` positions of `hd`, allocated by
+                // `new_cache`/`reserve`, with `pos < cap`) and query heads
+                // g·groups .. (g+1)·groups of row si of `att`; the buffers outlive
+                // the loop.
+                let (kh, vh, o) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(k.get().add(g * cap * hd), cap * hd),
+                        std::slice::from_raw_parts_mut(v.get().add(g * cap * hd), cap * hd),
+                        std::slice::from_raw_parts_mut(out.get().add(si * qdim + g * groups * hd), groups * hd),
+                    )
+                };
+                rope_head(&row[qdim + g * hd..][..hd], cs, sn, &mut kh[pos * hd..(pos + 1) * hd]);
+                vh[pos * hd..(pos + 1) * hd].copy_from_slice(&row[qdim + kvdim + g * hd..][..hd]);
+                let mut q = vec![0f32; groups * hd];
+                for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
+                    rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
+                }
+                let mut scores = Vec::with_capacity(groups * (pos + 2));
+                attend(&q, kh, vh, hd, pos + 1, scale, o, &mut scores);
+            });
+            kernel(&b.o).matmul(&att, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            rms_norm_rows(&x, &b.mlp_norm.to_vec1::<f32>()?, eps, &mut hbuf);
+            project(&[&b.gate, &b.up], b.gate_up.as_ref(), &hbuf, n, &mut gu)?;
+            for (a, r) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
+                let (g, u) = r.split_at(ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            kernel(&b.down).matmul(&act, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+        Ok(x)
     }
 
     /// Additive mask `[t, start + t]` for `t` new tokens after `start` cached ones:
@@ -850,70 +1021,138 @@ impl Block {
     }
 }
 
-/// Attention of one new token per head over the first `len` cached positions.
+/// Attention of the query heads `q` (`[g, hd]`: the heads sharing one kv head)
+/// over the first `len` positions of that kv head's keys and values
+/// (`[capacity, hd]`, read in place), into `out` (`[g, hd]`).
 ///
 /// Decode steps dominate generation; going through candle here meant strided views
 /// of the cache, a score tensor and a softmax tensor per head group per layer, which
-/// cost more than the arithmetic once the context grows. This reads the cache in
-/// place. `q` is `[heads, 1, head_dim]`; the caches are `[kv_heads, capacity, head_dim]`.
-fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, groups: usize, scale: f64) -> Result<Tensor> {
-    let (nh, _, hd) = q.dims3()?;
-    let cap = k.dim(1)?;
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; nh * hd];
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        return Err(EngineError::InvalidRequest(
-            "decode attention runs on the CPU only".into(),
-        ));
-    };
-    let (kd, vd) = (
-        &kc.as_slice::<f32>()?[kl.start_offset()..],
-        &vc.as_slice::<f32>()?[vl.start_offset()..],
-    );
-    // One task per kv head: its query heads share the keys and values it reads.
-    let head = |(kvh, out): (usize, &mut [f32])| {
-        let base = kvh * cap * hd;
-        let mut scores = vec![0f32; len];
-        for (g, oh) in out.chunks_mut(hd).enumerate() {
-            let h = kvh * groups + g;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot(qh, &kd[base + j * hd..base + (j + 1) * hd]) * scale as f32;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            for (j, &p) in scores.iter().enumerate() {
-                for (o, x) in oh.iter_mut().zip(&vd[base + j * hd..base + (j + 1) * hd]) {
-                    *o += p * x;
-                }
-            }
-            oh.iter_mut().for_each(|o| *o /= sum);
+/// cost more than the arithmetic once the context grows. Each key and value row is
+/// read once for all the heads that share it.
+#[allow(clippy::too_many_arguments)]
+fn attend(q: &[f32], k: &[f32], v: &[f32], hd: usize, len: usize, scale: f32, out: &mut [f32], scores: &mut Vec<f32>) {
+    let g = q.len() / hd;
+    scores.clear();
+    // `g × len` scores, then the `g` softmax denominators.
+    scores.resize(g * len + g, 0.0);
+    let (sc, sums) = scores.split_at_mut(g * len);
+    for (j, kj) in k[..len * hd].chunks_exact(hd).enumerate() {
+        for (h, qh) in q.chunks_exact(hd).enumerate() {
+            sc[h * len + j] = dot(qh, kj) * scale;
         }
-    };
-    // Waking the thread pool costs more than a short context's attention.
-    if len >= 256 {
-        out.par_chunks_mut(groups * hd).enumerate().for_each(head);
-    } else {
-        out.chunks_mut(groups * hd).enumerate().for_each(head);
     }
-    Ok(Tensor::from_vec(out, (1, nh * hd), k.device())?)
+    for (row, sum) in sc.chunks_exact_mut(len).zip(sums.iter_mut()) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            *sum += *s;
+        }
+    }
+    out.fill(0.0);
+    for (j, vj) in v[..len * hd].chunks_exact(hd).enumerate() {
+        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+            let p = sc[h * len + j];
+            for (o, x) in oh.iter_mut().zip(vj) {
+                *o += p * x;
+            }
+        }
+    }
+    for (oh, &sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
+        oh.iter_mut().for_each(|o| *o /= sum);
+    }
 }
 
-/// Dot product with eight independent sums, so the compiler can keep them in one
+/// candle's `rms_norm` on each row of `x` (the same arithmetic, so the same bits).
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+            *d = s / m * a;
+        }
+    }
+}
+
+/// candle's `rope` (halves rotated, as HF's `rotate_half`) on one head.
+fn rope_head(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        out[i] = a * cos[i] - b * sin[i];
+        out[i + half] = a * sin[i] + b * cos[i];
+    }
+}
+
+/// `out[n, Σ rows] = x · [parts]ᵀ (+ their biases)`: one pass over `fused` (the
+/// parts' rows stored together) where there is one, else a pass per part.
+fn project(parts: &[&Linear], fused: Option<&QMatrix>, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    let widths: Vec<usize> = parts.iter().map(|l| l.kernel().map_or(0, |m| m.rows())).collect();
+    let total: usize = widths.iter().sum();
+    match fused {
+        Some(m) => m.matmul(x, n, out),
+        None => {
+            let mut off = 0;
+            for (l, &w) in parts.iter().zip(&widths) {
+                let mut part = vec![0f32; n * w];
+                if let Some(m) = l.kernel() {
+                    m.matmul(x, n, &mut part);
+                }
+                for (dst, src) in out.chunks_exact_mut(total).zip(part.chunks_exact(w)) {
+                    dst[off..off + w].copy_from_slice(src);
+                }
+                off += w;
+            }
+        }
+    }
+    let mut off = 0;
+    for (l, &w) in parts.iter().zip(&widths) {
+        if let Some(bias) = &l.bias {
+            let bias = bias.to_vec1::<f32>()?;
+            for row in out.chunks_exact_mut(total) {
+                row[off..off + w].iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
+            }
+        }
+        off += w;
+    }
+    Ok(())
+}
+
+/// Replaces the weights of `parts` (our kernel's matrices, no adapters) with views
+/// of one matrix holding all their rows, and returns that matrix.
+fn fuse(parts: &mut [&mut Linear]) -> Option<QMatrix> {
+    let ms: Vec<QMatrix> = parts.iter().map(|l| l.kernel().cloned()).collect::<Option<_>>()?;
+    let (whole, views) = QMatrix::concat(&ms.iter().collect::<Vec<_>>())?;
+    for (l, v) in parts.iter_mut().zip(views) {
+        l.weight = LinearWeight::Kernel(v);
+    }
+    Some(whole)
+}
+
+/// A pointer shared by the tasks of one parallel loop, each touching its own part.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+
+// SAFETY: only used inside `Team::run` loops whose tasks write disjoint ranges
+// (see `decode_layers`), while the owner of the buffer waits.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Dot product with sixteen independent sums, so the compiler can keep them in one
 /// vector register (a single running sum must be added in order, one at a time).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
+        for i in 0..16 {
             acc[i] += x[i] * y[i];
         }
     }
@@ -923,4 +1162,88 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Index of the largest value (first on ties), as greedy decoding picks.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::SafetensorsSource;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// The tiny HF fixtures with every matrix quantized to Q8_0 at load, so that
+    /// their decode steps take the plain-buffer path (`decode_layers`).
+    struct Quantizing(SafetensorsSource);
+
+    impl WeightSource for Quantizing {
+        fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+            match self.0.get(name, shape)? {
+                Weight::Dense(t) if shape.len() == 2 && shape[1].is_multiple_of(32) => {
+                    let t = t.to_dtype(DType::F32)?;
+                    Ok(Weight::Quantized(Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)))
+                }
+                w => Ok(w),
+            }
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains(name)
+        }
+    }
+
+    fn tiny(name: &str) -> Model {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name);
+        let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        let src = Quantizing(SafetensorsSource::open_dir(&dir, &Device::Cpu).unwrap());
+        Model::load(cfg, &src, None, &Device::Cpu).unwrap()
+    }
+
+    /// Decoding token by token (the plain-buffer path, batched over sequences of
+    /// different lengths) gives the logits of one prompt pass (candle's path).
+    #[test]
+    fn decode_path_matches_the_prompt_path() {
+        for name in ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-qwen2"] {
+            let m = tiny(name);
+            let seqs: Vec<Vec<u32>> = vec![vec![1, 17, 93, 5, 41, 8], vec![2, 60, 7], vec![3, 11, 12, 13, 14]];
+            let want: Vec<Vec<Vec<f32>>> = seqs
+                .iter()
+                .map(|s| {
+                    let mut c = m.new_cache(s.len()).unwrap();
+                    let mut b = [SeqInput {
+                        tokens: s,
+                        cache: &mut c,
+                    }];
+                    m.forward(&mut b, true).unwrap().remove(0).to_vec2::<f32>().unwrap()
+                })
+                .collect();
+            assert!(m.decodes_raw(&[(0, 1, 0)]), "{name}: the decode path is not taken");
+            // Each sequence starts with its first token, then all advance together.
+            let mut caches: Vec<KvCache> = seqs.iter().map(|_| m.new_cache(2).unwrap()).collect();
+            let steps = seqs.iter().map(Vec::len).max().unwrap();
+            for step in 0..steps {
+                let live: Vec<usize> = (0..seqs.len()).filter(|&i| step < seqs[i].len()).collect();
+                let mut batch: Vec<SeqInput> = Vec::new();
+                for (i, c) in caches.iter_mut().enumerate() {
+                    if live.contains(&i) {
+                        batch.push(SeqInput {
+                            tokens: &seqs[i][step..step + 1],
+                            cache: c,
+                        });
+                    }
+                }
+                let got = m.forward(&mut batch, false).unwrap();
+                for (&i, g) in live.iter().zip(got) {
+                    let g = g.to_vec1::<f32>().unwrap();
+                    let diff = g
+                        .iter()
+                        .zip(&want[i][step])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff < 1e-4, "{name}: sequence {i} step {step}: logits differ by {diff}");
+                }
+            }
+        }
+    }
 }

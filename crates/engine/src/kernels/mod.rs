@@ -9,17 +9,16 @@
 //! activations to 8 bits first (and moves near-ties in greedy decoding).
 //!
 //! Two schemes, both over tiles of `R` weight rows:
-//! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_MAX_N`, i.e. decode): each
-//!   block is dequantized in registers (4-bit types through a 16-entry `vpermps`
-//!   table) and used at once for all `n` activation rows; memory bound for n = 1.
+//! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_MAX_N`, i.e. decode): the
+//!   weights are repacked at load into tiles of `R` rows (see `Blocks::Tiled`);
+//!   each block is dequantized in registers (4-bit types through a 16-entry
+//!   `vpermps` table) and used at once for all `n` activation rows.
 //! - panel (every type and path; larger n, i.e. prefill): rows are dequantized
 //!   once into an f32 panel that stays in L2, then an `R × T` f32 micro-kernel
 //!   runs over it for every tile of `T` activation rows.
 //!
 //! Work is split over chunks of output rows, claimed dynamically by the calling
-//! thread and `RAYON_NUM_THREADS - 1` helpers spawned on rayon's global pool. The
-//! caller works too and never blocks on a sleeping worker: decode runs ~200 small
-//! products per token, so a wake-up per product would dominate.
+//! thread and the engine's [`Team`] of helpers.
 //!
 //! Supported: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K on CPU (`QMatrix::from_qtensor`
 //! returns `None` for anything else; callers keep candle's `QMatMul` for those).
@@ -27,11 +26,12 @@
 //! reference), picked at run time.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Storage, Tensor};
+
+use crate::team::Team;
 
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -144,8 +144,8 @@ impl Isa {
     }
 }
 
-/// A ggml-quantized `[rows, cols]` weight matrix, shared with the `QTensor` it
-/// came from (no copy; cloning shares it too).
+/// A ggml-quantized `[rows, cols]` weight matrix (or a run of rows of one, see
+/// [`QMatrix::concat`]); cloning shares the blocks.
 #[derive(Clone)]
 pub struct QMatrix {
     kind: Kind,
@@ -154,7 +154,25 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     isa: Isa,
-    tensor: Arc<QTensor>,
+    blocks: Blocks,
+    /// The first of this matrix's rows in `blocks` (a multiple of `R` when tiled).
+    row0: usize,
+}
+
+/// Where a matrix's blocks live.
+#[derive(Clone)]
+enum Blocks {
+    /// ggml's layout, row after row, inside the `QTensor` it came from (no copy).
+    Ggml(Arc<QTensor>),
+    /// Q4_0 / Q4_1 / Q8_0 on the AVX-512 path, repacked in tiles of `R` rows.
+    /// A tile takes the bytes of its `R` ggml rows: first the f16 scales, block
+    /// column by block column (the rows' `d`, then for Q4_1 their `m`), then the
+    /// quantized values, block column by block column (each row's 16 or 32
+    /// bytes). The fused kernel then reads one sequential stream per thread (a
+    /// block column of four rows is one 64- or 128-byte run) and converts a
+    /// tile's scales with a few contiguous loads, where ggml's layout needed a
+    /// gather from every block. Rows past the last are zero.
+    Tiled(Arc<Vec<u8>>),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -167,31 +185,167 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
+/// The tiled kernels' code for a block kind, if it has one.
+fn tiled_kind(kind: Kind) -> Option<u8> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match kind {
+            Kind::Q4_0 => Some(x86::FUSED_Q4_0),
+            Kind::Q4_1 => Some(x86::FUSED_Q4_1),
+            Kind::Q8_0 => Some(x86::FUSED_Q8_0),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = kind;
+        None
+    }
+}
+
+/// Byte offsets inside a ggml block of `kind` (Q4_0 / Q4_1 / Q8_0): where its
+/// quantized values start, how many bytes they take, and how many f16 scales
+/// lead the block.
+fn block_parts(kind: Kind) -> (usize, usize, usize) {
+    match kind {
+        Kind::Q4_0 => (2, 16, 1),
+        Kind::Q4_1 => (4, 16, 2),
+        _ => (2, 32, 1),
+    }
+}
+
+/// ggml rows (`rows × nb` blocks of `kind`) repacked into tiles (see `Blocks::Tiled`).
+fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+    let (qoff, qb, ns) = block_parts(kind);
+    let bb = kind.block_bytes();
+    let (rb, tb) = (nb * bb, R * nb * bb);
+    let mut out = vec![0u8; rows.div_ceil(R) * tb];
+    for (t, tile) in out.chunks_exact_mut(tb).enumerate() {
+        let (scales, quants) = tile.split_at_mut(2 * nb * R * ns);
+        for r in 0..R.min(rows - t * R) {
+            let row = &src[(t * R + r) * rb..(t * R + r + 1) * rb];
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                for j in 0..ns {
+                    let at = 2 * (b * R * ns + j * R + r);
+                    scales[at..at + 2].copy_from_slice(&blk[2 * j..2 * j + 2]);
+                }
+                let at = (b * R + r) * qb;
+                quants[at..at + qb].copy_from_slice(&blk[qoff..qoff + qb]);
+            }
+        }
+    }
+    out
+}
+
+/// Row `r` of a tile (see `Blocks::Tiled`) back in ggml's block layout.
+fn untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
+    let (qoff, qb, ns) = block_parts(kind);
+    let bb = kind.block_bytes();
+    dst.clear();
+    dst.resize(nb * bb, 0);
+    let (scales, quants) = tile.split_at(2 * nb * R * ns);
+    for (b, blk) in dst.chunks_exact_mut(bb).enumerate() {
+        for j in 0..ns {
+            let at = 2 * (b * R * ns + j * R + r);
+            blk[2 * j..2 * j + 2].copy_from_slice(&scales[at..at + 2]);
+        }
+        let at = (b * R + r) * qb;
+        blk[qoff..qoff + qb].copy_from_slice(&quants[at..at + qb]);
+    }
+}
+
 impl QMatrix {
     /// Wraps a 2-D CPU `QTensor` of a supported block type; `None` otherwise.
     pub fn from_qtensor(tensor: &Arc<QTensor>) -> Option<Self> {
+        Self::with_isa(tensor, Isa::detect())
+    }
+
+    /// Like [`Self::from_qtensor`], for a given path (which this CPU must support).
+    pub fn with_isa(tensor: &Arc<QTensor>, isa: Isa) -> Option<Self> {
         let kind = Kind::from_dtype(tensor.dtype())?;
         let &[rows, cols] = tensor.shape().dims() else {
             return None;
         };
-        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) || !tensor.device().is_cpu() {
+        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) || !tensor.device().is_cpu() || !isa.supported() {
             return None;
         }
         let row_bytes = cols / kind.block_elems() * kind.block_bytes();
         // CPU storage hands out a borrowed view of its blocks; `bytes` relies on it.
-        match tensor.data() {
-            Ok(Cow::Borrowed(b)) if b.len() == rows * row_bytes => {}
+        let blocks = match tensor.data() {
+            Ok(Cow::Borrowed(b)) if b.len() == rows * row_bytes => match tiled_kind(kind) {
+                Some(_) if isa == Isa::Avx512 => {
+                    Blocks::Tiled(Arc::new(tile_rows(kind, b, rows, cols / kind.block_elems())))
+                }
+                _ => Blocks::Ggml(tensor.clone()),
+            },
             _ => return None,
-        }
+        };
         Some(QMatrix {
             kind,
             dtype: tensor.dtype(),
             rows,
             cols,
             row_bytes,
-            isa: Isa::detect(),
-            tensor: tensor.clone(),
+            isa,
+            blocks,
+            row0: 0,
         })
+    }
+
+    /// The rows of several matrices as one (for one pass over, e.g., the q, k and
+    /// v projections), and each part as a view of it: the blocks are stored once.
+    /// `None` unless all are tiled alike with row counts that are multiples of `R`.
+    pub fn concat(parts: &[&QMatrix]) -> Option<(QMatrix, Vec<QMatrix>)> {
+        let first = parts.first()?;
+        let mut data = Vec::new();
+        for p in parts {
+            let Blocks::Tiled(t) = &p.blocks else { return None };
+            let same = p.kind == first.kind && p.cols == first.cols && p.isa == first.isa;
+            if !same || !p.rows.is_multiple_of(R) {
+                return None;
+            }
+            data.extend_from_slice(&t[p.row0 * p.row_bytes..(p.row0 + p.rows) * p.row_bytes]);
+        }
+        let blocks = Blocks::Tiled(Arc::new(data));
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let whole = QMatrix {
+            rows,
+            blocks: blocks.clone(),
+            row0: 0,
+            ..(*first).clone()
+        };
+        let mut row0 = 0;
+        let views = parts
+            .iter()
+            .map(|p| {
+                let v = QMatrix {
+                    row0,
+                    blocks: blocks.clone(),
+                    ..(*p).clone()
+                };
+                row0 += p.rows;
+                v
+            })
+            .collect();
+        Some((whole, views))
+    }
+
+    /// Row `r`, dequantized exactly as ggml does (e.g. an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
+        assert!(r < self.rows && dst.len() == self.cols, "row {r} of {:?}", self);
+        let nb = self.cols / self.kind.block_elems();
+        match &self.blocks {
+            Blocks::Ggml(_) => {
+                let rb = self.row_bytes;
+                scalar::dequant_row(self.kind, &self.ggml_bytes()[r * rb..(r + 1) * rb], dst)
+            }
+            Blocks::Tiled(t) => {
+                let (row, tb) = (self.row0 + r, R * self.row_bytes);
+                let mut blocks = Vec::new();
+                untile_row(self.kind, &t[row / R * tb..][..tb], row % R, nb, &mut blocks);
+                scalar::dequant_row(self.kind, &blocks, dst)
+            }
+        }
     }
 
     /// Output features.
@@ -218,68 +372,50 @@ impl QMatrix {
         self.isa
     }
 
-    fn bytes(&self) -> &[u8] {
-        match self.tensor.data() {
-            Ok(Cow::Borrowed(b)) => b,
-            // `from_qtensor` checked that this CPU tensor lends its bytes.
+    /// The ggml rows of an untiled matrix.
+    fn ggml_bytes(&self) -> &[u8] {
+        let Blocks::Ggml(tensor) = &self.blocks else {
+            unreachable!("ggml_bytes of a tiled matrix")
+        };
+        match tensor.data() {
+            Ok(Cow::Borrowed(b)) => &b[self.row0 * self.row_bytes..(self.row0 + self.rows) * self.row_bytes],
+            // `with_isa` checked that this CPU tensor lends its bytes.
             _ => unreachable!("CPU QTensor storage is borrowed"),
         }
     }
 
     /// `out[n × rows] = x[n × cols] · Wᵀ`, all row-major f32.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        self.matmul_with(self.isa, x, n, out, None)
+        self.matmul_with(x, n, out, None)
     }
 
-    /// `matmul` on a given path, optionally with a given number of rows per task.
-    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], rows_per_task: Option<usize>) {
+    /// `matmul`, optionally with a given number of rows per task.
+    pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], rows_per_task: Option<usize>) {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!(x.len(), n * cols, "x must be [n, cols]");
         assert_eq!(out.len(), n * rows, "out must be [n, rows]");
-        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
         if n == 0 || rows == 0 {
             return;
         }
-        let threads = rayon::current_num_threads().max(1);
-        let chunk_rows = rows_per_task.unwrap_or_else(|| self.rows_per_task(n, threads)).max(1);
+        let team = Team::global();
+        let chunk_rows = rows_per_task
+            .unwrap_or_else(|| self.rows_per_task(n, team.threads()))
+            .max(1)
+            .next_multiple_of(R);
         let chunks = rows.div_ceil(chunk_rows);
-        let helpers = (threads - 1).min(chunks - 1);
-        if helpers == 0 {
-            self.rows_task(isa, 0, rows, x, n, out, &mut Scratch::default());
-            return;
-        }
-        let job = Arc::new(Job {
-            m: self.clone(),
-            isa,
-            x: x.to_vec(),
-            n,
-            chunk_rows,
-            chunks,
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            out: (0..n * rows).map(|_| AtomicU32::new(0)).collect(),
+        let dst = SharedOut(out.as_mut_ptr());
+        team.run(chunks, &|c| {
+            let r0 = c * chunk_rows;
+            let nr = chunk_rows.min(rows - r0);
+            SCRATCH.with(|s| {
+                self.rows_task(r0, nr, x, n, &mut s.borrow_mut(), &mut |t, i, v| {
+                    // SAFETY: `out` is `[n, rows]` and outlives the loop; each
+                    // output row belongs to exactly one chunk, so no two tasks
+                    // write the same element.
+                    unsafe { *dst.at(t * rows + r0 + i) = v }
+                })
+            });
         });
-        for _ in 0..helpers {
-            let job = job.clone();
-            rayon::spawn(move || job.work());
-        }
-        // The caller works too, so nothing waits for a helper to wake up: a
-        // helper that arrives after the last chunk was claimed finds nothing to
-        // do (it owns its `Arc`, so it may outlive this call).
-        job.work();
-        let mut spins = 0u32;
-        while job.done.load(Ordering::Acquire) < chunks {
-            // Only chunks a helper already claimed are outstanding: short waits.
-            spins += 1;
-            if spins < 1 << 12 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        for (o, v) in out.iter_mut().zip(&job.out) {
-            *o = f32::from_bits(v.load(Ordering::Relaxed));
-        }
     }
 
     /// Rows per chunk of work: about eight chunks per thread for balance (they
@@ -290,48 +426,68 @@ impl QMatrix {
         balance.max(min_work).max(16).next_multiple_of(R)
     }
 
-    /// Output rows `r0 .. r0 + nrows` of all `n` activation rows: the value of
-    /// row `r0 + i` for activation row `t` goes to `out[t * ld + i]`, where
-    /// `ld = out.len() / n`.
-    #[allow(clippy::too_many_arguments)]
-    fn rows_task(&self, isa: Isa, r0: usize, nrows: usize, x: &[f32], n: usize, out: &mut [f32], s: &mut Scratch) {
-        let (cols, rb) = (self.cols, self.row_bytes);
-        let bytes = self.bytes();
-        let ld = out.len() / n;
-        assert!(nrows <= ld && r0 + nrows <= self.rows);
+    /// Output rows `r0 .. r0 + nrows` (`r0` a multiple of `R`) for all `n`
+    /// activation rows: `put(t, i, v)` receives row `r0 + i` of activation row `t`.
+    fn rows_task<P: FnMut(usize, usize, f32)>(
+        &self,
+        r0: usize,
+        nrows: usize,
+        x: &[f32],
+        n: usize,
+        s: &mut Scratch,
+        put: &mut P,
+    ) {
+        assert!(r0.is_multiple_of(R) && r0 + nrows <= self.rows);
+        let (isa, cols, rb) = (self.isa, self.cols, self.row_bytes);
+        let tmax = isa.tile_t();
+        let panel = (PANEL_BYTES / (4 * cols)).clamp(R, 64) / R * R;
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && n <= FUSED_MAX_N {
-            let k = match self.kind {
-                Kind::Q4_0 => Some(x86::FUSED_Q4_0),
-                Kind::Q4_1 => Some(x86::FUSED_Q4_1),
-                Kind::Q8_0 => Some(x86::FUSED_Q8_0),
-                _ => None,
-            };
-            if let Some(k) = k {
+        if let (Blocks::Tiled(data), Some(k)) = (&self.blocks, tiled_kind(self.kind)) {
+            let nb = cols / 32;
+            let tb = R * rb;
+            let tile = |row: usize| &data[(self.row0 + row) / R * tb..][..tb];
+            let nscales = nb * R * x86::tile_nscales(k);
+            if n <= FUSED_MAX_N {
                 for rt in (0..nrows).step_by(R) {
-                    let nr = R.min(nrows - rt);
-                    // A partial tile repeats its last row; those results are dropped.
-                    let row = |i: usize| {
-                        let r = r0 + rt + i.min(nr - 1);
-                        &bytes[r * rb..(r + 1) * rb]
-                    };
-                    // Prefetch two tiles ahead (measured best of 1 tile, 2 tiles, 1-4 KiB).
-                    let res = fused(k, [row(0), row(1), row(2), row(3)], x, cols, n, 2 * R * rb, s);
-                    for (i, res) in res.iter().enumerate().take(nr) {
-                        for (t, &v) in res[..n].iter().enumerate() {
-                            out[t * ld + rt + i] = v;
+                    let t = tile(r0 + rt);
+                    // SAFETY (both): tiled matrices exist only on the AVX-512 path
+                    // (`with_isa` checks the CPU); the kernels check slice lengths.
+                    unsafe { x86::tile_scales_512(t, nscales, &mut s.scales) };
+                    // Prefetch two tiles ahead (measured best of one to four).
+                    let res = fused(k, t, &s.scales, x, cols, n, 2 * tb);
+                    for (i, res) in res.iter().enumerate().take(R.min(nrows - rt)) {
+                        for (j, &v) in res[..n].iter().enumerate() {
+                            put(j, rt + i, v);
                         }
                     }
                 }
                 return;
             }
+            // Larger n: dequantize a panel of tiles, then the f32 micro-kernel.
+            s.w.resize(panel * cols, 0.0);
+            for p0 in (0..nrows).step_by(panel) {
+                let np = panel.min(nrows - p0);
+                for i in (0..np).step_by(R) {
+                    let t = tile(r0 + p0 + i);
+                    let w = &mut s.w[i * cols..(i + R) * cols];
+                    unsafe { x86::tile_scales_512(t, nscales, &mut s.scales) };
+                    unsafe {
+                        match k {
+                            x86::FUSED_Q4_0 => x86::dequant_tile_512::<{ x86::FUSED_Q4_0 }, R>(t, &s.scales, w),
+                            x86::FUSED_Q4_1 => x86::dequant_tile_512::<{ x86::FUSED_Q4_1 }, R>(t, &s.scales, w),
+                            _ => x86::dequant_tile_512::<{ x86::FUSED_Q8_0 }, R>(t, &s.scales, w),
+                        }
+                    }
+                }
+                panel_products(isa, &s.w, p0, np, x, n, cols, tmax, put);
+            }
+            return;
         }
-        // Dequantize a panel of rows (≤ 128 KiB of f32, stays in L2) once; then
-        // each tile of activation rows (in L1) meets every `R`-row tile of it.
-        let tmax = isa.tile_t();
-        let panel = (PANEL_BYTES / (4 * cols)).clamp(R, 64) / R * R;
-        let w = &mut s.w;
-        w.resize(panel * cols, 0.0);
+        // ggml rows: dequantize a panel of rows (≤ 128 KiB of f32, stays in L2)
+        // once; then each tile of activation rows (in L1) meets every `R`-row
+        // tile of it.
+        let bytes = self.ggml_bytes();
+        s.w.resize(panel * cols, 0.0);
         for p0 in (0..nrows).step_by(panel) {
             let np = panel.min(nrows - p0);
             for i in 0..np {
@@ -340,26 +496,10 @@ impl QMatrix {
                     isa,
                     self.kind,
                     &bytes[row * rb..(row + 1) * rb],
-                    &mut w[i * cols..(i + 1) * cols],
+                    &mut s.w[i * cols..(i + 1) * cols],
                 );
             }
-            let mut t = 0;
-            while t < n {
-                let tt = tmax.min(n - t);
-                let xt = &x[t * cols..(t + tt) * cols];
-                for rt in (0..np).step_by(R) {
-                    // A partial tile reads stale rows past `np` (finite or not, but
-                    // initialized); their dot products are dropped.
-                    let nr = R.min(np - rt);
-                    let res = micro(isa, &w[rt * cols..(rt + R) * cols], xt, cols, tt);
-                    for (i, res) in res.iter().enumerate().take(nr) {
-                        for (j, &v) in res[..tt].iter().enumerate() {
-                            out[(t + j) * ld + p0 + rt + i] = v;
-                        }
-                    }
-                }
-                t += tt;
-            }
+            panel_products(isa, &s.w, p0, np, x, n, cols, tmax, put);
         }
     }
 
@@ -390,44 +530,55 @@ impl QMatrix {
     }
 }
 
-/// One matmul shared by the calling thread and its rayon helpers: chunks of
-/// `chunk_rows` output rows are claimed with `next`, counted in `done` once
-/// written. Everything is owned, so a helper that starts late is harmless.
-struct Job {
-    m: QMatrix,
-    isa: Isa,
-    x: Vec<f32>,
-    n: usize,
-    chunk_rows: usize,
-    chunks: usize,
-    next: AtomicUsize,
-    done: AtomicUsize,
-    /// `[n, rows]` f32 bits; each chunk's rows are written by its one claimant.
-    out: Vec<AtomicU32>,
+/// The caller's output buffer, written by the team's tasks at disjoint places.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `matmul_with`) while the caller
+// waits for them.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be in bounds of the buffer, and no other thread may touch it.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
 }
 
-impl Job {
-    fn work(&self) {
-        let (rows, n) = (self.m.rows, self.n);
-        let mut s = Scratch::default();
-        let mut t = Vec::new();
-        loop {
-            let c = self.next.fetch_add(1, Ordering::Relaxed);
-            if c >= self.chunks {
-                return;
-            }
-            let r0 = c * self.chunk_rows;
-            let nr = self.chunk_rows.min(rows - r0);
-            t.resize(nr * n, 0.0);
-            self.m.rows_task(self.isa, r0, nr, &self.x, n, &mut t, &mut s);
-            for (vals, dst) in t.chunks_exact(nr).zip(self.out.chunks_exact(rows)) {
-                for (v, d) in vals.iter().zip(&dst[r0..r0 + nr]) {
-                    d.store(v.to_bits(), Ordering::Relaxed);
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// The dot products of a dequantized panel (`np` rows of `w`, output rows
+/// `p0 ..`) with every activation row, `tmax` activation rows per micro-kernel call.
+#[allow(clippy::too_many_arguments)]
+fn panel_products<P: FnMut(usize, usize, f32)>(
+    isa: Isa,
+    w: &[f32],
+    p0: usize,
+    np: usize,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    tmax: usize,
+    put: &mut P,
+) {
+    let mut t = 0;
+    while t < n {
+        let tt = tmax.min(n - t);
+        let xt = &x[t * cols..(t + tt) * cols];
+        for rt in (0..np).step_by(R) {
+            // A partial tile reads stale rows past `np` (finite or not, but
+            // initialized); their dot products are dropped.
+            let nr = R.min(np - rt);
+            let res = micro(isa, &w[rt * cols..(rt + R) * cols], xt, cols, tt);
+            for (i, res) in res.iter().enumerate().take(nr) {
+                for (j, &v) in res[..tt].iter().enumerate() {
+                    put(t + j, p0 + rt + i, v);
                 }
             }
-            // Publishes this chunk's stores to the thread that sees `done` complete.
-            self.done.fetch_add(1, Ordering::Release);
         }
+        t += tt;
     }
 }
 
@@ -436,7 +587,7 @@ impl Job {
 struct Scratch {
     /// A panel of dequantized weight rows (the unfused path).
     w: Vec<f32>,
-    /// Block scales for the fused kernels.
+    /// A tile's block scales as f32.
     scales: Vec<f32>,
 }
 
@@ -446,56 +597,33 @@ struct Scratch {
 /// cheaper.
 const FUSED_MAX_N: usize = 8;
 
-/// The fused AVX-512 kernel on `R` rows for `n ≤ FUSED_MAX_N` activation rows:
-/// one pass of 4 rows for n ≤ 4, two passes of 2 rows (so the accumulators fit
-/// in registers) for larger n.
+/// The fused AVX-512 kernel on one tile (`R` rows) for `n ≤ FUSED_MAX_N`
+/// activation rows: one pass over the 4 rows for n ≤ 4, two passes of 2 rows (so
+/// the accumulators fit in registers) for larger n.
 #[cfg(target_arch = "x86_64")]
-fn fused(
-    k: u8,
-    rows: [&[u8]; R],
-    x: &[f32],
-    cols: usize,
-    n: usize,
-    prefetch: usize,
-    s: &mut Scratch,
-) -> [[f32; FUSED_MAX_N]; R] {
-    use x86::{fused_512, scales_512, FUSED_Q4_0, FUSED_Q4_1, FUSED_Q8_0};
-    let (bb, nb) = match k {
-        FUSED_Q4_0 => (18, cols / 32),
-        FUSED_Q4_1 => (20, cols / 32),
-        _ => (34, cols / 32),
-    };
-    let nbp = nb.next_multiple_of(16);
-    // SAFETY (all three `unsafe` blocks): only called on the `Isa::Avx512` path,
-    // which `matmul_with` accepts only on CPUs with AVX-512 F, VL, BW and DQ; the
-    // kernels check their slice lengths.
-    unsafe { scales_512(&rows, bb, nb, k == FUSED_Q4_1, &mut s.scales) };
-    let sc = &s.scales;
-    let d: [&[f32]; R] = std::array::from_fn(|r| &sc[r * nbp..(r + 1) * nbp]);
-    let m: [&[f32]; R] = if k == FUSED_Q4_1 {
-        std::array::from_fn(|r| &sc[(R + r) * nbp..(R + r + 1) * nbp])
-    } else {
-        d
-    };
+fn fused(k: u8, tile: &[u8], sc: &[f32], x: &[f32], cols: usize, n: usize, prefetch: usize) -> [[f32; FUSED_MAX_N]; R] {
+    use x86::{fused_tile_512, FUSED_Q4_0, FUSED_Q4_1, FUSED_Q8_0};
     let mut out = [[0f32; FUSED_MAX_N]; R];
+    // SAFETY (all calls): only reached for tiled matrices, which exist only on the
+    // AVX-512 path (`QMatrix::with_isa` checks the CPU); the kernel checks its
+    // slice lengths.
     macro_rules! go {
         ($kk:expr, [$($n:literal)*], [$($m:literal)*]) => {
             match n {
                 $($n => {
-                    let res = unsafe { fused_512::<{ $kk }, R, $n>(rows, x, cols, prefetch, d, m) };
+                    let res = unsafe { fused_tile_512::<{ $kk }, R, 0, R, $n>(tile, sc, x, cols, prefetch) };
                     for (o, r) in out.iter_mut().zip(res) {
                         o[..$n].copy_from_slice(&r);
                     }
                 })*
                 $($m => {
-                    for h in [0, 2] {
-                        let (dd, mm) = ([d[h], d[h + 1]], [m[h], m[h + 1]]);
-                        let res = unsafe {
-                            fused_512::<{ $kk }, 2, $m>([rows[h], rows[h + 1]], x, cols, prefetch, dd, mm)
-                        };
-                        for (o, r) in out[h..].iter_mut().zip(res) {
-                            o[..$m].copy_from_slice(&r);
-                        }
+                    let res = unsafe { fused_tile_512::<{ $kk }, R, 0, 2, $m>(tile, sc, x, cols, prefetch) };
+                    for (o, r) in out.iter_mut().zip(res) {
+                        o[..$m].copy_from_slice(&r);
+                    }
+                    let res = unsafe { fused_tile_512::<{ $kk }, R, 2, 2, $m>(tile, sc, x, cols, prefetch) };
+                    for (o, r) in out[2..].iter_mut().zip(res) {
+                        o[..$m].copy_from_slice(&r);
                     }
                 })*
                 _ => unreachable!("fused kernel for {n} rows"),
@@ -582,6 +710,82 @@ mod tests {
         Arc::new(QTensor::quantize(&w, dtype).unwrap())
     }
 
+    /// Every row of `m`, dequantized by the code its matmul path uses.
+    fn path_dequantize(m: &QMatrix) -> Vec<f32> {
+        let (rows, cols, rb) = (m.rows, m.cols, m.row_bytes);
+        let mut got = vec![0f32; rows.next_multiple_of(R) * cols];
+        match &m.blocks {
+            Blocks::Ggml(_) => {
+                for r in 0..rows {
+                    let src = &m.ggml_bytes()[r * rb..(r + 1) * rb];
+                    dequant_row(m.isa, m.kind, src, &mut got[r * cols..(r + 1) * cols]);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Blocks::Tiled(data) => {
+                let k = tiled_kind(m.kind).unwrap();
+                let mut sc = Vec::new();
+                for (t, tile) in data.chunks_exact(R * rb).enumerate() {
+                    let w = &mut got[t * R * cols..(t + 1) * R * cols];
+                    unsafe {
+                        x86::tile_scales_512(tile, cols / 32 * R * x86::tile_nscales(k), &mut sc);
+                        match k {
+                            x86::FUSED_Q4_0 => x86::dequant_tile_512::<{ x86::FUSED_Q4_0 }, R>(tile, &sc, w),
+                            x86::FUSED_Q4_1 => x86::dequant_tile_512::<{ x86::FUSED_Q4_1 }, R>(tile, &sc, w),
+                            _ => x86::dequant_tile_512::<{ x86::FUSED_Q8_0 }, R>(tile, &sc, w),
+                        }
+                    }
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Blocks::Tiled(_) => unreachable!(),
+        }
+        got.truncate(rows * cols);
+        got
+    }
+
+    #[test]
+    fn views_of_a_concatenation_multiply_like_their_parts() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let parts: Vec<Arc<QTensor>> = [8usize, 12, 4]
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| quantized(r, 64, dtype, i as u64))
+                .collect();
+            let ms: Vec<QMatrix> = parts.iter().map(|q| QMatrix::from_qtensor(q).unwrap()).collect();
+            let refs: Vec<&QMatrix> = ms.iter().collect();
+            let Some((whole, views)) = QMatrix::concat(&refs) else {
+                // Only tiled (AVX-512) matrices concatenate.
+                assert!(!Isa::available().contains(&Isa::Avx512));
+                continue;
+            };
+            assert_eq!(whole.rows(), 24);
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (3, 64), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut all = vec![0f32; 3 * 24];
+            whole.matmul(&x, 3, &mut all);
+            let mut off = 0;
+            for (m, v) in ms.iter().zip(&views) {
+                let (mut a, mut b) = (vec![0f32; 3 * m.rows()], vec![0f32; 3 * m.rows()]);
+                m.matmul(&x, 3, &mut a);
+                v.matmul(&x, 3, &mut b);
+                assert_eq!(a, b, "{dtype:?}: a view differs from its part");
+                for t in 0..3 {
+                    assert_eq!(
+                        a[t * m.rows()..(t + 1) * m.rows()],
+                        all[t * 24 + off..t * 24 + off + m.rows()]
+                    );
+                }
+                off += m.rows();
+            }
+        }
+    }
+
     #[test]
     fn dequantization_is_bit_exact_on_every_path() {
         for dtype in TYPES {
@@ -594,12 +798,13 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let m = QMatrix::from_qtensor(&q).unwrap();
             for isa in Isa::available() {
-                let mut got = vec![0f32; rows * cols];
+                let m = QMatrix::with_isa(&q, isa).unwrap();
+                let got = path_dequantize(&m);
+                let mut row = vec![0f32; cols];
                 for r in 0..rows {
-                    let src = &m.bytes()[r * m.row_bytes..(r + 1) * m.row_bytes];
-                    dequant_row(isa, m.kind, src, &mut got[r * cols..(r + 1) * cols]);
+                    m.dequantize_row(r, &mut row);
+                    assert_eq!(row, want[r * cols..(r + 1) * cols], "{dtype:?} {isa:?}: row {r}");
                 }
                 let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
                 assert!(bad.is_none(), "{dtype:?} {isa:?}: value {bad:?} differs");
@@ -626,9 +831,10 @@ mod tests {
                     let xv = x.to_vec2::<f32>().unwrap();
                     let xs: Vec<f32> = xv.concat();
                     for isa in Isa::available() {
+                        let m = QMatrix::with_isa(&q, isa).unwrap();
                         for rpt in [None, Some(8), Some(rows)] {
                             let mut got = vec![f32::NAN; n * rows];
-                            m.matmul_with(isa, &xs, n, &mut got, rpt);
+                            m.matmul_with(&xs, n, &mut got, rpt);
                             for t in 0..n {
                                 let xn = xv[t].iter().map(|v| v * v).sum::<f32>().sqrt();
                                 for r in 0..rows {

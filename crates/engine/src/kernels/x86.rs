@@ -312,99 +312,99 @@ unsafe fn hsum256(v: __m256) -> f32 {
 
 // ------------------------------------------------ AVX-512, fused (small n) ----
 
-/// Block kinds of `fused_512` (a const parameter).
+/// Block kinds of the tiled kernels (a const parameter).
 pub(super) const FUSED_Q4_0: u8 = 0;
 pub(super) const FUSED_Q4_1: u8 = 1;
 pub(super) const FUSED_Q8_0: u8 = 2;
 
-/// The f16 block scales of `R` rows as f32, so that the fused loop broadcasts
-/// them straight from memory: `out[r * nbp + b]` is `d` of block `b` of row `r`
-/// and, with `with_min` (Q4_1), `out[(R + r) * nbp + b]` its `m`, where `nbp` is
-/// `nb` rounded up to 16. One gather of the first 4 bytes of 16 blocks, then
-/// one conversion per 16 scales.
+/// Bytes of one row's quantized values per block in the tiled layout.
+pub(super) const fn tile_qbytes(k: u8) -> usize {
+    if k == FUSED_Q8_0 {
+        32
+    } else {
+        16
+    }
+}
+
+/// f16 scales per row and block in the tiled layout (`d`, and `m` for Q4_1).
+pub(super) const fn tile_nscales(k: u8) -> usize {
+    if k == FUSED_Q4_1 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Converts a tile's f16 scales (`count` of them, contiguous at its start) to
+/// f32 in `out`, 16 per instruction.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-pub(super) unsafe fn scales_512<const R: usize>(
-    rows: &[&[u8]; R],
-    bb: usize,
-    nb: usize,
-    with_min: bool,
-    out: &mut Vec<f32>,
-) {
-    let nbp = nb.next_multiple_of(16);
-    let len = if with_min { 2 * R * nbp } else { R * nbp };
-    if out.len() < len {
-        out.resize(len, 0.0);
+pub(super) unsafe fn tile_scales_512(tile: &[u8], count: usize, out: &mut Vec<f32>) {
+    let padded = count.next_multiple_of(16);
+    if out.len() < padded {
+        out.resize(padded, 0.0);
     }
-    assert!(bb >= 4 && rows.iter().all(|r| r.len() >= nb * bb) && nb * bb <= i32::MAX as usize);
-    let step = _mm512_set1_epi32(16 * bb as i32);
-    let first = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(bb as i32),
-    );
-    let o = out.as_mut_ptr();
-    for (r, row) in rows.iter().enumerate() {
-        let mut idx = first;
-        for g in (0..nb).step_by(16) {
-            // Lanes past the last block load nothing (masked) and stay zero.
-            let mask: __mmask16 = if nb - g >= 16 { 0xFFFF } else { (1u16 << (nb - g)) - 1 };
-            let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, row.as_ptr() as *const i32);
-            _mm512_storeu_ps(o.add(r * nbp + g), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
-            if with_min {
-                let m = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v));
-                _mm512_storeu_ps(o.add((R + r) * nbp + g), _mm512_cvtph_ps(m));
-            }
-            idx = _mm512_add_epi32(idx, step);
-        }
+    assert!(tile.len() >= 2 * count);
+    let (src, dst) = (tile.as_ptr() as *const u16, out.as_mut_ptr());
+    for i in (0..count).step_by(16) {
+        let mask: __mmask16 = if count - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (count - i)) - 1
+        };
+        let h = _mm256_maskz_loadu_epi16(mask, src.add(i) as *const i16);
+        _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(h));
     }
 }
 
-/// `out[r][t] = dot(row r, x row t)` straight from the blocks of `R` rows of
-/// Q4_0, Q4_1 or Q8_0 (`K`), given their block scales `d` (and `m` for Q4_1) as
-/// f32 (`scales_512`), dequantized in registers: the 4-bit types through a
-/// 16-entry table per block (`vpermps`; the table is built with ggml's own
-/// arithmetic, so the weights are exactly ggml's dequantized values). Each block
-/// read also prefetches the byte `prefetch` bytes further on (the next rows).
+/// Rows `F .. F + RR` of one tile (`R` rows in the tiled layout, see
+/// `kernels::Tiled`) dotted with the `T` rows of `x`: `out[r][t]`. `sc` holds the
+/// tile's scales as f32 (`tile_scales_512`). Each block is dequantized in
+/// registers, the 4-bit types through a 16-entry table (`vpermps`) built with
+/// ggml's own arithmetic, so the weights are exactly ggml's dequantized values.
+/// Every block column also prefetches the line `prefetch` bytes further on.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 // `acc[r][t]` indexed by both loops reads clearer than iterator chains.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-pub(super) unsafe fn fused_512<const K: u8, const R: usize, const T: usize>(
-    rows: [&[u8]; R],
+pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize, const RR: usize, const T: usize>(
+    tile: &[u8],
+    sc: &[f32],
     x: &[f32],
     cols: usize,
     prefetch: usize,
-    d: [&[f32]; R],
-    m: [&[f32]; R],
-) -> [[f32; T]; R] {
-    let bb = match K {
-        FUSED_Q4_0 => 18,
-        FUSED_Q4_1 => 20,
-        _ => 34,
-    };
+) -> [[f32; T]; RR] {
+    let (qb, ns) = (tile_qbytes(K), tile_nscales(K));
     let nb = cols / 32;
-    assert!(cols.is_multiple_of(32) && x.len() >= T * cols && rows.iter().all(|r| r.len() >= nb * bb));
-    assert!(d.iter().all(|d| d.len() >= nb) && (K != FUSED_Q4_1 || m.iter().all(|m| m.len() >= nb)));
-    let xp = x.as_ptr();
+    let (col, sstride) = (R * qb, R * ns);
+    let qoff = nb * sstride * 2;
+    assert!(F + RR <= R && cols.is_multiple_of(32) && x.len() >= T * cols);
+    assert!(tile.len() >= qoff + nb * col && sc.len() >= nb * sstride);
+    let (q0, s0, xp) = (tile.as_ptr().add(qoff), sc.as_ptr(), x.as_ptr());
     let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
     let iota_m8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0));
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut acc = [[_mm512_setzero_ps(); T]; RR];
     for b in 0..nb {
-        for r in 0..R {
-            let p = rows[r].as_ptr().add(b * bb);
-            // A hint only: it never faults, so the address may lie past the
-            // matrix (hence `wrapping_add`, which makes no in-bounds claim).
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(prefetch) as *const i8);
-            let d = _mm512_set1_ps(*d[r].as_ptr().add(b));
+        let qcol = q0.add(b * col);
+        // A hint only: it never faults, so the address may lie past the matrix
+        // (hence `wrapping_add`, which makes no in-bounds claim).
+        _mm_prefetch::<_MM_HINT_T0>(qcol.wrapping_add(prefetch) as *const i8);
+        if K == FUSED_Q8_0 {
+            _mm_prefetch::<_MM_HINT_T0>(qcol.wrapping_add(prefetch + 64) as *const i8);
+        }
+        let s = s0.add(b * sstride);
+        for r in 0..RR {
+            let p = qcol.add((F + r) * qb);
+            let d = _mm512_set1_ps(*s.add(F + r));
             let (lo, hi) = match K {
                 FUSED_Q4_0 => {
                     // (q - 8) * d, as ggml.
                     let lut = _mm512_mul_ps(iota_m8, d);
-                    let q = u8x16(p.add(2));
+                    let q = u8x16(p);
                     (
                         _mm512_permutexvar_ps(q, lut),
                         _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
@@ -412,8 +412,8 @@ pub(super) unsafe fn fused_512<const K: u8, const R: usize, const T: usize>(
                 }
                 FUSED_Q4_1 => {
                     // q * d + m, as ggml (two roundings).
-                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*m[r].as_ptr().add(b)));
-                    let q = u8x16(p.add(4));
+                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*s.add(R + F + r)));
+                    let q = u8x16(p);
                     // vpermps reads the low 4 bits of each index: no mask needed.
                     (
                         _mm512_permutexvar_ps(q, lut),
@@ -421,8 +421,8 @@ pub(super) unsafe fn fused_512<const K: u8, const R: usize, const T: usize>(
                     )
                 }
                 _ => {
-                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2) as *const __m128i));
-                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18) as *const __m128i));
+                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
                     (
                         _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
                         _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
@@ -436,11 +436,66 @@ pub(super) unsafe fn fused_512<const K: u8, const R: usize, const T: usize>(
             }
         }
     }
-    let mut out = [[0f32; T]; R];
-    for r in 0..R {
+    let mut out = [[0f32; T]; RR];
+    for r in 0..RR {
         for t in 0..T {
             out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
     out
+}
+
+/// Dequantizes the `R` rows of one tile (see `fused_tile_512`) into `dst`
+/// (`R × cols`, row-major), with the same arithmetic, so the same bits as ggml.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn dequant_tile_512<const K: u8, const R: usize>(tile: &[u8], sc: &[f32], dst: &mut [f32]) {
+    let (qb, ns) = (tile_qbytes(K), tile_nscales(K));
+    let cols = dst.len() / R;
+    let nb = cols / 32;
+    let (col, sstride) = (R * qb, R * ns);
+    let qoff = nb * sstride * 2;
+    assert!(dst.len() == R * cols && cols.is_multiple_of(32));
+    assert!(tile.len() >= qoff + nb * col && sc.len() >= nb * sstride);
+    let (q0, s0, y) = (tile.as_ptr().add(qoff), sc.as_ptr(), dst.as_mut_ptr());
+    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let iota_m8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0));
+    for b in 0..nb {
+        let s = s0.add(b * sstride);
+        for r in 0..R {
+            let p = q0.add(b * col + r * qb);
+            let d = _mm512_set1_ps(*s.add(r));
+            let (lo, hi) = match K {
+                FUSED_Q4_0 => {
+                    let lut = _mm512_mul_ps(iota_m8, d);
+                    let q = u8x16(p);
+                    (
+                        _mm512_permutexvar_ps(q, lut),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
+                    )
+                }
+                FUSED_Q4_1 => {
+                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*s.add(R + r)));
+                    let q = u8x16(p);
+                    (
+                        _mm512_permutexvar_ps(q, lut),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
+                    )
+                }
+                _ => {
+                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                    (
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
+                    )
+                }
+            };
+            let o = y.add(r * cols + 32 * b);
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o.add(16), hi);
+        }
+    }
 }
