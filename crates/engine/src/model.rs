@@ -467,10 +467,10 @@ impl Model {
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed(&ids)?;
-        if self.decodes_raw(&spans) {
-            let x = self.decode_layers(batch, &spans, x.flatten_all()?.to_vec1::<f32>()?)?;
-            for s in batch.iter_mut() {
-                s.cache.len += 1;
+        if self.on_kernels() {
+            let x = self.kernel_layers(batch, &spans, x.flatten_all()?.to_vec1::<f32>()?)?;
+            for (s, &(_, t, _)) in batch.iter_mut().zip(&spans) {
+                s.cache.len += t;
             }
             return Ok((Tensor::from_vec(x, (total, cfg.hidden_size), &self.device)?, spans));
         }
@@ -507,36 +507,7 @@ impl Model {
                     outs.push(Tensor::from_vec(out, (1, nh * hd), &self.device)?);
                     continue;
                 }
-                let kall = Tensor::from_vec(c.gather(&c.k[layer], len), (nkv, len, hd), &self.device)?;
-                let vall = Tensor::from_vec(c.gather(&c.v[layer], len), (nkv, len, hd), &self.device)?;
-                // Query rows go in blocks, each against only the keys it may see, so
-                // the score matrix of a long prompt never exists whole.
-                let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
-                for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
-                    let bt = PREFILL_QUERY_BLOCK.min(t - i);
-                    let seen = start + i + bt;
-                    let kc = kall.narrow(1, 0, seen)?;
-                    let vc = vall.narrow(1, 0, seen)?;
-                    // Query heads sharing a kv head are adjacent, so they fold into rows.
-                    let qg = qs.narrow(1, i, bt)?.contiguous()?.reshape((nkv, groups * bt, hd))?;
-                    let mut att = (qg.matmul(&kc.t()?)? * scale)?;
-                    if let Some(mask) = self.mask(start + i, bt)? {
-                        att = att.reshape((nkv, groups, bt, seen))?.broadcast_add(&mask)?.reshape((
-                            nkv,
-                            groups * bt,
-                            seen,
-                        ))?;
-                    }
-                    let att = candle_nn::ops::softmax_last_dim(&att)?;
-                    parts.push(att.matmul(&vc)?.reshape((nh, bt, hd))?);
-                }
-                let o = if parts.len() == 1 {
-                    parts.pop().unwrap_or_else(|| unreachable!())
-                } else {
-                    Tensor::cat(&parts, 1)?
-                };
-                let o = o.transpose(0, 1)?.reshape((t, nh * hd))?;
-                outs.push(o);
+                outs.push(self.prompt_attention(&qs, c, layer, start, t)?);
             }
             let attn = if outs.len() == 1 {
                 outs.pop().unwrap_or_else(|| unreachable!())
@@ -554,54 +525,102 @@ impl Model {
         Ok((x, spans))
     }
 
-    /// Whether a pass can take the decode path: one new token per sequence, no
-    /// sliding window in play, and every projection on our kernels without adapters.
-    fn decodes_raw(&self, spans: &[Span]) -> bool {
-        spans
+    /// Whether every projection runs on our kernels without adapters: then the
+    /// layers run on plain buffers (`kernel_layers`).
+    fn on_kernels(&self) -> bool {
+        self.blocks
             .iter()
-            .all(|&(_, t, start)| t == 1 && self.cfg.sliding_window.is_none_or(|w| w > start))
-            && self
-                .blocks
-                .iter()
-                .all(|b| b.linears().iter().all(|(_, l)| l.kernel().is_some()))
+            .all(|b| b.linears().iter().all(|(_, l)| l.kernel().is_some()))
     }
 
-    /// The decoder layers for one new token per sequence, on plain buffers: `x` is
-    /// the embedded tokens, `[n, hidden]`; returns the residual stream.
+    /// Prompt attention of one sequence's `t` new tokens (`qs`, `[heads, t, hd]`,
+    /// rope applied) over its cache of one layer, which already holds them after
+    /// `start` others: `[t, heads · hd]`. Query rows go in blocks, each against only
+    /// the keys it may see, so the score matrix of a long prompt never exists whole.
+    fn prompt_attention(&self, qs: &Tensor, c: &KvCache, layer: usize, start: usize, t: usize) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let groups = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let len = start + t;
+        let kall = Tensor::from_vec(c.gather(&c.k[layer], len), (nkv, len, hd), &self.device)?;
+        let vall = Tensor::from_vec(c.gather(&c.v[layer], len), (nkv, len, hd), &self.device)?;
+        let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
+        for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
+            let bt = PREFILL_QUERY_BLOCK.min(t - i);
+            let seen = start + i + bt;
+            let kc = kall.narrow(1, 0, seen)?;
+            let vc = vall.narrow(1, 0, seen)?;
+            // Query heads sharing a kv head are adjacent, so they fold into rows.
+            let qg = qs.narrow(1, i, bt)?.contiguous()?.reshape((nkv, groups * bt, hd))?;
+            let mut att = (qg.matmul(&kc.t()?)? * scale)?;
+            if let Some(mask) = self.mask(start + i, bt)? {
+                att = att
+                    .reshape((nkv, groups, bt, seen))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, groups * bt, seen))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            parts.push(att.matmul(&vc)?.reshape((nh, bt, hd))?);
+        }
+        let o = if parts.len() == 1 {
+            parts.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        Ok(o.transpose(0, 1)?.reshape((t, nh * hd))?)
+    }
+
+    /// The decoder layers on plain buffers, for a batch whose projections all run
+    /// on our kernels: `x` is the embedded tokens, `[tokens, hidden]`; returns the
+    /// residual stream.
     ///
     /// Generation is this loop. Through candle it cost an allocation and a
     /// dispatch per operation per sequence (rope, cache write, attention, the
     /// reshapes between them), about as much as the weights' arithmetic at batch
-    /// 8; here each layer is four matrix products (q/k/v and gate/up fused where
-    /// the weights allow) and one parallel loop over (sequence, kv head) that
-    /// applies rope, writes the cache and attends. The arithmetic is candle's
-    /// (rms_norm, rope, silu), so both paths agree.
-    fn decode_layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
+    /// 8. Here each layer is four matrix products over all tokens (q/k/v and
+    /// gate/up fused where the weights allow) and one parallel loop over
+    /// (decoding sequence, kv head) that applies rope, writes the cache and
+    /// attends; prompt chunks get rope and cache writes here and candle's batched
+    /// attention (`prompt_attention`). The arithmetic is candle's (rms_norm, rope,
+    /// silu), so both paths agree.
+    fn kernel_layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
-        let (n, h, ffn) = (batch.len(), cfg.hidden_size, cfg.intermediate_size);
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        let total = x.len() / h;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (groups, half, qdim, kvdim) = (nh / nkv, hd / 2, nh * hd, nkv * hd);
         let width = qdim + 2 * kvdim;
         let eps = cfg.rms_norm_eps as f32;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        // Rope angles per sequence, shared by every layer (as `rope_tables`).
-        let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
-        for (i, &(_, _, start)) in spans.iter().enumerate() {
-            for (j, &f) in self.inv_freq.iter().enumerate() {
-                let a = start as f32 * f;
-                cos[i * half + j] = a.cos();
-                sin[i * half + j] = a.sin();
+        // Rope angles per token, shared by every layer (as `rope_tables`).
+        let (mut cos, mut sin) = (vec![0f32; total * half], vec![0f32; total * half]);
+        for &(off, t, start) in spans {
+            for i in 0..t {
+                for (j, &f) in self.inv_freq.iter().enumerate() {
+                    let a = (start + i) as f32 * f;
+                    cos[(off + i) * half + j] = a.cos();
+                    sin[(off + i) * half + j] = a.sin();
+                }
             }
         }
-        let (mut hbuf, mut qkv, mut att) = (vec![0f32; n * h], vec![0f32; n * width], vec![0f32; n * qdim]);
-        let (mut proj, mut gu, mut act) = (vec![0f32; n * h], vec![0f32; n * 2 * ffn], vec![0f32; n * ffn]);
+        // Sequences decoding one token attend in the parallel loop; the others
+        // (prompt chunks, or a context past the sliding window) through candle.
+        let decoding: Vec<usize> = (0..spans.len())
+            .filter(|&i| {
+                let (_, t, start) = spans[i];
+                t == 1 && cfg.sliding_window.is_none_or(|w| w > start)
+            })
+            .collect();
+        let (mut hbuf, mut qkv) = (vec![0f32; total * h], vec![0f32; total * width]);
+        let (mut att, mut proj) = (vec![0f32; total * qdim], vec![0f32; total * h]);
+        let (mut gu, mut act) = (vec![0f32; total * 2 * ffn], vec![0f32; total * ffn]);
         let team = Team::global();
         fn kernel(l: &Linear) -> &QMatrix {
-            l.kernel().unwrap_or_else(|| unreachable!("checked by decodes_raw"))
+            l.kernel().unwrap_or_else(|| unreachable!("checked by on_kernels"))
         }
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm_rows(&x, &b.attn_norm.to_vec1::<f32>()?, eps, &mut hbuf);
-            project(&[&b.q, &b.k, &b.v], b.qkv.as_ref(), &hbuf, n, &mut qkv)?;
+            project(&[&b.q, &b.k, &b.v], b.qkv.as_ref(), &hbuf, total, &mut qkv)?;
             let caches: Vec<(Shared, Shared, usize)> = batch
                 .iter_mut()
                 .map(|s| {
@@ -614,23 +633,26 @@ impl Model {
                 })
                 .collect();
             let out = Shared(att.as_mut_ptr());
-            let (qkv, cos, sin) = (&qkv, &cos, &sin);
-            team.run(n * nkv, &|task| {
-                let (si, g) = (task / nkv, task % nkv);
+            let (qkv_r, cos_r, sin_r) = (&qkv, &cos, &sin);
+            team.run(decoding.len() * nkv, &|task| {
+                let (si, g) = (decoding[task / nkv], task % nkv);
                 let (k, v, cap) = caches[si];
-                let pos = spans[si].2;
-                let row = &qkv[si * width..(si + 1) * width];
-                let (cs, sn) = (&cos[si * half..(si + 1) * half], &sin[si * half..(si + 1) * half]);
+                let (off, _, pos) = spans[si];
+                let row = &qkv_r[off * width..(off + 1) * width];
+                let (cs, sn) = (
+                    &cos_r[off * half..(off + 1) * half],
+                    &sin_r[off * half..(off + 1) * half],
+                );
                 // SAFETY: task (si, g) alone touches kv head g of sequence si's
                 // cache for this layer (`cap` positions of `hd`, allocated by
                 // `new_cache`/`reserve`, with `pos < cap`) and query heads
-                // g·groups .. (g+1)·groups of row si of `att`; the buffers outlive
-                // the loop.
+                // g·groups .. (g+1)·groups of row `off` of `att`; the buffers
+                // outlive the loop.
                 let (kh, vh, o) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(k.get().add(g * cap * hd), cap * hd),
                         std::slice::from_raw_parts_mut(v.get().add(g * cap * hd), cap * hd),
-                        std::slice::from_raw_parts_mut(out.get().add(si * qdim + g * groups * hd), groups * hd),
+                        std::slice::from_raw_parts_mut(out.get().add(off * qdim + g * groups * hd), groups * hd),
                     )
                 };
                 rope_head(&row[qdim + g * hd..][..hd], cs, sn, &mut kh[pos * hd..(pos + 1) * hd]);
@@ -642,17 +664,53 @@ impl Model {
                 let mut scores = Vec::with_capacity(groups * (pos + 2));
                 attend(&q, kh, vh, hd, pos + 1, scale, o, &mut scores);
             });
-            kernel(&b.o).matmul(&att, n, &mut proj);
+            for (si, s) in batch.iter_mut().enumerate() {
+                if decoding.contains(&si) {
+                    continue;
+                }
+                let (off, t, start) = spans[si];
+                let c = &mut *s.cache;
+                let cap = c.capacity;
+                let mut qs = vec![0f32; nh * t * hd];
+                for i in 0..t {
+                    let row = &qkv[(off + i) * width..(off + i + 1) * width];
+                    let (cs, sn) = (&cos[(off + i) * half..][..half], &sin[(off + i) * half..][..half]);
+                    let at = |g: usize| (g * cap + start + i) * hd;
+                    for g in 0..nkv {
+                        rope_head(&row[qdim + g * hd..][..hd], cs, sn, &mut c.k[layer][at(g)..at(g) + hd]);
+                        c.v[layer][at(g)..at(g) + hd].copy_from_slice(&row[qdim + kvdim + g * hd..][..hd]);
+                    }
+                    for hh in 0..nh {
+                        rope_head(&row[hh * hd..][..hd], cs, sn, &mut qs[(hh * t + i) * hd..][..hd]);
+                    }
+                }
+                let qs = Tensor::from_vec(qs, (nh, t, hd), &self.device)?;
+                let o = self
+                    .prompt_attention(&qs, c, layer, start, t)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                att[off * qdim..(off + t) * qdim].copy_from_slice(&o);
+            }
+            kernel(&b.o).matmul(&att, total, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm_rows(&x, &b.mlp_norm.to_vec1::<f32>()?, eps, &mut hbuf);
-            project(&[&b.gate, &b.up], b.gate_up.as_ref(), &hbuf, n, &mut gu)?;
-            for (a, r) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
-                let (g, u) = r.split_at(ffn);
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
+            project(&[&b.gate, &b.up], b.gate_up.as_ref(), &hbuf, total, &mut gu)?;
+            // silu(gate) · up, candle's arithmetic; rows in parallel (a prompt
+            // chunk has hundreds).
+            let (act_p, gu_r) = (Shared(act.as_mut_ptr()), &gu);
+            let rows_per = 8;
+            team.run(total.div_ceil(rows_per), &|c| {
+                for r in c * rows_per..((c + 1) * rows_per).min(total) {
+                    // SAFETY: each task writes its own rows of `act`, which
+                    // outlives the loop.
+                    let a = unsafe { std::slice::from_raw_parts_mut(act_p.get().add(r * ffn), ffn) };
+                    let (g, u) = gu_r[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
+                    for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
                 }
-            }
-            kernel(&b.down).matmul(&act, n, &mut proj);
+            });
+            kernel(&b.down).matmul(&act, total, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         Ok(x)
@@ -1036,24 +1094,30 @@ fn attend(q: &[f32], k: &[f32], v: &[f32], hd: usize, len: usize, scale: f32, ou
     // `g × len` scores, then the `g` softmax denominators.
     scores.resize(g * len + g, 0.0);
     let (sc, sums) = scores.split_at_mut(g * len);
-    for (j, kj) in k[..len * hd].chunks_exact(hd).enumerate() {
-        for (h, qh) in q.chunks_exact(hd).enumerate() {
-            sc[h * len + j] = dot(qh, kj) * scale;
+    // Turns each head's scores into exp(s - max), keeping the denominators.
+    let mut softmax = |sc: &mut [f32]| {
+        for (row, sum) in sc.chunks_exact_mut(len).zip(sums.iter_mut()) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                *sum += *s;
+            }
         }
-    }
-    for (row, sum) in sc.chunks_exact_mut(len).zip(sums.iter_mut()) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            *sum += *s;
+    };
+    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, &mut softmax, out) {
+        for (j, kj) in k[..len * hd].chunks_exact(hd).enumerate() {
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                sc[h * len + j] = dot(qh, kj) * scale;
+            }
         }
-    }
-    out.fill(0.0);
-    for (j, vj) in v[..len * hd].chunks_exact(hd).enumerate() {
-        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
-            let p = sc[h * len + j];
-            for (o, x) in oh.iter_mut().zip(vj) {
-                *o += p * x;
+        softmax(sc);
+        out.fill(0.0);
+        for (j, vj) in v[..len * hd].chunks_exact(hd).enumerate() {
+            for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+                let p = sc[h * len + j];
+                for (o, x) in oh.iter_mut().zip(vj) {
+                    *o += p * x;
+                }
             }
         }
     }
@@ -1200,48 +1264,76 @@ mod tests {
         Model::load(cfg, &src, None, &Device::Cpu).unwrap()
     }
 
-    /// Decoding token by token (the plain-buffer path, batched over sequences of
-    /// different lengths) gives the logits of one prompt pass (candle's path).
+    /// Logits of every prompt token through candle's path: a zero adapter on one
+    /// projection (which adds exactly nothing) takes the model off its kernels.
+    fn candle_logits(m: &mut Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let (h, dev) = (m.cfg.hidden_size, m.device.clone());
+        let lora = Lora {
+            a: Tensor::zeros((2, h), DType::F32, &dev).unwrap(),
+            b: Tensor::zeros((m.cfg.num_heads * m.cfg.head_dim, 2), DType::F32, &dev).unwrap(),
+            scale: 1.0,
+        };
+        m.linears_mut()[0].1.set_lora(Some(lora));
+        assert!(!m.on_kernels());
+        let mut c = m.new_cache(tokens.len()).unwrap();
+        let mut b = [SeqInput { tokens, cache: &mut c }];
+        let rows = m.forward(&mut b, true).unwrap().remove(0).to_vec2::<f32>().unwrap();
+        m.linears_mut()[0].1.set_lora(None);
+        rows
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+    }
+
+    /// The plain-buffer path (`kernel_layers`) gives candle's logits: for whole
+    /// prompts, and decoding token by token in a batch whose sequences have
+    /// different lengths, some still in their prompt while others decode.
     #[test]
-    fn decode_path_matches_the_prompt_path() {
+    fn kernel_path_matches_candle_path() {
         for name in ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-qwen2"] {
-            let m = tiny(name);
+            let mut m = tiny(name);
             let seqs: Vec<Vec<u32>> = vec![vec![1, 17, 93, 5, 41, 8], vec![2, 60, 7], vec![3, 11, 12, 13, 14]];
-            let want: Vec<Vec<Vec<f32>>> = seqs
-                .iter()
-                .map(|s| {
-                    let mut c = m.new_cache(s.len()).unwrap();
-                    let mut b = [SeqInput {
-                        tokens: s,
-                        cache: &mut c,
-                    }];
-                    m.forward(&mut b, true).unwrap().remove(0).to_vec2::<f32>().unwrap()
-                })
-                .collect();
-            assert!(m.decodes_raw(&[(0, 1, 0)]), "{name}: the decode path is not taken");
-            // Each sequence starts with its first token, then all advance together.
+            let want: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| candle_logits(&mut m, s)).collect();
+            assert!(m.on_kernels(), "{name}: the kernel path is not taken");
+            for (i, s) in seqs.iter().enumerate() {
+                let mut c = m.new_cache(s.len()).unwrap();
+                let mut b = [SeqInput {
+                    tokens: s,
+                    cache: &mut c,
+                }];
+                let got = m.forward(&mut b, true).unwrap().remove(0).to_vec2::<f32>().unwrap();
+                for (step, (g, w)) in got.iter().zip(&want[i]).enumerate() {
+                    let d = max_diff(g, w);
+                    assert!(d < 1e-4, "{name}: prompt {i} token {step}: logits differ by {d}");
+                }
+            }
+            // Sequence 1 feeds its first two tokens as a prompt chunk, the others
+            // one token per step: steps mix a chunk with single tokens.
             let mut caches: Vec<KvCache> = seqs.iter().map(|_| m.new_cache(2).unwrap()).collect();
-            let steps = seqs.iter().map(Vec::len).max().unwrap();
-            for step in 0..steps {
-                let live: Vec<usize> = (0..seqs.len()).filter(|&i| step < seqs[i].len()).collect();
+            let mut fed = vec![0usize; seqs.len()];
+            while (0..seqs.len()).any(|i| fed[i] < seqs[i].len()) {
                 let mut batch: Vec<SeqInput> = Vec::new();
+                let mut live = Vec::new();
                 for (i, c) in caches.iter_mut().enumerate() {
-                    if live.contains(&i) {
+                    if fed[i] < seqs[i].len() {
+                        let n = if i == 1 && fed[i] == 0 { 2 } else { 1 };
                         batch.push(SeqInput {
-                            tokens: &seqs[i][step..step + 1],
+                            tokens: &seqs[i][fed[i]..fed[i] + n],
                             cache: c,
                         });
+                        live.push((i, n));
                     }
                 }
                 let got = m.forward(&mut batch, false).unwrap();
-                for (&i, g) in live.iter().zip(got) {
-                    let g = g.to_vec1::<f32>().unwrap();
-                    let diff = g
-                        .iter()
-                        .zip(&want[i][step])
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
-                    assert!(diff < 1e-4, "{name}: sequence {i} step {step}: logits differ by {diff}");
+                for (&(i, n), g) in live.iter().zip(got) {
+                    fed[i] += n;
+                    let d = max_diff(&g.to_vec1::<f32>().unwrap(), &want[i][fed[i] - 1]);
+                    assert!(
+                        d < 1e-4,
+                        "{name}: sequence {i} after {} tokens: logits differ by {d}",
+                        fed[i]
+                    );
                 }
             }
         }

@@ -651,6 +651,44 @@ fn dequant_row(isa: Isa, kind: Kind, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The path this process's kernels use (`Isa::detect`, once).
+fn process_isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(Isa::detect)
+}
+
+/// Decode attention's two products on AVX-512, when this process uses that path
+/// and `hd` is a multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the
+/// query heads `q` (`[g, hd]`), then, after `softmax` turns each row of scores
+/// into weights, `out_h = Σ_j scores[h·len + j] · v_j`. Returns false (touching
+/// nothing) where it does not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_simd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    softmax: &mut dyn FnMut(&mut [f32]),
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if process_isa() == Isa::Avx512 && hd.is_multiple_of(16) && hd > 0 {
+        // SAFETY: the CPU supports the path (`Isa::detect` checked it); the
+        // kernels check their slice lengths.
+        unsafe {
+            x86::attention_scores_512(q, k, hd, len, scale, scores);
+            softmax(scores);
+            x86::attention_values_512(scores, v, hd, len, out);
+        }
+        return true;
+    }
+    let _ = (q, k, v, hd, len, scale, scores, softmax, out);
+    false
+}
+
 /// Target size of a dequantized f32 panel in the unfused path.
 const PANEL_BYTES: usize = 128 << 10;
 

@@ -499,3 +499,65 @@ pub(super) unsafe fn dequant_tile_512<const K: u8, const R: usize>(tile: &[u8], 
         }
     }
 }
+
+// ------------------------------------------------------ AVX-512, attention ----
+
+/// `scores[h * len + j] = scale · dot(q head h, k row j)` for the `g` query heads
+/// of `q` (`[g, hd]`) and the first `len` rows of `k` (`[.., hd]`), `hd` a
+/// multiple of 16: each key row is loaded once for all heads.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: usize, scale: f32, scores: &mut [f32]) {
+    let g = q.len() / hd;
+    assert!(hd.is_multiple_of(16) && q.len() == g * hd && k.len() >= len * hd && scores.len() >= g * len);
+    let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
+    for j in 0..len {
+        let kj = kp.add(j * hd);
+        // Four rows ahead: the cache of one head is read front to back once.
+        _mm_prefetch::<_MM_HINT_T0>(kj.wrapping_add(4 * hd) as *const i8);
+        for h in 0..g {
+            let qh = qp.add(h * hd);
+            let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+            for c in (16..hd).step_by(16) {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), _mm512_loadu_ps(kj.add(c)), acc);
+            }
+            *sp.add(h * len + j) = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+}
+
+/// `out[h] = Σ_j p[h * len + j] · v row j` for the `g` heads of `out` (`[g, hd]`),
+/// `hd` a multiple of 16.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn attention_values_512(p: &[f32], v: &[f32], hd: usize, len: usize, out: &mut [f32]) {
+    let g = out.len() / hd;
+    assert!(hd.is_multiple_of(16) && out.len() == g * hd && v.len() >= len * hd && p.len() >= g * len);
+    let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
+    // 64 values of every head at a time: 4 × g accumulators stay in registers.
+    for c0 in (0..hd).step_by(64) {
+        let w = (hd - c0).min(64) / 16;
+        for h0 in (0..g).step_by(4) {
+            let gh = (g - h0).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for j in 0..len {
+                let vj = vp.add(j * hd + c0);
+                for (hh, acc) in acc.iter_mut().enumerate().take(gh) {
+                    let pj = _mm512_set1_ps(*pp.add((h0 + hh) * len + j));
+                    for (c, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj.add(16 * c)), *a);
+                    }
+                }
+            }
+            for (hh, acc) in acc.iter().enumerate().take(gh) {
+                for (c, a) in acc.iter().enumerate().take(w) {
+                    _mm512_storeu_ps(op.add((h0 + hh) * hd + c0 + 16 * c), *a);
+                }
+            }
+        }
+    }
+}
