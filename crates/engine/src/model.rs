@@ -593,7 +593,15 @@ impl Linear {
                 "training needs dense weights: load the model with dtype f32".into(),
             ));
         };
-        let mut y = x.matmul(&w.t()?)?;
+        // A trainable weight goes through candle's matmul (whose backward yields
+        // both gradients); a frozen one through `FrozenMatmul`, which yields only
+        // the input's: candle would otherwise compute and keep a weight-sized
+        // gradient for every frozen projection until the backward pass ends.
+        let mut y = if w.is_variable() || w.track_op() {
+            x.matmul(&w.t()?)?
+        } else {
+            x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -605,6 +613,47 @@ impl Linear {
             y = (y + (xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+/// `x Wᵀ` for a weight that gets no gradient: backward returns `grad · W` for
+/// `x` only. A bf16 weight is widened to f32 for the product (one weight at a
+/// time), so the frozen base can be stored in half the memory.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        self.w.to_dtype(DType::F32)
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: the input must be contiguous");
+        };
+        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.weight_f32()?.t()?)?;
+        let shape = y.shape().clone();
+        let (s, _) = y.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.clone(), shape)),
+            _ => candle_core::bail!("frozen-matmul runs on the CPU only"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight_f32()?)?))
     }
 }
 
@@ -690,7 +739,8 @@ impl Model {
                 "training needs dense weights: load the model with dtype f32".into(),
             ));
         };
-        Ok(w.index_select(&inp.ids.flatten_all()?, 0)?)
+        // A frozen bf16 table is widened row by row (the residual stream is f32).
+        Ok(w.index_select(&inp.ids.flatten_all()?, 0)?.to_dtype(DType::F32)?)
     }
 
     /// One decoder block over the residual stream `x` `[b·t, hidden]`.
