@@ -657,6 +657,133 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
+/// Each row's negative log-likelihood of its target under `softmax(h Wᵀ)`, for
+/// `h` `[n, hidden]` and the output projection `W` `[vocab, hidden]`.
+///
+/// The logits are never whole: the vocabulary goes in slices of at most
+/// `HEAD_SLICE` rows of `W`, with a running log-sum-exp per row, and the backward
+/// pass recomputes each slice's logits. Written as one op because candle's
+/// `log_softmax` + `gather` keep four `[n, vocab]` tensors alive until the
+/// backward pass ends (and as many again during it): with 49,152 logits per
+/// token that was the largest allocation of a step, growing with `--max-len`.
+/// `W`'s gradient is computed only when `W` is trained.
+struct HeadNll {
+    w: Tensor,
+    targets: Vec<u32>,
+    /// Each row's log-sum-exp, from the forward pass for the backward pass.
+    lse: std::sync::Mutex<Vec<f32>>,
+}
+
+/// Vocabulary rows per slice of the output projection in [`HeadNll`].
+const HEAD_SLICE: usize = 8192;
+
+impl HeadNll {
+    /// `(start, len)` of each vocabulary slice: fewer columns when there are many rows,
+    /// so one slice's logits stay near 4M floats.
+    fn slices(&self, rows: usize) -> Vec<(usize, usize)> {
+        let vocab = self.w.dim(0).unwrap_or(0);
+        let width = ((4 << 20) / rows.max(1)).clamp(1024, HEAD_SLICE);
+        (0..vocab).step_by(width).map(|j| (j, width.min(vocab - j))).collect()
+    }
+
+    /// Logits of every row for one slice, flat `[rows, len]`, and the widened slice of `W`.
+    fn logits(&self, h: &Tensor, (start, len): (usize, usize)) -> candle_core::Result<(Vec<f32>, Tensor)> {
+        let w = self.w.narrow(0, start, len)?.to_dtype(DType::F32)?.contiguous()?;
+        let l = h.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((l, w))
+    }
+}
+
+impl candle_core::CustomOp2 for HeadNll {
+    fn name(&self) -> &'static str {
+        "head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+        _w: &candle_core::CpuStorage,
+        _wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("head-nll: the input must be contiguous");
+        };
+        let h = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+        let n = h.dim(0)?;
+        if n != self.targets.len() {
+            candle_core::bail!("head-nll: {n} rows but {} targets", self.targets.len());
+        }
+        // Per row: running max, running sum of exp(logit - max), the target's logit.
+        let mut acc = vec![(f32::NEG_INFINITY, 0f32, 0f32); n];
+        for (j, len) in self.slices(n) {
+            let (l, _) = self.logits(&h, (j, len))?;
+            acc.par_iter_mut()
+                .zip(l.par_chunks(len))
+                .zip(self.targets.par_iter())
+                .for_each(|(((m, s, t), row), &target)| {
+                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_m = m.max(mx);
+                    *s = *s * (*m - new_m).exp() + row.iter().map(|&x| (x - new_m).exp()).sum::<f32>();
+                    *m = new_m;
+                    let k = target as usize;
+                    if (j..j + len).contains(&k) {
+                        *t = row[k - j];
+                    }
+                });
+        }
+        let lse: Vec<f32> = acc.iter().map(|&(m, s, _)| m + s.ln()).collect();
+        let nll: Vec<f32> = lse.iter().zip(&acc).map(|(l, &(_, _, t))| l - t).collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((candle_core::CpuStorage::F32(nll), candle_core::Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _nll: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let g = grad.to_vec1::<f32>()?;
+        let h = h.detach();
+        let n = h.dim(0)?;
+        let train_w = w.is_variable() || w.track_op();
+        let mut grad_h: Option<Tensor> = None;
+        let mut grad_w = Vec::new();
+        for (j, len) in self.slices(n) {
+            let (mut d, wj) = self.logits(&h, (j, len))?;
+            // d logit = (softmax - onehot(target)) · upstream gradient of the row.
+            d.par_chunks_mut(len)
+                .zip(self.targets.par_iter())
+                .zip(lse.par_iter().zip(g.par_iter()))
+                .for_each(|((row, &target), (&lse, &g))| {
+                    row.iter_mut().for_each(|x| *x = (*x - lse).exp() * g);
+                    let k = target as usize;
+                    if (j..j + len).contains(&k) {
+                        row[k - j] -= g;
+                    }
+                });
+            let d = Tensor::from_vec(d, (n, len), h.device())?;
+            let gh = d.matmul(&wj)?;
+            grad_h = Some(match grad_h {
+                Some(a) => (a + gh)?,
+                None => gh,
+            });
+            if train_w {
+                grad_w.push(d.t()?.matmul(&h)?);
+            }
+        }
+        let grad_w = if train_w {
+            Some(Tensor::cat(&grad_w, 0)?.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((grad_h, grad_w))
+    }
+}
+
 /// RMS norm out of elementwise ops (differentiable).
 fn rms_norm_train(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -793,6 +920,36 @@ impl Model {
     pub fn train_head(&self, x: &Tensor) -> Result<Tensor> {
         let h = rms_norm_train(x, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward_train(&h, None)
+    }
+
+    /// Summed negative log-likelihood of `targets[i]` after row `i` of `x` `[n, hidden]`
+    /// (the final norm and output projection, then cross-entropy), differentiable,
+    /// without holding the `[n, vocab]` logits: equal to `-Σ log_softmax(train_head(x))[i, targets[i]]`.
+    pub fn train_nll(&self, x: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        if targets.iter().any(|&t| t as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::InvalidRequest(
+                "a target id is outside the vocabulary".into(),
+            ));
+        }
+        let h = rms_norm_train(x, &self.norm, self.cfg.rms_norm_eps)?;
+        let head = &self.lm_head;
+        match (&head.weight, &head.bias, &head.lora) {
+            (LinearWeight::Dense(w), None, None) => {
+                let op = HeadNll {
+                    w: w.clone(),
+                    targets: targets.to_vec(),
+                    lse: Default::default(),
+                };
+                Ok(h.contiguous()?.apply_op2(w, op)?.sum_all()?)
+            }
+            _ => {
+                let logits = self.lm_head.forward_train(&h, None)?;
+                let n = targets.len();
+                let tgt = Tensor::from_vec(targets.to_vec(), (n, 1), &self.device)?;
+                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                Ok(logp.gather(&tgt, 1)?.sum_all()?.neg()?)
+            }
+        }
     }
 
     /// Every dense weight by its HF name (the tied output projection is not listed

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use sha2::{Digest, Sha256};
 use vicugna_chat::ChatFormat;
 use vicugna_engine::model::Dropout;
@@ -491,10 +491,7 @@ impl Trainer {
         let n = b.positions.len();
         let dev = self.model.device();
         let pos = Tensor::from_vec(b.positions.clone(), n, dev)?;
-        let tgt = Tensor::from_vec(b.targets.clone(), (n, 1), dev)?;
-        let logits = self.model.train_head(&x.index_select(&pos, 0)?)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        Ok(logp.gather(&tgt, 1)?.sum_all()?.neg()?)
+        Ok(self.model.train_nll(&x.index_select(&pos, 0)?, &b.targets)?)
     }
 
     /// Forward and backward of one micro-batch; adds `d(nll/denominator)/dθ` into `acc`.
