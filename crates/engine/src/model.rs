@@ -639,17 +639,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: the input must be contiguous");
-        };
-        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.weight_f32()?.t()?)?;
-        let shape = y.shape().clone();
-        let (s, _) = y.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("frozen-matmul runs on the CPU only"),
-        }
+        let x = cpu_tensor(storage, layout)?;
+        into_cpu_storage(&x.matmul(&self.weight_f32()?.t()?)?)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -706,10 +697,7 @@ impl candle_core::CustomOp2 for HeadNll {
         _w: &candle_core::CpuStorage,
         _wl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("head-nll: the input must be contiguous");
-        };
-        let h = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+        let h = cpu_tensor(storage, layout)?;
         let n = h.dim(0)?;
         if n != self.targets.len() {
             candle_core::bail!("head-nll: {n} rows but {} targets", self.targets.len());
@@ -781,6 +769,71 @@ impl candle_core::CustomOp2 for HeadNll {
             None
         };
         Ok((grad_h, grad_w))
+    }
+}
+
+/// Attention probabilities `softmax(q kᵀ · scale + mask)` for `q`, `k`
+/// `[b, heads, t, head_dim]`: `[b, heads, t, t]`.
+///
+/// One op so that only its output is kept for the backward pass (which needs
+/// nothing else: `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`). Composed of candle
+/// ops, the scores, the scaled and masked scores and the softmax's own three
+/// intermediates were all kept, plus a gradient for the constant mask: six
+/// `t × t` tensors per head and layer where this keeps one.
+struct AttentionProbs {
+    /// Additive `[b, 1, t, t]`.
+    mask: Tensor,
+    scale: f64,
+}
+
+fn cpu_tensor(storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("training op: the input must be contiguous");
+    };
+    Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)
+}
+
+fn into_cpu_storage(t: &Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(c), Some((0, end))) if end == c.as_slice::<f32>()?.len() => Ok((c.clone(), l.shape().clone())),
+        (Storage::Cpu(_), _) => Ok((
+            candle_core::CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?),
+            l.shape().clone(),
+        )),
+        _ => candle_core::bail!("training ops run on the CPU only"),
+    }
+}
+
+impl candle_core::CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &candle_core::CpuStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (q, k) = (cpu_tensor(qs, ql)?, cpu_tensor(ks, kl)?);
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
+        into_cpu_storage(&candle_nn::ops::softmax_last_dim(&scores)?)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (q, k, p) = (q.detach(), k.detach(), p.detach());
+        let row = (dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = ((dp.broadcast_sub(&row)? * &p)? * self.scale)?;
+        Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?)))
     }
 }
 
@@ -905,8 +958,13 @@ impl Model {
             k = repeat(k)?;
             v = repeat(v)?;
         }
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&inp.mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = q.contiguous()?.apply_op2(
+            &k.contiguous()?,
+            AttentionProbs {
+                mask: inp.mask.clone(),
+                scale: 1.0 / (hd as f64).sqrt(),
+            },
+        )?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + blk.o.forward_train(&o, masks(3, nh * hd, &blk.o)?.as_ref())?)?;
         let h = rms_norm_train(&x, &blk.mlp_norm, eps)?;
