@@ -207,6 +207,7 @@ fn block_gradient_matches_finite_differences() {
     let eps = 1e-3;
     let shifted = |s: f64| loss(&(&x0 + (&u * s).unwrap()).unwrap()).to_scalar::<f32>().unwrap() as f64;
     let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+    eprintln!("autograd {analytic}, finite differences {numeric}");
     assert!(
         (analytic - numeric).abs() < 0.02 * analytic.abs().max(numeric.abs()),
         "autograd {analytic} vs finite differences {numeric}"
