@@ -177,7 +177,7 @@ fn block_gradient_matches_finite_differences() {
     let t = ids.len();
     // Two sequences packed in one row, so the mask's block structure is exercised too.
     let seg: Vec<u32> = (0..t).map(|i| u32::from(i >= t / 2)).collect();
-    let inp = model.train_inputs(&[ids.clone()], &[seg]).unwrap();
+    let inp = model.train_inputs(std::slice::from_ref(&ids), &[seg]).unwrap();
     let x0 = model.train_embed(&inp).unwrap().detach();
     let dims = x0.dims().to_vec();
     let n = x0.elem_count();
