@@ -13,10 +13,10 @@ import time
 import argparse
 
 
-def load(gguf_dir, gguf_file):
+def load(gguf_dir, gguf_file, dtype="float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, torch_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, torch_dtype=dtype)
     return tok, model
 
 
@@ -25,7 +25,7 @@ def train(a):
     from peft import LoraConfig, get_peft_model
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    tok, model = load(a.gguf_dir, a.gguf_file)
+    tok, model = load(a.gguf_dir, a.gguf_file, {"f32": "float32", "bf16": "bfloat16"}[a.dtype])
     data = json.load(open(a.data))
     ids = []
     for s in data:
@@ -100,4 +100,5 @@ if __name__ == "__main__":
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     train(p.parse_args())

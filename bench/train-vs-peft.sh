@@ -5,7 +5,9 @@
 #
 #   bench/train-vs-peft.sh
 #
-# Settings (environment): STEPS=8 MAX_LEN=256 BATCH=2 THREADS=2 R=8 TARGETS=q_proj,v_proj
+# Settings (environment): STEPS=8 MAX_LEN=256 BATCH=2 THREADS=2 R=8 TARGETS=q_proj,v_proj DTYPE=f32
+# DTYPE=bf16: each tool's bf16 mode (vicugna: frozen base stored in bf16, f32 arithmetic;
+# peft: the model loaded with torch_dtype=bfloat16, so PyTorch computes in bf16).
 # Needs python3 with venv; installs torch, transformers, peft and gguf from PyPI into
 # target/pyenv-train. Also checks interoperability: peft loads the adapter vicugna wrote
 # and greedy-decodes the same ids as `vicugna generate --dtype f32 --lora`.
@@ -14,7 +16,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STEPS="${STEPS:-8}"; MAX_LEN="${MAX_LEN:-256}"; BATCH="${BATCH:-2}"; THREADS="${THREADS:-2}"
-R="${R:-8}"; TARGETS="${TARGETS:-q_proj,v_proj}"
+R="${R:-8}"; TARGETS="${TARGETS:-q_proj,v_proj}"; DTYPE="${DTYPE:-f32}"
 BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
 export VICUGNA_HOME="${VICUGNA_HOME:-${HOME:-/tmp}/.cache/vicugna}"
 WORK="$ROOT/target/bench/train-vs-peft-$(date +%Y%m%d-%H%M%S)"
@@ -37,10 +39,10 @@ fi
 "$BIN" data filter --input "$WORK/clean.json" --output "$WORK/en.json" --lang en
 "$BIN" data sample --input "$WORK/en.json" --output "$WORK/data.json" --n 64 --seed 1
 
-echo "== vicugna train (LoRA r=$R $TARGETS, $STEPS steps, rows of $MAX_LEN tokens x $BATCH, $THREADS threads)"
+echo "== vicugna train (LoRA r=$R $TARGETS, $STEPS steps, rows of $MAX_LEN tokens x $BATCH, $THREADS threads, $DTYPE)"
 /usr/bin/time -v "$BIN" train --model "$GGUF" --data "$WORK/data.json" --output "$WORK/vicugna-out" \
     --mode lora --lora-r "$R" --lora-alpha $((2 * R)) --lora-target-modules "$TARGETS" --max-steps "$STEPS" \
-    --max-len "$MAX_LEN" --packing --micro-batch "$BATCH" --threads "$THREADS" --save-steps 0 --plain \
+    --max-len "$MAX_LEN" --packing --micro-batch "$BATCH" --threads "$THREADS" --save-steps 0 --plain --dtype "$DTYPE" \
     2> "$WORK/vicugna.log" || { cat "$WORK/vicugna.log"; exit 1; }
 V_TPS=$(python3 -c "
 import json; s = json.load(open('$WORK/vicugna-out/trainer_state.json'))['step_input_tokens_and_seconds'][1:]
@@ -50,7 +52,7 @@ V_RSS=$(awk '/Maximum resident set size/ {print $6 / 1024}' "$WORK/vicugna.log")
 echo "== transformers + peft"
 /usr/bin/time -v "$VENV/bin/python" bench/peft_train_bench.py train "$(dirname "$GGUF")" "$(basename "$GGUF")" \
     "$WORK/data.json" --steps "$STEPS" --max-len "$MAX_LEN" --batch "$BATCH" --threads "$THREADS" --r "$R" \
-    --alpha $((2 * R)) --targets "$TARGETS" > "$WORK/peft.json" 2> "$WORK/peft.log" || { cat "$WORK/peft.log"; exit 1; }
+    --alpha $((2 * R)) --targets "$TARGETS" --dtype "$DTYPE" > "$WORK/peft.json" 2> "$WORK/peft.log" || { cat "$WORK/peft.log"; exit 1; }
 P_TPS=$(python3 -c "import json; print(json.load(open('$WORK/peft.json'))['input_tokens_per_s'])")
 P_RSS=$(awk '/Maximum resident set size/ {print $6 / 1024}' "$WORK/peft.log")
 

@@ -9,12 +9,18 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use vicugna_train::lora::LoraConfig;
 use vicugna_train::optim::AdamWConfig;
-use vicugna_train::trainer::{Length, Mode, Progress, TrainConfig, Trainer};
+use vicugna_train::trainer::{Length, Mode, Precision, Progress, TrainConfig, Trainer};
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModeArg {
     Full,
     Lora,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +82,10 @@ pub struct TrainArgs {
     /// Recompute each block in the backward pass (less memory, ~1/3 more compute).
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Training precision. Only f32 is implemented: candle's CPU bf16 matmul is slower than f32.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Storage of the frozen base weights (LoRA): bf16 halves their memory; arithmetic, adapters and
+    /// optimizer state stay f32. Full fine-tuning is f32 only.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Hold out this fraction of the data for eval loss.
@@ -113,7 +120,8 @@ pub struct TrainArgs {
     /// Replace the template's system message.
     #[arg(long)]
     system: Option<String>,
-    /// CPU threads (default: all cores). Bit-identical resume needs the same count.
+    /// CPU threads (default: all cores). Bit-identical resume needs the same count: the checkpoint records
+    /// it, and resuming with another count warns and continues.
     #[arg(long)]
     threads: Option<usize>,
     /// No progress bar; one line per step.
@@ -122,9 +130,6 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if a.dtype != "f32" {
-        bail!("--dtype {}: only f32 training is implemented", a.dtype);
-    }
     if let Some(t) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
     }
@@ -157,6 +162,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         data: a.data,
         output: a.output,
         mode,
+        precision: match a.dtype {
+            DTypeArg::F32 => Precision::F32,
+            DTypeArg::Bf16 => Precision::Bf16,
+        },
         length,
         lr: a.lr,
         warmup_ratio: a.warmup_ratio,
@@ -216,7 +225,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             notes,
         } => {
             for n in notes {
-                say(&bar, format!("note: {n}"));
+                if n.starts_with("warning:") {
+                    say(&bar, n);
+                } else {
+                    say(&bar, format!("note: {n}"));
+                }
             }
             say(
                 &bar,

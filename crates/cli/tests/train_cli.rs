@@ -492,3 +492,149 @@ fn send_sigterm(pid: u32) {
     let st = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
     assert!(st.success());
 }
+
+fn train_state(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    train_state(out)["train_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn bf16_lora_run_learns_matches_f32_and_its_adapter_serves() {
+    let d = scratch("bf16");
+    let data = tiny_data(&d);
+    let extra = |steps: &'static str, dtype: &'static str| {
+        [
+            "--mode",
+            "lora",
+            "--max-steps",
+            steps,
+            "--lr",
+            "5e-3",
+            "--warmup-ratio",
+            "0",
+            "--micro-batch",
+            "4",
+            "--lora-r",
+            "4",
+            "--lora-target-modules",
+            "q_proj,v_proj,down_proj",
+            "--save-steps",
+            "0",
+            "--dtype",
+            dtype,
+        ]
+    };
+    let bf16 = d.join("bf16");
+    ok(&train_args(&data, &bf16, &extra("6", "bf16")));
+    let l16 = losses(&bf16);
+    assert_eq!(l16.len(), 6);
+    // Every two steps are one epoch over all eight conversations.
+    let first_epoch: f64 = l16[..2].iter().sum();
+    let last_epoch: f64 = l16[4..].iter().sum();
+    assert!(last_epoch < first_epoch * 0.9, "bf16 loss did not go down: {l16:?}");
+
+    // Same first batch in f32: the loss differs only by bf16's rounding of the base weights.
+    let f32_out = d.join("f32");
+    ok(&train_args(&data, &f32_out, &extra("1", "f32")));
+    let l32 = losses(&f32_out)[0];
+    assert!(
+        (l16[0] - l32).abs() < 0.01 * l32,
+        "bf16 loss {} vs f32 loss {l32}",
+        l16[0]
+    );
+    assert_ne!(l16[0], l32, "bf16 storage had no effect");
+
+    // The adapter is plain f32 PEFT output and is served on the quantized base.
+    let st = std::fs::read(bf16.join("adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&st[8..8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize]);
+    assert!(header.contains("\"dtype\":\"F32\""), "{header}");
+    let gen = |lora: Option<&Path>| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            "default",
+            "--prompt",
+            "What do bees make?",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        if let Some(p) = lora {
+            a.extend_from_slice(&["--lora", s(p)]);
+        }
+        let (o, _) = ok(&a);
+        let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
+        v["ids"].clone()
+    };
+    assert_ne!(
+        gen(None),
+        gen(Some(&bf16)),
+        "the bf16-trained adapter changes greedy output"
+    );
+
+    // Full fine-tuning keeps f32 weights and says why.
+    let o = run(&train_args(
+        &data,
+        &d.join("full-bf16"),
+        &["--mode", "full", "--max-steps", "1", "--dtype", "bf16"],
+    ));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--dtype") && err.contains("LoRA"), "{err}");
+    assert!(!d.join("full-bf16").join("checkpoints").exists());
+}
+
+#[test]
+fn resuming_with_another_thread_count_warns() {
+    let d = scratch("threads");
+    let data = tiny_data(&d);
+    let out = d.join("run");
+    let with_threads = |n: &'static str| {
+        let mut a = train_args(
+            &data,
+            &out,
+            &[
+                "--mode",
+                "lora",
+                "--max-steps",
+                "2",
+                "--micro-batch",
+                "4",
+                "--save-steps",
+                "1",
+            ],
+        );
+        let i = a.iter().position(|x| *x == "--threads").unwrap();
+        a[i + 1] = n;
+        a
+    };
+    let (_, err) = ok(&with_threads("1"));
+    assert!(!err.contains("warning"), "{err}");
+    let ck = out.join("checkpoints").join(checkpoints(&out).last().unwrap());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["threads"], 1);
+
+    // Same count: resumes silently.
+    let (_, err) = ok(&with_threads("1"));
+    assert!(err.contains("resumed from") && !err.contains("warning"), "{err}");
+    // Another count: resumes, and says the result will not be bit-identical.
+    let (_, err) = ok(&with_threads("2"));
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(
+        err.contains("warning: the checkpoint was written with --threads 1, this run uses 2")
+            && err.contains("not be bit-identical"),
+        "{err}"
+    );
+}

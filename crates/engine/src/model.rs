@@ -9,7 +9,8 @@
 //! freely in one pass, which is what continuous batching needs.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -822,7 +823,15 @@ impl Linear {
                 "training needs dense weights: load the model with dtype f32".into(),
             ));
         };
-        let mut y = x.matmul(&w.t()?)?;
+        // A trainable weight goes through candle's matmul (whose backward yields
+        // both gradients); a frozen one through `FrozenMatmul`, which yields only
+        // the input's: candle would otherwise compute and keep a weight-sized
+        // gradient for every frozen projection until the backward pass ends.
+        let mut y = if w.is_variable() || w.track_op() {
+            x.matmul(&w.t()?)?
+        } else {
+            x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -834,6 +843,227 @@ impl Linear {
             y = (y + (xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+/// `x Wᵀ` for a weight that gets no gradient: backward returns `grad · W` for
+/// `x` only. A bf16 weight is widened to f32 for the product (one weight at a
+/// time), so the frozen base can be stored in half the memory.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        self.w.to_dtype(DType::F32)
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = cpu_tensor(storage, layout)?;
+        into_cpu_storage(&x.matmul(&self.weight_f32()?.t()?)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight_f32()?)?))
+    }
+}
+
+/// Each row's negative log-likelihood of its target under `softmax(h Wᵀ)`, for
+/// `h` `[n, hidden]` and the output projection `W` `[vocab, hidden]`.
+///
+/// The logits are never whole: the vocabulary goes in slices of at most
+/// `HEAD_SLICE` rows of `W`, with a running log-sum-exp per row, and the backward
+/// pass recomputes each slice's logits. Written as one op because candle's
+/// `log_softmax` + `gather` keep four `[n, vocab]` tensors alive until the
+/// backward pass ends (and as many again during it): with 49,152 logits per
+/// token that was the largest allocation of a step, growing with `--max-len`.
+/// `W`'s gradient is computed only when `W` is trained.
+struct HeadNll {
+    w: Tensor,
+    targets: Vec<u32>,
+    /// Each row's log-sum-exp, from the forward pass for the backward pass.
+    lse: std::sync::Mutex<Vec<f32>>,
+}
+
+/// Vocabulary rows per slice of the output projection in [`HeadNll`].
+const HEAD_SLICE: usize = 8192;
+
+impl HeadNll {
+    /// `(start, len)` of each vocabulary slice: fewer columns when there are many rows,
+    /// so one slice's logits stay near 4M floats.
+    fn slices(&self, rows: usize) -> Vec<(usize, usize)> {
+        let vocab = self.w.dim(0).unwrap_or(0);
+        let width = ((4 << 20) / rows.max(1)).clamp(1024, HEAD_SLICE);
+        (0..vocab).step_by(width).map(|j| (j, width.min(vocab - j))).collect()
+    }
+
+    /// Logits of every row for one slice, flat `[rows, len]`, and the widened slice of `W`.
+    fn logits(&self, h: &Tensor, (start, len): (usize, usize)) -> candle_core::Result<(Vec<f32>, Tensor)> {
+        let w = self.w.narrow(0, start, len)?.to_dtype(DType::F32)?.contiguous()?;
+        let l = h.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((l, w))
+    }
+}
+
+impl candle_core::CustomOp2 for HeadNll {
+    fn name(&self) -> &'static str {
+        "head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+        _w: &candle_core::CpuStorage,
+        _wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let h = cpu_tensor(storage, layout)?;
+        let n = h.dim(0)?;
+        if n != self.targets.len() {
+            candle_core::bail!("head-nll: {n} rows but {} targets", self.targets.len());
+        }
+        // Per row: running max, running sum of exp(logit - max), the target's logit.
+        let mut acc = vec![(f32::NEG_INFINITY, 0f32, 0f32); n];
+        for (j, len) in self.slices(n) {
+            let (l, _) = self.logits(&h, (j, len))?;
+            acc.par_iter_mut()
+                .zip(l.par_chunks(len))
+                .zip(self.targets.par_iter())
+                .for_each(|(((m, s, t), row), &target)| {
+                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_m = m.max(mx);
+                    *s = *s * (*m - new_m).exp() + row.iter().map(|&x| (x - new_m).exp()).sum::<f32>();
+                    *m = new_m;
+                    let k = target as usize;
+                    if (j..j + len).contains(&k) {
+                        *t = row[k - j];
+                    }
+                });
+        }
+        let lse: Vec<f32> = acc.iter().map(|&(m, s, _)| m + s.ln()).collect();
+        let nll: Vec<f32> = lse.iter().zip(&acc).map(|(l, &(_, _, t))| l - t).collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((candle_core::CpuStorage::F32(nll), candle_core::Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _nll: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let g = grad.to_vec1::<f32>()?;
+        let h = h.detach();
+        let n = h.dim(0)?;
+        let train_w = w.is_variable() || w.track_op();
+        let mut grad_h: Option<Tensor> = None;
+        let mut grad_w = Vec::new();
+        for (j, len) in self.slices(n) {
+            let (mut d, wj) = self.logits(&h, (j, len))?;
+            // d logit = (softmax - onehot(target)) · upstream gradient of the row.
+            d.par_chunks_mut(len)
+                .zip(self.targets.par_iter())
+                .zip(lse.par_iter().zip(g.par_iter()))
+                .for_each(|((row, &target), (&lse, &g))| {
+                    row.iter_mut().for_each(|x| *x = (*x - lse).exp() * g);
+                    let k = target as usize;
+                    if (j..j + len).contains(&k) {
+                        row[k - j] -= g;
+                    }
+                });
+            let d = Tensor::from_vec(d, (n, len), h.device())?;
+            let gh = d.matmul(&wj)?;
+            grad_h = Some(match grad_h {
+                Some(a) => (a + gh)?,
+                None => gh,
+            });
+            if train_w {
+                grad_w.push(d.t()?.matmul(&h)?);
+            }
+        }
+        let grad_w = if train_w {
+            Some(Tensor::cat(&grad_w, 0)?.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((grad_h, grad_w))
+    }
+}
+
+/// Attention probabilities `softmax(q kᵀ · scale + mask)` for `q`, `k`
+/// `[b, heads, t, head_dim]`: `[b, heads, t, t]`.
+///
+/// One op so that only its output is kept for the backward pass (which needs
+/// nothing else: `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`). Composed of candle
+/// ops, the scores, the scaled and masked scores and the softmax's own three
+/// intermediates were all kept, plus a gradient for the constant mask: six
+/// `t × t` tensors per head and layer where this keeps one.
+struct AttentionProbs {
+    /// Additive `[b, 1, t, t]`.
+    mask: Tensor,
+    scale: f64,
+}
+
+fn cpu_tensor(storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("training op: the input must be contiguous");
+    };
+    Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)
+}
+
+fn into_cpu_storage(t: &Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(c), Some((0, end))) if end == c.as_slice::<f32>()?.len() => Ok((c.clone(), l.shape().clone())),
+        (Storage::Cpu(_), _) => Ok((
+            candle_core::CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?),
+            l.shape().clone(),
+        )),
+        _ => candle_core::bail!("training ops run on the CPU only"),
+    }
+}
+
+impl candle_core::CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &candle_core::CpuStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (q, k) = (cpu_tensor(qs, ql)?, cpu_tensor(ks, kl)?);
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
+        into_cpu_storage(&candle_nn::ops::softmax_last_dim(&scores)?)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (q, k, p) = (q.detach(), k.detach(), p.detach());
+        let row = (dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = ((dp.broadcast_sub(&row)? * &p)? * self.scale)?;
+        Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?)))
     }
 }
 
@@ -919,7 +1149,8 @@ impl Model {
                 "training needs dense weights: load the model with dtype f32".into(),
             ));
         };
-        Ok(w.index_select(&inp.ids.flatten_all()?, 0)?)
+        // A frozen bf16 table is widened row by row (the residual stream is f32).
+        Ok(w.index_select(&inp.ids.flatten_all()?, 0)?.to_dtype(DType::F32)?)
     }
 
     /// One decoder block over the residual stream `x` `[b·t, hidden]`.
@@ -957,8 +1188,13 @@ impl Model {
             k = repeat(k)?;
             v = repeat(v)?;
         }
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&inp.mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = q.contiguous()?.apply_op2(
+            &k.contiguous()?,
+            AttentionProbs {
+                mask: inp.mask.clone(),
+                scale: 1.0 / (hd as f64).sqrt(),
+            },
+        )?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + blk.o.forward_train(&o, masks(3, nh * hd, &blk.o)?.as_ref())?)?;
         let h = rms_norm_train(&x, &blk.mlp_norm, eps)?;
@@ -972,6 +1208,36 @@ impl Model {
     pub fn train_head(&self, x: &Tensor) -> Result<Tensor> {
         let h = rms_norm_train(x, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward_train(&h, None)
+    }
+
+    /// Summed negative log-likelihood of `targets[i]` after row `i` of `x` `[n, hidden]`
+    /// (the final norm and output projection, then cross-entropy), differentiable,
+    /// without holding the `[n, vocab]` logits: equal to `-Σ log_softmax(train_head(x))[i, targets[i]]`.
+    pub fn train_nll(&self, x: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        if targets.iter().any(|&t| t as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::InvalidRequest(
+                "a target id is outside the vocabulary".into(),
+            ));
+        }
+        let h = rms_norm_train(x, &self.norm, self.cfg.rms_norm_eps)?;
+        let head = &self.lm_head;
+        match (&head.weight, &head.bias, &head.lora) {
+            (LinearWeight::Dense(w), None, None) => {
+                let op = HeadNll {
+                    w: w.clone(),
+                    targets: targets.to_vec(),
+                    lse: Default::default(),
+                };
+                Ok(h.contiguous()?.apply_op2(w, op)?.sum_all()?)
+            }
+            _ => {
+                let logits = self.lm_head.forward_train(&h, None)?;
+                let n = targets.len();
+                let tgt = Tensor::from_vec(targets.to_vec(), (n, 1), &self.device)?;
+                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                Ok(logp.gather(&tgt, 1)?.sum_all()?.neg()?)
+            }
+        }
     }
 
     /// Every dense weight by its HF name (the tied output projection is not listed

@@ -34,6 +34,9 @@ pub struct TrainState {
     pub eval_loss: Vec<(usize, f32)>,
     /// Digest of the settings that must not change across a resume.
     pub settings: String,
+    /// CPU threads of the run that wrote it (bit-identical resume needs the same).
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// File name → sha256, filled when saving.
     #[serde(default)]
     pub files: HashMap<String, String>,

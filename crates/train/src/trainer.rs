@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use sha2::{Digest, Sha256};
 use vicugna_chat::ChatFormat;
 use vicugna_engine::model::Dropout;
@@ -36,6 +36,21 @@ pub enum Mode {
     Lora(LoraConfig),
 }
 
+/// Storage precision of the weights that are not trained.
+///
+/// Arithmetic is f32 either way (activations, products, the loss); trained
+/// tensors (LoRA adapters, or every weight in full fine-tuning) and the AdamW
+/// moments are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// The frozen base of a LoRA run (projections and the embedding, which is
+    /// also the tied output projection) is kept in bf16 and widened to f32 one
+    /// matrix at a time as it is used: half the memory for the base weights.
+    Bf16,
+}
+
 /// How much training to do.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Length {
@@ -50,6 +65,8 @@ pub struct TrainConfig {
     pub data: PathBuf,
     pub output: PathBuf,
     pub mode: Mode,
+    /// Storage precision of the frozen weights (LoRA only).
+    pub precision: Precision,
     pub length: Length,
     pub lr: f64,
     pub warmup_ratio: f64,
@@ -164,7 +181,10 @@ impl Trainer {
         let loaded = LoadedModel::load(
             &cfg.model,
             &LoadOptions {
-                dtype: WeightDType::F32,
+                dtype: match cfg.precision {
+                    Precision::F32 => WeightDType::F32,
+                    Precision::Bf16 => WeightDType::BF16,
+                },
             },
         )?;
         let tokenizer = loaded.tokenizer()?.clone();
@@ -256,7 +276,23 @@ impl Trainer {
                     Ok(t)
                 })?;
             }
-            Mode::Lora(lc) => params = lora::attach_new(&mut model, lc, cfg.seed)?,
+            Mode::Lora(lc) => {
+                // The loader dequantizes the embedding and a tied output projection
+                // into two copies; pointing both at one tensor (optionally in
+                // bf16) keeps one. Norms stay f32 (tiny, and applied elementwise).
+                let store = match cfg.precision {
+                    Precision::F32 => DType::F32,
+                    Precision::Bf16 => DType::BF16,
+                };
+                model.map_weights(&mut |name, w| {
+                    Ok(if name.ends_with("norm.weight") || name.ends_with(".bias") {
+                        w.clone()
+                    } else {
+                        w.to_dtype(store)?
+                    })
+                })?;
+                params = lora::attach_new(&mut model, lc, cfg.seed)?
+            }
         }
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let opt = AdamW::new(cfg.adam, &vars)?;
@@ -270,6 +306,7 @@ impl Trainer {
             train_loss: Vec::new(),
             eval_loss: Vec::new(),
             settings,
+            threads: Some(candle_core::utils::get_num_threads()),
             files: HashMap::new(),
         };
         let mut t = Trainer {
@@ -325,7 +362,21 @@ impl Trainer {
         self.opt.t = ck.state.adam_t;
         self.notes
             .push(format!("resumed from {} (step {})", ck.path.display(), ck.state.step));
+        // Sums split across threads round differently, so a resumed run is
+        // bit-identical to an uninterrupted one only with the same thread count.
+        // A different count is allowed (a preempted job may come back on another
+        // machine) but said loudly.
+        let now = self.state.threads;
+        match (ck.state.threads, now) {
+            (Some(then), Some(now)) if then != now => self.notes.push(format!(
+                "warning: the checkpoint was written with --threads {then}, this run uses {now}: training \
+                 continues, but the weights will not be bit-identical to an uninterrupted run (pass --threads \
+                 {then} for that)"
+            )),
+            _ => {}
+        }
         self.state = ck.state;
+        self.state.threads = now;
         Ok(())
     }
 
@@ -440,10 +491,7 @@ impl Trainer {
         let n = b.positions.len();
         let dev = self.model.device();
         let pos = Tensor::from_vec(b.positions.clone(), n, dev)?;
-        let tgt = Tensor::from_vec(b.targets.clone(), (n, 1), dev)?;
-        let logits = self.model.train_head(&x.index_select(&pos, 0)?)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        Ok(logp.gather(&tgt, 1)?.sum_all()?.neg()?)
+        Ok(self.model.train_nll(&x.index_select(&pos, 0)?, &b.targets)?)
     }
 
     /// Forward and backward of one micro-batch; adds `d(nll/denominator)/dθ` into `acc`.
@@ -728,6 +776,14 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
             Ok(())
         }
     };
+    if cfg.mode == Mode::Full && cfg.precision == Precision::Bf16 {
+        return Err(TrainError::setting(
+            "--dtype",
+            "bf16 applies to the frozen base of a LoRA run; full fine-tuning keeps f32 weights (an update of \
+             lr x gradient is below bf16's resolution, so trained weights need f32, and on the CPU a bf16 working \
+             copy beside them would add memory, not save it)",
+        ));
+    }
     pos("--micro-batch", cfg.micro_batch)?;
     pos("--grad-accum", cfg.grad_accum)?;
     pos("--max-len", cfg.max_len)?;
@@ -775,5 +831,10 @@ fn settings_digest(cfg: &TrainConfig) -> String {
         cfg.system,
         cfg.max_grad_norm,
     );
+    // Older checkpoints (f32 only) keep their digest.
+    let text = match cfg.precision {
+        Precision::F32 => text,
+        Precision::Bf16 => format!("{text}|bf16"),
+    };
     format!("{:x}", Sha256::digest(text.as_bytes()))
 }
