@@ -79,7 +79,10 @@ fi
 "$PY" - "$URL" "$CLIENTS" "$DURATION" "$MAX_TOKENS" "$PROMPT" <<'EOF'
 import asyncio, collections, statistics, sys, time
 
-import httpx
+try:
+    import httpx
+except ImportError:  # newer openai releases depend on the client under this name
+    import httpx2 as httpx
 import openai
 
 url, clients, duration, max_tokens, prompt = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
