@@ -159,7 +159,11 @@ struct Block {
 
 /// Query rows per block in prompt attention: bounds the score matrix to
 /// `heads × block × context` floats.
-const PREFILL_QUERY_BLOCK: usize = 128;
+const PREFILL_QUERY_BLOCK: usize = 64;
+
+/// Token rows per block of the MLP in `kernel_layers`: bounds its intermediates
+/// (`gate`, `up`, their product) to this many rows of a prompt chunk.
+const MLP_ROWS: usize = 128;
 
 /// One sequence's place in a ragged batch: (offset in the batch, new tokens,
 /// tokens already cached).
@@ -614,7 +618,8 @@ impl Model {
             .collect();
         let (mut hbuf, mut qkv) = (vec![0f32; total * h], vec![0f32; total * width]);
         let (mut att, mut proj) = (vec![0f32; total * qdim], vec![0f32; total * h]);
-        let (mut gu, mut act) = (vec![0f32; total * 2 * ffn], vec![0f32; total * ffn]);
+        let mlp_rows = total.min(MLP_ROWS);
+        let (mut gu, mut act) = (vec![0f32; mlp_rows * 2 * ffn], vec![0f32; mlp_rows * ffn]);
         let team = Team::global();
         fn kernel(l: &Linear) -> &QMatrix {
             l.kernel().unwrap_or_else(|| unreachable!("checked by on_kernels"))
@@ -694,25 +699,36 @@ impl Model {
             }
             kernel(&b.o).matmul(&att, total, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
-            rms_norm_rows(&x, &b.mlp_norm.to_vec1::<f32>()?, eps, &mut hbuf);
-            project(&[&b.gate, &b.up], b.gate_up.as_ref(), &hbuf, total, &mut gu)?;
-            // silu(gate) · up, candle's arithmetic; rows in parallel (a prompt
-            // chunk has hundreds).
-            let (act_p, gu_r) = (Shared(act.as_mut_ptr()), &gu);
-            let rows_per = 8;
-            team.run(total.div_ceil(rows_per), &|c| {
-                for r in c * rows_per..((c + 1) * rows_per).min(total) {
-                    // SAFETY: each task writes its own rows of `act`, which
-                    // outlives the loop.
-                    let a = unsafe { std::slice::from_raw_parts_mut(act_p.get().add(r * ffn), ffn) };
-                    let (g, u) = gu_r[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
-                    for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                        *a = g / (1.0 + (-g).exp()) * u;
+            // The MLP in row blocks: its intermediates are the widest buffers.
+            let mlp_norm = b.mlp_norm.to_vec1::<f32>()?;
+            for r0 in (0..total).step_by(MLP_ROWS) {
+                let rows = MLP_ROWS.min(total - r0);
+                let xr = &mut x[r0 * h..(r0 + rows) * h];
+                rms_norm_rows(xr, &mlp_norm, eps, &mut hbuf[..rows * h]);
+                project(
+                    &[&b.gate, &b.up],
+                    b.gate_up.as_ref(),
+                    &hbuf[..rows * h],
+                    rows,
+                    &mut gu[..rows * 2 * ffn],
+                )?;
+                // silu(gate) · up, candle's arithmetic; rows in parallel.
+                let (act_p, gu_r) = (Shared(act.as_mut_ptr()), &gu);
+                let per_task = 8;
+                team.run(rows.div_ceil(per_task), &|c| {
+                    for r in c * per_task..((c + 1) * per_task).min(rows) {
+                        // SAFETY: each task writes its own rows of `act`, which
+                        // outlives the loop.
+                        let a = unsafe { std::slice::from_raw_parts_mut(act_p.get().add(r * ffn), ffn) };
+                        let (g, u) = gu_r[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
+                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                            *a = g / (1.0 + (-g).exp()) * u;
+                        }
                     }
-                }
-            });
-            kernel(&b.down).matmul(&act, total, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+                });
+                kernel(&b.down).matmul(&act[..rows * ffn], rows, &mut proj[..rows * h]);
+                xr.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            }
         }
         Ok(x)
     }
