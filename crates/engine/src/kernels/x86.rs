@@ -359,12 +359,46 @@ pub(super) unsafe fn tile_scales_512(tile: &[u8], count: usize, out: &mut Vec<f3
     }
 }
 
+/// The 32 values of one row's block in a tile as two vectors (elements 0-15 and
+/// 16-31), from its quantized bytes at `p` and its f32 scale `d` (and, for Q4_1,
+/// min `m`): the 4-bit types through a 16-entry table (`vpermps`) built with
+/// ggml's own arithmetic, so the values are exactly ggml's dequantized ones.
+#[inline(always)]
+unsafe fn tile_block<const K: u8>(p: *const u8, d: f32, m: f32) -> (__m512, __m512) {
+    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let d = _mm512_set1_ps(d);
+    match K {
+        FUSED_Q4_0 | FUSED_Q4_1 => {
+            let lut = if K == FUSED_Q4_0 {
+                // (q - 8) * d, as ggml.
+                _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0)), d)
+            } else {
+                // q * d + m, as ggml (two roundings).
+                _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(m))
+            };
+            let q = u8x16(p);
+            // vpermps reads the low 4 bits of each index: no mask needed.
+            (
+                _mm512_permutexvar_ps(q, lut),
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
+            )
+        }
+        _ => {
+            let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+            let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+            (
+                _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
+            )
+        }
+    }
+}
+
 /// Rows `F .. F + RR` of one tile (`R` rows in the tiled layout, see
 /// `kernels::Tiled`) dotted with the `T` rows of `x`: `out[r][t]`. `sc` holds the
 /// tile's scales as f32 (`tile_scales_512`). Each block is dequantized in
-/// registers, the 4-bit types through a 16-entry table (`vpermps`) built with
-/// ggml's own arithmetic, so the weights are exactly ggml's dequantized values.
-/// Every block column also prefetches the line `prefetch` bytes further on.
+/// registers (`tile_block`). Every block column also prefetches the line
+/// `prefetch` bytes further on.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
@@ -385,8 +419,6 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
     assert!(F + RR <= R && cols.is_multiple_of(32) && x.len() >= T * cols);
     assert!(tile.len() >= qoff + nb * col && sc.len() >= nb * sstride);
     let (q0, s0, xp) = (tile.as_ptr().add(qoff), sc.as_ptr(), x.as_ptr());
-    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-    let iota_m8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0));
     let mut acc = [[_mm512_setzero_ps(); T]; RR];
     for b in 0..nb {
         let qcol = q0.add(b * col);
@@ -398,37 +430,8 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
         }
         let s = s0.add(b * sstride);
         for r in 0..RR {
-            let p = qcol.add((F + r) * qb);
-            let d = _mm512_set1_ps(*s.add(F + r));
-            let (lo, hi) = match K {
-                FUSED_Q4_0 => {
-                    // (q - 8) * d, as ggml.
-                    let lut = _mm512_mul_ps(iota_m8, d);
-                    let q = u8x16(p);
-                    (
-                        _mm512_permutexvar_ps(q, lut),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
-                    )
-                }
-                FUSED_Q4_1 => {
-                    // q * d + m, as ggml (two roundings).
-                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*s.add(R + F + r)));
-                    let q = u8x16(p);
-                    // vpermps reads the low 4 bits of each index: no mask needed.
-                    (
-                        _mm512_permutexvar_ps(q, lut),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
-                    )
-                }
-                _ => {
-                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                    (
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
-                    )
-                }
-            };
+            let m = if K == FUSED_Q4_1 { *s.add(R + F + r) } else { 0.0 };
+            let (lo, hi) = tile_block::<K>(qcol.add((F + r) * qb), *s.add(F + r), m);
             for t in 0..T {
                 let xq = xp.add(t * cols + 32 * b);
                 acc[r][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq), acc[r][t]);
@@ -460,39 +463,11 @@ pub(super) unsafe fn dequant_tile_512<const K: u8, const R: usize>(tile: &[u8], 
     assert!(dst.len() == R * cols && cols.is_multiple_of(32));
     assert!(tile.len() >= qoff + nb * col && sc.len() >= nb * sstride);
     let (q0, s0, y) = (tile.as_ptr().add(qoff), sc.as_ptr(), dst.as_mut_ptr());
-    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-    let iota_m8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0));
     for b in 0..nb {
         let s = s0.add(b * sstride);
         for r in 0..R {
-            let p = q0.add(b * col + r * qb);
-            let d = _mm512_set1_ps(*s.add(r));
-            let (lo, hi) = match K {
-                FUSED_Q4_0 => {
-                    let lut = _mm512_mul_ps(iota_m8, d);
-                    let q = u8x16(p);
-                    (
-                        _mm512_permutexvar_ps(q, lut),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
-                    )
-                }
-                FUSED_Q4_1 => {
-                    let lut = _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_set1_ps(*s.add(R + r)));
-                    let q = u8x16(p);
-                    (
-                        _mm512_permutexvar_ps(q, lut),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut),
-                    )
-                }
-                _ => {
-                    let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                    (
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
-                    )
-                }
-            };
+            let m = if K == FUSED_Q4_1 { *s.add(R + r) } else { 0.0 };
+            let (lo, hi) = tile_block::<K>(q0.add(b * col + r * qb), *s.add(r), m);
             let o = y.add(r * cols + 32 * b);
             _mm512_storeu_ps(o, lo);
             _mm512_storeu_ps(o.add(16), hi);
