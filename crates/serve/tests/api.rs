@@ -472,7 +472,7 @@ async fn full_queue_is_429_with_retry_after_and_gone_worker_is_503() {
         })
         .await;
         // Hold the only slot with a long stream.
-        let body = c.completion_body("Once upon a time", json!({"max_tokens": 400, "stream": true}));
+        let body = c.completion_body("Once upon a time", json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}));
         let r = http().post(c.url("/v1/completions")).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let mut held = r.bytes_stream();
@@ -536,7 +536,7 @@ async fn client_disconnect_cancels_the_generation() {
         let c = Cluster::start(|_| {}).await;
         let body = c.chat_body(
             "Write a long essay about llamas.",
-            json!({"max_tokens": 2000, "stream": true}),
+            json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}),
         );
         let r = http()
             .post(c.url("/v1/chat/completions"))
@@ -600,10 +600,11 @@ async fn concurrent_requests_share_the_batch_and_queue_length_is_truthful() {
         }
 
         // With 2 slots, 4 requests: 2 run and 2 wait, and the worker says 4.
+        // Long and without EOS so no request ends before all four are in.
         let c2 = Cluster::start(|o| o.limit_worker_concurrency = 2).await;
         let mut streams = Vec::new();
         for i in 0..4 {
-            let body = c2.completion_body(&format!("Tale {i}"), json!({"max_tokens": 300, "stream": true}));
+            let body = c2.completion_body(&format!("Tale {i}"), json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}));
             let url = c2.url("/v1/completions");
             streams.push(tokio::spawn(async move {
                 http().post(url).json(&body).send().await.map(|r| r.status())
