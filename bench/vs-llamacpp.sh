@@ -11,7 +11,8 @@
 #   VICUGNA_BIN=target/release/vicugna
 #   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
 #
-# Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B).
+# Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B), and the
+# same two with --int8 (8-bit activations; shown where the CPU has AVX-512 VNNI).
 # Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c),
 # the decode limit bandwidth / weight_bytes_per_token, and batch/single decode ratio.
 # Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/.
@@ -99,6 +100,7 @@ fi
 OUT="$ROOT/target/bench/vs-llamacpp-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 : > "$OUT/llamacpp.jsonl"; : > "$OUT/vicugna.jsonl"; : > "$OUT/vicugna-batch.jsonl"
+: > "$OUT/vicugna-int8.jsonl"; : > "$OUT/vicugna-int8-batch.jsonl"
 
 read -r LOAD1 _ < /proc/loadavg || LOAD1="?"
 echo "== model $MODEL" >&2
@@ -129,6 +131,14 @@ for ((r = 1; r <= RUNS; r++)); do
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
             --batch "$BATCH" --json \
             | tee -a "$OUT/vicugna-batch.jsonl" >&2
+        # 8-bit activations (`--int8`; only where the CPU has AVX-512 VNNI).
+        json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
+            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 --json \
+            | tee -a "$OUT/vicugna-int8.jsonl" >&2
+        json_line "vicugna --int8 --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
+            --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
+            --batch "$BATCH" --int8 --json \
+            | tee -a "$OUT/vicugna-int8-batch.jsonl" >&2
     fi
 done
 
@@ -160,22 +170,30 @@ def fmt(x, nd=2):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 lc, vi, vb = load("llamacpp.jsonl"), load("vicugna.jsonl"), load("vicugna-batch.jsonl")
+v8, v8b = load("vicugna-int8.jsonl"), load("vicugna-int8-batch.jsonl")
+# --int8 falls back to f32 activations on CPUs without AVX-512 VNNI.
+int8 = bool(v8) and all(r.get("activations") == "int8" for r in v8)
 cols = [("llama.cpp", lc), ("vicugna", vi), (f"vicugna b={batch}", vb)]
+if int8:
+    cols += [("vicugna int8", v8), (f"int8 b={batch}", v8b)]
 print(f"\nmodel {model}\nprompt {n} tok, gen {m} tok, threads {t}, medians of {runs} runs\n")
 print(f"{'':22}" + "".join(f"{c:>16}" for c, _ in cols) + f"{'vicugna/llama.cpp':>20}")
 for key, label, nd in [("load_s", "load (s)", 3), ("prefill_tok_s", "prefill (tok/s)", 1),
                        ("decode_tok_s", "decode (tok/s)", 1), ("peak_rss_mib", "peak RSS (MiB)", 0)]:
     vals = [med(rows, key) for _, rows in cols]
     ratio = vals[1] / vals[0] if vals[0] and not math.isnan(vals[0]) else math.nan
+    extra = ""
+    if int8 and key in ("prefill_tok_s", "decode_tok_s") and vals[0] and not math.isnan(vals[0]):
+        extra = f" (int8: {fmt(vals[3] / vals[0], 2)})"
     print(f"{label:22}" + "".join(f"{fmt(v, nd):>16}" for v in vals)
-          + (f"{fmt(ratio, 2):>20}" if key in ("prefill_tok_s", "decode_tok_s") else ""))
+          + (f"{fmt(ratio, 2):>20}{extra}" if key in ("prefill_tok_s", "decode_tok_s") else ""))
 
 wbt = med(vi, "weight_bytes_per_token")
 print(f"\nmemory read bandwidth ({t} threads): {fmt(bw)} GB/s")
 if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
     limit = bw * 1e9 / wbt
     print(f"weight bytes per token: {wbt / 1e6:.1f} MB -> decode limit {limit:.1f} tok/s")
-    for label, rows in cols[:2]:
+    for label, rows in [cols[0], cols[1]] + ([cols[3]] if int8 else []):
         d = med(rows, "decode_tok_s")
         print(f"  {label:12} decode = {fmt(100 * d / limit, 1)}% of the limit")
 else:
@@ -183,6 +201,9 @@ else:
 d1, db = med(vi, "decode_tok_s"), med(vb, "decode_tok_s")
 ratio = db / d1 if d1 else math.nan
 print(f"batch-{batch} total decode / single stream: " + ("—" if math.isnan(ratio) else f"{ratio:.2f}x"))
+if int8:
+    d1, db = med(v8, "decode_tok_s"), med(v8b, "decode_tok_s")
+    print(f"int8: batch-{batch} total decode / single stream: {fmt(db / d1 if d1 else math.nan)}x")
 long = load("vicugna-long.jsonl")
 if long:
     r = long[-1]

@@ -75,6 +75,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("could not build a {}-token prompt", a.prompt_tokens);
     }
     let vocab = loaded.model.vocab_size() as u32;
+    let activations = if loaded.model.int8_activations() { "int8" } else { "f32" };
     let engine = EngineHandle::start(
         loaded,
         EngineOptions {
@@ -129,7 +130,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "model": info.path.display().to_string(), "format": info.format,
+                "model": info.path.display().to_string(), "format": info.format, "activations": activations,
                 "load_s": load_s, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                 "batch": a.batch, "threads": a.model.threads, "prefill_tok_s": prefill_tok_s,
                 "decode_tok_s": decode_tok_s, "peak_rss_mib": rss, "model_file_mib": file_mib,
@@ -138,7 +139,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("model           {} ({})", info.path.display(), info.format);
+        println!("model           {} ({}, {activations} activations)", info.path.display(), info.format);
         println!("load            {:.3} s", load_s);
         println!(
             "prefill         {:.1} tokens/s ({} x {} tokens)",

@@ -52,6 +52,10 @@ pub struct ApiArgs {
     /// Local model: CPU threads.
     #[arg(long)]
     threads: Option<usize>,
+    /// Local model: 8-bit activations in Q4 products (faster, llama.cpp-like
+    /// accuracy; see `vicugna serve --help`).
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Args, Debug)]
@@ -310,6 +314,7 @@ fn connect(
                 dtype: vicugna_engine::WeightDType::Auto,
                 threads: api.threads,
                 lora: None,
+                int8: api.int8,
             };
             let local = LocalChat::load(&args, api.conv_template.as_deref())?;
             let name = local.name();

@@ -532,6 +532,13 @@ impl Model {
 
     /// Whether every projection runs on our kernels without adapters: then the
     /// layers run on plain buffers (`kernel_layers`).
+    /// Whether this model's products round activations to 8 bits (`--int8`).
+    pub fn int8_activations(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.linears().iter().any(|(_, l)| l.kernel().is_some_and(|m| m.int8())))
+    }
+
     fn on_kernels(&self) -> bool {
         self.blocks
             .iter()
@@ -1376,8 +1383,13 @@ fn attend(q: &[f32], k: &[f32], v: &[f32], hd: usize, len: usize, scale: f32, ou
     // `g × len` scores, then the `g` softmax denominators.
     scores.resize(g * len + g, 0.0);
     let (sc, sums) = scores.split_at_mut(g * len);
-    // Turns each head's scores into exp(s - max), keeping the denominators.
-    let mut softmax = |sc: &mut [f32]| {
+    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, sums, out) {
+        for (j, kj) in k[..len * hd].chunks_exact(hd).enumerate() {
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                sc[h * len + j] = dot(qh, kj) * scale;
+            }
+        }
+        // Each head's scores to exp(s - max), keeping the denominators.
         for (row, sum) in sc.chunks_exact_mut(len).zip(sums.iter_mut()) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             for s in row.iter_mut() {
@@ -1385,14 +1397,6 @@ fn attend(q: &[f32], k: &[f32], v: &[f32], hd: usize, len: usize, scale: f32, ou
                 *sum += *s;
             }
         }
-    };
-    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, &mut softmax, out) {
-        for (j, kj) in k[..len * hd].chunks_exact(hd).enumerate() {
-            for (h, qh) in q.chunks_exact(hd).enumerate() {
-                sc[h * len + j] = dot(qh, kj) * scale;
-            }
-        }
-        softmax(sc);
         out.fill(0.0);
         for (j, vj) in v[..len * hd].chunks_exact(hd).enumerate() {
             for (h, oh) in out.chunks_exact_mut(hd).enumerate() {

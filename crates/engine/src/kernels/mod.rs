@@ -1,14 +1,27 @@
-//! Matrix products against ggml-quantized weights that do not quantize the
-//! activations.
+//! Matrix products against ggml-quantized weights.
 //!
 //! `out[n × rows] = x[n × cols] · Wᵀ` where `W` is a ggml-quantized matrix (each of
-//! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32. Weight
-//! blocks are dequantized on the fly, to exactly the values ggml's dequantization
-//! gives, and multiplied with f32 FMAs: the result is the dequantized-f32 matmul
-//! up to summation order — unlike candle's `QMatMul`, which rounds the
-//! activations to 8 bits first (and moves near-ties in greedy decoding).
+//! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32.
 //!
-//! Two schemes, both over tiles of `R` weight rows:
+//! Q4_0 / Q4_1 on CPUs with AVX-512 VNNI, when asked for (`--int8`, see
+//! [`set_int8_activations`]; int8 scheme): the activations are rounded to 8 bits
+//! per run of 8 values (scale = max|x| / 127; llama.cpp uses runs of 32) and
+//! multiplied with the 4-bit values by `vpdpbusd`, 64 products per
+//! instruction; the integer sums are exact and are scaled per run in f32. The
+//! weights are repacked at load into tiles of `Q` = 16 rows, one row per i32 lane
+//! (see `Blocks::Int8`), so a tile's 16 results come out in one vector with no
+//! horizontal sums. Every activation row is rounded on its own and every output
+//! element is computed by the same instructions whatever `n` is, so a row's
+//! result does not depend on the rows batched with it (prompt or decode, alone
+//! or batched: the same bits). Its error against the dequantized-f32 product is
+//! bounded by Σ_r Σ_k |w_rk| · max|x_r| / 254 over the runs `r` (tested). It is
+//! off by default because rounding activations moves near-ties in greedy
+//! decoding away from HF's choices (as llama.cpp's does).
+//!
+//! By default weight blocks are dequantized on the fly, to exactly the values
+//! ggml's dequantization gives, and multiplied with f32 FMAs: the result is the
+//! dequantized-f32 matmul up to summation order. Two schemes, both over tiles of
+//! `R` weight rows:
 //! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_TILED_MAX_N`, i.e. decode): the
 //!   weights are repacked at load into tiles of `R` rows (see `Blocks::Tiled`);
 //!   each block is dequantized in registers (4-bit types through a 16-entry
@@ -39,6 +52,9 @@ mod x86;
 
 /// Weight rows dequantized together: one f32 tile of `R × cols`.
 const R: usize = 4;
+
+/// Weight rows per tile of the int8 scheme: one per i32 lane of a 512-bit vector.
+const Q: usize = 16;
 
 /// The ggml block formats with kernels here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +189,14 @@ enum Blocks {
     /// tile's scales with a few contiguous loads, where ggml's layout needed a
     /// gather from every block. Rows past the last are zero.
     Tiled(Arc<Vec<u8>>),
+    /// Q4_0 / Q4_1 for the int8 scheme (AVX-512 VNNI), in tiles of `Q` rows. A
+    /// tile is its block columns one after another; a block column is the rows'
+    /// f16 `d` (then for Q4_1 their `m`), then four 64-byte groups: group `g`
+    /// holds each row's quantized bytes `4g .. 4g + 4` (row `r` at `4r`), whose
+    /// low nibbles are values `4g..` and high nibbles values `16 + 4g..` — so one
+    /// load and a mask give every row's next four values in its own i32 lane.
+    /// Rows past the last are zero.
+    Int8(Arc<Vec<u8>>),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -237,6 +261,152 @@ fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
     out
 }
 
+static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes Q4_0 / Q4_1 matrices created from now on use the int8 scheme where the
+/// CPU has AVX-512 VNNI (`vicugna … --int8`; also `VICUGNA_KERNEL=int8`). Off by
+/// default: the f32 product keeps HF's greedy tokens; int8 trades that for
+/// speed, as llama.cpp does.
+pub fn set_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether new Q4_0 / Q4_1 matrices on `isa` use the int8 scheme.
+fn int8_default(kind: Kind, isa: Isa) -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
+    int8_supported(kind, isa) && (env || INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Whether this CPU can run the int8 scheme for `kind` on `isa`.
+fn int8_supported(kind: Kind, isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512 && matches!(kind, Kind::Q4_0 | Kind::Q4_1) && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, isa);
+        false
+    }
+}
+
+/// Byte offset of row `r`'s group-`g` bytes inside an int8 block column with `ns`
+/// scales per row (see `Blocks::Int8`).
+fn int8_at(ns: usize, g: usize, r: usize) -> usize {
+    2 * ns * Q + 64 * g + 4 * r
+}
+
+/// ggml rows (`rows × nb` blocks of Q4_0 / Q4_1) repacked into int8 tiles.
+fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+    let (qoff, _, ns) = block_parts(kind);
+    let bb = kind.block_bytes();
+    let (rb, cb) = (nb * bb, Q * bb);
+    let mut out = vec![0u8; rows.div_ceil(Q) * nb * cb];
+    for (t, tile) in out.chunks_exact_mut(nb * cb).enumerate() {
+        for r in 0..Q.min(rows - t * Q) {
+            let row = &src[(t * Q + r) * rb..(t * Q + r + 1) * rb];
+            for (blk, col) in row.chunks_exact(bb).zip(tile.chunks_exact_mut(cb)) {
+                for j in 0..ns {
+                    let at = 2 * (j * Q + r);
+                    col[at..at + 2].copy_from_slice(&blk[2 * j..2 * j + 2]);
+                }
+                for g in 0..4 {
+                    let at = int8_at(ns, g, r);
+                    col[at..at + 4].copy_from_slice(&blk[qoff + 4 * g..qoff + 4 * g + 4]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Row `r` of an int8 tile back in ggml's block layout.
+fn int8_untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
+    let (qoff, _, ns) = block_parts(kind);
+    let bb = kind.block_bytes();
+    dst.clear();
+    dst.resize(nb * bb, 0);
+    for (blk, col) in dst.chunks_exact_mut(bb).zip(tile.chunks_exact(Q * bb)) {
+        for j in 0..ns {
+            let at = 2 * (j * Q + r);
+            blk[2 * j..2 * j + 2].copy_from_slice(&col[at..at + 2]);
+        }
+        for g in 0..4 {
+            let at = int8_at(ns, g, r);
+            blk[qoff + 4 * g..qoff + 4 * g + 4].copy_from_slice(&col[at..at + 4]);
+        }
+    }
+}
+
+/// Activation rows rounded to 8 bits for the int8 scheme, each run of 8 values
+/// with its own scale. One scale per block of 32 (llama.cpp's choice) lets the
+/// few outlier channels of a normed hidden state coarsen their whole block; on
+/// SmolLM2 runs of 8 keep the logits about 3x closer to the f32 product's, for
+/// three more scalings per block and row.
+struct Int8Rows {
+    /// `[n, cols]` values, each `round(x / d)` of its run's `d`.
+    q: Vec<i8>,
+    /// `[n, 4·nb]`: each run's `d = max|x| / 127`.
+    d: Vec<f32>,
+    /// `[n, 4·nb]`: where each run's integer sum starts (Q4_0: −8·Σq; Q4_1: 0).
+    init: Vec<i32>,
+    /// `[n, nb]`: each block's Σ d·q over its runs (Q4_1's `m` term).
+    sum: Vec<f32>,
+}
+
+impl Int8Rows {
+    /// Rounds each row on its own (ties to even), so a row's values never
+    /// depend on the other rows. Large inputs (prompts) are split over the team.
+    fn new(kind: Kind, x: &[f32], cols: usize) -> Self {
+        let (n, nb) = (x.len() / cols, cols / 32);
+        let mut r = Int8Rows {
+            q: vec![0; n * cols],
+            d: vec![0.0; 4 * n * nb],
+            init: vec![0; 4 * n * nb],
+            sum: vec![0.0; n * nb],
+        };
+        let per_task = (1usize << 14).div_ceil(cols).max(1);
+        let (q, d, init, sum) = (
+            SharedOut(r.q.as_mut_ptr()),
+            SharedOut(r.d.as_mut_ptr()),
+            SharedOut(r.init.as_mut_ptr()),
+            SharedOut(r.sum.as_mut_ptr()),
+        );
+        Team::global().run(n.div_ceil(per_task), &|c| {
+            let (t0, t1) = (c * per_task, ((c + 1) * per_task).min(n));
+            // SAFETY: each task owns rows `t0..t1` of every buffer (disjoint), and
+            // the buffers outlive the loop.
+            let (q, d, init, sum) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(q.at(t0 * cols), (t1 - t0) * cols),
+                    std::slice::from_raw_parts_mut(d.at(4 * t0 * nb), 4 * (t1 - t0) * nb),
+                    std::slice::from_raw_parts_mut(init.at(4 * t0 * nb), 4 * (t1 - t0) * nb),
+                    std::slice::from_raw_parts_mut(sum.at(t0 * nb), (t1 - t0) * nb),
+                )
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the int8 scheme only exists where the CPU has AVX-512 (and
+            // VNNI, `int8_supported`); the function checks its slice lengths.
+            unsafe {
+                x86::quantize_int8_512(&x[t0 * cols..t1 * cols], q, d, init)
+            };
+            if kind == Kind::Q4_0 {
+                init.iter_mut().for_each(|i| *i *= -8);
+            } else {
+                // Q4_1's `m` term from the rounded x (Σ d·q, not Σx): then the
+                // rounding error is weighted by the weights themselves (d·q + m),
+                // not by d·q alone (all positive, about twice as large).
+                for ((s, d), i) in sum.iter_mut().zip(d.chunks_exact(4)).zip(init.chunks_exact_mut(4)) {
+                    *s = d.iter().zip(i.iter()).map(|(&d, &i)| d * i as f32).sum();
+                    i.fill(0);
+                }
+            }
+        });
+        r
+    }
+}
+
 /// Row `r` of a tile (see `Blocks::Tiled`) back in ggml's block layout.
 fn untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
     let (qoff, qb, ns) = block_parts(kind);
@@ -263,6 +433,13 @@ impl QMatrix {
     /// Like [`Self::from_qtensor`], for a given path (which this CPU must support).
     pub fn with_isa(tensor: &Arc<QTensor>, isa: Isa) -> Option<Self> {
         let kind = Kind::from_dtype(tensor.dtype())?;
+        Self::with_scheme(tensor, isa, int8_default(kind, isa))
+    }
+
+    /// Like [`Self::with_isa`], choosing whether Q4_0 / Q4_1 use the int8 scheme
+    /// (where this CPU supports it; ignored otherwise).
+    pub fn with_scheme(tensor: &Arc<QTensor>, isa: Isa, int8: bool) -> Option<Self> {
+        let kind = Kind::from_dtype(tensor.dtype())?;
         let &[rows, cols] = tensor.shape().dims() else {
             return None;
         };
@@ -273,6 +450,9 @@ impl QMatrix {
         // CPU storage hands out a borrowed view of its blocks; `bytes` relies on it.
         let blocks = match tensor.data() {
             Ok(Cow::Borrowed(b)) if b.len() == rows * row_bytes => match tiled_kind(kind) {
+                Some(_) if int8 && int8_supported(kind, isa) => {
+                    Blocks::Int8(Arc::new(int8_tile_rows(kind, b, rows, cols / kind.block_elems())))
+                }
                 Some(_) if isa == Isa::Avx512 => {
                     Blocks::Tiled(Arc::new(tile_rows(kind, b, rows, cols / kind.block_elems())))
                 }
@@ -294,19 +474,27 @@ impl QMatrix {
 
     /// The rows of several matrices as one (for one pass over, e.g., the q, k and
     /// v projections), and each part as a view of it: the blocks are stored once.
-    /// `None` unless all are tiled alike with row counts that are multiples of `R`.
+    /// `None` unless all are tiled alike with row counts that are multiples of
+    /// the tile's.
     pub fn concat(parts: &[&QMatrix]) -> Option<(QMatrix, Vec<QMatrix>)> {
         let first = parts.first()?;
+        let int8 = matches!(first.blocks, Blocks::Int8(_));
+        let tile = if int8 { Q } else { R };
         let mut data = Vec::new();
         for p in parts {
-            let Blocks::Tiled(t) = &p.blocks else { return None };
+            let t = match &p.blocks {
+                Blocks::Tiled(t) if !int8 => t,
+                Blocks::Int8(t) if int8 => t,
+                _ => return None,
+            };
             let same = p.kind == first.kind && p.cols == first.cols && p.isa == first.isa;
-            if !same || !p.rows.is_multiple_of(R) {
+            if !same || !p.rows.is_multiple_of(tile) {
                 return None;
             }
             data.extend_from_slice(&t[p.row0 * p.row_bytes..(p.row0 + p.rows) * p.row_bytes]);
         }
-        let blocks = Blocks::Tiled(Arc::new(data));
+        let data = Arc::new(data);
+        let blocks = if int8 { Blocks::Int8(data) } else { Blocks::Tiled(data) };
         let rows = parts.iter().map(|p| p.rows).sum();
         let whole = QMatrix {
             rows,
@@ -345,6 +533,12 @@ impl QMatrix {
                 untile_row(self.kind, &t[row / R * tb..][..tb], row % R, nb, &mut blocks);
                 scalar::dequant_row(self.kind, &blocks, dst)
             }
+            Blocks::Int8(t) => {
+                let (row, tb) = (self.row0 + r, Q * self.row_bytes);
+                let mut blocks = Vec::new();
+                int8_untile_row(self.kind, &t[row / Q * tb..][..tb], row % Q, nb, &mut blocks);
+                scalar::dequant_row(self.kind, &blocks, dst)
+            }
         }
     }
 
@@ -365,6 +559,11 @@ impl QMatrix {
     /// Bytes of quantized blocks (what one pass over the matrix reads).
     pub fn size_in_bytes(&self) -> usize {
         self.rows * self.row_bytes
+    }
+
+    /// Whether products round the activations to 8 bits (the int8 scheme).
+    pub fn int8(&self) -> bool {
+        matches!(self.blocks, Blocks::Int8(_))
     }
 
     /// The path `matmul` uses.
@@ -398,12 +597,25 @@ impl QMatrix {
             return;
         }
         let team = Team::global();
+        let int8 = matches!(self.blocks, Blocks::Int8(_));
         let chunk_rows = rows_per_task
             .unwrap_or_else(|| self.rows_per_task(n, team.threads()))
             .max(1)
-            .next_multiple_of(R);
+            .next_multiple_of(if int8 { Q } else { R });
         let chunks = rows.div_ceil(chunk_rows);
         let dst = SharedOut(out.as_mut_ptr());
+        if int8 {
+            let xq = Int8Rows::new(self.kind, x, cols);
+            team.run(chunks, &|c| {
+                let r0 = c * chunk_rows;
+                let nr = chunk_rows.min(rows - r0);
+                self.int8_rows_task(r0, nr, &xq, n, &mut |t, i, v| {
+                    // SAFETY: as below (`v` fits: `i + v.len() ≤ nr`).
+                    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.at(t * rows + r0 + i), v.len()) }
+                });
+            });
+            return;
+        }
         team.run(chunks, &|c| {
             let r0 = c * chunk_rows;
             let nr = chunk_rows.min(rows - r0);
@@ -424,6 +636,54 @@ impl QMatrix {
         let balance = self.rows.div_ceil(8 * threads);
         let min_work = (1usize << 16).div_ceil(self.cols * n);
         balance.max(min_work).max(16).next_multiple_of(R)
+    }
+
+    /// The int8 scheme's `rows_task`: rows `r0 .. r0 + nrows` (`r0` a multiple of
+    /// `Q`), activation rows 8 at a time; `put(t, i, v)` receives rows
+    /// `r0 + i ..` of activation row `t`.
+    fn int8_rows_task<P: FnMut(usize, usize, &[f32])>(&self, r0: usize, nrows: usize, xq: &Int8Rows, n: usize, put: &mut P) {
+        #[cfg(target_arch = "x86_64")]
+        if let Blocks::Int8(data) = &self.blocks {
+            assert!(r0.is_multiple_of(Q) && r0 + nrows <= self.rows);
+            let (cols, nb) = (self.cols, self.cols / 32);
+            let tb = Q * self.row_bytes;
+            let q41 = self.kind == Kind::Q4_1;
+            for rt in (0..nrows).step_by(Q) {
+                let tile = &data[(self.row0 + r0 + rt) / Q * tb..][..tb];
+                for t0 in (0..n).step_by(FUSED_MAX_N) {
+                    let tn = FUSED_MAX_N.min(n - t0);
+                    let (q, d) = (&xq.q[t0 * cols..], &xq.d[4 * t0 * nb..]);
+                    let (i, s) = (&xq.init[4 * t0 * nb..], &xq.sum[t0 * nb..]);
+                    let mut res = [[0f32; Q]; FUSED_MAX_N];
+                    macro_rules! go {
+                        ($($t:literal)*) => {
+                            match (q41, tn) {
+                                $((true, $t) => {
+                                    let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                    // SAFETY: int8 matrices exist only where the CPU
+                                    // has AVX-512 VNNI (`int8_supported`); the kernel
+                                    // checks its slice lengths.
+                                    unsafe { x86::int8_tile_512::<true, $t>(tile, nb, q, cols, d, i, s, o) }
+                                })*
+                                $((false, $t) => {
+                                    let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                    // SAFETY: as above.
+                                    unsafe { x86::int8_tile_512::<false, $t>(tile, nb, q, cols, d, i, s, o) }
+                                })*
+                                _ => unreachable!("int8 kernel for {tn} rows"),
+                            }
+                        };
+                    }
+                    go!(1 2 3 4 5 6 7 8);
+                    for (j, res) in res[..tn].iter().enumerate() {
+                        put(t0 + j, rt, &res[..Q.min(nrows - rt)]);
+                    }
+                }
+            }
+            return;
+        }
+        let _ = (r0, nrows, xq, n, put);
+        unreachable!("int8_rows_task on a matrix without the int8 layout")
     }
 
     /// Output rows `r0 .. r0 + nrows` (`r0` a multiple of `R`) for all `n`
@@ -537,16 +797,16 @@ impl QMatrix {
 }
 
 /// The caller's output buffer, written by the team's tasks at disjoint places.
-struct SharedOut(*mut f32);
+struct SharedOut<T = f32>(*mut T);
 
 // SAFETY: tasks write disjoint elements (see `matmul_with`) while the caller
 // waits for them.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
+impl<T> SharedOut<T> {
     /// # Safety
     /// `i` must be in bounds of the buffer, and no other thread may touch it.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
+    unsafe fn at(&self, i: usize) -> *mut T {
         self.0.add(i)
     }
 }
@@ -669,11 +929,11 @@ fn process_isa() -> Isa {
     *ISA.get_or_init(Isa::detect)
 }
 
-/// Decode attention's two products on AVX-512, when this process uses that path
-/// and `hd` is a multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the
-/// query heads `q` (`[g, hd]`), then, after `softmax` turns each row of scores
-/// into weights, `out_h = Σ_j scores[h·len + j] · v_j`. Returns false (touching
-/// nothing) where it does not apply.
+/// Decode attention on AVX-512, when this process uses that path and `hd` is a
+/// multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the query heads
+/// `q` (`[g, hd]`), each head's row of scores turned into `exp(s − max)` with its
+/// sum in `sums[h]`, then `out_h = Σ_j scores[h·len + j] · v_j` (not yet divided
+/// by the sum). Returns false (touching nothing) where it does not apply.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_simd(
     q: &[f32],
@@ -683,21 +943,25 @@ pub fn attention_simd(
     len: usize,
     scale: f32,
     scores: &mut [f32],
-    softmax: &mut dyn FnMut(&mut [f32]),
+    sums: &mut [f32],
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if process_isa() == Isa::Avx512 && hd.is_multiple_of(16) && hd > 0 {
+    if process_isa() == Isa::Avx512 && hd.is_multiple_of(16) && hd > 0 && len > 0 {
+        let g = q.len() / hd;
+        assert!(scores.len() >= g * len && sums.len() >= g);
         // SAFETY: the CPU supports the path (`Isa::detect` checked it); the
         // kernels check their slice lengths.
         unsafe {
             x86::attention_scores_512(q, k, hd, len, scale, scores);
-            softmax(scores);
+            for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
+                *sum = x86::exp_shifted_512(row, x86::max_512(row));
+            }
             x86::attention_values_512(scores, v, hd, len, out);
         }
         return true;
     }
-    let _ = (q, k, v, hd, len, scale, scores, softmax, out);
+    let _ = (q, k, v, hd, len, scale, scores, sums, out);
     false
 }
 
@@ -789,6 +1053,11 @@ mod tests {
             }
             #[cfg(not(target_arch = "x86_64"))]
             Blocks::Tiled(_) => unreachable!(),
+            Blocks::Int8(_) => {
+                for r in 0..rows {
+                    m.dequantize_row(r, &mut got[r * cols..(r + 1) * cols]);
+                }
+            }
         }
         got.truncate(rows * cols);
         got
@@ -797,27 +1066,33 @@ mod tests {
     #[test]
     fn views_of_a_concatenation_multiply_like_their_parts() {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let parts: Vec<Arc<QTensor>> = [8usize, 12, 4]
+        for (dtype, int8) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            .into_iter()
+            .flat_map(|d| [(d, false), (d, true)])
+        {
+            let parts: Vec<Arc<QTensor>> = [16usize, 32, 16]
                 .iter()
                 .enumerate()
                 .map(|(i, &r)| quantized(r, 64, dtype, i as u64))
                 .collect();
-            let ms: Vec<QMatrix> = parts.iter().map(|q| QMatrix::from_qtensor(q).unwrap()).collect();
+            let ms: Vec<QMatrix> = parts
+                .iter()
+                .map(|q| QMatrix::with_scheme(q, Isa::detect(), int8).unwrap())
+                .collect();
             let refs: Vec<&QMatrix> = ms.iter().collect();
             let Some((whole, views)) = QMatrix::concat(&refs) else {
                 // Only tiled (AVX-512) matrices concatenate.
                 assert!(!Isa::available().contains(&Isa::Avx512));
                 continue;
             };
-            assert_eq!(whole.rows(), 24);
+            assert_eq!(whole.rows(), 64);
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, (3, 64), &dev)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let mut all = vec![0f32; 3 * 24];
+            let mut all = vec![0f32; 3 * 64];
             whole.matmul(&x, 3, &mut all);
             let mut off = 0;
             for (m, v) in ms.iter().zip(&views) {
@@ -828,7 +1103,7 @@ mod tests {
                 for t in 0..3 {
                     assert_eq!(
                         a[t * m.rows()..(t + 1) * m.rows()],
-                        all[t * 24 + off..t * 24 + off + m.rows()]
+                        all[t * 64 + off..t * 64 + off + m.rows()]
                     );
                 }
                 off += m.rows();
@@ -848,8 +1123,8 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            for isa in Isa::available() {
-                let m = QMatrix::with_isa(&q, isa).unwrap();
+            for (isa, int8) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
+                let m = QMatrix::with_scheme(&q, isa, int8).unwrap();
                 let got = path_dequantize(&m);
                 let mut row = vec![0f32; cols];
                 for r in 0..rows {
@@ -880,8 +1155,9 @@ mod tests {
                     let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
                     let xv = x.to_vec2::<f32>().unwrap();
                     let xs: Vec<f32> = xv.concat();
-                    for isa in Isa::available() {
-                        let m = QMatrix::with_isa(&q, isa).unwrap();
+                    for (isa, int8) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
+                        let m = QMatrix::with_scheme(&q, isa, int8).unwrap();
+                        let int8 = matches!(m.blocks, Blocks::Int8(_));
                         for rpt in [None, Some(8), Some(rows)] {
                             let mut got = vec![f32::NAN; n * rows];
                             m.matmul_with(&xs, n, &mut got, rpt);
@@ -889,30 +1165,105 @@ mod tests {
                                 let xn = xv[t].iter().map(|v| v * v).sum::<f32>().sqrt();
                                 for r in 0..rows {
                                     let wn = wv[r].iter().map(|v| v * v).sum::<f32>().sqrt();
+                                    // Rounding x to 8 bits moves each value by at
+                                    // most max|x of its run of 8| / 254.
+                                    let bound = if int8 {
+                                        wv[r]
+                                            .chunks(8)
+                                            .zip(xv[t].chunks(8))
+                                            .map(|(w, x)| {
+                                                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                                w.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
+                                            })
+                                            .sum::<f32>()
+                                            * 1.001
+                                    } else {
+                                        0.0
+                                    };
                                     let (g, e) = (got[t * rows + r], want[t][r]);
                                     assert!(
-                                        (g - e).abs() <= 1e-4 * wn * xn,
-                                        "{dtype:?} {isa:?} cols {cols} n {n} rpt {rpt:?}: [{t},{r}] {g} vs {e}"
+                                        (g - e).abs() <= bound + 1e-4 * wn * xn,
+                                        "{dtype:?} {isa:?} int8 {int8} cols {cols} n {n} rpt {rpt:?}: [{t},{r}] {g} vs {e}"
                                     );
                                 }
                             }
                         }
                     }
                 }
-                // The tensor entry point, 3-D input.
+                // The tensor entry point, 3-D input: the same numbers as `matmul`.
                 let x = Tensor::randn(0f32, 1.0, (2, 3, cols), &dev).unwrap();
-                let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
                 let got = m.forward(&x).unwrap();
                 assert_eq!(got.dims(), &[2, 3, rows]);
-                let diff = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(diff < 1e-2, "{dtype:?}: forward differs by {diff}");
+                let mut want = vec![0f32; 6 * rows];
+                m.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 6, &mut want);
+                assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{dtype:?}: forward");
+            }
+        }
+    }
+
+    /// The int8 scheme rounds each activation row on its own and computes every
+    /// output the same way for any `n`: a row batched with others (a decode step
+    /// beside a prompt) gives the bits it gives alone.
+    #[test]
+    fn int8_rows_do_not_depend_on_their_batch() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let (rows, cols) = (100, 576);
+            let q = quantized(rows, cols, dtype, 5);
+            let m = QMatrix::with_scheme(&q, Isa::detect(), true).unwrap();
+            if !matches!(m.blocks, Blocks::Int8(_)) {
+                continue; // no AVX-512 VNNI here
+            }
+            let n = 21;
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut all = vec![0f32; n * rows];
+            m.matmul(&x, n, &mut all);
+            for t in [0, 7, 8, 20] {
+                let mut one = vec![0f32; rows];
+                m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
+                let same = one.iter().zip(&all[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?}: row {t} alone differs from row {t} of {n}");
+            }
+        }
+    }
+
+    /// Decode attention's AVX-512 path against the formula, for lengths with and
+    /// without a partial block of 16 keys.
+    #[test]
+    fn attention_simd_matches_the_formula() {
+        let (g, hd) = (3, 64);
+        let mut rng = 1u64;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        for len in [1, 5, 16, 37, 64] {
+            let q: Vec<f32> = (0..g * hd).map(|_| next()).collect();
+            let k: Vec<f32> = (0..len * hd).map(|_| next()).collect();
+            let v: Vec<f32> = (0..len * hd).map(|_| next()).collect();
+            let scale = 0.125;
+            let (mut sc, mut sums, mut out) = (vec![0f32; g * len], vec![0f32; g], vec![0f32; g * hd]);
+            if !attention_simd(&q, &k, &v, hd, len, scale, &mut sc, &mut sums, &mut out) {
+                return; // no AVX-512 here
+            }
+            for h in 0..g {
+                let s: Vec<f64> = (0..len)
+                    .map(|j| (0..hd).map(|c| (q[h * hd + c] * k[j * hd + c]) as f64).sum::<f64>() * scale as f64)
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = p.iter().sum();
+                assert!(((sums[h] as f64) - sum).abs() < 1e-5 * sum, "len {len} head {h}: sum {} vs {sum}", sums[h]);
+                for c in 0..hd {
+                    let want: f64 = (0..len).map(|j| p[j] * v[j * hd + c] as f64).sum();
+                    let got = out[h * hd + c] as f64;
+                    assert!((got - want).abs() < 1e-4 * sum, "len {len} head {h} [{c}]: {got} vs {want}");
+                }
             }
         }
     }

@@ -475,11 +475,162 @@ pub(super) unsafe fn dequant_tile_512<const K: u8, const R: usize>(tile: &[u8], 
     }
 }
 
+// ------------------------------------------------- AVX-512 VNNI, int8 tiles ----
+
+/// Rounds `x` (a multiple of 16 values) to 8 bits per run of 8: `q = x / d`
+/// rounded to nearest (ties to even), `d = max|x| / 127`; per run `d` and Σq.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_int8_512(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32]) {
+    let nh = x.len() / 16;
+    assert!(x.len() == nh * 16 && q.len() == x.len() && d.len() >= 2 * nh && qsum.len() >= 2 * nh);
+    let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+    const LO: __mmask16 = 0x00FF;
+    const HI: __mmask16 = 0xFF00;
+    for h in 0..nh {
+        let v = _mm512_loadu_ps(xp.add(16 * h));
+        let a = _mm512_abs_ps(v);
+        let d0 = _mm512_mask_reduce_max_ps(LO, a) / 127.0;
+        let d1 = _mm512_mask_reduce_max_ps(HI, a) / 127.0;
+        let inv = |d: f32| if d > 0.0 { 1.0 / d } else { 0.0 };
+        let id = _mm512_mask_blend_ps(HI, _mm512_set1_ps(inv(d0)), _mm512_set1_ps(inv(d1)));
+        let qv = _mm512_cvtps_epi32(_mm512_mul_ps(v, id));
+        _mm_storeu_si128(qp.add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(qv));
+        d[2 * h] = d0;
+        d[2 * h + 1] = d1;
+        qsum[2 * h] = _mm512_mask_reduce_add_epi32(LO, qv);
+        qsum[2 * h + 1] = _mm512_mask_reduce_add_epi32(HI, qv);
+    }
+}
+
+/// Rows `0..16` of one int8-layout tile (see `kernels::Blocks::Int8`) dotted with
+/// `T` rows of 8-bit activations: `out[t][r]`. `xq` holds the activation rows
+/// (`cols` values each, 32 per block), `xd[4(t·nb + b) + e]` the scale of
+/// run `e` of each block (values 8e .. 8e + 8), `xi[..]` (same
+/// index) the integer sum's starting value (Q4_0: −8·Σq, which turns the stored
+/// 0..15 into ggml's q − 8), `xs[t·nb + b]` the block's Σ d·q (Q4_1's `m` term).
+/// Per block and row: `d·Σ_e xd_e·Σ q·xq (+ m·xs)`, the integer sums exact, so a
+/// row's result does not depend on `T` or on the other rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_tile_512<const Q41: bool, const T: usize>(
+    tile: &[u8],
+    nb: usize,
+    xq: &[i8],
+    cols: usize,
+    xd: &[f32],
+    xi: &[i32],
+    xs: &[f32],
+    out: &mut [[f32; 16]; T],
+) {
+    let ns = if Q41 { 2 } else { 1 };
+    let cb = 16 * (2 * ns + 16);
+    assert!(T <= 8, "int8 kernel: at most 8 activation rows per call");
+    assert!(tile.len() >= nb * cb && cols >= 32 * nb && xq.len() >= (T - 1) * cols + 32 * nb);
+    assert!(xd.len() >= 4 * T * nb && xi.len() >= 4 * T * nb && (!Q41 || xs.len() >= T * nb));
+    let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let col = tp.add(b * cb);
+        // Two block columns ahead: a hint, never a fault (hence `wrapping_add`).
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 64) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 128) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 192) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 256) as *const i8);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(col as *const __m256i));
+        let m = if Q41 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(col.add(32) as *const __m256i))
+        } else {
+            _mm512_setzero_ps()
+        };
+        // Group g of the block: each row's bytes 4g..4g+4, whose low nibbles are
+        // values 4g.. and high nibbles values 16 + 4g...
+        let qs = col.add(32 * ns);
+        let mut lo = [_mm512_setzero_si512(); 4];
+        let mut hi = [_mm512_setzero_si512(); 4];
+        for g in 0..4 {
+            let v = _mm512_loadu_si512(qs.add(64 * g) as *const __m512i);
+            lo[g] = _mm512_and_si512(v, m4);
+            hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+        }
+        // Spelled out per row (not a loop over `t`), so that every accumulator
+        // stays in a register: LLVM kept a looped version's in memory.
+        macro_rules! row {
+            ($t:literal) => {
+                if $t < T {
+                    let x = xp.add($t * cols + 32 * b);
+                    let at = $t * nb + b;
+                    let x4 = |o: usize| _mm512_set1_epi32((x.add(o) as *const i32).read_unaligned());
+                    // Runs of 8 values: lo groups 0-1, 2-3, hi groups 0-1, 2-3.
+                    // Σ_e xd_e·Σq·xq first, then one multiply by the rows' d.
+                    let mut r = _mm512_setzero_ps();
+                    for (e, w) in [&lo[..2], &lo[2..], &hi[..2], &hi[2..]].into_iter().enumerate() {
+                        let mut i = _mm512_set1_epi32(*xi.get_unchecked(4 * at + e));
+                        i = _mm512_dpbusd_epi32(i, w[0], x4(8 * e));
+                        i = _mm512_dpbusd_epi32(i, w[1], x4(8 * e + 4));
+                        r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(*xd.get_unchecked(4 * at + e)), r);
+                    }
+                    let mut a = _mm512_fmadd_ps(r, d, acc[$t]);
+                    if Q41 {
+                        a = _mm512_fmadd_ps(m, _mm512_set1_ps(*xs.get_unchecked(at)), a);
+                    }
+                    acc[$t] = a;
+                }
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), a);
+    }
+}
+
 // ------------------------------------------------------ AVX-512, attention ----
+
+/// The 16 horizontal sums of `a` as one vector (lane `i` = Σ `a[i]`), by a
+/// transposing tree: ~3 instructions per sum where `_mm512_reduce_add_ps` takes 8.
+#[inline(always)]
+unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
+    // Pairs: per 128-bit lane l, [a0(4l)+a0(4l+2), a1(..), a0(4l+1)+a0(4l+3), a1(..)].
+    let mut x = [_mm512_setzero_ps(); 8];
+    for (i, x) in x.iter_mut().enumerate() {
+        let (p, q) = (a[2 * i], a[2 * i + 1]);
+        *x = _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
+    }
+    // Quads: per 128-bit lane, the lane's partial sums of four inputs in order.
+    let mut z = [_mm512_setzero_ps(); 4];
+    for (i, z) in z.iter_mut().enumerate() {
+        let (p, q) = (_mm512_castps_pd(x[2 * i]), _mm512_castps_pd(x[2 * i + 1]));
+        let (lo, hi) = (_mm512_unpacklo_pd(p, q), _mm512_unpackhi_pd(p, q));
+        *z = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    // Across the 128-bit lanes.
+    let half = |p: __m512, q: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(p, q),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(p, q),
+        )
+    };
+    half(half(z[0], z[1]), half(z[2], z[3]))
+}
 
 /// `scores[h * len + j] = scale · dot(q head h, k row j)` for the `g` query heads
 /// of `q` (`[g, hd]`) and the first `len` rows of `k` (`[.., hd]`), `hd` a
-/// multiple of 16: each key row is loaded once for all heads.
+/// multiple of 16: keys 16 at a time, their sums reduced together (`sum16`).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
@@ -488,10 +639,30 @@ pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: 
     let g = q.len() / hd;
     assert!(hd.is_multiple_of(16) && q.len() == g * hd && k.len() >= len * hd && scores.len() >= g * len);
     let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
-    for j in 0..len {
+    let sv = _mm512_set1_ps(scale);
+    let full = len / 16 * 16;
+    for j0 in (0..full).step_by(16) {
+        let kb = kp.add(j0 * hd);
+        // The next block's keys, while this one is summed.
+        for l in (0..16 * hd).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
+        }
+        for h in 0..g {
+            let qh = qp.add(h * hd);
+            let mut a = [_mm512_setzero_ps(); 16];
+            for (jj, a) in a.iter_mut().enumerate() {
+                let kj = kb.add(jj * hd);
+                let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+                for c in (16..hd).step_by(16) {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), _mm512_loadu_ps(kj.add(c)), acc);
+                }
+                *a = acc;
+            }
+            _mm512_storeu_ps(sp.add(h * len + j0), _mm512_mul_ps(sum16(&a), sv));
+        }
+    }
+    for j in full..len {
         let kj = kp.add(j * hd);
-        // Four rows ahead: the cache of one head is read front to back once.
-        _mm_prefetch::<_MM_HINT_T0>(kj.wrapping_add(4 * hd) as *const i8);
         for h in 0..g {
             let qh = qp.add(h * hd);
             let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
@@ -501,6 +672,66 @@ pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: 
             *sp.add(h * len + j) = _mm512_reduce_add_ps(acc) * scale;
         }
     }
+}
+
+/// `row[i] = exp(row[i] - max)` in place, returning Σ row (vector lanes summed
+/// at the end). exp to about 1 ulp: `2^n · p(r)` with `r = x − n·ln 2`,
+/// |r| ≤ ln2/2, `p` the degree-7 Taylor polynomial (error < 5e-9).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_shifted_512(row: &mut [f32], max: f32) -> f32 {
+    let exp = |x: __m512| {
+        // exp(-87.3) is already below f32's normal range; inputs here are ≤ 0.
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    };
+    let (len, rp) = (row.len(), row.as_mut_ptr());
+    let m = _mm512_set1_ps(max);
+    let mut sum = _mm512_setzero_ps();
+    let full = len / 16 * 16;
+    for i in (0..full).step_by(16) {
+        let e = exp(_mm512_sub_ps(_mm512_loadu_ps(rp.add(i)), m));
+        _mm512_storeu_ps(rp.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if full < len {
+        let k: __mmask16 = (1u32 << (len - full)) as u16 - 1;
+        let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, rp.add(full)), m));
+        _mm512_mask_storeu_ps(rp.add(full), k, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+/// The largest of `row` (non-empty).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn max_512(row: &[f32]) -> f32 {
+    let (len, rp) = (row.len(), row.as_ptr());
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    let full = len / 16 * 16;
+    for i in (0..full).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_loadu_ps(rp.add(i)));
+    }
+    let mut m = _mm512_reduce_max_ps(m);
+    for &v in &row[full..] {
+        m = m.max(v);
+    }
+    m
 }
 
 /// `out[h] = Σ_j p[h * len + j] · v row j` for the `g` heads of `out` (`[g, hd]`),
