@@ -139,7 +139,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("model           {} ({}, {activations} activations)", info.path.display(), info.format);
+        println!(
+            "model           {} ({}, {activations} activations)",
+            info.path.display(),
+            info.format
+        );
         println!("load            {:.3} s", load_s);
         println!(
             "prefill         {:.1} tokens/s ({} x {} tokens)",

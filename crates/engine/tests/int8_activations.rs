@@ -40,7 +40,10 @@ fn int8_logits_stay_near_hf() {
         for (k, &id) in hf_top.iter().enumerate() {
             let lp = ours(id).unwrap_or_else(|| panic!("case {i}: HF's #{k} {id} not in our top 20"));
             let off = ((lp - top1) - (hf[k] - hf[0])).abs();
-            assert!(off < 0.5, "case {i}: token {id} is {off:.3} off HF's gap to the top token");
+            assert!(
+                off < 0.5,
+                "case {i}: token {id} is {off:.3} off HF's gap to the top token"
+            );
         }
     }
 }
@@ -64,7 +67,10 @@ fn int8_batched_sequences_get_their_own_tokens() {
         req.stop.ignore_eos = true;
         req
     };
-    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| engine.generate(request(p)).unwrap().ids).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| engine.generate(request(p)).unwrap().ids)
+        .collect();
     let streams: Vec<_> = prompts.iter().map(|p| engine.submit(request(p)).unwrap()).collect();
     for (want, mut stream) in alone.into_iter().zip(streams) {
         let mut got = vec![];

@@ -472,7 +472,10 @@ async fn full_queue_is_429_with_retry_after_and_gone_worker_is_503() {
         })
         .await;
         // Hold the only slot with a long stream.
-        let body = c.completion_body("Once upon a time", json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}));
+        let body = c.completion_body(
+            "Once upon a time",
+            json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}),
+        );
         let r = http().post(c.url("/v1/completions")).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let mut held = r.bytes_stream();
@@ -604,7 +607,10 @@ async fn concurrent_requests_share_the_batch_and_queue_length_is_truthful() {
         let c2 = Cluster::start(|o| o.limit_worker_concurrency = 2).await;
         let mut streams = Vec::new();
         for i in 0..4 {
-            let body = c2.completion_body(&format!("Tale {i}"), json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}));
+            let body = c2.completion_body(
+                &format!("Tale {i}"),
+                json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}),
+            );
             let url = c2.url("/v1/completions");
             streams.push(tokio::spawn(async move {
                 http().post(url).json(&body).send().await.map(|r| r.status())

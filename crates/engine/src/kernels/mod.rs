@@ -641,7 +641,14 @@ impl QMatrix {
     /// The int8 scheme's `rows_task`: rows `r0 .. r0 + nrows` (`r0` a multiple of
     /// `Q`), activation rows 8 at a time; `put(t, i, v)` receives rows
     /// `r0 + i ..` of activation row `t`.
-    fn int8_rows_task<P: FnMut(usize, usize, &[f32])>(&self, r0: usize, nrows: usize, xq: &Int8Rows, n: usize, put: &mut P) {
+    fn int8_rows_task<P: FnMut(usize, usize, &[f32])>(
+        &self,
+        r0: usize,
+        nrows: usize,
+        xq: &Int8Rows,
+        n: usize,
+        put: &mut P,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if let Blocks::Int8(data) = &self.blocks {
             assert!(r0.is_multiple_of(Q) && r0 + nrows <= self.rows);
@@ -1196,7 +1203,11 @@ mod tests {
                 assert_eq!(got.dims(), &[2, 3, rows]);
                 let mut want = vec![0f32; 6 * rows];
                 m.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 6, &mut want);
-                assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{dtype:?}: forward");
+                assert_eq!(
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want,
+                    "{dtype:?}: forward"
+                );
             }
         }
     }
@@ -1226,7 +1237,10 @@ mod tests {
             for t in [0, 7, 8, 20] {
                 let mut one = vec![0f32; rows];
                 m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
-                let same = one.iter().zip(&all[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = one
+                    .iter()
+                    .zip(&all[t * rows..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{dtype:?}: row {t} alone differs from row {t} of {n}");
             }
         }
@@ -1258,11 +1272,18 @@ mod tests {
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let p: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = p.iter().sum();
-                assert!(((sums[h] as f64) - sum).abs() < 1e-5 * sum, "len {len} head {h}: sum {} vs {sum}", sums[h]);
+                assert!(
+                    ((sums[h] as f64) - sum).abs() < 1e-5 * sum,
+                    "len {len} head {h}: sum {} vs {sum}",
+                    sums[h]
+                );
                 for c in 0..hd {
                     let want: f64 = (0..len).map(|j| p[j] * v[j * hd + c] as f64).sum();
                     let got = out[h * hd + c] as f64;
-                    assert!((got - want).abs() < 1e-4 * sum, "len {len} head {h} [{c}]: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-4 * sum,
+                        "len {len} head {h} [{c}]: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -575,7 +575,11 @@ pub(super) unsafe fn int8_tile_512<const Q41: bool, const T: usize>(
                         let mut i = _mm512_set1_epi32(*xi.get_unchecked(4 * at + e));
                         i = _mm512_dpbusd_epi32(i, w[0], x4(8 * e));
                         i = _mm512_dpbusd_epi32(i, w[1], x4(8 * e + 4));
-                        r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(*xd.get_unchecked(4 * at + e)), r);
+                        r = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(i),
+                            _mm512_set1_ps(*xd.get_unchecked(4 * at + e)),
+                            r,
+                        );
                     }
                     let mut a = _mm512_fmadd_ps(r, d, acc[$t]);
                     if Q41 {
