@@ -612,8 +612,12 @@ async fn concurrent_requests_share_the_batch_and_queue_length_is_truthful() {
                 json!({"max_tokens": 2000, "stream": true, "ignore_eos": true}),
             );
             let url = c2.url("/v1/completions");
+            // Each client keeps reading its stream (dropping it would cancel the
+            // request) until the test aborts it.
             streams.push(tokio::spawn(async move {
-                http().post(url).json(&body).send().await.map(|r| r.status())
+                let r = http().post(url).json(&body).send().await.unwrap();
+                let mut s = r.bytes_stream();
+                while s.next().await.is_some() {}
             }));
         }
         eventually(Duration::from_secs(30), "queue_length 4", || async {
