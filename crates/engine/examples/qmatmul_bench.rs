@@ -7,7 +7,8 @@
 //! n = 1 measures streaming from memory rather than from L2. GB/s counts the
 //! quantized weight bytes read per product. Times are the best of repeated passes;
 //! `--hot` uses a single copy (cache-resident: the compute cost alone);
-//! `--ours` skips candle; `--n N` runs only that n.
+//! `--ours` skips candle; `--n N` runs only that n; `--int8` measures our 8-bit
+//! activation scheme (Q4 types, AVX-512 VNNI) instead of f32 activations.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +52,7 @@ fn main() -> candle_core::Result<()> {
         .iter()
         .position(|a| a == "--n")
         .and_then(|i| args.get(i + 1)?.parse().ok());
+    vicugna_engine::kernels::set_int8_activations(std::env::args().any(|a| a == "--int8"));
     let budget = Duration::from_millis(if quick { 150 } else { 600 });
     let dev = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());

@@ -593,8 +593,8 @@ impl Model {
     /// gate/up fused where the weights allow) and one parallel loop over
     /// (decoding sequence, kv head) that applies rope, writes the cache and
     /// attends; prompt chunks get rope and cache writes here and candle's batched
-    /// attention (`prompt_attention`). The arithmetic is candle's (rms_norm, rope,
-    /// silu), so both paths agree.
+    /// attention (`prompt_attention`). The formulas are candle's (rms_norm, rope,
+    /// silu; exp and attention sums differ in the last bits), so both paths agree.
     fn kernel_layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
@@ -719,7 +719,7 @@ impl Model {
                     rows,
                     &mut gu[..rows * 2 * ffn],
                 )?;
-                // silu(gate) · up, candle's arithmetic; rows in parallel.
+                // silu(gate) · up (candle's formula, exp to an ulp); rows in parallel.
                 let (act_p, gu_r) = (Shared(act.as_mut_ptr()), &gu);
                 let per_task = 8;
                 team.run(rows.div_ceil(per_task), &|c| {
@@ -728,9 +728,7 @@ impl Model {
                         // outlives the loop.
                         let a = unsafe { std::slice::from_raw_parts_mut(act_p.get().add(r * ffn), ffn) };
                         let (g, u) = gu_r[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
-                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                            *a = g / (1.0 + (-g).exp()) * u;
-                        }
+                        crate::kernels::silu_mul(g, u, a);
                     }
                 });
                 kernel(&b.down).matmul(&act[..rows * ffn], rows, &mut proj[..rows * h]);

@@ -678,29 +678,59 @@ pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: 
     }
 }
 
-/// `row[i] = exp(row[i] - max)` in place, returning Σ row (vector lanes summed
-/// at the end). exp to about 1 ulp: `2^n · p(r)` with `r = x − n·ln 2`,
-/// |r| ≤ ln2/2, `p` the degree-7 Taylor polynomial (error < 5e-9).
+/// exp of each lane to about 1 ulp: `2^n · p(r)` with `r = x − n·ln 2`,
+/// |r| ≤ ln2/2, `p` the degree-7 Taylor polynomial (error < 5e-9). Inputs are
+/// clamped to [−87.3, 88.7]: below, the result is already under f32's normal
+/// range; above, it would overflow.
+#[inline(always)]
+unsafe fn exp_512(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.7));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// `out = silu(g) · u = g / (1 + exp(−g)) · u`, element-wise.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn silu_mul_512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    let len = out.len();
+    assert!(g.len() == len && u.len() == len);
+    let (gp, up, op) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let step = |k: __mmask16, i: usize| {
+        let gv = _mm512_maskz_loadu_ps(k, gp.add(i));
+        let e = exp_512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(op.add(i), k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, up.add(i))));
+    };
+    let full = len / 16 * 16;
+    for i in (0..full).step_by(16) {
+        step(0xFFFF, i);
+    }
+    if full < len {
+        step(((1u32 << (len - full)) - 1) as __mmask16, full);
+    }
+}
+
+/// `row[i] = exp(row[i] - max)` in place (`exp_512`), returning Σ row (vector
+/// lanes summed at the end).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn exp_shifted_512(row: &mut [f32], max: f32) -> f32 {
-    let exp = |x: __m512| {
-        // exp(-87.3) is already below f32's normal range; inputs here are ≤ 0.
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, n)
-    };
+    let exp = |x: __m512| exp_512(x);
     let (len, rp) = (row.len(), row.as_mut_ptr());
     let m = _mm512_set1_ps(max);
     let mut sum = _mm512_setzero_ps();
