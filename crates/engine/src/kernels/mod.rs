@@ -342,7 +342,7 @@ fn int8_untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u
 /// Activation rows rounded to 8 bits for the int8 scheme, each run of 8 values
 /// with its own scale. One scale per block of 32 (llama.cpp's choice) lets the
 /// few outlier channels of a normed hidden state coarsen their whole block; on
-/// SmolLM2 runs of 8 keep the logits about 3x closer to the f32 product's, for
+/// SmolLM2 runs of 8 keep the logits about twice as close to the f32 product's, for
 /// three more scalings per block and row.
 struct Int8Rows {
     /// `[n, cols]` values, each `round(x / d)` of its run's `d`.
