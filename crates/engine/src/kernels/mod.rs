@@ -960,7 +960,7 @@ pub fn attention_simd(
         // SAFETY: the CPU supports the path (`Isa::detect` checked it); the
         // kernels check their slice lengths.
         unsafe {
-            x86::attention_scores_512(q, k, hd, len, scale, scores);
+            x86::attention_scores_512(q, k, v, hd, len, scale, scores);
             for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
                 *sum = x86::exp_shifted_512(row, x86::max_512(row));
             }

@@ -635,14 +635,24 @@ unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
 /// `scores[h * len + j] = scale · dot(q head h, k row j)` for the `g` query heads
 /// of `q` (`[g, hd]`) and the first `len` rows of `k` (`[.., hd]`), `hd` a
 /// multiple of 16: keys 16 at a time, their sums reduced together (`sum16`).
+/// The matching rows of `v` are prefetched into L2 on the way, so the values pass
+/// that follows finds them there instead of starting a second stream from memory.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: usize, scale: f32, scores: &mut [f32]) {
+pub(super) unsafe fn attention_scores_512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
     let g = q.len() / hd;
     assert!(hd.is_multiple_of(16) && q.len() == g * hd && k.len() >= len * hd && scores.len() >= g * len);
-    let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
+    let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
     let full = len / 16 * 16;
     for j0 in (0..full).step_by(16) {
@@ -650,6 +660,7 @@ pub(super) unsafe fn attention_scores_512(q: &[f32], k: &[f32], hd: usize, len: 
         // The next block's keys, while this one is summed.
         for l in (0..16 * hd).step_by(16) {
             _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(j0 * hd + l) as *const i8);
         }
         for h in 0..g {
             let qh = qp.add(h * hd);
