@@ -42,6 +42,12 @@ impl ModelArgs {
         vicugna_engine::kernels::set_int8_activations(self.int8);
         let path = vicugna_engine::default_model::resolve_model_arg(Some(&self.model), &mut |m| eprintln!("{m}"))?;
         let mut loaded = LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?;
+        if self.int8 && !loaded.model.int8_activations() {
+            eprintln!(
+                "warning: --int8 has no effect here: it needs Q4_0/Q4_1 weights kept quantized \
+                 (a GGUF with --dtype auto) and a CPU with AVX-512 VNNI; using f32 activations"
+            );
+        }
         if let Some(dir) = &self.lora {
             let cfg = vicugna_train::lora::load_peft(&mut loaded.model, dir)?;
             eprintln!(

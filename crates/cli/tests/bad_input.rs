@@ -1,4 +1,5 @@
-//! Bad input gets one clear line naming the file, field or limit, and exit code 1.
+//! Bad input gets one clear line naming the file, field or limit, and exit code 1
+//! (or, for an option that cannot apply, a warning).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -122,6 +123,18 @@ fn invalid_sampling_values() {
     );
     assert_fails_with(&model, &["--temperature", "-1"], &["temperature must be >= 0, got -1"]);
     assert_fails_with(&model, &["--top-p", "1.5"], &["top_p must be in (0, 1], got 1.5"]);
+}
+
+#[test]
+fn int8_without_quantized_weights_says_it_does_nothing() {
+    // tiny-llama is safetensors: nothing for 8-bit activations to apply to.
+    let model = fixtures().join("models/tiny-llama");
+    let (code, err) = generate(&model, &["--int8", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--int8 has no effect here"), "{err}");
+    let (code, err) = generate(&model, &["--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("--int8"), "{err}");
 }
 
 #[test]
