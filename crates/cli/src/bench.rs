@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
-use vicugna_engine::{EngineHandle, EngineOptions, Event, GenerateRequest, Prompt};
+use vicugna_engine::{EngineHandle, EngineOptions, Event, GenerateRequest, KvDType, Prompt};
 
 use crate::model_arg::ModelArgs;
 
@@ -76,6 +76,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let vocab = loaded.model.vocab_size() as u32;
     let activations = if loaded.model.int8_activations() { "int8" } else { "f32" };
+    let kv_cache = match loaded.model.kv_dtype() {
+        KvDType::F32 => "f32",
+        KvDType::F16 => "f16",
+    };
     let engine = EngineHandle::start(
         loaded,
         EngineOptions {
@@ -131,6 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "{}",
             json!({
                 "model": info.path.display().to_string(), "format": info.format, "activations": activations,
+                "kv_cache": kv_cache,
                 "load_s": load_s, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                 "batch": a.batch, "threads": a.model.threads, "prefill_tok_s": prefill_tok_s,
                 "decode_tok_s": decode_tok_s, "peak_rss_mib": rss, "model_file_mib": file_mib,
@@ -140,7 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "model           {} ({}, {activations} activations)",
+            "model           {} ({}, {activations} activations, {kv_cache} KV cache)",
             info.path.display(),
             info.format
         );

@@ -56,6 +56,9 @@ pub struct ApiArgs {
     /// accuracy; see `vicugna serve --help`).
     #[arg(long)]
     int8: bool,
+    /// Local model: attention cache element type, auto, f32 or f16 (see `vicugna serve --help`).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::model_arg::KvCacheArg,
 }
 
 #[derive(Args, Debug)]
@@ -315,6 +318,7 @@ fn connect(
                 threads: api.threads,
                 lora: None,
                 int8: api.int8,
+                kv_cache: api.kv_cache,
             };
             let local = LocalChat::load(&args, api.conv_template.as_deref())?;
             let name = local.name();

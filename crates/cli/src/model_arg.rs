@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use vicugna_engine::{EngineHandle, EngineOptions, LoadOptions, LoadedModel, WeightDType};
+use vicugna_engine::{EngineHandle, EngineOptions, KvDType, LoadOptions, LoadedModel, WeightDType};
 
 /// Which model to load and how.
 #[derive(Args, Debug, Clone)]
@@ -25,6 +25,20 @@ pub struct ModelArgs {
     /// exact f32 product (near-ties in greedy decoding may go the other way).
     #[arg(long)]
     pub int8: bool,
+    /// Attention cache element type: f16 (half the memory per token, faster
+    /// long contexts and batches; keys and values rounded as llama.cpp stores
+    /// them), f32 (HF's arithmetic), or auto: f16 for weights kept quantized
+    /// (GGUF), f32 for plain ones.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache: KvCacheArg,
+}
+
+/// `--kv-cache`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheArg {
+    Auto,
+    F32,
+    F16,
 }
 
 impl ModelArgs {
@@ -42,6 +56,11 @@ impl ModelArgs {
         vicugna_engine::kernels::set_int8_activations(self.int8);
         let path = vicugna_engine::default_model::resolve_model_arg(Some(&self.model), &mut |m| eprintln!("{m}"))?;
         let mut loaded = LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?;
+        match self.kv_cache {
+            KvCacheArg::Auto => {}
+            KvCacheArg::F32 => loaded.model.set_kv_dtype(KvDType::F32),
+            KvCacheArg::F16 => loaded.model.set_kv_dtype(KvDType::F16),
+        }
         if self.int8 && !loaded.model.int8_activations() {
             eprintln!(
                 "warning: --int8 has no effect here: it needs Q4_0/Q4_1 weights kept quantized \

@@ -158,7 +158,7 @@ impl EngineHandle {
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             weight_bytes_per_token: model.weight_bytes_per_token(),
-            kv_bytes_per_token: cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * std::mem::size_of::<f32>(),
+            kv_bytes_per_token: cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.kv_dtype().bytes(),
             load_seconds,
             defaults,
         });

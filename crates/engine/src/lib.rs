@@ -21,5 +21,5 @@ pub use constraint::Constraint;
 pub use engine::{Completion, EngineHandle, EngineOptions, EngineStats, EventStream, ModelInfo, StatsSnapshot};
 pub use error::{EngineError, Result};
 pub use loader::{LoadOptions, LoadedModel};
-pub use model::{KvCache, Model, SeqInput, WeightDType};
+pub use model::{KvCache, KvDType, Model, SeqInput, WeightDType};
 pub use request::{Event, FinishReason, GenerateRequest, Prompt, SamplingParams, StopRules, TokenLogprob, Usage};

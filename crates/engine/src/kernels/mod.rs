@@ -43,6 +43,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::team::Team;
 
@@ -936,6 +937,24 @@ fn process_isa() -> Isa {
     *ISA.get_or_init(Isa::detect)
 }
 
+/// One kv head's cached keys or values, `[positions, head_dim]`, in the cache's
+/// element type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl KvRows<'_> {
+    /// Row `j` (`hd` wide) as f32, into `out`.
+    pub fn row_into(&self, j: usize, hd: usize, out: &mut [f32]) {
+        match self {
+            KvRows::F32(r) => out.copy_from_slice(&r[j * hd..(j + 1) * hd]),
+            KvRows::F16(r) => r[j * hd..(j + 1) * hd].convert_to_f32_slice(out),
+        }
+    }
+}
+
 /// Decode attention on AVX-512, when this process uses that path and `hd` is a
 /// multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the query heads
 /// `q` (`[g, hd]`), each head's row of scores turned into `exp(s − max)` with its
@@ -944,8 +963,8 @@ fn process_isa() -> Isa {
 #[allow(clippy::too_many_arguments)]
 pub fn attention_simd(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
     hd: usize,
     len: usize,
     scale: f32,
@@ -960,11 +979,18 @@ pub fn attention_simd(
         // SAFETY: the CPU supports the path (`Isa::detect` checked it); the
         // kernels check their slice lengths.
         unsafe {
-            x86::attention_scores_512(q, k, v, hd, len, scale, scores);
+            match (k, v) {
+                (KvRows::F32(k), KvRows::F32(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores),
+                (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores),
+                _ => return false,
+            }
             for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
                 *sum = x86::exp_shifted_512(row, x86::max_512(row));
             }
-            x86::attention_values_512(scores, v, hd, len, out);
+            match v {
+                KvRows::F32(v) => x86::attention_values_512(scores, v, hd, len, out),
+                KvRows::F16(v) => x86::attention_values_512(scores, v, hd, len, out),
+            }
         }
         return true;
     }
@@ -1263,7 +1289,7 @@ mod tests {
     }
 
     /// Decode attention's AVX-512 path against the formula, for lengths with and
-    /// without a partial block of 16 keys.
+    /// without a partial block of 16 keys, over an f32 and an f16 cache.
     #[test]
     fn attention_simd_matches_the_formula() {
         let (g, hd) = (3, 64);
@@ -1272,13 +1298,30 @@ mod tests {
             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
         };
-        for len in [1, 5, 16, 37, 64] {
+        let round16 = |x: f32| half::f16::from_f32(x).to_f32();
+        for (len, f16) in [1, 5, 16, 37, 64].into_iter().flat_map(|l| [(l, false), (l, true)]) {
             let q: Vec<f32> = (0..g * hd).map(|_| next()).collect();
             let k: Vec<f32> = (0..len * hd).map(|_| next()).collect();
             let v: Vec<f32> = (0..len * hd).map(|_| next()).collect();
             let scale = 0.125;
             let (mut sc, mut sums, mut out) = (vec![0f32; g * len], vec![0f32; g], vec![0f32; g * hd]);
-            if !attention_simd(&q, &k, &v, hd, len, scale, &mut sc, &mut sums, &mut out) {
+            let (k, v) = match f16 {
+                false => (k, v),
+                // The f16 cache: the formula on the rounded values.
+                true => (
+                    k.iter().map(|&x| round16(x)).collect(),
+                    v.iter().map(|&x| round16(x)).collect(),
+                ),
+            };
+            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+            );
+            let (kr, vr) = match f16 {
+                false => (KvRows::F32(&k), KvRows::F32(&v)),
+                true => (KvRows::F16(&k16), KvRows::F16(&v16)),
+            };
+            if !attention_simd(&q, kr, vr, hd, len, scale, &mut sc, &mut sums, &mut out) {
                 return; // no AVX-512 here
             }
             for h in 0..g {

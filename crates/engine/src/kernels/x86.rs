@@ -605,6 +605,47 @@ pub(super) unsafe fn int8_tile_512<const Q41: bool, const T: usize>(
 
 // ------------------------------------------------------ AVX-512, attention ----
 
+/// An element type of the KV cache: 16 of them at `p` as 16 × f32.
+pub(super) trait KvLane: Copy {
+    /// # Safety
+    /// 16 elements must be readable at `p`; the CPU must support AVX-512 F.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The `n` elements at `p` (a multiple of 16) as f32: in place when they
+    /// are, else converted once into `buf` (a row read by several heads would
+    /// otherwise be converted once per head).
+    ///
+    /// # Safety
+    /// As `load16`, for `n` elements; `buf` holds at least `n`.
+    unsafe fn as_f32(p: *const Self, n: usize, buf: &mut [f32]) -> *const f32;
+}
+
+impl KvLane for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn as_f32(p: *const f32, _: usize, _: &mut [f32]) -> *const f32 {
+        p
+    }
+}
+
+impl KvLane for half::f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn as_f32(p: *const half::f16, n: usize, buf: &mut [f32]) -> *const f32 {
+        debug_assert!(buf.len() >= n);
+        let b = buf.as_mut_ptr();
+        for i in (0..n).step_by(16) {
+            _mm512_storeu_ps(b.add(i), Self::load16(p.add(i)));
+        }
+        b
+    }
+}
+
 /// The 16 horizontal sums of `a` as one vector (lane `i` = Σ `a[i]`), by a
 /// transposing tree: ~3 instructions per sum where `_mm512_reduce_add_ps` takes 8.
 #[inline(always)]
@@ -641,10 +682,10 @@ unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-pub(super) unsafe fn attention_scores_512(
+pub(super) unsafe fn attention_scores_512<T: KvLane>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     hd: usize,
     len: usize,
     scale: f32,
@@ -655,13 +696,22 @@ pub(super) unsafe fn attention_scores_512(
     let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
     let full = len / 16 * 16;
+    // Elements per 64-byte cache line.
+    let line = 64 / std::mem::size_of::<T>();
+    // A block of 16 keys as f32, where the cache holds another type.
+    let mut block = if std::mem::size_of::<T>() == 4 {
+        Vec::new()
+    } else {
+        vec![0f32; 16 * hd]
+    };
     for j0 in (0..full).step_by(16) {
         let kb = kp.add(j0 * hd);
         // The next block's keys, while this one is summed.
-        for l in (0..16 * hd).step_by(16) {
+        for l in (0..16 * hd).step_by(line) {
             _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
             _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(j0 * hd + l) as *const i8);
         }
+        let kb = T::as_f32(kb, 16 * hd, &mut block);
         for h in 0..g {
             let qh = qp.add(h * hd);
             let mut a = [_mm512_setzero_ps(); 16];
@@ -680,9 +730,9 @@ pub(super) unsafe fn attention_scores_512(
         let kj = kp.add(j * hd);
         for h in 0..g {
             let qh = qp.add(h * hd);
-            let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+            let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), T::load16(kj));
             for c in (16..hd).step_by(16) {
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), _mm512_loadu_ps(kj.add(c)), acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), T::load16(kj.add(c)), acc);
             }
             *sp.add(h * len + j) = _mm512_reduce_add_ps(acc) * scale;
         }
@@ -785,7 +835,7 @@ pub(super) unsafe fn max_512(row: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-pub(super) unsafe fn attention_values_512(p: &[f32], v: &[f32], hd: usize, len: usize, out: &mut [f32]) {
+pub(super) unsafe fn attention_values_512<T: KvLane>(p: &[f32], v: &[T], hd: usize, len: usize, out: &mut [f32]) {
     let g = out.len() / hd;
     assert!(hd.is_multiple_of(16) && out.len() == g * hd && v.len() >= len * hd && p.len() >= g * len);
     let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
@@ -800,7 +850,7 @@ pub(super) unsafe fn attention_values_512(p: &[f32], v: &[f32], hd: usize, len: 
                 for (hh, acc) in acc.iter_mut().enumerate().take(gh) {
                     let pj = _mm512_set1_ps(*pp.add((h0 + hh) * len + j));
                     for (c, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj.add(16 * c)), *a);
+                        *a = _mm512_fmadd_ps(pj, T::load16(vj.add(16 * c)), *a);
                     }
                 }
             }
