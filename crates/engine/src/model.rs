@@ -736,11 +736,13 @@ impl Model {
     /// dispatch per operation per sequence (rope, cache write, attention, the
     /// reshapes between them), about as much as the weights' arithmetic at batch
     /// 8. Here each layer is four matrix products over all tokens (q/k/v and
-    /// gate/up fused where the weights allow) and one parallel loop over
-    /// (decoding sequence, kv head) that applies rope, writes the cache and
-    /// attends; prompt chunks get rope and cache writes here and candle's batched
-    /// attention (`prompt_attention`). The formulas are candle's (rms_norm, rope,
-    /// silu; exp and attention sums differ in the last bits), so both paths agree.
+    /// gate/up fused where the weights allow), a parallel loop over (sequence,
+    /// kv head) that writes the new keys and values, and one over (token, kv
+    /// head) that attends, for prompt chunks and decode steps alike. (Prompt
+    /// chunks went through candle's batched attention before: its matmuls and
+    /// softmax on rayon's threads, contending with ours, were a quarter of
+    /// prefill.) The formulas are candle's (rms_norm, rope, silu; exp and
+    /// attention sums differ in the last bits), so both paths agree.
     fn kernel_layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
@@ -761,14 +763,13 @@ impl Model {
                 }
             }
         }
-        // Sequences decoding one token attend in the parallel loop; the others
-        // (prompt chunks, or a context past the sliding window) through candle.
-        let decoding: Vec<usize> = (0..spans.len())
-            .filter(|&i| {
-                let (_, t, start) = spans[i];
-                t == 1 && cfg.sliding_window.is_none_or(|w| w > start)
-            })
+        // Each row's sequence and position.
+        let rows: Vec<(usize, usize)> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(si, &(_, t, start))| (start..start + t).map(move |p| (si, p)))
             .collect();
+        let window = cfg.sliding_window;
         let (mut hbuf, mut qkv) = (vec![0f32; total * h], vec![0f32; total * width]);
         let (mut att, mut proj) = (vec![0f32; total * qdim], vec![0f32; total * h]);
         let mlp_rows = total.min(MLP_ROWS);
@@ -787,71 +788,64 @@ impl Model {
                     (c.k[layer].ptr(), c.v[layer].ptr(), c.capacity)
                 })
                 .collect();
-            let out = Shared(att.as_mut_ptr());
             let (qkv_r, cos_r, sin_r) = (&qkv, &cos, &sin);
-            team.run(decoding.len() * nkv, &|task| {
-                let (si, g) = (decoding[task / nkv], task % nkv);
+            // Every new token's key (after rope) and value into its cache...
+            team.run(spans.len() * nkv, &|task| {
+                let (si, g) = (task / nkv, task % nkv);
                 let (k, v, cap) = caches[si];
-                let (off, _, pos) = spans[si];
-                let row = &qkv_r[off * width..(off + 1) * width];
-                let (cs, sn) = (
-                    &cos_r[off * half..(off + 1) * half],
-                    &sin_r[off * half..(off + 1) * half],
-                );
-                // `groups` query heads after rope, then the new key.
-                let mut q = vec![0f32; (groups + 1) * hd];
-                let (q, key) = q.split_at_mut(groups * hd);
-                for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
-                    rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
-                }
-                rope_head(&row[qdim + g * hd..][..hd], cs, sn, key);
-                let at = g * cap * hd;
-                // SAFETY: task (si, g) alone touches kv head g of sequence si's
-                // cache for this layer (`cap` positions of `hd` from `at`,
-                // allocated by `new_cache`/`reserve`, with `pos < cap`) and query
-                // heads g·groups .. (g+1)·groups of row `off` of `att`; the
-                // buffers outlive the loop, and the views below are made after
-                // the writes.
-                let (kh, vh, o) = unsafe {
-                    k.write(at + pos * hd, key);
-                    v.write(at + pos * hd, &row[qdim + kvdim + g * hd..][..hd]);
-                    (
-                        k.rows(at, (pos + 1) * hd),
-                        v.rows(at, (pos + 1) * hd),
-                        std::slice::from_raw_parts_mut(out.get().add(off * qdim + g * groups * hd), groups * hd),
-                    )
-                };
-                let mut scores = Vec::with_capacity(groups * (pos + 2));
-                attend(q, kh, vh, hd, pos + 1, scale, o, &mut scores);
-            });
-            for (si, s) in batch.iter_mut().enumerate() {
-                if decoding.contains(&si) {
-                    continue;
-                }
                 let (off, t, start) = spans[si];
-                let c = &mut *s.cache;
-                let cap = c.capacity;
-                let (mut qs, mut key) = (vec![0f32; nh * t * hd], vec![0f32; hd]);
-                for i in 0..t {
-                    let row = &qkv[(off + i) * width..(off + i + 1) * width];
-                    let (cs, sn) = (&cos[(off + i) * half..][..half], &sin[(off + i) * half..][..half]);
-                    let at = |g: usize| (g * cap + start + i) * hd;
-                    for g in 0..nkv {
-                        rope_head(&row[qdim + g * hd..][..hd], cs, sn, &mut key);
-                        c.k[layer].write(at(g), &key);
-                        c.v[layer].write(at(g), &row[qdim + kvdim + g * hd..][..hd]);
-                    }
-                    for hh in 0..nh {
-                        rope_head(&row[hh * hd..][..hd], cs, sn, &mut qs[(hh * t + i) * hd..][..hd]);
+                let mut key = vec![0f32; hd];
+                for r in off..off + t {
+                    let row = &qkv_r[r * width..(r + 1) * width];
+                    rope_head(
+                        &row[qdim + g * hd..][..hd],
+                        &cos_r[r * half..][..half],
+                        &sin_r[r * half..][..half],
+                        &mut key,
+                    );
+                    let at = (g * cap + start + r - off) * hd;
+                    // SAFETY: task (si, g) alone writes kv head g of sequence
+                    // si's cache for this layer, at positions below `cap`
+                    // (`reserve` made room); the cache outlives the loop.
+                    unsafe {
+                        k.write(at, &key);
+                        v.write(at, &row[qdim + kvdim + g * hd..][..hd]);
                     }
                 }
-                let qs = Tensor::from_vec(qs, (nh, t, hd), &self.device)?;
-                let o = self
-                    .prompt_attention(&qs, c, layer, start, t)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                att[off * qdim..(off + t) * qdim].copy_from_slice(&o);
-            }
+            });
+            // ...then every new token's attention over the positions it may see,
+            // one task per (token, kv head), reading the caches only. Prompt
+            // chunks and decode steps take the same kernel, so a token's result
+            // does not depend on whether it came in a chunk or alone.
+            let out = Shared(att.as_mut_ptr());
+            team.run(total * nkv, &|task| {
+                let (r, g) = (task / nkv, task % nkv);
+                let (si, pos) = rows[r];
+                let (k, v, cap) = caches[si];
+                let row = &qkv_r[r * width..(r + 1) * width];
+                let (cs, sn) = (&cos_r[r * half..][..half], &sin_r[r * half..][..half]);
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let len = pos + 1 - lo;
+                ATTENTION_SCRATCH.with_borrow_mut(|(q, scores)| {
+                    q.resize(groups * hd, 0.0);
+                    for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
+                        rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
+                    }
+                    let at = (g * cap + lo) * hd;
+                    // SAFETY: positions lo..=pos of kv head g were written by the
+                    // loop above (or earlier steps) and nothing writes them now;
+                    // task (r, g) alone writes query heads g·groups ..
+                    // (g+1)·groups of row r of `att`, which outlives the loop.
+                    let (kh, vh, o) = unsafe {
+                        (
+                            k.rows(at, len * hd),
+                            v.rows(at, len * hd),
+                            std::slice::from_raw_parts_mut(out.get().add(r * qdim + g * groups * hd), groups * hd),
+                        )
+                    };
+                    attend(q, kh, vh, hd, len, scale, o, scores);
+                });
+            });
             kernel(&b.o).matmul(&att, total, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             // The MLP in row blocks: its intermediates are the widest buffers.
@@ -1514,6 +1508,12 @@ impl Block {
     }
 }
 
+thread_local! {
+    /// Per thread: the query heads of one attention task, and its scores.
+    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Attention of the query heads `q` (`[g, hd]`: the heads sharing one kv head)
 /// over the first `len` positions of that kv head's keys and values
 /// (`[len, hd]`, read in place), into `out` (`[g, hd]`).
@@ -1535,10 +1535,11 @@ fn attend(
 ) {
     let g = q.len() / hd;
     scores.clear();
-    // `g × len` scores, then the `g` softmax denominators.
-    scores.resize(g * len + g, 0.0);
-    let (sc, sums) = scores.split_at_mut(g * len);
-    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, sums, out) {
+    // `g × len` scores, the `g` softmax denominators, then the kernel's block.
+    scores.resize(g * len + g + 16 * hd, 0.0);
+    let (sc, rest) = scores.split_at_mut(g * len);
+    let (sums, block) = rest.split_at_mut(g);
+    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, sums, block, out) {
         let mut row = vec![0f32; hd];
         for j in 0..len {
             k.row_into(j, hd, &mut row);
@@ -1732,11 +1733,22 @@ mod tests {
 
     /// The plain-buffer path (`kernel_layers`) gives candle's logits: for whole
     /// prompts, and decoding token by token in a batch whose sequences have
-    /// different lengths, some still in their prompt while others decode.
+    /// different lengths, some still in their prompt while others decode; and
+    /// with a sliding window shorter than the sequences (mistral's, set to 4).
     #[test]
     fn kernel_path_matches_candle_path() {
-        for name in ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-qwen2"] {
+        let models = [
+            ("tiny-llama", None),
+            ("tiny-llama3-rope", None),
+            ("tiny-mistral", None),
+            ("tiny-mistral", Some(4)),
+            ("tiny-qwen2", None),
+        ];
+        for (name, window) in models {
             let mut m = tiny(name);
+            if window.is_some() {
+                m.cfg.sliding_window = window;
+            }
             // An f16 cache would round keys that differ in their last bit (the
             // two paths' ropes) to values an f16 step apart.
             m.set_kv_dtype(KvDType::F32);

@@ -959,7 +959,8 @@ impl KvRows<'_> {
 /// multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the query heads
 /// `q` (`[g, hd]`), each head's row of scores turned into `exp(s − max)` with its
 /// sum in `sums[h]`, then `out_h = Σ_j scores[h·len + j] · v_j` (not yet divided
-/// by the sum). Returns false (touching nothing) where it does not apply.
+/// by the sum). `block` (16·hd values) holds a block of keys converted to f32 when
+/// the cache is f16. Returns false (touching nothing) where it does not apply.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_simd(
     q: &[f32],
@@ -970,6 +971,7 @@ pub fn attention_simd(
     scale: f32,
     scores: &mut [f32],
     sums: &mut [f32],
+    block: &mut [f32],
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -980,8 +982,8 @@ pub fn attention_simd(
         // kernels check their slice lengths.
         unsafe {
             match (k, v) {
-                (KvRows::F32(k), KvRows::F32(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores),
-                (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores),
+                (KvRows::F32(k), KvRows::F32(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores, block),
+                (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores, block),
                 _ => return false,
             }
             for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
@@ -994,7 +996,7 @@ pub fn attention_simd(
         }
         return true;
     }
-    let _ = (q, k, v, hd, len, scale, scores, sums, out);
+    let _ = (q, k, v, hd, len, scale, scores, sums, block, out);
     false
 }
 
@@ -1321,7 +1323,8 @@ mod tests {
                 false => (KvRows::F32(&k), KvRows::F32(&v)),
                 true => (KvRows::F16(&k16), KvRows::F16(&v16)),
             };
-            if !attention_simd(&q, kr, vr, hd, len, scale, &mut sc, &mut sums, &mut out) {
+            let mut block = vec![0f32; 16 * hd];
+            if !attention_simd(&q, kr, vr, hd, len, scale, &mut sc, &mut sums, &mut block, &mut out) {
                 return; // no AVX-512 here
             }
             for h in 0..g {

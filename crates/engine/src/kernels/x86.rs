@@ -682,6 +682,7 @@ unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn attention_scores_512<T: KvLane>(
     q: &[f32],
     k: &[T],
@@ -690,20 +691,16 @@ pub(super) unsafe fn attention_scores_512<T: KvLane>(
     len: usize,
     scale: f32,
     scores: &mut [f32],
+    block: &mut [f32],
 ) {
     let g = q.len() / hd;
     assert!(hd.is_multiple_of(16) && q.len() == g * hd && k.len() >= len * hd && scores.len() >= g * len);
+    assert!(std::mem::size_of::<T>() == 4 || block.len() >= 16 * hd);
     let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
     let full = len / 16 * 16;
     // Elements per 64-byte cache line.
     let line = 64 / std::mem::size_of::<T>();
-    // A block of 16 keys as f32, where the cache holds another type.
-    let mut block = if std::mem::size_of::<T>() == 4 {
-        Vec::new()
-    } else {
-        vec![0f32; 16 * hd]
-    };
     for j0 in (0..full).step_by(16) {
         let kb = kp.add(j0 * hd);
         // The next block's keys, while this one is summed.
@@ -711,7 +708,7 @@ pub(super) unsafe fn attention_scores_512<T: KvLane>(
             _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
             _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(j0 * hd + l) as *const i8);
         }
-        let kb = T::as_f32(kb, 16 * hd, &mut block);
+        let kb = T::as_f32(kb, 16 * hd, block);
         for h in 0..g {
             let qh = qp.add(h * hd);
             let mut a = [_mm512_setzero_ps(); 16];
