@@ -20,7 +20,7 @@ pub struct ModelArgs {
     /// applied on top of the base weights without merging.
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
-    /// Round activations to 8 bits in Q4_0/Q4_1 products (CPUs with AVX-512 VNNI):
+    /// Round activations to 8 bits in Q4_0/Q4_1/Q8_0 products (CPUs with AVX-512 VNNI):
     /// faster prompts and batches, with llama.cpp-like accuracy instead of the
     /// exact f32 product (near-ties in greedy decoding may go the other way).
     #[arg(long)]
@@ -63,7 +63,7 @@ impl ModelArgs {
         }
         if self.int8 && !loaded.model.int8_activations() {
             eprintln!(
-                "warning: --int8 has no effect here: it needs Q4_0/Q4_1 weights kept quantized \
+                "warning: --int8 has no effect here: it needs Q4_0/Q4_1/Q8_0 weights kept quantized \
                  (a GGUF with --dtype auto) and a CPU with AVX-512 VNNI; using f32 activations"
             );
         }

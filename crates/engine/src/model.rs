@@ -676,8 +676,6 @@ impl Model {
         Ok((x, spans))
     }
 
-    /// Whether every projection runs on our kernels without adapters: then the
-    /// layers run on plain buffers (`kernel_layers`).
     /// Whether this model's products round activations to 8 bits (`--int8`).
     pub fn int8_activations(&self) -> bool {
         self.blocks
@@ -685,6 +683,8 @@ impl Model {
             .any(|b| b.linears().iter().any(|(_, l)| l.kernel().is_some_and(|m| m.int8())))
     }
 
+    /// Whether every projection runs on our kernels without adapters: then the
+    /// layers run on plain buffers (`kernel_layers`).
     fn on_kernels(&self) -> bool {
         self.blocks
             .iter()

@@ -3,10 +3,10 @@
 //! `out[n × rows] = x[n × cols] · Wᵀ` where `W` is a ggml-quantized matrix (each of
 //! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32.
 //!
-//! Q4_0 / Q4_1 on CPUs with AVX-512 VNNI, when asked for (`--int8`, see
+//! Q4_0 / Q4_1 / Q8_0 on CPUs with AVX-512 VNNI, when asked for (`--int8`, see
 //! [`set_int8_activations`]; int8 scheme): the activations are rounded to 8 bits
 //! per run of 8 values (scale = max|x| / 127; llama.cpp uses runs of 32) and
-//! multiplied with the 4-bit values by `vpdpbusd`, 64 products per
+//! multiplied with the 4- or 8-bit values by `vpdpbusd`, 64 products per
 //! instruction; the integer sums are exact and are scaled per run in f32. The
 //! weights are repacked at load into tiles of `Q` = 16 rows, one row per i32 lane
 //! (see `Blocks::Int8`), so a tile's 16 results come out in one vector with no
@@ -190,13 +190,14 @@ enum Blocks {
     /// tile's scales with a few contiguous loads, where ggml's layout needed a
     /// gather from every block. Rows past the last are zero.
     Tiled(Arc<Vec<u8>>),
-    /// Q4_0 / Q4_1 for the int8 scheme (AVX-512 VNNI), in tiles of `Q` rows. A
-    /// tile is its block columns one after another; a block column is the rows'
-    /// f16 `d` (then for Q4_1 their `m`), then four 64-byte groups: group `g`
-    /// holds each row's quantized bytes `4g .. 4g + 4` (row `r` at `4r`), whose
-    /// low nibbles are values `4g..` and high nibbles values `16 + 4g..` — so one
-    /// load and a mask give every row's next four values in its own i32 lane.
-    /// Rows past the last are zero.
+    /// Q4_0 / Q4_1 / Q8_0 for the int8 scheme (AVX-512 VNNI), in tiles of `Q`
+    /// rows. A tile is its block columns one after another; a block column is
+    /// the rows' f16 `d` (then for Q4_1 their `m`), then 64-byte groups (four
+    /// for Q4, eight for Q8_0): group `g` holds each row's quantized bytes
+    /// `4g .. 4g + 4` (row `r` at `4r`) — Q4's low nibbles are values `4g..` and
+    /// high nibbles values `16 + 4g..`, Q8_0's bytes values `4g..` — so one load
+    /// (and for Q4 a mask) gives every row's next four values in its own i32
+    /// lane. Rows past the last are zero.
     Int8(Arc<Vec<u8>>),
 }
 
@@ -264,7 +265,7 @@ fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
 
 static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes Q4_0 / Q4_1 matrices created from now on use the int8 scheme where the
+/// Makes Q4_0 / Q4_1 / Q8_0 matrices created from now on use the int8 scheme where the
 /// CPU has AVX-512 VNNI (`vicugna … --int8`; also `VICUGNA_KERNEL=int8`). Off by
 /// default: the f32 product keeps HF's greedy tokens; int8 trades that for
 /// speed, as llama.cpp does.
@@ -272,7 +273,7 @@ pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether new Q4_0 / Q4_1 matrices on `isa` use the int8 scheme.
+/// Whether new Q4_0 / Q4_1 / Q8_0 matrices on `isa` use the int8 scheme.
 fn int8_default(kind: Kind, isa: Isa) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
@@ -283,7 +284,9 @@ fn int8_default(kind: Kind, isa: Isa) -> bool {
 fn int8_supported(kind: Kind, isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        isa == Isa::Avx512 && matches!(kind, Kind::Q4_0 | Kind::Q4_1) && is_x86_feature_detected!("avx512vnni")
+        isa == Isa::Avx512
+            && matches!(kind, Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0)
+            && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -298,9 +301,9 @@ fn int8_at(ns: usize, g: usize, r: usize) -> usize {
     2 * ns * Q + 64 * g + 4 * r
 }
 
-/// ggml rows (`rows × nb` blocks of Q4_0 / Q4_1) repacked into int8 tiles.
+/// ggml rows (`rows × nb` blocks of Q4_0 / Q4_1 / Q8_0) repacked into int8 tiles.
 fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    let (qoff, _, ns) = block_parts(kind);
+    let (qoff, qb, ns) = block_parts(kind);
     let bb = kind.block_bytes();
     let (rb, cb) = (nb * bb, Q * bb);
     let mut out = vec![0u8; rows.div_ceil(Q) * nb * cb];
@@ -312,7 +315,7 @@ fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
                     let at = 2 * (j * Q + r);
                     col[at..at + 2].copy_from_slice(&blk[2 * j..2 * j + 2]);
                 }
-                for g in 0..4 {
+                for g in 0..qb / 4 {
                     let at = int8_at(ns, g, r);
                     col[at..at + 4].copy_from_slice(&blk[qoff + 4 * g..qoff + 4 * g + 4]);
                 }
@@ -324,7 +327,7 @@ fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
 
 /// Row `r` of an int8 tile back in ggml's block layout.
 fn int8_untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
-    let (qoff, _, ns) = block_parts(kind);
+    let (qoff, qb, ns) = block_parts(kind);
     let bb = kind.block_bytes();
     dst.clear();
     dst.resize(nb * bb, 0);
@@ -333,7 +336,7 @@ fn int8_untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u
             let at = 2 * (j * Q + r);
             blk[2 * j..2 * j + 2].copy_from_slice(&col[at..at + 2]);
         }
-        for g in 0..4 {
+        for g in 0..qb / 4 {
             let at = int8_at(ns, g, r);
             blk[qoff + 4 * g..qoff + 4 * g + 4].copy_from_slice(&col[at..at + 4]);
         }
@@ -346,11 +349,14 @@ fn int8_untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u
 /// SmolLM2 runs of 8 keep the logits about twice as close to the f32 product's, for
 /// three more scalings per block and row.
 struct Int8Rows {
-    /// `[n, cols]` values, each `round(x / d)` of its run's `d`.
+    /// `[n, cols]` values, each `round(x / d)` of its run's `d` (for Q8_0 plus
+    /// 128, as unsigned bytes: VNNI multiplies unsigned by signed bytes, and
+    /// Q8_0's weights are the signed side).
     q: Vec<i8>,
     /// `[n, 4·nb]`: each run's `d = max|x| / 127`.
     d: Vec<f32>,
-    /// `[n, 4·nb]`: where each run's integer sum starts (Q4_0: −8·Σq; Q4_1: 0).
+    /// `[n, 4·nb]`: where each run's integer sum starts (Q4_0: −8·Σq; Q4_1 and
+    /// Q8_0: 0).
     init: Vec<i32>,
     /// `[n, nb]`: each block's Σ d·q over its runs (Q4_1's `m` term).
     sum: Vec<f32>,
@@ -394,6 +400,10 @@ impl Int8Rows {
             };
             if kind == Kind::Q4_0 {
                 init.iter_mut().for_each(|i| *i *= -8);
+            } else if kind == Kind::Q8_0 {
+                // x + 128 as an unsigned byte; the kernel takes 128·Σw back out.
+                q.iter_mut().for_each(|v| *v ^= i8::MIN);
+                init.fill(0);
             } else {
                 // Q4_1's `m` term from the rounded x (Σ d·q, not Σx): then the
                 // rounding error is weighted by the weights themselves (d·q + m),
@@ -437,7 +447,7 @@ impl QMatrix {
         Self::with_scheme(tensor, isa, int8_default(kind, isa))
     }
 
-    /// Like [`Self::with_isa`], choosing whether Q4_0 / Q4_1 use the int8 scheme
+    /// Like [`Self::with_isa`], choosing whether Q4_0 / Q4_1 / Q8_0 use the int8 scheme
     /// (where this CPU supports it; ignored otherwise).
     pub fn with_scheme(tensor: &Arc<QTensor>, isa: Isa, int8: bool) -> Option<Self> {
         let kind = Kind::from_dtype(tensor.dtype())?;
@@ -656,6 +666,7 @@ impl QMatrix {
             let (cols, nb) = (self.cols, self.cols / 32);
             let tb = Q * self.row_bytes;
             let q41 = self.kind == Kind::Q4_1;
+            let q8 = self.kind == Kind::Q8_0;
             for rt in (0..nrows).step_by(Q) {
                 let tile = &data[(self.row0 + r0 + rt) / Q * tb..][..tb];
                 for t0 in (0..n).step_by(FUSED_MAX_N) {
@@ -666,6 +677,11 @@ impl QMatrix {
                     macro_rules! go {
                         ($($t:literal)*) => {
                             match (q41, tn) {
+                                $((false, $t) if q8 => {
+                                    let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                    // SAFETY: as below.
+                                    unsafe { x86::int8_q8_tile_512::<$t>(tile, nb, q, cols, d, o) }
+                                })*
                                 $((true, $t) => {
                                     let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
                                     // SAFETY: int8 matrices exist only where the CPU
@@ -1262,7 +1278,7 @@ mod tests {
     #[test]
     fn int8_rows_do_not_depend_on_their_batch() {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (rows, cols) = (100, 576);
             let q = quantized(rows, cols, dtype, 5);
             let m = QMatrix::with_scheme(&q, Isa::detect(), true).unwrap();

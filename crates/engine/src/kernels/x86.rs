@@ -603,6 +603,88 @@ pub(super) unsafe fn int8_tile_512<const Q41: bool, const T: usize>(
     }
 }
 
+/// Rows `0..16` of one Q8_0 int8-layout tile (see `kernels::Blocks::Int8`, eight
+/// groups per block column) dotted with `T` activation rows stored as
+/// `round(x / d) + 128` in unsigned bytes (`xq`, `cols` each) with each run's
+/// scale in `xd[4(t·nb + b) + e]`: `out[t][r]`. VNNI multiplies unsigned by
+/// signed bytes, so the signed weights take the signed side and each run's
+/// integer sum starts at −128·Σw, computed once per tile for all `T` rows.
+/// Integer sums are exact, so a row's result does not depend on `T`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_q8_tile_512<const T: usize>(
+    tile: &[u8],
+    nb: usize,
+    xq: &[i8],
+    cols: usize,
+    xd: &[f32],
+    out: &mut [[f32; 16]; T],
+) {
+    let cb = 16 * (2 + 32);
+    assert!(T <= 8, "int8 kernel: at most 8 activation rows per call");
+    assert!(tile.len() >= nb * cb && cols >= 32 * nb && xq.len() >= (T - 1) * cols + 32 * nb);
+    assert!(xd.len() >= 4 * T * nb);
+    let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
+    let ones = _mm512_set1_epi8(1);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let col = tp.add(b * cb);
+        for l in (0..cb).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + l) as *const i8);
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(col as *const __m256i));
+        let qs = col.add(32);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (g, w) in w.iter_mut().enumerate() {
+            *w = _mm512_loadu_si512(qs.add(64 * g) as *const __m512i);
+        }
+        // Per run of 8 values (groups 2e, 2e + 1): −128·Σw of each row.
+        let mut init = [_mm512_setzero_si512(); 4];
+        for (e, init) in init.iter_mut().enumerate() {
+            let sw = _mm512_dpbusd_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w[2 * e]),
+                ones,
+                w[2 * e + 1],
+            );
+            *init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sw));
+        }
+        // Spelled out per row so that every accumulator stays in a register.
+        macro_rules! row {
+            ($t:literal) => {
+                if $t < T {
+                    let x = xp.add($t * cols + 32 * b);
+                    let at = $t * nb + b;
+                    let x4 = |o: usize| _mm512_set1_epi32((x.add(o) as *const i32).read_unaligned());
+                    let mut r = _mm512_setzero_ps();
+                    for e in 0..4 {
+                        let mut i = _mm512_dpbusd_epi32(init[e], x4(8 * e), w[2 * e]);
+                        i = _mm512_dpbusd_epi32(i, x4(8 * e + 4), w[2 * e + 1]);
+                        r = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(i),
+                            _mm512_set1_ps(*xd.get_unchecked(4 * at + e)),
+                            r,
+                        );
+                    }
+                    acc[$t] = _mm512_fmadd_ps(r, d, acc[$t]);
+                }
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), a);
+    }
+}
+
 // ------------------------------------------------------ AVX-512, attention ----
 
 /// An element type of the KV cache: 16 of them at `p` as 16 × f32.
