@@ -176,7 +176,9 @@ int8 = bool(v8) and all(r.get("activations") == "int8" for r in v8)
 cols = [("llama.cpp", lc), ("vicugna", vi), (f"vicugna b={batch}", vb)]
 if int8:
     cols += [("vicugna int8", v8), (f"int8 b={batch}", v8b)]
-print(f"\nmodel {model}\nprompt {n} tok, gen {m} tok, threads {t}, medians of {runs} runs\n")
+kv = vi[0].get("kv_cache", "f32") if vi else "—"
+print(f"\nmodel {model}\nprompt {n} tok, gen {m} tok, threads {t}, medians of {runs} runs; "
+      f"vicugna's KV cache {kv}\n")
 print(f"{'':22}" + "".join(f"{c:>16}" for c, _ in cols) + f"{'vicugna/llama.cpp':>20}")
 for key, label, nd in [("load_s", "load (s)", 3), ("prefill_tok_s", "prefill (tok/s)", 1),
                        ("decode_tok_s", "decode (tok/s)", 1), ("peak_rss_mib", "peak RSS (MiB)", 0)]:
