@@ -627,11 +627,15 @@ impl QMatrix {
             });
             return;
         }
+        // Prompts on AVX-512: the activations transposed once for the panel
+        // kernel (`outer_512`), shared by every task.
+        let xt = (self.isa == Isa::Avx512 && n >= OUTER_MIN_N).then(|| transpose_padded(x, n, cols));
+        let xt = xt.as_ref().map(|v| (v.as_slice(), OUTER_T));
         team.run(chunks, &|c| {
             let r0 = c * chunk_rows;
             let nr = chunk_rows.min(rows - r0);
             SCRATCH.with(|s| {
-                self.rows_task(r0, nr, x, n, &mut s.borrow_mut(), &mut |t, i, v| {
+                self.rows_task(r0, nr, x, xt, n, &mut s.borrow_mut(), &mut |t, i, v| {
                     // SAFETY: `out` is `[n, rows]` and outlives the loop; each
                     // output row belongs to exactly one chunk, so no two tasks
                     // write the same element.
@@ -712,11 +716,13 @@ impl QMatrix {
 
     /// Output rows `r0 .. r0 + nrows` (`r0` a multiple of `R`) for all `n`
     /// activation rows: `put(t, i, v)` receives row `r0 + i` of activation row `t`.
+    #[allow(clippy::too_many_arguments)]
     fn rows_task<P: FnMut(usize, usize, f32)>(
         &self,
         r0: usize,
         nrows: usize,
         x: &[f32],
+        xt: Option<(&[f32], usize)>,
         n: usize,
         s: &mut Scratch,
         put: &mut P,
@@ -754,7 +760,7 @@ impl QMatrix {
                 return;
             }
             // Larger n: dequantize a panel of tiles, then the f32 micro-kernel.
-            s.w.resize(panel * cols, 0.0);
+            s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols, 0.0);
             for p0 in (0..nrows).step_by(panel) {
                 let np = panel.min(nrows - p0);
                 for i in (0..np).step_by(R) {
@@ -769,7 +775,7 @@ impl QMatrix {
                         }
                     }
                 }
-                panel_products(isa, &s.w, p0, np, x, n, cols, tmax, put);
+                panel_products(isa, &s.w, p0, np, x, xt, n, cols, tmax, put);
             }
             return;
         }
@@ -777,7 +783,7 @@ impl QMatrix {
         // once; then each tile of activation rows (in L1) meets every `R`-row
         // tile of it.
         let bytes = self.ggml_bytes();
-        s.w.resize(panel * cols, 0.0);
+        s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols, 0.0);
         for p0 in (0..nrows).step_by(panel) {
             let np = panel.min(nrows - p0);
             for i in 0..np {
@@ -789,7 +795,7 @@ impl QMatrix {
                     &mut s.w[i * cols..(i + 1) * cols],
                 );
             }
-            panel_products(isa, &s.w, p0, np, x, n, cols, tmax, put);
+            panel_products(isa, &s.w, p0, np, x, xt, n, cols, tmax, put);
         }
     }
 
@@ -839,8 +845,34 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
+/// From this many activation rows on, AVX-512 panels go through `outer_512`.
+const OUTER_MIN_N: usize = 16;
+
+/// Panel rows per `outer_512` call.
+const OUTER_ROWS: usize = 8;
+
+/// Activation rows per `outer_512` call.
+const OUTER_T: usize = 48;
+
+/// `x` (`[n, cols]`) in blocks of `OUTER_T` rows, each block transposed
+/// (`[cols, OUTER_T]`, zero-padded), so a kernel call streams one block
+/// sequentially.
+fn transpose_padded(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
+    let mut xt = vec![0f32; n.div_ceil(OUTER_T) * cols * OUTER_T];
+    for (t, row) in x.chunks_exact(cols).enumerate() {
+        let (blk, j) = (t / OUTER_T, t % OUTER_T);
+        let dst = &mut xt[blk * cols * OUTER_T..];
+        for (k, &v) in row.iter().enumerate() {
+            dst[k * OUTER_T + j] = v;
+        }
+    }
+    xt
+}
+
 /// The dot products of a dequantized panel (`np` rows of `w`, output rows
-/// `p0 ..`) with every activation row, `tmax` activation rows per micro-kernel call.
+/// `p0 ..`) with every activation row: with the transposed activations `xt`
+/// (blocks of `OUTER_T` rows, `transpose_padded`), by `outer_512`; else `tmax` activation rows per
+/// micro-kernel call.
 #[allow(clippy::too_many_arguments)]
 fn panel_products<P: FnMut(usize, usize, f32)>(
     isa: Isa,
@@ -848,11 +880,41 @@ fn panel_products<P: FnMut(usize, usize, f32)>(
     p0: usize,
     np: usize,
     x: &[f32],
+    xt: Option<(&[f32], usize)>,
     n: usize,
     cols: usize,
     tmax: usize,
     put: &mut P,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some((xt, bt)) = xt {
+        let mut res = [[0f32; OUTER_T]; OUTER_ROWS];
+        for t0 in (0..n).step_by(bt) {
+            let tn = bt.min(n - t0);
+            let xb = &xt[t0 * cols..(t0 + bt) * cols];
+            for rt in (0..np).step_by(OUTER_ROWS) {
+                // A partial group reads stale rows past `np` (initialized: the
+                // panel holds whole groups); their results are dropped.
+                let wr = &w[rt * cols..(rt + OUTER_ROWS) * cols];
+                // SAFETY: `xt` exists only on the AVX-512 path (`matmul_with`);
+                // the kernel checks its slice lengths.
+                unsafe {
+                    match tn.div_ceil(16) {
+                        1 => x86::outer_512::<1>(wr, cols, xb, &mut res),
+                        2 => x86::outer_512::<2>(wr, cols, xb, &mut res),
+                        _ => x86::outer_512::<3>(wr, cols, xb, &mut res),
+                    }
+                }
+                for (i, res) in res.iter().enumerate().take(OUTER_ROWS.min(np - rt)) {
+                    for (j, &v) in res[..tn].iter().enumerate() {
+                        put(t0 + j, p0 + rt + i, v);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let _ = xt;
     let mut t = 0;
     while t < n {
         let tt = tmax.min(n - t);

@@ -159,6 +159,39 @@ pub(super) unsafe fn micro_512<const R: usize, const T: usize>(w: &[f32], x: &[f
     out
 }
 
+/// `out[r][t]` = dot(w row r, activation row t) for the 8 rows of `w`
+/// (`[8, cols]`) and `16·V` activation rows of one transposed block `xt`
+/// (`[cols, 48]`): per column one broadcast weight times `V` vectors of 16
+/// activations, into 8·V accumulators — no horizontal sums, and 8 + V loads per
+/// 8·V multiply-adds (the dot-product kernel `micro_512` needs a load per
+/// multiply-add pair and a reduction per output).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn outer_512<const V: usize>(w: &[f32], cols: usize, xt: &[f32], out: &mut [[f32; 48]; 8]) {
+    assert!(V <= 3 && w.len() >= 8 * cols && xt.len() >= cols * 48);
+    let (wp, xp) = (w.as_ptr(), xt.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); V]; 8];
+    for k in 0..cols {
+        let mut xv = [_mm512_setzero_ps(); V];
+        for (v, xv) in xv.iter_mut().enumerate() {
+            *xv = _mm512_loadu_ps(xp.add(k * 48 + 16 * v));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let wb = _mm512_set1_ps(*wp.add(r * cols + k));
+            for (a, &xv) in acc.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(wb, xv, *a);
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.as_mut_ptr().add(16 * v), *a);
+        }
+    }
+}
+
 // ------------------------------------------------------------------- AVX2 ----
 
 /// 8 bytes at `p` zero-extended to 8 × i32.
