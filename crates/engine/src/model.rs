@@ -1643,7 +1643,7 @@ fn fuse(parts: &mut [&mut Linear]) -> Option<QMatrix> {
 struct Shared(*mut f32);
 
 // SAFETY: only used inside `Team::run` loops whose tasks write disjoint ranges
-// (see `decode_layers`), while the owner of the buffer waits.
+// (see `kernel_layers`), while the owner of the buffer waits.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -1682,7 +1682,7 @@ mod tests {
     use std::sync::Arc;
 
     /// The tiny HF fixtures with every matrix quantized to Q8_0 at load, so that
-    /// their decode steps take the plain-buffer path (`decode_layers`).
+    /// their decode steps take the plain-buffer path (`kernel_layers`).
     struct Quantizing(SafetensorsSource);
 
     impl WeightSource for Quantizing {
