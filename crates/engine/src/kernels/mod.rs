@@ -750,9 +750,10 @@ impl QMatrix {
                         let xs = &x[t0 * cols..(t0 + tn) * cols];
                         // Prefetch two tiles ahead (measured best of one to four).
                         let res = fused(k, t, &s.scales, xs, cols, tn, 2 * tb);
-                        for (i, res) in res.iter().enumerate().take(R.min(nrows - rt)) {
-                            for (j, &v) in res[..tn].iter().enumerate() {
-                                put(t0 + j, rt + i, v);
+                        let nr = R.min(nrows - rt);
+                        for j in 0..tn {
+                            for (i, res) in res[..nr].iter().enumerate() {
+                                put(t0 + j, rt + i, res[j]);
                             }
                         }
                     }
@@ -905,9 +906,11 @@ fn panel_products<P: FnMut(usize, usize, f32)>(
                         _ => x86::outer_512::<3>(wr, cols, xb, &mut res),
                     }
                 }
-                for (i, res) in res.iter().enumerate().take(OUTER_ROWS.min(np - rt)) {
-                    for (j, &v) in res[..tn].iter().enumerate() {
-                        put(t0 + j, p0 + rt + i, v);
+                // Token by token: each token's rows are adjacent in the output.
+                let nr = OUTER_ROWS.min(np - rt);
+                for j in 0..tn {
+                    for (i, res) in res[..nr].iter().enumerate() {
+                        put(t0 + j, p0 + rt + i, res[j]);
                     }
                 }
             }
@@ -924,9 +927,9 @@ fn panel_products<P: FnMut(usize, usize, f32)>(
             // initialized); their dot products are dropped.
             let nr = R.min(np - rt);
             let res = micro(isa, &w[rt * cols..(rt + R) * cols], xt, cols, tt);
-            for (i, res) in res.iter().enumerate().take(nr) {
-                for (j, &v) in res[..tt].iter().enumerate() {
-                    put(t + j, p0 + rt + i, v);
+            for j in 0..tt {
+                for (i, res) in res[..nr].iter().enumerate() {
+                    put(t + j, p0 + rt + i, res[j]);
                 }
             }
         }
