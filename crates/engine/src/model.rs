@@ -770,6 +770,8 @@ impl Model {
             .flat_map(|(si, &(_, t, start))| (start..start + t).map(move |p| (si, p)))
             .collect();
         let window = cfg.sliding_window;
+        // Sequences with more than one new token (prompt chunks).
+        let chunked: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 > 1).collect();
         let (mut hbuf, mut qkv) = (vec![0f32; total * h], vec![0f32; total * width]);
         let (mut att, mut proj) = (vec![0f32; total * qdim], vec![0f32; total * h]);
         let mlp_rows = total.min(MLP_ROWS);
@@ -789,34 +791,43 @@ impl Model {
                 })
                 .collect();
             let (qkv_r, cos_r, sin_r) = (&qkv, &cos, &sin);
-            // Every new token's key (after rope) and value into its cache...
-            team.run(spans.len() * nkv, &|task| {
-                let (si, g) = (task / nkv, task % nkv);
+            // The keys (after rope) and values of prompt chunks into their
+            // caches first: their tokens attend to each other's...
+            let key_value = |si: usize, g: usize, r: usize, key: &mut [f32]| {
                 let (k, v, cap) = caches[si];
-                let (off, t, start) = spans[si];
-                let mut key = vec![0f32; hd];
-                for r in off..off + t {
-                    let row = &qkv_r[r * width..(r + 1) * width];
-                    rope_head(
-                        &row[qdim + g * hd..][..hd],
-                        &cos_r[r * half..][..half],
-                        &sin_r[r * half..][..half],
-                        &mut key,
-                    );
-                    let at = (g * cap + start + r - off) * hd;
-                    // SAFETY: task (si, g) alone writes kv head g of sequence
-                    // si's cache for this layer, at positions below `cap`
-                    // (`reserve` made room); the cache outlives the loop.
-                    unsafe {
-                        k.write(at, &key);
-                        v.write(at, &row[qdim + kvdim + g * hd..][..hd]);
-                    }
+                let (off, _, start) = spans[si];
+                let row = &qkv_r[r * width..(r + 1) * width];
+                rope_head(
+                    &row[qdim + g * hd..][..hd],
+                    &cos_r[r * half..][..half],
+                    &sin_r[r * half..][..half],
+                    key,
+                );
+                let at = (g * cap + start + r - off) * hd;
+                // SAFETY: the caller alone touches kv head g of sequence si's
+                // cache for this layer now, at positions below `cap` (`reserve`
+                // made room); the cache outlives the loops.
+                unsafe {
+                    k.write(at, key);
+                    v.write(at, &row[qdim + kvdim + g * hd..][..hd]);
                 }
-            });
+            };
+            if !chunked.is_empty() {
+                team.run(chunked.len() * nkv, &|task| {
+                    let (si, g) = (chunked[task / nkv], task % nkv);
+                    let (off, t, _) = spans[si];
+                    let mut key = vec![0f32; hd];
+                    for r in off..off + t {
+                        key_value(si, g, r, &mut key);
+                    }
+                });
+            }
             // ...then every new token's attention over the positions it may see,
-            // one task per (token, kv head), reading the caches only. Prompt
-            // chunks and decode steps take the same kernel, so a token's result
-            // does not depend on whether it came in a chunk or alone.
+            // one task per (token, kv head); a decode step's task writes its own
+            // key and value first (no other task reads that head of that
+            // sequence). Prompt chunks and decode steps take the same kernel, so
+            // a token's result does not depend on whether it came in a chunk or
+            // alone.
             let out = Shared(att.as_mut_ptr());
             team.run(total * nkv, &|task| {
                 let (r, g) = (task / nkv, task % nkv);
@@ -827,6 +838,10 @@ impl Model {
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let len = pos + 1 - lo;
                 ATTENTION_SCRATCH.with_borrow_mut(|(q, scores)| {
+                    if spans[si].1 == 1 {
+                        q.resize(hd, 0.0);
+                        key_value(si, g, r, q);
+                    }
                     q.resize(groups * hd, 0.0);
                     for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
                         rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
