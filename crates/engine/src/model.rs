@@ -1742,6 +1742,44 @@ mod tests {
         rows
     }
 
+    /// Both paths read and write an f16 cache (the default for quantized
+    /// weights): their logits stay within f16's rounding of the f32 cache's.
+    #[test]
+    fn f16_cache_stays_near_the_f32_cache_on_both_paths() {
+        let tokens = [1u32, 17, 93, 5, 41, 8, 2, 60];
+        for name in ["tiny-llama", "tiny-qwen2"] {
+            let mut m = tiny(name);
+            assert_eq!(m.kv_dtype(), KvDType::F16, "quantized weights get an f16 cache");
+            let kernel = |m: &Model| {
+                let mut c = m.new_cache(tokens.len()).unwrap();
+                // The prompt in two chunks, then the rest one token at a time.
+                let mut rows = Vec::new();
+                for part in [&tokens[..3], &tokens[3..5], &tokens[5..6], &tokens[6..7], &tokens[7..]] {
+                    let mut b = [SeqInput {
+                        tokens: part,
+                        cache: &mut c,
+                    }];
+                    rows.extend(m.forward(&mut b, true).unwrap().remove(0).to_vec2::<f32>().unwrap());
+                }
+                rows
+            };
+            let (c16, k16) = (candle_logits(&mut m, &tokens), kernel(&m));
+            m.set_kv_dtype(KvDType::F32);
+            let (c32, k32) = (candle_logits(&mut m, &tokens), kernel(&m));
+            for step in 0..tokens.len() {
+                for (what, a, b) in [("candle", &c16, &c32), ("kernel", &k16, &k32)] {
+                    let d = max_diff(&a[step], &b[step]);
+                    // f16 keeps 11 bits: each cached value moves by up to 2^-12 of itself.
+                    let scale = b[step].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(
+                        d < 2e-3 * scale,
+                        "{name} {what} path, token {step}: f16 cache {d} off the f32 cache (logits up to {scale})"
+                    );
+                }
+            }
+        }
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
     }
