@@ -1549,11 +1549,15 @@ fn attend(
     scores: &mut Vec<f32>,
 ) {
     let g = q.len() / hd;
-    scores.clear();
-    // `g × len` scores, the `g` softmax denominators, then the kernel's block.
-    scores.resize(g * len + g + 16 * hd, 0.0);
-    let (sc, rest) = scores.split_at_mut(g * len);
+    // `g × len` scores, the `g` softmax denominators, then the kernel's block;
+    // grown, never cleared (every score is written before it is read).
+    let need = g * len + g + 16 * hd;
+    if scores.len() < need {
+        scores.resize(need, 0.0);
+    }
+    let (sc, rest) = scores[..need].split_at_mut(g * len);
     let (sums, block) = rest.split_at_mut(g);
+    sums.fill(0.0);
     if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, sums, block, out) {
         let mut row = vec![0f32; hd];
         for j in 0..len {
