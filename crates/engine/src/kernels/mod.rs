@@ -628,19 +628,25 @@ impl QMatrix {
             return;
         }
         // Prompts on AVX-512: the activations transposed once for the panel
-        // kernel (`outer_512`), shared by every task.
-        let xt = (self.isa == Isa::Avx512 && n >= OUTER_MIN_N).then(|| transpose_padded(x, n, cols));
-        let xt = xt.as_ref().map(|v| (v.as_slice(), OUTER_T));
-        team.run(chunks, &|c| {
-            let r0 = c * chunk_rows;
-            let nr = chunk_rows.min(rows - r0);
-            SCRATCH.with(|s| {
-                self.rows_task(r0, nr, x, xt, n, &mut s.borrow_mut(), &mut |t, i, v| {
-                    // SAFETY: `out` is `[n, rows]` and outlives the loop; each
-                    // output row belongs to exactly one chunk, so no two tasks
-                    // write the same element.
-                    unsafe { *dst.at(t * rows + r0 + i) = v }
-                })
+        // kernel (`outer_512`), shared by every task; the buffer is the calling
+        // thread's, kept between products (a fresh one cost page faults).
+        TRANSPOSED.with_borrow_mut(|buf| {
+            let outer = self.isa == Isa::Avx512 && n >= OUTER_MIN_N;
+            if outer {
+                transpose_blocks(x, n, cols, buf);
+            }
+            let xt = outer.then_some((buf.as_slice(), OUTER_T));
+            team.run(chunks, &|c| {
+                let r0 = c * chunk_rows;
+                let nr = chunk_rows.min(rows - r0);
+                SCRATCH.with(|s| {
+                    self.rows_task(r0, nr, x, xt, n, &mut s.borrow_mut(), &mut |t, i, v| {
+                        // SAFETY: `out` is `[n, rows]` and outlives the loop; each
+                        // output row belongs to exactly one chunk, so no two tasks
+                        // write the same element.
+                        unsafe { *dst.at(t * rows + r0 + i) = v }
+                    })
+                });
             });
         });
     }
@@ -844,6 +850,8 @@ impl<T> SharedOut<T> {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    /// The transposed activations of `matmul_with`'s caller (`transpose_blocks`).
+    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// From this many activation rows on, AVX-512 panels go through `outer_512`.
@@ -855,24 +863,33 @@ const OUTER_ROWS: usize = 8;
 /// Activation rows per `outer_512` call.
 const OUTER_T: usize = 48;
 
-/// `x` (`[n, cols]`) in blocks of `OUTER_T` rows, each block transposed
-/// (`[cols, OUTER_T]`, zero-padded), so a kernel call streams one block
-/// sequentially.
-fn transpose_padded(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
-    let mut xt = vec![0f32; n.div_ceil(OUTER_T) * cols * OUTER_T];
-    for (t, row) in x.chunks_exact(cols).enumerate() {
-        let (blk, j) = (t / OUTER_T, t % OUTER_T);
-        let dst = &mut xt[blk * cols * OUTER_T..];
-        for (k, &v) in row.iter().enumerate() {
-            dst[k * OUTER_T + j] = v;
-        }
+/// `x` (`[n, cols]`) into `xt` in blocks of `OUTER_T` rows, each block
+/// transposed (`[cols, OUTER_T]`), so a kernel call streams one block
+/// sequentially; blocks in parallel. The last block's lanes past `n` keep what
+/// the buffer held (finite values from an earlier product, or zeros): lanes are
+/// independent in `outer_512`, and their results are dropped.
+fn transpose_blocks(x: &[f32], n: usize, cols: usize, xt: &mut Vec<f32>) {
+    let (blocks, bl) = (n.div_ceil(OUTER_T), cols * OUTER_T);
+    if xt.len() < blocks * bl {
+        xt.resize(blocks * bl, 0.0);
     }
-    xt
+    let dst = SharedOut(xt.as_mut_ptr());
+    Team::global().run(blocks, &|b| {
+        // SAFETY: task `b` alone writes block `b` of `xt` (inside it, as
+        // resized above), which outlives the loop.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.at(b * bl), bl) };
+        let rows = &x[b * OUTER_T * cols..n.min((b + 1) * OUTER_T) * cols];
+        for (j, row) in rows.chunks_exact(cols).enumerate() {
+            for (k, &v) in row.iter().enumerate() {
+                out[k * OUTER_T + j] = v;
+            }
+        }
+    });
 }
 
 /// The dot products of a dequantized panel (`np` rows of `w`, output rows
 /// `p0 ..`) with every activation row: with the transposed activations `xt`
-/// (blocks of `OUTER_T` rows, `transpose_padded`), by `outer_512`; else `tmax` activation rows per
+/// (blocks of `OUTER_T` rows, `transpose_blocks`), by `outer_512`; else `tmax` activation rows per
 /// micro-kernel call.
 #[allow(clippy::too_many_arguments)]
 fn panel_products<P: FnMut(usize, usize, f32)>(
