@@ -538,6 +538,12 @@ pub(super) unsafe fn quantize_int8_512(x: &[f32], q: &mut [i8], d: &mut [f32], q
     }
 }
 
+/// How far ahead (in block columns) the int8 kernels prefetch their weights:
+/// about one tile of 576 columns. Two ahead (as the f32 kernels do, which spend
+/// longer per byte) left the loads waiting on memory; 4 to 32 measured alike,
+/// batch-8 decode about 10% faster than 2.
+const INT8_PREFETCH_BLOCKS: usize = 16;
+
 /// Rows `0..16` of one int8-layout tile (see `kernels::Blocks::Int8`) dotted with
 /// `T` rows of 8-bit activations: `out[t][r]`. `xq` holds the activation rows
 /// (`cols` values each, 32 per block), `xd[4(t·nb + b) + e]` the scale of
@@ -568,15 +574,16 @@ pub(super) unsafe fn int8_tile_512<const Q41: bool, const T: usize>(
     assert!(xd.len() >= 4 * T * nb && xi.len() >= 4 * T * nb && (!Q41 || xs.len() >= T * nb));
     let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
     let m4 = _mm512_set1_epi8(0x0F);
+    let pf = INT8_PREFETCH_BLOCKS * cb;
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let col = tp.add(b * cb);
-        // Two block columns ahead: a hint, never a fault (hence `wrapping_add`).
-        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 64) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 128) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 192) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + 256) as *const i8);
+        // A hint, never a fault (hence `wrapping_add`).
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(pf) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(pf + 64) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(pf + 128) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(pf + 192) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(pf + 256) as *const i8);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(col as *const __m256i));
         let m = if Q41 {
             _mm512_cvtph_ps(_mm256_loadu_si256(col.add(32) as *const __m256i))
@@ -665,7 +672,7 @@ pub(super) unsafe fn int8_q8_tile_512<const T: usize>(
     for b in 0..nb {
         let col = tp.add(b * cb);
         for l in (0..cb).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(2 * cb + l) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(INT8_PREFETCH_BLOCKS * cb + l) as *const i8);
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(col as *const __m256i));
         let qs = col.add(32);
@@ -974,3 +981,4 @@ pub(super) unsafe fn attention_values_512<T: KvLane>(p: &[f32], v: &[T], hd: usi
         }
     }
 }
+
