@@ -172,6 +172,7 @@ impl EngineHandle {
             opts,
             vocab_bytes: OnceCell::new(),
             pool: RefCell::new(VecDeque::new()),
+            logits: RefCell::new(Vec::new()),
             stats: stats.clone(),
         };
         // Detached: the thread ends when the last handle (sender) is gone. If it
@@ -332,6 +333,8 @@ struct Worker {
     /// Finished requests' caches with the tokens they hold, oldest first.
     pool: RefCell<VecDeque<(Vec<u32>, KvCache)>>,
     stats: Arc<EngineStats>,
+    /// Each step's last-token logits, `[active, vocab]`, kept between steps.
+    logits: RefCell<Vec<f32>>,
 }
 
 /// One request in flight.
@@ -529,16 +532,24 @@ impl Worker {
                 cache: &mut s.cache,
             });
         }
-        let logits = self.model.forward(&mut inputs, need_all)?;
+        // Without prompt logprobs, only each sequence's last row, into a buffer
+        // kept between steps.
+        let mut buf = self.logits.borrow_mut();
+        let mut all_rows = Vec::new();
+        if need_all {
+            for logits in self.model.forward(&mut inputs, true)? {
+                all_rows.push(logits.to_vec2::<f32>()?);
+            }
+        } else {
+            self.model.forward_last_into(&mut inputs, &mut buf)?;
+        }
         drop(inputs);
+        let vocab_size = buf.len() / active.len().max(1);
+        let mut all_rows = all_rows.into_iter();
         let mut finished = vec![false; active.len()];
-        for (i, (s, logits)) in active.iter_mut().zip(logits).enumerate() {
+        for (i, s) in active.iter_mut().enumerate() {
             let in_prefill = s.prefilled < s.sub.prompt.len();
-            let rows: Vec<Vec<f32>> = if need_all {
-                logits.to_vec2::<f32>()?
-            } else {
-                vec![logits.to_vec1::<f32>()?]
-            };
+            let mut rows: Vec<Vec<f32>> = all_rows.next().unwrap_or_default();
             if in_prefill {
                 let start = s.prefilled;
                 s.prefilled += fed[i];
@@ -556,13 +567,19 @@ impl Worker {
                     continue;
                 }
             }
-            let mut last = rows.into_iter().last().unwrap_or_default();
+            let mut owned;
+            let last: &mut [f32] = if need_all {
+                owned = rows.pop().unwrap_or_default();
+                &mut owned
+            } else {
+                &mut buf[i * vocab_size..(i + 1) * vocab_size]
+            };
             // Logprobs are the model's own, before penalties and temperature.
-            let lps = s.sub.req.logprobs.map(|n| (log_softmax(&last), n));
+            let lps = s.sub.req.logprobs.map(|n| (log_softmax(last), n));
             if let Some(c) = s.constraint.as_mut() {
                 let vocab = self.vocab_bytes();
                 let allowed = c.allowed(&vocab);
-                if !mask_logits(&mut last, &allowed, &self.eos) {
+                if !mask_logits(last, &allowed, &self.eos) {
                     let _ = s.sub.events.send(Event::Error(
                         "the constraint cannot be completed with this model's vocabulary".into(),
                     ));
@@ -570,7 +587,7 @@ impl Worker {
                     continue;
                 }
             }
-            let id = s.sampler.sample(&mut last, &s.seen);
+            let id = s.sampler.sample(last, &s.seen);
             let logprob = lps.map(|(lps, n)| self.logprob_of(&lps, id, n));
             finished[i] = self.accept(s, id, logprob);
             if !finished[i] {

@@ -577,6 +577,31 @@ impl Model {
         (0..n).map(|i| Ok(logits.get(i)?)).collect()
     }
 
+    /// [`Self::forward`] for the last token of each sequence only, with the
+    /// logits written into `out` (`[batch, vocab]`, row `i` for sequence `i`):
+    /// the caller keeps `out` between steps. A fresh `[8, 49152]` result per
+    /// decode step cost ~600 page faults (glibc maps buffers that large on
+    /// their own and unmaps them on free).
+    pub fn forward_last_into(&self, batch: &mut [SeqInput<'_>], out: &mut Vec<f32>) -> Result<()> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (x, spans) = self.transformer(batch)?;
+        let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
+        let n = last.len();
+        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        match self.lm_head.kernel() {
+            Some(m) if self.device.is_cpu() && self.lm_head.bias.is_none() => {
+                out.resize(n * m.rows(), 0.0);
+                m.matmul(&h.flatten_all()?.to_vec1::<f32>()?, n, out);
+            }
+            _ => {
+                out.clear();
+                out.extend(self.lm_head.forward(&h)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+
     /// Like [`Self::forward`], but returns the last hidden state (after the final
     /// norm, as HF's `hidden_states[-1]`) of every new token, `[t, hidden]` per
     /// sequence: what embeddings are pooled from.

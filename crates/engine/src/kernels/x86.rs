@@ -981,4 +981,3 @@ pub(super) unsafe fn attention_values_512<T: KvLane>(p: &[f32], v: &[T], hd: usi
         }
     }
 }
-
