@@ -903,7 +903,8 @@ impl Model {
                 )?;
                 // silu(gate) · up (candle's formula, exp to an ulp); rows in parallel.
                 let (act_p, gu_r) = (Shared(act.as_mut_ptr()), &gu);
-                let per_task = 8;
+                // Up to 8 rows a task, a decode step's rows split over the team.
+                let per_task = rows.div_ceil(team.threads()).clamp(1, 8);
                 team.run(rows.div_ceil(per_task), &|c| {
                     for r in c * per_task..((c + 1) * per_task).min(rows) {
                         // SAFETY: each task writes its own rows of `act`, which

@@ -132,13 +132,30 @@ impl Sampler {
 
 /// Index of the largest logit, lowest index on ties.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // The answer of `for i { if l[i] > l[best] { best = i } }`, in two passes the
+    // compiler vectorizes (that loop ran ~40 µs over 49k logits per sampled
+    // token, on the decode step's critical path): the maximum in 16 independent
+    // lanes, then the first chunk holding it. NaN never compares greater, so a
+    // leading NaN keeps index 0, as in the loop.
+    const W: usize = 16;
+    let Some(&first) = logits.first() else {
+        return 0;
+    };
+    let mut lanes = [first; W];
+    let chunks = logits.chunks_exact(W);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            *m = if l > *m { l } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(first, |m, &l| if l > m { l } else { m });
+    let at = logits
+        .chunks(W)
+        .position(|c| c.iter().fold(false, |hit, &l| hit | (l == max)))
+        .unwrap_or(0);
+    let within = logits[at * W..].iter().take(W).position(|&l| l == max).unwrap_or(0);
+    (at * W + within) as u32
 }
 
 /// Natural-log softmax.
@@ -177,6 +194,39 @@ mod tests {
     fn greedy_takes_the_largest_logit() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+    }
+
+    /// The chunked argmax against the plain loop it replaces: the first index of
+    /// the largest logit, ties (also across chunks and in the tail), a leading
+    /// NaN (index 0, as the loop gives) and NaNs elsewhere (never chosen).
+    #[test]
+    fn argmax_matches_the_plain_loop() {
+        let plain = |l: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in l.iter().enumerate() {
+                if v > l[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        for len in [1, 5, 16, 17, 33, 100, 49152] {
+            for case in 0..6 {
+                // Few distinct values, so ties are common.
+                let mut l: Vec<f32> = (0..len).map(|_| rng.random_range(0..7) as f32 - 3.0).collect();
+                match case {
+                    1 => l[len / 2] = f32::NAN,
+                    2 => l[0] = f32::NAN,
+                    3 => l.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    4 => l[len - 1] = 9.0,
+                    5 => l[rng.random_range(0..len)] = f32::INFINITY,
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), plain(&l), "len {len}, case {case}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

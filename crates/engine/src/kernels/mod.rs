@@ -373,14 +373,17 @@ impl Int8Rows {
             init: vec![0; 4 * n * nb],
             sum: vec![0.0; n * nb],
         };
-        let per_task = (1usize << 14).div_ceil(cols).max(1);
+        // ~16k values per task, but a decode step's few rows still split over
+        // the team: alone, the caller quantized while the helper waited.
+        let team = Team::global();
+        let per_task = (1usize << 14).div_ceil(cols).min(n.div_ceil(team.threads())).max(1);
         let (q, d, init, sum) = (
             SharedOut(r.q.as_mut_ptr()),
             SharedOut(r.d.as_mut_ptr()),
             SharedOut(r.init.as_mut_ptr()),
             SharedOut(r.sum.as_mut_ptr()),
         );
-        Team::global().run(n.div_ceil(per_task), &|c| {
+        team.run(n.div_ceil(per_task), &|c| {
             let (t0, t1) = (c * per_task, ((c + 1) * per_task).min(n));
             // SAFETY: each task owns rows `t0..t1` of every buffer (disjoint), and
             // the buffers outlive the loop.
