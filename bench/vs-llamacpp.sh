@@ -14,7 +14,8 @@
 # Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B), and the
 # same two with --int8 (8-bit activations; shown where the CPU has AVX-512 VNNI).
 # Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c),
-# the decode limit bandwidth / weight_bytes_per_token, and batch/single decode ratio.
+# the decode limit bandwidth / weight_bytes_per_token, batch/single decode ratio, and
+# the arithmetic peak (bench/peak.c) with the batch's floor for the linear layers.
 # Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/.
 set -euo pipefail
 
@@ -96,6 +97,18 @@ if [[ -x "$BW_BIN" ]]; then
     BW="$("$BW_BIN" "$THREADS" 1024 8 2>/dev/null)" || BW="nan"
 fi
 
+# --- arithmetic peak (one thread) -------------------------------------------------
+PEAK_BIN="$ROOT/target/bench/peak"
+PEAK="nan nan"
+if [[ ! -x "$PEAK_BIN" || "$ROOT/bench/peak.c" -nt "$PEAK_BIN" ]]; then
+    mkdir -p "$ROOT/target/bench"
+    gcc -O2 -march=native "$ROOT/bench/peak.c" -o "$PEAK_BIN" 2>&1 >&2 \
+        || echo "vs-llamacpp: warning: could not compile bench/peak.c (needs AVX-512); no arithmetic floor" >&2
+fi
+if [[ -x "$PEAK_BIN" ]]; then
+    PEAK="$("$PEAK_BIN" 2>/dev/null)" || PEAK="nan nan"
+fi
+
 # --- runs -------------------------------------------------------------------------
 OUT="$ROOT/target/bench/vs-llamacpp-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
@@ -152,11 +165,11 @@ if [[ "$SKIP_VICUGNA" != 1 ]]; then
 fi
 
 # --- table ------------------------------------------------------------------------
-python3 - "$OUT" "$BW" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" <<'EOF'
+python3 - "$OUT" "$BW" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" $PEAK <<'EOF'
 import json, math, os, statistics, sys
 
-out, bw, batch, model, n, m, t, runs = sys.argv[1:]
-bw = float(bw)
+out, bw, batch, model, n, m, t, runs, peak_fma, peak_vnni = sys.argv[1:]
+bw, peak_fma, peak_vnni = float(bw), float(peak_fma), float(peak_vnni)
 
 def load(name):
     with open(os.path.join(out, name)) as f:
@@ -206,6 +219,21 @@ print(f"batch-{batch} total decode / single stream: " + ("—" if math.isnan(rat
 if int8:
     d1, db = med(v8, "decode_tok_s"), med(v8b, "decode_tok_s")
     print(f"int8: batch-{batch} total decode / single stream: {fmt(db / d1 if d1 else math.nan)}x")
+# The batch's linear layers alone at the arithmetic peak (bench/peak.c, one
+# thread, times the threads): 16 f32 multiply-adds per FMA, 64 per vpdpbusd.
+macs = med(vi, "weight_macs_per_token")
+if not math.isnan(macs) and not math.isnan(peak_fma):
+    b, threads = int(batch), int(t)
+    print(f"\narithmetic peak per thread: {fmt(peak_fma)} G FMA/s, {fmt(peak_vnni)} G vpdpbusd/s; "
+          f"{macs / 1e6:.0f} M multiply-adds per token in the linear layers")
+    for label, rate, lanes, single in [("f32", peak_fma, 16, med(vi, "decode_tok_s")),
+                                       ("int8", peak_vnni, 64, med(v8, "decode_tok_s") if int8 else math.nan)]:
+        if math.isnan(rate) or math.isnan(single):
+            continue
+        floor_ms = 1e3 * b * macs / (threads * rate * 1e9 * lanes)
+        print(f"  {label:5} batch-{b} step's products at peak: {floor_ms:.2f} ms "
+              f"(a single-stream step takes {1e3 / single:.2f} ms: batch/single at most "
+              f"{b / (floor_ms / 1e3) / single:.1f}x if nothing else took time)")
 long = load("vicugna-long.jsonl")
 if long:
     r = long[-1]

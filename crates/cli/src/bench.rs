@@ -171,6 +171,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "decode_tok_s": decode_tok_s, "peak_rss_mib": rss, "model_file_mib": file_mib,
                 "kv_cache_mib": kv_mib, "rss_bound_mib": bound_mib,
                 "weight_bytes_per_token": info.weight_bytes_per_token,
+                "weight_macs_per_token": info.weight_macs_per_token,
             })
         );
     } else {

@@ -75,6 +75,8 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     pub weight_bytes_per_token: usize,
+    /// Multiply-adds of the linear layers per token.
+    pub weight_macs_per_token: usize,
     /// Bytes of keys and values one cached token takes, over all layers.
     pub kv_bytes_per_token: usize,
     pub load_seconds: f64,
@@ -158,6 +160,7 @@ impl EngineHandle {
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             weight_bytes_per_token: model.weight_bytes_per_token(),
+            weight_macs_per_token: model.weight_macs_per_token(),
             kv_bytes_per_token: cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.kv_dtype().bytes(),
             load_seconds,
             defaults,

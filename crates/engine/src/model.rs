@@ -123,6 +123,16 @@ impl Linear {
     }
 
     /// Bytes read from memory for one pass over this layer's weight.
+    /// Weights (multiply-adds per input row) of this layer.
+    pub fn weight_count(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count(),
+            LinearWeight::Kernel(m) => m.rows() * m.cols(),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.shape().elem_count(),
+            LinearWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count(),
+        }
+    }
+
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
@@ -463,6 +473,21 @@ impl Model {
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Multiply-adds of the linear layers per token (attention's excluded).
+    pub fn weight_macs_per_token(&self) -> usize {
+        let per_block: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                    .iter()
+                    .map(|l| l.weight_count())
+                    .sum::<usize>()
+            })
+            .sum();
+        per_block + self.lm_head.weight_count()
     }
 
     /// Bytes of weights read from memory to produce one token.
