@@ -122,7 +122,6 @@ impl Linear {
         }
     }
 
-    /// Bytes read from memory for one pass over this layer's weight.
     /// Weights (multiply-adds per input row) of this layer.
     pub fn weight_count(&self) -> usize {
         match &self.weight {
@@ -133,6 +132,7 @@ impl Linear {
         }
     }
 
+    /// Bytes read from memory for one pass over this layer's weight.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
@@ -475,34 +475,29 @@ impl Model {
         &self.device
     }
 
-    /// Multiply-adds of the linear layers per token (attention's excluded).
-    pub fn weight_macs_per_token(&self) -> usize {
+    /// `f` summed over every linear layer a token passes through.
+    fn sum_linears(&self, f: impl Fn(&Linear) -> usize) -> usize {
         let per_block: usize = self
             .blocks
             .iter()
             .map(|b| {
                 [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
-                    .iter()
-                    .map(|l| l.weight_count())
+                    .into_iter()
+                    .map(&f)
                     .sum::<usize>()
             })
             .sum();
-        per_block + self.lm_head.weight_count()
+        per_block + f(&self.lm_head)
+    }
+
+    /// Multiply-adds of the linear layers per token (attention's excluded).
+    pub fn weight_macs_per_token(&self) -> usize {
+        self.sum_linears(Linear::weight_count)
     }
 
     /// Bytes of weights read from memory to produce one token.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let per_block: usize = self
-            .blocks
-            .iter()
-            .map(|b| {
-                [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
-                    .iter()
-                    .map(|l| l.weight_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        per_block + self.lm_head.weight_bytes()
+        self.sum_linears(Linear::weight_bytes)
     }
 
     /// The element type of caches made from now on (`new_cache`).
@@ -589,17 +584,19 @@ impl Model {
     /// caches. Returns, per sequence, the logits of its last token (`[vocab]`), or
     /// of every new token (`[t, vocab]`) when `all_logits` is set.
     pub fn forward(&self, batch: &mut [SeqInput<'_>], all_logits: bool) -> Result<Vec<Tensor>> {
+        if !all_logits {
+            let mut out = Vec::new();
+            self.forward_last_into(batch, &mut out)?;
+            let vocab = out.len() / batch.len().max(1);
+            return out
+                .chunks_exact(vocab.max(1))
+                .map(|row| Ok(Tensor::from_slice(row, vocab, &self.device)?))
+                .collect();
+        }
         let eps = self.cfg.rms_norm_eps as f32;
         let (x, spans) = self.transformer(batch)?;
-        if all_logits {
-            let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
-            return spans.iter().map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?)).collect();
-        }
-        let last: Vec<u32> = spans.iter().map(|&(off, t, _)| (off + t - 1) as u32).collect();
-        let n = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
         let logits = self.lm_head.forward(&candle_nn::ops::rms_norm(&x, &self.norm, eps)?)?;
-        (0..n).map(|i| Ok(logits.get(i)?)).collect()
+        spans.iter().map(|&(off, t, _)| Ok(logits.narrow(0, off, t)?)).collect()
     }
 
     /// [`Self::forward`] for the last token of each sequence only, with the
