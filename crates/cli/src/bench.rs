@@ -91,66 +91,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let info = engine.info();
     let started = Instant::now();
-    let mut streams = Vec::with_capacity(a.batch);
-    for b in 0..a.batch {
-        let mut prompt = base[..a.prompt_tokens].to_vec();
-        // Different sequences, so the batch is not one sequence repeated.
-        prompt[0] = (prompt[0] + b as u32) % vocab;
-        let mut req = GenerateRequest::new(Prompt::Ids(prompt), a.gen_tokens);
-        req.stop.ignore_eos = true;
-        streams.push(engine.submit(req)?);
+    let reqs = (0..a.batch)
+        .map(|b| {
+            let mut prompt = base[..a.prompt_tokens].to_vec();
+            // Different sequences, so the batch is not one sequence repeated.
+            prompt[0] = (prompt[0] + b as u32) % vocab;
+            let mut req = GenerateRequest::new(Prompt::Ids(prompt), a.gen_tokens);
+            req.stop.ignore_eos = true;
+            req
+        })
+        .collect();
+    // Queued at once, so they start in the same step and decode in lockstep:
+    // prefill ends at the first token, and the rest is decoding of all of them.
+    // (Submitted one by one, the engine started stepping on the first request
+    // and the others joined later, so their prefill counted as decode time.)
+    let mut streams = engine.submit_together(reqs)?;
+    let mut first_token_at = None;
+    let mut tokens = 0usize;
+    for s in streams.iter_mut() {
+        while let Some(ev) = s.next_blocking() {
+            match ev {
+                Event::Token { .. } => {
+                    tokens += 1;
+                    first_token_at.get_or_insert_with(Instant::now);
+                }
+                Event::Done { .. } => break,
+                Event::Error(e) => bail!(e),
+                Event::Prompt { .. } => {}
+            }
+        }
     }
-    // Every stream read on its own thread, so each token's time is when the
-    // engine produced it. The engine starts stepping as soon as the first request
-    // arrives, so the others may join a step or more later; prefill ends when
-    // every sequence has its first token, and decode is measured over the window
-    // in which all of them decode together (first tokens of all .. the first
-    // sequence to finish). Reading the streams one after another had counted the
-    // late sequences' prefill as decode time.
-    let times: Vec<Vec<Instant>> = std::thread::scope(|scope| {
-        let readers: Vec<_> = streams
-            .iter_mut()
-            .map(|s| {
-                scope.spawn(move || -> Result<Vec<Instant>> {
-                    let mut at = Vec::new();
-                    while let Some(ev) = s.next_blocking() {
-                        match ev {
-                            Event::Token { .. } => at.push(Instant::now()),
-                            Event::Done { .. } => break,
-                            Event::Error(e) => bail!(e),
-                            Event::Prompt { .. } => {}
-                        }
-                    }
-                    Ok(at)
-                })
-            })
-            .collect();
-        readers
-            .into_iter()
-            .map(|r| r.join().unwrap_or_else(|_| bail!("a stream reader panicked")))
-            .collect::<Result<Vec<_>>>()
-    })?;
-    if times.iter().any(|t| t.len() < 2) {
-        bail!("a sequence produced fewer than 2 tokens; cannot time decoding");
-    }
-    let all_started = times.iter().map(|t| t[0]).max().unwrap_or(started);
-    let first_done = times
-        .iter()
-        .filter_map(|t| t.last().copied())
-        .min()
-        .unwrap_or(all_started);
-    let prefill_s = (all_started - started).as_secs_f64();
-    let decode_s = (first_done - all_started).as_secs_f64();
-    if decode_s <= 0.0 {
-        bail!(
-            "the {} sequences never decoded together; try more --gen-tokens",
-            a.batch
-        );
-    }
-    let decoded: usize = times
-        .iter()
-        .map(|t| t.iter().filter(|&&at| at > all_started && at <= first_done).count())
-        .sum();
+    let end = Instant::now();
+    let first = first_token_at.unwrap_or(end);
+    let prefill_s = (first - started).as_secs_f64();
+    let decode_s = (end - first).as_secs_f64();
+    // The first token of every sequence comes out of the prefill pass.
+    let decoded = tokens - a.batch;
     let prefill_tok_s = (a.prompt_tokens * a.batch) as f64 / prefill_s;
     let decode_tok_s = decoded as f64 / decode_s;
     let rss = peak_rss_mib();

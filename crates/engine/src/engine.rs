@@ -93,6 +93,8 @@ struct Submission {
 /// Work for the engine thread.
 enum Job {
     Generate(Box<Submission>),
+    /// Generations queued at once, so the worker admits them to the same step.
+    Together(Vec<Submission>),
     /// Mean-pool the last hidden state over these tokens.
     Embed {
         ids: Vec<u32>,
@@ -211,6 +213,32 @@ impl EngineHandle {
 
     /// Validates and tokenizes the request (on the caller's thread) and queues it.
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream> {
+        let (sub, stream) = self.prepare(req)?;
+        self.tx
+            .send(Job::Generate(Box::new(sub)))
+            .map_err(|_| EngineError::EngineStopped)?;
+        Ok(stream)
+    }
+
+    /// Like [`Self::submit`] for several requests that start in the same batch
+    /// step (as far as `max_batch` allows): a benchmark's sequences decode
+    /// together from their first token. If any request is invalid, none is queued.
+    pub fn submit_together(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<EventStream>> {
+        let (subs, streams): (Vec<_>, Vec<_>) = reqs
+            .into_iter()
+            .map(|r| self.prepare(r))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        self.tx
+            .send(Job::Together(subs))
+            .map_err(|_| EngineError::EngineStopped)?;
+        Ok(streams)
+    }
+
+    /// Checks a request and tokenizes its prompt: the submission for the worker
+    /// and the caller's end of its events.
+    fn prepare(&self, req: GenerateRequest) -> Result<(Submission, EventStream)> {
         req.validate()?;
         let constraint = req.constraint.as_ref().map(|c| c.compile()).transpose()?;
         if constraint.is_some() && self.tokenizer.is_none() {
@@ -253,15 +281,13 @@ impl EngineHandle {
         }
         let (events, rx) = unbounded_channel();
         let prompt_tokens = prompt.len();
-        self.tx
-            .send(Job::Generate(Box::new(Submission {
-                req,
-                prompt,
-                constraint,
-                events,
-            })))
-            .map_err(|_| EngineError::EngineStopped)?;
-        Ok(EventStream { rx, prompt_tokens })
+        let sub = Submission {
+            req,
+            prompt,
+            constraint,
+            events,
+        };
+        Ok((sub, EventStream { rx, prompt_tokens }))
     }
 
     /// The mean over `ids` of the model's last hidden state (not normalised): a
@@ -396,6 +422,7 @@ impl Worker {
     fn take(&self, job: Job, waiting: &mut VecDeque<Submission>) {
         match job {
             Job::Generate(sub) => waiting.push_back(*sub),
+            Job::Together(subs) => waiting.extend(subs),
             Job::Embed { ids, reply } => {
                 if !reply.is_closed() {
                     let _ = reply.send(self.embed(&ids));

@@ -135,3 +135,37 @@ fn invalid_requests_are_refused_before_queueing() {
         .to_string();
     assert!(err.contains("9999") && err.contains("512"), "{err}");
 }
+
+/// Requests submitted together each get the tokens they get alone; if one is
+/// invalid, the call fails and none of them runs.
+#[test]
+fn requests_submitted_together_get_their_own_tokens() {
+    let e = tiny();
+    let prompts = [vec![168, 488, 80, 205], vec![7, 300, 12], vec![400, 401, 402, 403, 404]];
+    let reqs: Vec<GenerateRequest> = prompts
+        .iter()
+        .map(|p| {
+            let mut r = GenerateRequest::new(Prompt::Ids(p.clone()), 10);
+            r.stop.ignore_eos = true;
+            r
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = reqs.iter().map(|r| e.generate(r.clone()).unwrap().ids).collect();
+    let streams = e.submit_together(reqs.clone()).unwrap();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut ids = Vec::new();
+        while let Some(ev) = s.next_blocking() {
+            match ev {
+                Event::Token { id, .. } => ids.push(id),
+                Event::Done { .. } => break,
+                Event::Error(err) => panic!("request {i}: {err}"),
+                Event::Prompt { .. } => {}
+            }
+        }
+        assert_eq!(ids, alone[i], "request {i}");
+    }
+    let mut bad = reqs;
+    bad.push(GenerateRequest::new(Prompt::Ids(vec![9999]), 4));
+    let err = e.submit_together(bad).err().unwrap().to_string();
+    assert!(err.contains("9999"), "{err}");
+}
