@@ -1,6 +1,9 @@
 //! Bad input gets one clear line naming the file, field or limit, and exit code 1
 //! (or, for an option that cannot apply, a warning).
 
+mod common;
+use common::Scratch;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,14 +11,11 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vicugna-bad-input-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("bad-input", name)
 }
 
-fn copy_model(src: &str, name: &str) -> PathBuf {
+fn copy_model(src: &str, name: &str) -> Scratch {
     let dir = scratch(name);
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join("models").join(src).join(f), dir.join(f)).unwrap();

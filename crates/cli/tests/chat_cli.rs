@@ -9,8 +9,10 @@
 //! where the model's greedy tokens equal HF transformers' (see the engine's
 //! golden tests), so their texts do not move with quantized-kernel changes.
 
+mod common;
+use common::Scratch;
+
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -30,11 +32,8 @@ fn model_ready() {
     });
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vicugna-chat-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("chat-cli", name)
 }
 
 /// What a chat run printed.

@@ -4,6 +4,9 @@
 //! process is killed, the OpenAI-API path through `vicugna serve`, and clear
 //! errors for bad input. Generation budgets are kept small so the tests are fast.
 
+mod common;
+use common::Scratch;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -27,11 +30,8 @@ fn data(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vicugna-classify-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("classify", name)
 }
 
 /// Small budgets: these tests check behaviour, not answer quality.

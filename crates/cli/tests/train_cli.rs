@@ -2,6 +2,9 @@
 //! model (SmolLM2-135M-Instruct): adapters, full fine-tunes, and runs killed with
 //! SIGKILL that resume to bit-identical weights.
 
+mod common;
+use common::Scratch;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -37,11 +40,8 @@ fn ok(args: &[&str]) -> (String, String) {
     )
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vicugna-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("train-cli", name)
 }
 
 fn s(p: &Path) -> &str {

@@ -1,6 +1,9 @@
 //! `vicugna delta apply|make`: results, sharding, mismatch errors, atomic output
 //! under kill -9 and a full disk, `--verify`.
 
+mod common;
+use common::Scratch;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,11 +15,8 @@ use vicugna_weights::elementwise::encode;
 use vicugna_weights::safetensors_io::{OutTensor, ShardedWriter};
 use vicugna_weights::Float;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vicugna-weights-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("weights-cli", name)
 }
 
 fn vicugna(args: &[&str]) -> Output {
@@ -208,7 +208,6 @@ fn apply_adds_in_float16_shards_and_copies_the_delta_files() {
     let tok = std::fs::read_to_string(target.join("tokenizer_config.json")).unwrap();
     assert!(tok.contains("delta"), "{tok}");
     assert!(leftovers(&d).is_empty());
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -267,7 +266,6 @@ fn make_then_apply_gives_the_target_back_in_f32() {
     assert!(read_model(&bf).values().all(|(dt, _, _)| dt == "BF16"));
     let cfg = std::fs::read_to_string(bf.join("config.json")).unwrap();
     assert!(cfg.contains("\"torch_dtype\": \"bfloat16\""), "{cfg}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -304,7 +302,6 @@ fn added_vocabulary_rows_are_taken_from_the_delta() {
     assert!(bits[40 * 16..].iter().all(|&b| b == f16::from_f32(0.5).to_bits()));
     let b0 = f16::from_f32(base[0].2[0]).to_f32() + f16::from_f32(delta[0].2[0]).to_f32();
     assert_eq!(bits[0], f16::from_f32(b0).to_bits());
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -415,7 +412,6 @@ fn every_mismatch_is_listed_and_nothing_is_written() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
     assert!(!target.exists());
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -463,7 +459,6 @@ fn peak_memory_stays_under_three_largest_tensors_plus_100_mb() {
         total / 1_000_000
     );
     assert!(target.join("model.safetensors").is_file());
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -523,7 +518,6 @@ fn kill_9_leaves_no_target_or_a_complete_one() {
         assert!(leftovers(&d).is_empty(), "after kill at {ms} ms: {:?}", leftovers(&d));
     }
     assert!(absent > 0, "no kill landed before the end (complete {complete})");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -598,7 +592,6 @@ fn a_full_disk_gives_a_clear_error_and_no_target() {
         "something was left on the full disk"
     );
     drop(_guard);
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// An adapter directory in PEFT's layout.
@@ -768,7 +761,6 @@ fn lora_merge_adds_the_scaled_product_and_lists_bad_adapters() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("adapter_config.json: use_dora: DoRA"), "{err}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -809,7 +801,6 @@ fn convert_changes_the_dtype_of_an_hf_checkpoint() {
         "q4_0",
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("ending in .gguf"), "{o:?}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// Greedy ids of `vicugna generate` on a model.
@@ -895,5 +886,4 @@ fn the_default_model_goes_gguf_to_hf_to_gguf_and_still_speaks() {
     // The output is not overwritten.
     let o = vicugna(&["convert", "--input", p(&hf), "--output", p(&q8), "--quant", "q8_0"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
-    let _ = std::fs::remove_dir_all(&d);
 }

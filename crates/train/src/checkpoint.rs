@@ -57,10 +57,21 @@ fn sync_write(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| TrainError::io(&tmp, e))?;
+    let written = candle_core::safetensors::save(&map, &tmp)
+        .map_err(|e| TrainError::Write {
+            path: path.into(),
+            message: e.to_string(),
+        })
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| TrainError::io(path, e))
+        });
+    if let Err(e) = written {
+        // A full disk is the usual cause: leave no partial file taking its space.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
@@ -86,17 +97,10 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    let mut state = state.clone();
-    for (file, tensors) in [("params.safetensors", params), ("optimizer.safetensors", optimizer)] {
-        let p = tmp.join(file);
-        save_safetensors(&p, tensors)?;
-        state.files.insert(file.to_string(), sha256_file(&p)?);
+    if let Err(e) = write_checkpoint_files(&tmp, state, params, optimizer) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::BadCheckpoint {
-        path: tmp.clone(),
-        message: e.to_string(),
-    })?;
-    sync_write(&tmp.join("state.json"), &json)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
     }
@@ -120,6 +124,25 @@ pub fn save(
         }
     }
     Ok(fin)
+}
+
+fn write_checkpoint_files(
+    dir: &Path,
+    state: &TrainState,
+    params: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+) -> Result<()> {
+    let mut state = state.clone();
+    for (file, tensors) in [("params.safetensors", params), ("optimizer.safetensors", optimizer)] {
+        let p = dir.join(file);
+        save_safetensors(&p, tensors)?;
+        state.files.insert(file.to_string(), sha256_file(&p)?);
+    }
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::BadCheckpoint {
+        path: dir.into(),
+        message: e.to_string(),
+    })?;
+    sync_write(&dir.join("state.json"), &json)
 }
 
 fn list(root: &Path) -> Vec<(usize, PathBuf)> {

@@ -12,6 +12,8 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    #[error("writing {path}: {message}")]
+    Write { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     BadData { path: PathBuf, message: String },
     #[error("sample {id:?}: {message}")]
