@@ -428,13 +428,15 @@ unsafe fn tile_block<const K: u8>(p: *const u8, d: f32, m: f32) -> (__m512, __m5
 }
 
 /// Rows `F .. F + RR` of one tile (`R` rows in the tiled layout, see
-/// `kernels::Tiled`) dotted with the `T` rows of `x`: `out[r][t]`. `sc` holds the
-/// tile's scales as f32 (`tile_scales_512`). Each block is dequantized in
-/// registers (`tile_block`). Every block column also prefetches the line
-/// `prefetch` bytes further on.
+/// `kernels::Tiled`) dotted with the `T` rows of `x`, stored at
+/// `out[t * stride + F + r]`. `sc` holds the tile's scales as f32
+/// (`tile_scales_512`). Each block is dequantized in registers (`tile_block`).
+/// Every block column also prefetches the line `prefetch` bytes further on.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, VL, BW and DQ.
+/// The CPU must support AVX-512 F, VL, BW and DQ; `out` must be valid for writes
+/// at `t * stride + F + r` for every `t < T`, `r < RR`, and no other thread may
+/// touch those elements.
 // `acc[r][t]` indexed by both loops reads clearer than iterator chains.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
@@ -444,7 +446,9 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
     x: &[f32],
     cols: usize,
     prefetch: usize,
-) -> [[f32; T]; RR] {
+    out: *mut f32,
+    stride: usize,
+) {
     let (qb, ns) = (tile_qbytes(K), tile_nscales(K));
     let nb = cols / 32;
     let (col, sstride) = (R * qb, R * ns);
@@ -452,6 +456,15 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
     assert!(F + RR <= R && cols.is_multiple_of(32) && x.len() >= T * cols);
     assert!(tile.len() >= qoff + nb * col && sc.len() >= nb * sstride);
     let (q0, s0, xp) = (tile.as_ptr().add(qoff), sc.as_ptr(), x.as_ptr());
+    // The block loop prefetches the quantized bytes `prefetch` ahead; the scales at
+    // the start of that tile are fetched here (else they are demand misses when
+    // `tile_scales_512` converts them).
+    if F == 0 {
+        let ahead = tile.as_ptr().wrapping_add(prefetch);
+        for l in (0..=qoff).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); T]; RR];
     for b in 0..nb {
         let qcol = q0.add(b * col);
@@ -472,13 +485,29 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
             }
         }
     }
-    let mut out = [[0f32; T]; RR];
+    // All RR·T sums in one transposing tree. Lane i's sum depends on acc i alone,
+    // in an order fixed by `sum16`, so a row's result has the same bits for any T
+    // (a sequence's logits do not move when it is batched).
+    // Lane t·RR + r holds output (t, F + r): each t's RR sums are adjacent, one
+    // masked store.
+    const { assert!(RR * T <= 16) };
+    let mut a = [_mm512_setzero_ps(); 16];
     for r in 0..RR {
         for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            a[t * RR + r] = acc[r][t];
         }
     }
-    out
+    let sums = sum16(&a);
+    let mask: __mmask16 = (1 << RR) - 1;
+    for t in 0..T {
+        // `t * RR` as a lane rotation count: the permutation below moves lanes
+        // t·RR .. t·RR + RR to the bottom.
+        let idx = _mm512_add_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32((t * RR) as i32),
+        );
+        _mm512_mask_storeu_ps(out.add(t * stride + F), mask, _mm512_permutexvar_ps(idx, sums));
+    }
 }
 
 /// Dequantizes the `R` rows of one tile (see `fused_tile_512`) into `dst`
