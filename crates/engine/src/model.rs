@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::kernels::{KvRows, QMatrix};
+use crate::kernels::{key_index, KvRows, QMatrix, KEY_BLOCK};
 use crate::team::Team;
 use crate::weights::{Weight, WeightSource};
 
@@ -218,7 +218,9 @@ impl KvDType {
     }
 }
 
-/// One layer's keys or values, `[kv_heads, capacity, head_dim]`.
+/// One layer's keys or values, `[kv_heads, capacity, head_dim]`; keys in the key
+/// layout (`kernels::KEY_BLOCK`: each head's positions by blocks of 16, each block
+/// dimension-major), values position-major.
 enum KvBuf {
     F32(Vec<f32>),
     F16(Vec<f16>),
@@ -243,6 +245,33 @@ impl KvBuf {
         match self {
             KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
             KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+    /// Stores key rows `src` (`[t, hd]`) at positions `p0 ..` of the head whose
+    /// region starts at element `base`, in the key layout.
+    fn write_keys(&mut self, base: usize, p0: usize, src: &[f32], hd: usize) {
+        for (j, row) in src.chunks_exact(hd).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                let i = base + key_index(p0 + j, c, hd);
+                match self {
+                    KvBuf::F32(b) => b[i] = x,
+                    KvBuf::F16(b) => b[i] = f16::from_f32(x),
+                }
+            }
+        }
+    }
+    /// Appends the keys of positions `0 .. len` of the head at `base`, as f32
+    /// rows, to `out`.
+    fn read_keys(&self, base: usize, len: usize, hd: usize, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + len * hd, 0.0);
+        let blocks = len.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
+        let rows = match self {
+            KvBuf::F32(b) => KvRows::F32(&b[base..base + blocks]),
+            KvBuf::F16(b) => KvRows::F16(&b[base..base + blocks]),
+        };
+        for (j, row) in out[start..].chunks_exact_mut(hd).enumerate() {
+            rows.key_into(j, hd, row);
         }
     }
     /// Appends `n` elements from `at`, as f32, to `out`.
@@ -304,6 +333,22 @@ impl KvPtr {
             KvPtr::F16(p) => std::slice::from_raw_parts_mut(p.add(at), src.len()).convert_from_f32_slice(src),
         }
     }
+    /// Stores one key row `src` at position `p` of the head whose region starts at
+    /// element `base`, in the key layout.
+    ///
+    /// # Safety
+    /// The position is within the buffer's capacity, and no other task touches
+    /// that head.
+    unsafe fn write_key(self, base: usize, p: usize, src: &[f32]) {
+        let hd = src.len();
+        for (c, &x) in src.iter().enumerate() {
+            let i = base + key_index(p, c, hd);
+            match self {
+                KvPtr::F32(b) => *b.add(i) = x,
+                KvPtr::F16(b) => *b.add(i) = f16::from_f32(x),
+            }
+        }
+    }
     /// `n` elements from `at`.
     ///
     /// # Safety
@@ -349,29 +394,44 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
     }
 
-    /// Positions `0 .. len` of one layer's keys or values as f32 `[kv_heads, len, head_dim]`.
-    fn gather(&self, buf: &KvBuf, len: usize) -> Vec<f32> {
+    /// Positions `0 .. len` of one layer's keys (`keys`, in the key layout) or
+    /// values as f32 `[kv_heads, len, head_dim]`.
+    fn gather(&self, buf: &KvBuf, keys: bool, len: usize) -> Vec<f32> {
         let (cap, hd) = (self.capacity, self.head_dim);
         let mut out = Vec::with_capacity(self.heads * len * hd);
         for g in 0..self.heads {
-            buf.read(g * cap * hd, len * hd, &mut out);
+            if keys {
+                buf.read_keys(g * cap * hd, len, hd, &mut out);
+            } else {
+                buf.read(g * cap * hd, len * hd, &mut out);
+            }
         }
         out
     }
 
-    /// Writes `t` positions from `src` (`[kv_heads, t, head_dim]`) at `start`.
-    fn write(buf: &mut KvBuf, capacity: usize, head_dim: usize, src: &[f32], t: usize, start: usize) {
+    /// Writes `t` positions from `src` (`[kv_heads, t, head_dim]`) at `start`:
+    /// keys (`keys`) in the key layout, values position-major.
+    #[allow(clippy::too_many_arguments)]
+    fn write(buf: &mut KvBuf, keys: bool, capacity: usize, head_dim: usize, src: &[f32], t: usize, start: usize) {
         for (g, part) in src.chunks_exact(t * head_dim).enumerate() {
-            buf.write((g * capacity + start) * head_dim, part);
+            if keys {
+                buf.write_keys(g * capacity * head_dim, start, part, head_dim);
+            } else {
+                buf.write((g * capacity + start) * head_dim, part);
+            }
         }
     }
 
-    /// Copies the first `len` positions of `src` (same model) into `self`.
+    /// Copies the first `len` positions of `src` (same model) into `self`: for
+    /// keys, the whole blocks holding them (both capacities are whole blocks).
     fn copy_from(&mut self, src: &KvCache, len: usize) {
         let (hd, dc, sc) = (self.head_dim, self.capacity, src.capacity);
-        for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
+        let key_len = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let pairs = self.k.iter_mut().zip(&src.k).map(|p| (p, key_len));
+        let pairs = pairs.chain(self.v.iter_mut().zip(&src.v).map(|p| (p, len)));
+        for ((d, s), n) in pairs {
             for g in 0..self.heads {
-                d.copy_from(g * dc * hd, s, g * sc * hd, len * hd);
+                d.copy_from(g * dc * hd, s, g * sc * hd, n * hd);
             }
         }
     }
@@ -512,7 +572,8 @@ impl Model {
 
     /// An empty cache with room for `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        let capacity = capacity.max(1);
+        // Whole blocks of the key layout.
+        let capacity = capacity.max(1).next_multiple_of(KEY_BLOCK);
         let (heads, head_dim) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let layer = || KvBuf::zeros(self.kv_dtype, heads * capacity * head_dim);
         Ok(KvCache {
@@ -688,8 +749,24 @@ impl Model {
                 let ks = candle_nn::rotary_emb::rope(&heads(&k, nkv)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
                 let vs = heads(&v, nkv)?;
                 let (cap, c) = (s.cache.capacity, &mut *s.cache);
-                KvCache::write(&mut c.k[layer], cap, hd, &ks.flatten_all()?.to_vec1::<f32>()?, t, start);
-                KvCache::write(&mut c.v[layer], cap, hd, &vs.flatten_all()?.to_vec1::<f32>()?, t, start);
+                KvCache::write(
+                    &mut c.k[layer],
+                    true,
+                    cap,
+                    hd,
+                    &ks.flatten_all()?.to_vec1::<f32>()?,
+                    t,
+                    start,
+                );
+                KvCache::write(
+                    &mut c.v[layer],
+                    false,
+                    cap,
+                    hd,
+                    &vs.flatten_all()?.to_vec1::<f32>()?,
+                    t,
+                    start,
+                );
                 let len = start + t;
                 if t == 1 && self.cfg.sliding_window.is_none_or(|w| w >= len) {
                     let q = qs.flatten_all()?.to_vec1::<f32>()?;
@@ -697,10 +774,10 @@ impl Model {
                     let mut scores = Vec::new();
                     for (g, (out, qg)) in out.chunks_mut(groups * hd).zip(q.chunks(groups * hd)).enumerate() {
                         let (kh, vh) = (
-                            c.k[layer].rows(g * cap * hd, len * hd),
+                            c.k[layer].rows(g * cap * hd, len.next_multiple_of(KEY_BLOCK) * hd),
                             c.v[layer].rows(g * cap * hd, len * hd),
                         );
-                        attend(qg, kh, vh, hd, len, scale as f32, out, &mut scores);
+                        attend(qg, kh, 0, vh, hd, len, scale as f32, out, &mut scores);
                     }
                     outs.push(Tensor::from_vec(out, (1, nh * hd), &self.device)?);
                     continue;
@@ -747,8 +824,8 @@ impl Model {
         let groups = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let len = start + t;
-        let kall = Tensor::from_vec(c.gather(&c.k[layer], len), (nkv, len, hd), &self.device)?;
-        let vall = Tensor::from_vec(c.gather(&c.v[layer], len), (nkv, len, hd), &self.device)?;
+        let kall = Tensor::from_vec(c.gather(&c.k[layer], true, len), (nkv, len, hd), &self.device)?;
+        let vall = Tensor::from_vec(c.gather(&c.v[layer], false, len), (nkv, len, hd), &self.device)?;
         let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
         for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
             let bt = PREFILL_QUERY_BLOCK.min(t - i);
@@ -850,13 +927,13 @@ impl Model {
                     &sin_r[r * half..][..half],
                     key,
                 );
-                let at = (g * cap + start + r - off) * hd;
+                let p = start + r - off;
                 // SAFETY: the caller alone touches kv head g of sequence si's
                 // cache for this layer now, at positions below `cap` (`reserve`
                 // made room); the cache outlives the loops.
                 unsafe {
-                    k.write(at, key);
-                    v.write(at, &row[qdim + kvdim + g * hd..][..hd]);
+                    k.write_key(g * cap * hd, p, key);
+                    v.write((g * cap + p) * hd, &row[qdim + kvdim + g * hd..][..hd]);
                 }
             };
             if !chunked.is_empty() {
@@ -893,19 +970,22 @@ impl Model {
                     for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
                         rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
                     }
-                    let at = (g * cap + lo) * hd;
+                    // Keys: the whole blocks holding lo ..= pos (within `cap`,
+                    // a whole number of blocks); values: rows lo ..= pos.
+                    let (b0, b1) = (lo / KEY_BLOCK, (pos + 1).div_ceil(KEY_BLOCK));
+                    let kat = g * cap * hd + b0 * KEY_BLOCK * hd;
                     // SAFETY: positions lo..=pos of kv head g were written by the
                     // loop above (or earlier steps) and nothing writes them now;
                     // task (r, g) alone writes query heads g·groups ..
                     // (g+1)·groups of row r of `att`, which outlives the loop.
                     let (kh, vh, o) = unsafe {
                         (
-                            k.rows(at, len * hd),
-                            v.rows(at, len * hd),
+                            k.rows(kat, (b1 - b0) * KEY_BLOCK * hd),
+                            v.rows((g * cap + lo) * hd, len * hd),
                             std::slice::from_raw_parts_mut(out.get().add(r * qdim + g * groups * hd), groups * hd),
                         )
                     };
-                    attend(q, kh, vh, hd, len, scale, o, scores);
+                    attend(q, kh, lo % KEY_BLOCK, vh, hd, len, scale, o, scores);
                 });
             });
             kernel(&b.o).matmul(&att, total, &mut proj);
@@ -1578,8 +1658,9 @@ thread_local! {
 }
 
 /// Attention of the query heads `q` (`[g, hd]`: the heads sharing one kv head)
-/// over the first `len` positions of that kv head's keys and values
-/// (`[len, hd]`, read in place), into `out` (`[g, hd]`).
+/// over `len` positions of that kv head's keys and values, read in place: `k`
+/// whole blocks of the key layout (`KEY_BLOCK`) from which positions `first ..`
+/// are used, `v` those positions' rows (`[len, hd]`); into `out` (`[g, hd]`).
 ///
 /// Decode steps dominate generation; going through candle here meant strided views
 /// of the cache, a score tensor and a softmax tensor per head group per layer, which
@@ -1589,6 +1670,7 @@ thread_local! {
 fn attend(
     q: &[f32],
     k: KvRows<'_>,
+    first: usize,
     v: KvRows<'_>,
     hd: usize,
     len: usize,
@@ -1597,19 +1679,18 @@ fn attend(
     scores: &mut Vec<f32>,
 ) {
     let g = q.len() / hd;
-    // `g × len` scores, the `g` softmax denominators, then the kernel's block;
-    // grown, never cleared (every score is written before it is read).
-    let need = g * len + g + 16 * hd;
+    // `g × len` scores, then the `g` softmax denominators; grown, never cleared
+    // (every score is written before it is read).
+    let need = g * len + g;
     if scores.len() < need {
         scores.resize(need, 0.0);
     }
-    let (sc, rest) = scores[..need].split_at_mut(g * len);
-    let (sums, block) = rest.split_at_mut(g);
+    let (sc, sums) = scores[..need].split_at_mut(g * len);
     sums.fill(0.0);
-    if !crate::kernels::attention_simd(q, k, v, hd, len, scale, sc, sums, block, out) {
+    if !crate::kernels::attention_simd(q, k, first, v, hd, len, scale, sc, sums, out) {
         let mut row = vec![0f32; hd];
         for j in 0..len {
-            k.row_into(j, hd, &mut row);
+            k.key_into(first + j, hd, &mut row);
             for (h, qh) in q.chunks_exact(hd).enumerate() {
                 sc[h * len + j] = dot(qh, &row) * scale;
             }

@@ -117,9 +117,12 @@ fn reused_prefix_gives_the_same_tokens_as_a_full_prefill() {
         let want = run(&cold, text);
         let got = run(&warm, text);
         assert_eq!(got.ids, want.ids, "{text}");
+        // The same positions are computed in differently sized batches (the whole
+        // prompt, or the part after the reused prefix), whose products round
+        // differently: logprobs agree to rounding (measured up to 1.4e-3), not bits.
         for (a, b) in got.logprobs.iter().zip(&want.logprobs) {
             assert!(
-                (a.logprob - b.logprob).abs() < 1e-3,
+                (a.logprob - b.logprob).abs() < 3e-3,
                 "{text}: {} vs {}",
                 a.logprob,
                 b.logprob

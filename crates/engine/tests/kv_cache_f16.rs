@@ -21,12 +21,15 @@ fn quantized_weights_get_an_f16_cache_of_half_the_size() {
     let loaded = LoadedModel::load(&default_gguf(), &LoadOptions::default()).expect("load the default GGUF");
     assert_eq!(loaded.model.kv_dtype(), KvDType::F16);
     let mut model = loaded.model;
-    let f16 = model.new_cache(100).unwrap().bytes();
+    let cache = model.new_cache(100).unwrap();
+    // Room is made in whole blocks of the key layout (16 positions).
+    assert_eq!(cache.capacity(), 112);
+    let f16 = cache.bytes();
     model.set_kv_dtype(KvDType::F32);
     let f32 = model.new_cache(100).unwrap().bytes();
     assert_eq!(2 * f16, f32);
-    // 30 layers × (keys + values) × 3 kv heads × 64 × 100 positions × 2 bytes.
-    assert_eq!(f16, 30 * 2 * 3 * 64 * 100 * 2);
+    // 30 layers × (keys + values) × 3 kv heads × 64 × 112 positions × 2 bytes.
+    assert_eq!(f16, 30 * 2 * 3 * 64 * 112 * 2);
 }
 
 /// Keys and values rounded to f16 move the logprobs by thousandths (HF's

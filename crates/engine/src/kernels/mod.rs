@@ -1108,25 +1108,52 @@ impl KvRows<'_> {
             KvRows::F16(r) => r[j * hd..(j + 1) * hd].convert_to_f32_slice(out),
         }
     }
+
+    /// Position `j`'s key (`hd` wide) as f32, into `out`, from whole blocks in the
+    /// key layout (`KEY_BLOCK`).
+    pub fn key_into(&self, j: usize, hd: usize, out: &mut [f32]) {
+        for (c, o) in out.iter_mut().enumerate().take(hd) {
+            let i = key_index(j, c, hd);
+            *o = match self {
+                KvRows::F32(r) => r[i],
+                KvRows::F16(r) => r[i].to_f32(),
+            };
+        }
+    }
+}
+
+/// Positions per block of the key layout. Cached keys are stored by blocks of
+/// this many positions, each block dimension-major (`hd` rows of `KEY_BLOCK`
+/// positions), so decode attention loads one dimension of 16 keys as one vector
+/// and sums 16 scores at once instead of reducing 16 dot products horizontally.
+/// Values stay position-major (`[positions, hd]`): the weighted sum over
+/// positions reads them a row at a time.
+pub const KEY_BLOCK: usize = 16;
+
+/// Where dimension `c` of position `p`'s key lies in the key layout (`KEY_BLOCK`).
+pub fn key_index(p: usize, c: usize, hd: usize) -> usize {
+    (p / KEY_BLOCK * hd + c) * KEY_BLOCK + p % KEY_BLOCK
 }
 
 /// Decode attention on AVX-512, when this process uses that path and `hd` is a
-/// multiple of 16: `scores[h·len + j] = scale · q_h · k_j` for the query heads
-/// `q` (`[g, hd]`), each head's row of scores turned into `exp(s − max)` with its
-/// sum in `sums[h]`, then `out_h = Σ_j scores[h·len + j] · v_j` (not yet divided
-/// by the sum). `block` (16·hd values) holds a block of keys converted to f32 when
-/// the cache is f16. Returns false (touching nothing) where it does not apply.
+/// multiple of 16: `scores[h·len + j] = scale · q_h · k_{first + j}` for the query
+/// heads `q` (`[g, hd]`), with `k` whole blocks of the key layout (`KEY_BLOCK`)
+/// and `first < KEY_BLOCK` the first position used; each head's row of scores
+/// turned into `exp(s − max)` with its sum in `sums[h]`, then
+/// `out_h = Σ_j scores[h·len + j] · v_j` (`v` position-major from that first
+/// position; not yet divided by the sum). Returns false (touching nothing) where
+/// it does not apply.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_simd(
     q: &[f32],
     k: KvRows<'_>,
+    first: usize,
     v: KvRows<'_>,
     hd: usize,
     len: usize,
     scale: f32,
     scores: &mut [f32],
     sums: &mut [f32],
-    block: &mut [f32],
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1137,8 +1164,8 @@ pub fn attention_simd(
         // kernels check their slice lengths.
         unsafe {
             match (k, v) {
-                (KvRows::F32(k), KvRows::F32(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores, block),
-                (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, v, hd, len, scale, scores, block),
+                (KvRows::F32(k), KvRows::F32(v)) => x86::attention_scores_512(q, k, first, v, hd, len, scale, scores),
+                (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, first, v, hd, len, scale, scores),
                 _ => return false,
             }
             for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
@@ -1151,7 +1178,7 @@ pub fn attention_simd(
         }
         return true;
     }
-    let _ = (q, k, v, hd, len, scale, scores, sums, block, out);
+    let _ = (q, k, first, v, hd, len, scale, scores, sums, out);
     false
 }
 
@@ -1481,7 +1508,8 @@ mod tests {
     }
 
     /// Decode attention's AVX-512 path against the formula, for lengths with and
-    /// without a partial block of 16 keys, over an f32 and an f16 cache.
+    /// without a partial block of 16 keys, starting at the first position of a
+    /// block or inside one (a sliding window), over an f32 and an f16 cache.
     #[test]
     fn attention_simd_matches_the_formula() {
         let (g, hd) = (3, 64);
@@ -1491,7 +1519,18 @@ mod tests {
             ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
         };
         let round16 = |x: f32| half::f16::from_f32(x).to_f32();
-        for (len, f16) in [1, 5, 16, 37, 64].into_iter().flat_map(|l| [(l, false), (l, true)]) {
+        let cases = [
+            (0, 1),
+            (0, 5),
+            (0, 16),
+            (0, 37),
+            (0, 64),
+            (3, 1),
+            (5, 11),
+            (15, 2),
+            (9, 40),
+        ];
+        for (first, len, f16) in cases.into_iter().flat_map(|(f, l)| [(f, l, false), (f, l, true)]) {
             let q: Vec<f32> = (0..g * hd).map(|_| next()).collect();
             let k: Vec<f32> = (0..len * hd).map(|_| next()).collect();
             let v: Vec<f32> = (0..len * hd).map(|_| next()).collect();
@@ -1505,16 +1544,27 @@ mod tests {
                     v.iter().map(|&x| round16(x)).collect(),
                 ),
             };
+            // Keys in the cache's layout, `first` positions into the first block;
+            // the other positions of the blocks hold NaN (never read into a score).
+            let blocks = (first + len).div_ceil(KEY_BLOCK);
+            let mut kb = vec![f32::NAN; blocks * KEY_BLOCK * hd];
+            for j in 0..len {
+                for c in 0..hd {
+                    kb[key_index(first + j, c, hd)] = k[j * hd + c];
+                }
+            }
             let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
-                k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                kb.iter().map(|&x| half::f16::from_f32(x)).collect(),
                 v.iter().map(|&x| half::f16::from_f32(x)).collect(),
             );
             let (kr, vr) = match f16 {
-                false => (KvRows::F32(&k), KvRows::F32(&v)),
+                false => (KvRows::F32(&kb), KvRows::F32(&v)),
                 true => (KvRows::F16(&k16), KvRows::F16(&v16)),
             };
-            let mut block = vec![0f32; 16 * hd];
-            if !attention_simd(&q, kr, vr, hd, len, scale, &mut sc, &mut sums, &mut block, &mut out) {
+            let mut key = vec![0f32; hd];
+            kr.key_into(first + len - 1, hd, &mut key);
+            assert_eq!(key, k[(len - 1) * hd..], "key_into");
+            if !attention_simd(&q, kr, first, vr, hd, len, scale, &mut sc, &mut sums, &mut out) {
                 return; // no AVX-512 here
             }
             for h in 0..g {
@@ -1526,7 +1576,7 @@ mod tests {
                 let sum: f64 = p.iter().sum();
                 assert!(
                     ((sums[h] as f64) - sum).abs() < 1e-5 * sum,
-                    "len {len} head {h}: sum {} vs {sum}",
+                    "first {first} len {len} head {h}: sum {} vs {sum}",
                     sums[h]
                 );
                 for c in 0..hd {
@@ -1534,7 +1584,7 @@ mod tests {
                     let got = out[h * hd + c] as f64;
                     assert!(
                         (got - want).abs() < 1e-4 * sum,
-                        "len {len} head {h} [{c}]: {got} vs {want}"
+                        "first {first} len {len} head {h} [{c}]: {got} vs {want}"
                     );
                 }
             }

@@ -761,13 +761,6 @@ pub(super) trait KvLane: Copy {
     /// # Safety
     /// 16 elements must be readable at `p`; the CPU must support AVX-512 F.
     unsafe fn load16(p: *const Self) -> __m512;
-    /// The `n` elements at `p` (a multiple of 16) as f32: in place when they
-    /// are, else converted once into `buf` (a row read by several heads would
-    /// otherwise be converted once per head).
-    ///
-    /// # Safety
-    /// As `load16`, for `n` elements; `buf` holds at least `n`.
-    unsafe fn as_f32(p: *const Self, n: usize, buf: &mut [f32]) -> *const f32;
 }
 
 impl KvLane for f32 {
@@ -775,25 +768,12 @@ impl KvLane for f32 {
     unsafe fn load16(p: *const f32) -> __m512 {
         _mm512_loadu_ps(p)
     }
-    #[inline(always)]
-    unsafe fn as_f32(p: *const f32, _: usize, _: &mut [f32]) -> *const f32 {
-        p
-    }
 }
 
 impl KvLane for half::f16 {
     #[inline(always)]
     unsafe fn load16(p: *const half::f16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-    #[inline(always)]
-    unsafe fn as_f32(p: *const half::f16, n: usize, buf: &mut [f32]) -> *const f32 {
-        debug_assert!(buf.len() >= n);
-        let b = buf.as_mut_ptr();
-        for i in (0..n).step_by(16) {
-            _mm512_storeu_ps(b.add(i), Self::load16(p.add(i)));
-        }
-        b
     }
 }
 
@@ -824,11 +804,15 @@ unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
     half(half(z[0], z[1]), half(z[2], z[3]))
 }
 
-/// `scores[h * len + j] = scale · dot(q head h, k row j)` for the `g` query heads
-/// of `q` (`[g, hd]`) and the first `len` rows of `k` (`[.., hd]`), `hd` a
-/// multiple of 16: keys 16 at a time, their sums reduced together (`sum16`).
-/// The matching rows of `v` are prefetched into L2 on the way, so the values pass
-/// that follows finds them there instead of starting a second stream from memory.
+/// `scores[h * len + j] = scale · dot(q head h, key first + j)` for the `g` query
+/// heads of `q` (`[g, hd]`) and `len` keys of `k`, which holds whole blocks of 16
+/// positions in the cache's key layout (`kernels::KEY_BLOCK`: per block, `hd` rows
+/// of 16 positions), starting `first` positions into its first block. One vector
+/// holds a block's 16 scores: each dimension's 16 keys (one load) meet the query
+/// value broadcast, so no horizontal sums. Four partial sums per head (dimensions
+/// mod 4) keep enough independent multiply-adds in flight. The matching rows of
+/// `v` (`[.., hd]`, from position `first`) are prefetched into L2 on the way, so
+/// the values pass that follows finds them there.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and DQ.
@@ -837,54 +821,75 @@ unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
 pub(super) unsafe fn attention_scores_512<T: KvLane>(
     q: &[f32],
     k: &[T],
+    first: usize,
     v: &[T],
     hd: usize,
     len: usize,
     scale: f32,
     scores: &mut [f32],
-    block: &mut [f32],
 ) {
     let g = q.len() / hd;
-    assert!(hd.is_multiple_of(16) && q.len() == g * hd && k.len() >= len * hd && scores.len() >= g * len);
-    assert!(std::mem::size_of::<T>() == 4 || block.len() >= 16 * hd);
+    let blocks = (first + len).div_ceil(16);
+    assert!(hd.is_multiple_of(16) && first < 16 && q.len() == g * hd && scores.len() >= g * len);
+    assert!(k.len() >= blocks * 16 * hd && v.len() >= len * hd);
     let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
-    let full = len / 16 * 16;
     // Elements per 64-byte cache line.
     let line = 64 / std::mem::size_of::<T>();
-    for j0 in (0..full).step_by(16) {
-        let kb = kp.add(j0 * hd);
-        // The next block's keys, while this one is summed.
+    for b in 0..blocks {
+        let kb = kp.add(b * 16 * hd);
+        // The next block's keys, while this one is summed, and this block's values.
         for l in (0..16 * hd).step_by(line) {
             _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(j0 * hd + l) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(b * 16 * hd + l) as *const i8);
         }
-        let kb = T::as_f32(kb, 16 * hd, block);
-        for h in 0..g {
-            let qh = qp.add(h * hd);
-            let mut a = [_mm512_setzero_ps(); 16];
-            for (jj, a) in a.iter_mut().enumerate() {
-                let kj = kb.add(jj * hd);
-                let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
-                for c in (16..hd).step_by(16) {
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), _mm512_loadu_ps(kj.add(c)), acc);
-                }
-                *a = acc;
+        // Lanes of this block inside first .. first + len; score index of lane 0.
+        let lo = if b == 0 { first } else { 0 };
+        let hi = (first + len - 16 * b).min(16);
+        let mask: __mmask16 = ((1u32 << hi) - (1u32 << lo)) as u16;
+        let at = (16 * b).wrapping_sub(first);
+        for h0 in (0..g).step_by(4) {
+            let qh = qp.add(h0 * hd);
+            // Masked stores: lanes outside the range are neither read nor
+            // written, so the address may start before `scores` (hence wrapping).
+            macro_rules! heads {
+                ($gh:literal) => {
+                    for (hh, sum) in block_scores::<T, $gh>(qh, kb, hd).iter().enumerate() {
+                        let o = sp.wrapping_add((h0 + hh) * len).wrapping_add(at);
+                        _mm512_mask_storeu_ps(o, mask, _mm512_mul_ps(*sum, sv));
+                    }
+                };
             }
-            _mm512_storeu_ps(sp.add(h * len + j0), _mm512_mul_ps(sum16(&a), sv));
+            // The head count as a constant: no per-head branches in the loop.
+            match g - h0 {
+                1 => heads!(1),
+                2 => heads!(2),
+                3 => heads!(3),
+                _ => heads!(4),
+            }
         }
     }
-    for j in full..len {
-        let kj = kp.add(j * hd);
-        for h in 0..g {
-            let qh = qp.add(h * hd);
-            let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), T::load16(kj));
-            for c in (16..hd).step_by(16) {
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), T::load16(kj.add(c)), acc);
+}
+
+/// One block's unscaled scores for `G` query heads (`q`, `[G, hd]`) against the
+/// block of keys at `kb` (key layout: `hd` rows of 16 positions). Four partial
+/// sums per head (dimensions mod 4) keep the multiply-adds independent.
+#[inline(always)]
+unsafe fn block_scores<T: KvLane, const G: usize>(q: *const f32, kb: *const T, hd: usize) -> [__m512; G] {
+    let mut acc = [[_mm512_setzero_ps(); 4]; G];
+    for c in (0..hd).step_by(4) {
+        for u in 0..4 {
+            let lane = T::load16(kb.add((c + u) * 16));
+            for (h, acc) in acc.iter_mut().enumerate() {
+                acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + c + u)), lane, acc[u]);
             }
-            *sp.add(h * len + j) = _mm512_reduce_add_ps(acc) * scale;
         }
     }
+    let mut out = [_mm512_setzero_ps(); G];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    }
+    out
 }
 
 /// exp of each lane to about 1 ulp: `2^n · p(r)` with `r = x − n·ln 2`,
