@@ -838,10 +838,14 @@ pub(super) unsafe fn attention_scores_512<T: KvLane>(
     let line = 64 / std::mem::size_of::<T>();
     for b in 0..blocks {
         let kb = kp.add(b * 16 * hd);
-        // The next block's keys, while this one is summed, and this block's values.
+        // The next block's keys, while this one is summed, and this block's values
+        // (`v` starts at position `first`). Measured: spreading these through the
+        // block's arithmetic changed nothing; at batch 8 the attention passes are
+        // bound by reading the caches (the prefetches wait on full fill buffers).
+        let vb = vp.wrapping_add((16 * b).saturating_sub(first) * hd);
         for l in (0..16 * hd).step_by(line) {
             _mm_prefetch::<_MM_HINT_T0>(kb.wrapping_add(16 * hd + l) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(vp.wrapping_add(b * 16 * hd + l) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(vb.wrapping_add(l) as *const i8);
         }
         // Lanes of this block inside first .. first + len; score index of lane 0.
         let lo = if b == 0 { first } else { 0 };
