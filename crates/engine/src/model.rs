@@ -394,31 +394,27 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
     }
 
-    /// Positions `0 .. len` of one layer's keys (`keys`, in the key layout) or
-    /// values as f32 `[kv_heads, len, head_dim]`.
-    fn gather(&self, buf: &KvBuf, keys: bool, len: usize) -> Vec<f32> {
+    /// Positions `0 .. len` of one layer's keys and values as f32, each
+    /// `[kv_heads, len, head_dim]`.
+    fn gather(&self, layer: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let (cap, hd) = (self.capacity, self.head_dim);
-        let mut out = Vec::with_capacity(self.heads * len * hd);
+        let mut keys = Vec::with_capacity(self.heads * len * hd);
+        let mut values = Vec::with_capacity(self.heads * len * hd);
         for g in 0..self.heads {
-            if keys {
-                buf.read_keys(g * cap * hd, len, hd, &mut out);
-            } else {
-                buf.read(g * cap * hd, len * hd, &mut out);
-            }
+            self.k[layer].read_keys(g * cap * hd, len, hd, &mut keys);
+            self.v[layer].read(g * cap * hd, len * hd, &mut values);
         }
-        out
+        (keys, values)
     }
 
-    /// Writes `t` positions from `src` (`[kv_heads, t, head_dim]`) at `start`:
-    /// keys (`keys`) in the key layout, values position-major.
-    #[allow(clippy::too_many_arguments)]
-    fn write(buf: &mut KvBuf, keys: bool, capacity: usize, head_dim: usize, src: &[f32], t: usize, start: usize) {
-        for (g, part) in src.chunks_exact(t * head_dim).enumerate() {
-            if keys {
-                buf.write_keys(g * capacity * head_dim, start, part, head_dim);
-            } else {
-                buf.write((g * capacity + start) * head_dim, part);
-            }
+    /// Writes `t` positions of one layer's keys and values (each
+    /// `[kv_heads, t, head_dim]`) at `start`: keys in the key layout, values
+    /// position-major.
+    fn write(&mut self, layer: usize, keys: &[f32], values: &[f32], t: usize, start: usize) {
+        let (cap, hd) = (self.capacity, self.head_dim);
+        for (g, (k, v)) in keys.chunks_exact(t * hd).zip(values.chunks_exact(t * hd)).enumerate() {
+            self.k[layer].write_keys(g * cap * hd, start, k, hd);
+            self.v[layer].write((g * cap + start) * hd, v);
         }
     }
 
@@ -749,24 +745,8 @@ impl Model {
                 let ks = candle_nn::rotary_emb::rope(&heads(&k, nkv)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
                 let vs = heads(&v, nkv)?;
                 let (cap, c) = (s.cache.capacity, &mut *s.cache);
-                KvCache::write(
-                    &mut c.k[layer],
-                    true,
-                    cap,
-                    hd,
-                    &ks.flatten_all()?.to_vec1::<f32>()?,
-                    t,
-                    start,
-                );
-                KvCache::write(
-                    &mut c.v[layer],
-                    false,
-                    cap,
-                    hd,
-                    &vs.flatten_all()?.to_vec1::<f32>()?,
-                    t,
-                    start,
-                );
+                let (kv, vv) = (ks.flatten_all()?.to_vec1::<f32>()?, vs.flatten_all()?.to_vec1::<f32>()?);
+                c.write(layer, &kv, &vv, t, start);
                 let len = start + t;
                 if t == 1 && self.cfg.sliding_window.is_none_or(|w| w >= len) {
                     let q = qs.flatten_all()?.to_vec1::<f32>()?;
@@ -824,8 +804,9 @@ impl Model {
         let groups = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let len = start + t;
-        let kall = Tensor::from_vec(c.gather(&c.k[layer], true, len), (nkv, len, hd), &self.device)?;
-        let vall = Tensor::from_vec(c.gather(&c.v[layer], false, len), (nkv, len, hd), &self.device)?;
+        let (keys, values) = c.gather(layer, len);
+        let kall = Tensor::from_vec(keys, (nkv, len, hd), &self.device)?;
+        let vall = Tensor::from_vec(values, (nkv, len, hd), &self.device)?;
         let mut parts = Vec::with_capacity(t.div_ceil(PREFILL_QUERY_BLOCK));
         for i in (0..t).step_by(PREFILL_QUERY_BLOCK) {
             let bt = PREFILL_QUERY_BLOCK.min(t - i);

@@ -1443,7 +1443,6 @@ mod tests {
     /// beside a prompt) gives the bits it gives alone.
     #[test]
     fn int8_rows_do_not_depend_on_their_batch() {
-        let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (rows, cols) = (100, 576);
             let q = quantized(rows, cols, dtype, 5);
@@ -1451,24 +1450,27 @@ mod tests {
             if !matches!(m.blocks, Blocks::Int8(_)) {
                 continue; // no AVX-512 VNNI here
             }
-            let n = 21;
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let mut all = vec![0f32; n * rows];
-            m.matmul(&x, n, &mut all);
-            for t in [0, 7, 8, 20] {
-                let mut one = vec![0f32; rows];
-                m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
-                let same = one
-                    .iter()
-                    .zip(&all[t * rows..])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{dtype:?}: row {t} alone differs from row {t} of {n}");
-            }
+            assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &format!("{dtype:?}"));
+        }
+    }
+
+    /// Multiplies `n` random activation rows together, then each row of `rows`
+    /// alone, and asserts the same bits.
+    fn assert_rows_alone_equal_batched(m: &QMatrix, n: usize, rows: &[usize], what: &str) {
+        let (cols, out) = (m.cols(), m.rows());
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut all = vec![0f32; n * out];
+        m.matmul(&x, n, &mut all);
+        for &t in rows {
+            let mut one = vec![0f32; out];
+            m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
+            let same = one.iter().zip(&all[t * out..]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: row {t} alone differs from row {t} of {n}");
         }
     }
 
@@ -1478,30 +1480,14 @@ mod tests {
     /// alone, so batching never changes a sequence's greedy tokens.
     #[test]
     fn decode_rows_do_not_depend_on_their_batch() {
-        let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for cols in [576, 1536] {
                 let rows = 75;
                 let q = quantized(rows, cols, dtype, 9);
                 let m = QMatrix::with_scheme(&q, Isa::detect(), false).unwrap();
                 for n in [2, 5, 8, 21] {
-                    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &dev)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    let mut all = vec![0f32; n * rows];
-                    m.matmul(&x, n, &mut all);
-                    for t in 0..n {
-                        let mut one = vec![0f32; rows];
-                        m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
-                        let same = one
-                            .iter()
-                            .zip(&all[t * rows..])
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{dtype:?} cols {cols}: row {t} alone differs from row {t} of {n}");
-                    }
+                    let all: Vec<usize> = (0..n).collect();
+                    assert_rows_alone_equal_batched(&m, n, &all, &format!("{dtype:?} cols {cols}"));
                 }
             }
         }
