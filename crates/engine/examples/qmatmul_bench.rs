@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use vicugna_engine::kernels::QMatrix;
+use vicugna_engine::kernels::{Aligned, QMatrix};
 
 /// Seconds per call: the best of repeated passes over all copies (the machine
 /// may be shared; the minimum is the least disturbed pass).
@@ -78,7 +78,8 @@ fn main() -> candle_core::Result<()> {
             .collect::<candle_core::Result<_>>()?;
         for n in [1, 8, 128].into_iter().filter(|&n| only_n.is_none_or(|m| m == n)) {
             let x = Tensor::randn(0f32, 1.0, (n, cols), &dev)?;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            // On a cache line, as the engine's own buffers (else `matmul` copies them).
+            let xs = Aligned::from_slice(&x.flatten_all()?.to_vec1::<f32>()?);
             let mut out = vec![0f32; n * rows];
             let t_ours = time_per_call(|i| ours[i].matmul(&xs, n, &mut out), copies, budget);
             let t_candle = if only_ours {

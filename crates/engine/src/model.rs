@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::kernels::{key_index, KvRows, QMatrix, KEY_BLOCK};
+use crate::kernels::{key_index, Aligned, KvRows, QMatrix, KEY_BLOCK};
 use crate::team::Team;
 use crate::weights::{Weight, WeightSource};
 
@@ -221,17 +221,20 @@ impl KvDType {
 /// One layer's keys or values, `[kv_heads, capacity, head_dim]`; keys in the key
 /// layout (`kernels::KEY_BLOCK`: each head's positions by blocks of 16, each block
 /// dimension-major), values position-major.
+/// On cache lines (`Aligned`): the attention kernels load a block's keys 32 or 64
+/// bytes at a time.
+#[derive(Clone)]
 enum KvBuf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+    F32(Aligned<f32>),
+    F16(Aligned<f16>),
 }
 
 impl KvBuf {
     /// Zeroed: pages are committed only as positions are written.
     fn zeros(dtype: KvDType, n: usize) -> Self {
         match dtype {
-            KvDType::F32 => KvBuf::F32(vec![0f32; n]),
-            KvDType::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+            KvDType::F32 => KvBuf::F32(Aligned::zeros(n)),
+            KvDType::F16 => KvBuf::F16(Aligned::zeros(n)),
         }
     }
     fn bytes(&self) -> usize {
@@ -877,10 +880,11 @@ impl Model {
         let window = cfg.sliding_window;
         // Sequences with more than one new token (prompt chunks).
         let chunked: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 > 1).collect();
-        let (mut hbuf, mut qkv) = (vec![0f32; total * h], vec![0f32; total * width]);
-        let (mut att, mut proj) = (vec![0f32; total * qdim], vec![0f32; total * h]);
+        // The products' inputs on cache lines (`Aligned`).
+        let (mut hbuf, mut qkv) = (Aligned::<f32>::zeros(total * h), vec![0f32; total * width]);
+        let (mut att, mut proj) = (Aligned::<f32>::zeros(total * qdim), vec![0f32; total * h]);
         let mlp_rows = total.min(MLP_ROWS);
-        let (mut gu, mut act) = (vec![0f32; mlp_rows * 2 * ffn], vec![0f32; mlp_rows * ffn]);
+        let (mut gu, mut act) = (vec![0f32; mlp_rows * 2 * ffn], Aligned::<f32>::zeros(mlp_rows * ffn));
         let team = Team::global();
         fn kernel(l: &Linear) -> &QMatrix {
             l.kernel().unwrap_or_else(|| unreachable!("checked by on_kernels"))

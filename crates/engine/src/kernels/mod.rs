@@ -47,6 +47,9 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::team::Team;
 
+pub use aligned::{Aligned, Plain};
+
+mod aligned;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -630,6 +633,19 @@ impl QMatrix {
             });
             return;
         }
+        // Decode products read each activation vector once per weight row: from
+        // a cache line (see `Aligned`), copied there if the caller's buffer is
+        // not on one (a prompt's products load them once per panel: no copy).
+        let fused = self.isa == Isa::Avx512 && n <= FUSED_TILED_MAX_N && matches!(self.blocks, Blocks::Tiled(_));
+        if fused && !(x.as_ptr() as usize).is_multiple_of(aligned::LINE) {
+            return ALIGNED_X.with_borrow_mut(|buf| {
+                if buf.len() < x.len() {
+                    *buf = Aligned::zeros(x.len());
+                }
+                buf[..x.len()].copy_from_slice(x);
+                self.matmul_with(&buf[..x.len()], n, out, rows_per_task)
+            });
+        }
         // Prompts on AVX-512: the activations transposed once for the panel
         // kernel (`outer_512`), shared by every task; the buffer is the calling
         // thread's, kept between products (a fresh one cost page faults).
@@ -638,7 +654,7 @@ impl QMatrix {
             if outer {
                 transpose_blocks(x, n, cols, buf);
             }
-            let xt = outer.then_some((buf.as_slice(), OUTER_T));
+            let xt = outer.then_some((&buf[..], OUTER_T));
             team.run(chunks, &|c| {
                 let r0 = c * chunk_rows;
                 let nr = chunk_rows.min(rows - r0);
@@ -818,7 +834,7 @@ impl QMatrix {
                 return;
             }
             // Larger n: dequantize a panel of tiles, then the f32 micro-kernel.
-            s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols, 0.0);
+            s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols);
             for p0 in (0..nrows).step_by(panel) {
                 let np = panel.min(nrows - p0);
                 for i in (0..np).step_by(R) {
@@ -841,7 +857,7 @@ impl QMatrix {
         // once; then each tile of activation rows (in L1) meets every `R`-row
         // tile of it.
         let bytes = self.ggml_bytes();
-        s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols, 0.0);
+        s.w.resize(panel.next_multiple_of(OUTER_ROWS) * cols);
         for p0 in (0..nrows).step_by(panel) {
             let np = panel.min(nrows - p0);
             for i in 0..np {
@@ -902,7 +918,9 @@ impl<T> SharedOut<T> {
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     /// The transposed activations of `matmul_with`'s caller (`transpose_blocks`).
-    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TRANSPOSED: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::default());
+    /// A decode product's activations, where the caller's are not on a cache line.
+    static ALIGNED_X: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::default());
 }
 
 /// From this many activation rows on, AVX-512 panels go through `outer_512`.
@@ -919,10 +937,10 @@ const OUTER_T: usize = 48;
 /// sequentially; blocks in parallel. The last block's lanes past `n` keep what
 /// the buffer held (finite values from an earlier product, or zeros): lanes are
 /// independent in `outer_512`, and their results are dropped.
-fn transpose_blocks(x: &[f32], n: usize, cols: usize, xt: &mut Vec<f32>) {
+fn transpose_blocks(x: &[f32], n: usize, cols: usize, xt: &mut Aligned<f32>) {
     let (blocks, bl) = (n.div_ceil(OUTER_T), cols * OUTER_T);
     if xt.len() < blocks * bl {
-        xt.resize(blocks * bl, 0.0);
+        xt.resize(blocks * bl);
     }
     let dst = SharedOut(xt.as_mut_ptr());
     Team::global().run(blocks, &|b| {
@@ -1008,8 +1026,8 @@ fn panel_products<P: FnMut(usize, usize, f32)>(
 /// Per-thread buffers of `rows_task`.
 #[derive(Default)]
 struct Scratch {
-    /// A panel of dequantized weight rows (the unfused path).
-    w: Vec<f32>,
+    /// A panel of dequantized weight rows (the unfused path), on cache lines.
+    w: Aligned<f32>,
     /// A tile's block scales as f32.
     scales: Vec<f32>,
 }
@@ -1489,6 +1507,31 @@ mod tests {
                     let all: Vec<usize> = (0..n).collect();
                     assert_rows_alone_equal_batched(&m, n, &all, &format!("{dtype:?} cols {cols}"));
                 }
+            }
+        }
+    }
+
+    /// Activations off a cache line (copied onto one for decode products, read in
+    /// place for prompts) give the same bits as activations on one.
+    #[test]
+    fn products_do_not_depend_on_where_the_activations_sit() {
+        let (rows, cols) = (40, 576);
+        let m = QMatrix::with_scheme(&quantized(rows, cols, GgmlDType::Q4_1, 3), Isa::detect(), false).unwrap();
+        for n in [1, 8, 21] {
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let mut want = vec![0f32; n * rows];
+            m.matmul(&Aligned::from_slice(&x), n, &mut want);
+            let mut buf = Aligned::<f32>::zeros(n * cols + 16);
+            for skew in 1..16 {
+                buf[skew..skew + n * cols].copy_from_slice(&x);
+                let mut got = vec![0f32; n * rows];
+                m.matmul(&buf[skew..skew + n * cols], n, &mut got);
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "n = {n}: activations {} bytes past a line give other results",
+                    4 * skew
+                );
             }
         }
     }
