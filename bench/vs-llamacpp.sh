@@ -13,8 +13,9 @@
 #
 # Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B), and the
 # same two with --int8 (8-bit activations; shown where the CPU has AVX-512 VNNI).
-# Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c),
-# the decode limit bandwidth / weight_bytes_per_token, batch/single decode ratio, and
+# Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c,
+# over 1 GiB and over the model file's size), the decode limit bandwidth /
+# weight_bytes_per_token, batch/single decode ratio, and
 # the arithmetic peak (bench/peak.c) with the batch's floor for the linear layers.
 # Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/.
 set -euo pipefail
@@ -49,14 +50,34 @@ if [[ "$SKIP_VICUGNA" != 1 ]]; then
 fi
 
 # --- llama-cpp-python in a cached venv ------------------------------------------------
-if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
+# Built for this CPU's vector extensions, as GGML_NATIVE would, but without AMX:
+# where the hypervisor does not enable AMX state (as on these VMs) llama.cpp's AMX
+# path dies in `ldtilecfg` with a protection fault; vicugna does not use AMX either.
+LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+            avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    if [[ "$CPU_FLAGS" == *" ${pair%%:*} "* ]]; then
+        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=ON"
+    else
+        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=OFF"
+    fi
+done
+BUILT_WITH="$LLAMACPP_VERSION $LLAMACPP_CMAKE_ARGS"
+if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null \
+        || [[ "$(cat "$VENV/.built-with" 2>/dev/null)" != "$BUILT_WITH" ]]; then
     echo "== installing llama-cpp-python==$LLAMACPP_VERSION into $VENV (compiles llama.cpp, takes minutes)" >&2
+    echo "   CMAKE_ARGS=$LLAMACPP_CMAKE_ARGS" >&2
     python3 -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
     echo '*' > "$VENV/.gitignore"
-    CMAKE_ARGS="-DGGML_NATIVE=on" FORCE_CMAKE=1 \
+    CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" FORCE_CMAKE=1 \
         "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir \
-        "llama-cpp-python==$LLAMACPP_VERSION" numpy >&2 \
+        --force-reinstall --no-deps "llama-cpp-python==$LLAMACPP_VERSION" >&2 \
         || die "installing llama-cpp-python==$LLAMACPP_VERSION failed (needs a C++ compiler; try another LLAMACPP_VERSION)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir \
+        "llama-cpp-python==$LLAMACPP_VERSION" numpy >&2 \
+        || die "installing llama-cpp-python's dependencies failed"
+    printf '%s' "$BUILT_WITH" > "$VENV/.built-with"
 fi
 
 # --- the model --------------------------------------------------------------------
@@ -93,8 +114,14 @@ if [[ ! -x "$BW_BIN" || "$ROOT/bench/bandwidth.c" -nt "$BW_BIN" ]]; then
     gcc -O2 -march=native -fopenmp "$ROOT/bench/bandwidth.c" -o "$BW_BIN" 2>&1 >&2 \
         || echo "vs-llamacpp: warning: could not compile bench/bandwidth.c (gcc with OpenMP needed); no bandwidth limit" >&2
 fi
+# Twice: over 1 GiB (main memory), and over a buffer the size of the model file,
+# the bytes a decode step streams: where the last-level cache holds them (480 MB
+# L3 on some hosts here), that is the real ceiling, not main memory.
+BW_MODEL="nan"
+MODEL_MIB="$(( ($(stat -c %s "$MODEL") + (1 << 20) - 1) >> 20 ))"
 if [[ -x "$BW_BIN" ]]; then
     BW="$("$BW_BIN" "$THREADS" 1024 8 2>/dev/null)" || BW="nan"
+    BW_MODEL="$("$BW_BIN" "$THREADS" "$MODEL_MIB" 16 2>/dev/null)" || BW_MODEL="nan"
 fi
 
 # --- arithmetic peak (one thread) -------------------------------------------------
@@ -107,6 +134,22 @@ if [[ ! -x "$PEAK_BIN" || "$ROOT/bench/peak.c" -nt "$PEAK_BIN" ]]; then
 fi
 if [[ -x "$PEAK_BIN" ]]; then
     PEAK="$("$PEAK_BIN" 2>/dev/null)" || PEAK="nan nan"
+fi
+
+# --- the kernels' own batch cost ----------------------------------------------------
+# One thread, weights in cache (`qmatmul_bench --hot`): the time of a product with 1
+# and with BATCH activation rows on SmolLM2's shapes. A block's dequantization is
+# paid once for any number of rows, so BATCH rows cost less than BATCH times one
+# row but more than the bare multiply-adds; where a single stream is bound by this
+# arithmetic rather than by memory, their ratio bounds what batching can gain.
+KERNEL_OUT="$(mktemp -d)"
+if [[ "$SKIP_VICUGNA" != 1 ]] && command -v cargo >/dev/null; then
+    echo "== kernel cost, 1 and $BATCH rows (cargo run --example qmatmul_bench)" >&2
+    for rows in 1 "$BATCH"; do
+        RAYON_NUM_THREADS=1 cargo run -q --release -p vicugna-engine --example qmatmul_bench -- \
+            --ours --hot --n "$rows" > "$KERNEL_OUT/n$rows.txt" 2>/dev/null \
+            || echo "vs-llamacpp: warning: qmatmul_bench failed; no kernel bound" >&2
+    done
 fi
 
 # --- runs -------------------------------------------------------------------------
@@ -165,11 +208,16 @@ if [[ "$SKIP_VICUGNA" != 1 ]]; then
 fi
 
 # --- table ------------------------------------------------------------------------
-python3 - "$OUT" "$BW" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" $PEAK <<'EOF'
+cp "$KERNEL_OUT"/*.txt "$OUT/" 2>/dev/null || true
+rm -rf "$KERNEL_OUT"
+python3 - "$OUT" "$BW" "$BW_MODEL" "$MODEL_MIB" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" $PEAK <<'EOF'
 import json, math, os, statistics, sys
 
-out, bw, batch, model, n, m, t, runs, peak_fma, peak_vnni = sys.argv[1:]
-bw, peak_fma, peak_vnni = float(bw), float(peak_fma), float(peak_vnni)
+out, bw_mem, bw_model, model_mib, batch, model, n, m, t, runs, peak_fma, peak_vnni = sys.argv[1:]
+bw_mem, bw_model, peak_fma, peak_vnni = float(bw_mem), float(bw_model), float(peak_fma), float(peak_vnni)
+# The decode limit uses the faster of the two readings: the weights come from
+# wherever they fit.
+bw = max(bw_mem, bw_model) if not math.isnan(bw_model) else bw_mem
 
 def load(name):
     with open(os.path.join(out, name)) as f:
@@ -204,7 +252,11 @@ for key, label, nd in [("load_s", "load (s)", 3), ("prefill_tok_s", "prefill (to
           + (f"{fmt(ratio, 2):>20}{extra}" if key in ("prefill_tok_s", "decode_tok_s") else ""))
 
 wbt = med(vi, "weight_bytes_per_token")
-print(f"\nmemory read bandwidth ({t} threads): {fmt(bw)} GB/s")
+print(f"\nmemory read bandwidth ({t} threads): {fmt(bw_mem)} GB/s over 1 GiB, "
+      f"{fmt(bw_model)} GB/s over {model_mib} MiB (the model file's size)")
+if bw_model > 1.3 * bw_mem:
+    print("  the weights fit in this CPU's cache: a single stream is bound by arithmetic more than by "
+          "memory, and batching gains less than where it streams from memory")
 if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
     limit = bw * 1e9 / wbt
     print(f"weight bytes per token: {wbt / 1e6:.1f} MB -> decode limit {limit:.1f} tok/s")
@@ -234,6 +286,25 @@ if not math.isnan(macs) and not math.isnan(peak_fma):
         print(f"  {label:5} batch-{b} step's products at peak: {floor_ms:.2f} ms "
               f"(a single-stream step takes {1e3 / single:.2f} ms: batch/single at most "
               f"{b / (floor_ms / 1e3) / single:.1f}x if nothing else took time)")
+# The kernels' measured cost of a batch (qmatmul_bench, see above), weighted by
+# how often SmolLM2-135M runs each shape per token: per layer three 1536x576
+# (q/k/v 960 + o 576 + gate/up 3072 = 4608 rows) and one 576x1536, then the
+# 49152x576 output layer once.
+def kernel_ms(rows):
+    try:
+        with open(os.path.join(out, f"n{rows}.txt")) as f:
+            return {p[1]: float(p[4]) for p in (l.split() for l in f) if len(p) > 4 and p[3] == "|"}
+    except (OSError, ValueError):
+        return {}
+k1, kb = kernel_ms(1), kernel_ms(batch)
+uses = {"1536x576": 90, "576x1536": 30, "49152x576": 1}
+if macs == 134479872 and all(s in k1 and s in kb for s in uses):
+    t1 = sum(c * k1[s] for s, c in uses.items())
+    tb = sum(c * kb[s] for s, c in uses.items())
+    b = int(batch)
+    print(f"  measured (one thread, weights in cache): a {b}-row product costs {tb / t1:.2f}x a 1-row one "
+          f"(dequantization is paid once per block at any batch), so where a single stream is bound by "
+          f"this arithmetic, batch/single is at most {b * t1 / tb:.2f}x before attention and the rest")
 long = load("vicugna-long.jsonl")
 if long:
     r = long[-1]
