@@ -303,8 +303,9 @@ if macs == 134479872 and all(s in k1 and s in kb for s in uses):
     tb = sum(c * kb[s] for s, c in uses.items())
     b = int(batch)
     print(f"  measured (one thread, weights in cache): a {b}-row product costs {tb / t1:.2f}x a 1-row one "
-          f"(dequantization is paid once per block at any batch), so where a single stream is bound by "
-          f"this arithmetic, batch/single is at most {b * t1 / tb:.2f}x before attention and the rest")
+          f"(dequantization is paid once per block at any batch): with the products at their in-cache "
+          f"speed, batch/single is at most {b * t1 / tb:.2f}x before attention and the rest; only the time "
+          f"a single stream loses waiting for memory adds to that")
 long = load("vicugna-long.jsonl")
 if long:
     r = long[-1]
