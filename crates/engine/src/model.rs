@@ -754,13 +754,17 @@ impl Model {
                 if t == 1 && self.cfg.sliding_window.is_none_or(|w| w >= len) {
                     let q = qs.flatten_all()?.to_vec1::<f32>()?;
                     let mut out = vec![0f32; nh * hd];
-                    let mut scores = Vec::new();
+                    let mut scratch = AttendScratch::default();
                     for (g, (out, qg)) in out.chunks_mut(groups * hd).zip(q.chunks(groups * hd)).enumerate() {
-                        let (kh, vh) = (
-                            c.k[layer].rows(g * cap * hd, len.next_multiple_of(KEY_BLOCK) * hd),
-                            c.v[layer].rows(g * cap * hd, len * hd),
-                        );
-                        attend(qg, kh, 0, vh, hd, len, scale as f32, out, &mut scores);
+                        let view = |a: usize, b: usize| {
+                            let (b0, b1) = (a / KEY_BLOCK, b.div_ceil(KEY_BLOCK));
+                            (
+                                c.k[layer].rows((g * cap + b0 * KEY_BLOCK) * hd, (b1 - b0) * KEY_BLOCK * hd),
+                                a % KEY_BLOCK,
+                                c.v[layer].rows((g * cap + a) * hd, (b - a) * hd),
+                            )
+                        };
+                        attend(qg, 0, len, view, hd, scale as f32, out, &mut scratch);
                     }
                     outs.push(Tensor::from_vec(out, (1, nh * hd), &self.device)?);
                     continue;
@@ -886,6 +890,23 @@ impl Model {
         let mlp_rows = total.min(MLP_ROWS);
         let (mut gu, mut act) = (vec![0f32; mlp_rows * 2 * ffn], Aligned::<f32>::zeros(mlp_rows * ffn));
         let team = Team::global();
+        // Attention tasks (token row, kv head, positions a .. b): a whole (token, kv
+        // head) each, or a chunk each where those are too few to keep the team
+        // busy (a single stream's decode step: as many as kv heads).
+        let few = total * nkv < 4 * team.threads();
+        let mut work = Vec::new();
+        for (r, &(_, pos)) in rows.iter().enumerate() {
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for g in 0..nkv {
+                if few {
+                    work.extend(attention_chunks(lo, pos + 1).map(|(a, b)| (r, g, a, b)));
+                } else {
+                    work.push((r, g, lo, pos + 1));
+                }
+            }
+        }
+        let whole = work.len() == total * nkv;
+        let mut partials = vec![0f32; if whole { 0 } else { work.len() * part_len(groups, hd) }];
         fn kernel(l: &Linear) -> &QMatrix {
             l.kernel().unwrap_or_else(|| unreachable!("checked by on_kernels"))
         }
@@ -932,47 +953,75 @@ impl Model {
                 });
             }
             // ...then every new token's attention over the positions it may see,
-            // one task per (token, kv head); a decode step's task writes its own
-            // key and value first (no other task reads that head of that
-            // sequence). Prompt chunks and decode steps take the same kernel, so
-            // a token's result does not depend on whether it came in a chunk or
-            // alone.
+            // one task per (token, kv head), or per (token, kv head, chunk) where
+            // there are too few of those for the team (`ATTENTION_CHUNK`); a
+            // decode step's task that holds its last position writes its key and
+            // value first (no other task reads that position). Prompt chunks and
+            // decode steps take the same kernel, so a token's result does not
+            // depend on whether it came in a chunk or alone.
             let out = Shared(att.as_mut_ptr());
-            team.run(total * nkv, &|task| {
-                let (r, g) = (task / nkv, task % nkv);
+            let parts = Shared(partials.as_mut_ptr());
+            let plen = part_len(groups, hd);
+            team.run(work.len(), &|task| {
+                let (r, g, a, b) = work[task];
                 let (si, pos) = rows[r];
                 let (k, v, cap) = caches[si];
                 let row = &qkv_r[r * width..(r + 1) * width];
                 let (cs, sn) = (&cos_r[r * half..][..half], &sin_r[r * half..][..half]);
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let len = pos + 1 - lo;
-                ATTENTION_SCRATCH.with_borrow_mut(|(q, scores)| {
-                    if spans[si].1 == 1 {
+                ATTENTION_SCRATCH.with_borrow_mut(|s| {
+                    let mut q = std::mem::take(&mut s.q);
+                    if spans[si].1 == 1 && b == pos + 1 {
                         q.resize(hd, 0.0);
-                        key_value(si, g, r, q);
+                        key_value(si, g, r, &mut q);
                     }
                     q.resize(groups * hd, 0.0);
                     for (j, qh) in q.chunks_exact_mut(hd).enumerate() {
                         rope_head(&row[(g * groups + j) * hd..][..hd], cs, sn, qh);
                     }
-                    // Keys: the whole blocks holding lo ..= pos (within `cap`,
-                    // a whole number of blocks); values: rows lo ..= pos.
-                    let (b0, b1) = (lo / KEY_BLOCK, (pos + 1).div_ceil(KEY_BLOCK));
-                    let kat = g * cap * hd + b0 * KEY_BLOCK * hd;
-                    // SAFETY: positions lo..=pos of kv head g were written by the
-                    // loop above (or earlier steps) and nothing writes them now;
-                    // task (r, g) alone writes query heads g·groups ..
-                    // (g+1)·groups of row r of `att`, which outlives the loop.
-                    let (kh, vh, o) = unsafe {
+                    // Keys: the whole blocks holding a .. b (within `cap`, a whole
+                    // number of blocks); values: rows a .. b.
+                    // SAFETY: positions a..b of kv head g were written by the loop
+                    // above, by this task, or by earlier steps, and nothing writes
+                    // them now (a chunk ends at a block boundary or at `pos`).
+                    let view = |a: usize, b: usize| unsafe {
+                        let (b0, b1) = (a / KEY_BLOCK, b.div_ceil(KEY_BLOCK));
                         (
-                            k.rows(kat, (b1 - b0) * KEY_BLOCK * hd),
-                            v.rows((g * cap + lo) * hd, len * hd),
-                            std::slice::from_raw_parts_mut(out.get().add(r * qdim + g * groups * hd), groups * hd),
+                            k.rows((g * cap + b0 * KEY_BLOCK) * hd, (b1 - b0) * KEY_BLOCK * hd),
+                            a % KEY_BLOCK,
+                            v.rows((g * cap + a) * hd, (b - a) * hd),
                         )
                     };
-                    attend(q, kh, lo % KEY_BLOCK, vh, hd, len, scale, o, scores);
+                    if whole {
+                        // SAFETY: task (r, g) alone writes query heads g·groups ..
+                        // (g+1)·groups of row r of `att`, which outlives the loop.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(out.get().add(r * qdim + g * groups * hd), groups * hd)
+                        };
+                        attend(&q, a, b, view, hd, scale, o, s);
+                    } else {
+                        // SAFETY: task `task` alone writes its slot of `partials`,
+                        // which outlives the loop.
+                        let part = unsafe { std::slice::from_raw_parts_mut(parts.get().add(task * plen), plen) };
+                        let (kc, first, vc) = view(a, b);
+                        attend_part(&q, kc, first, vc, hd, b - a, scale, part, &mut s.scores);
+                    }
+                    s.q = q;
                 });
             });
+            if !whole {
+                // Each (token, kv head)'s chunks, in order, merged.
+                let mut i = 0;
+                while i < work.len() {
+                    let (r, g, _, _) = work[i];
+                    let n = work[i..].iter().take_while(|w| (w.0, w.1) == (r, g)).count();
+                    let (acc, rest) = partials[i * plen..(i + n) * plen].split_at_mut(plen);
+                    for next in rest.chunks_exact(plen) {
+                        fold_part(acc, next, groups, hd);
+                    }
+                    finish_part(acc, groups, hd, &mut att[r * qdim + g * groups * hd..][..groups * hd]);
+                    i += n;
+                }
+            }
             kernel(&b.o).matmul(&att, total, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             // The MLP in row blocks: its intermediates are the widest buffers.
@@ -1637,22 +1686,83 @@ impl Block {
 }
 
 thread_local! {
-    /// Per thread: the query heads of one attention task, and its scores.
-    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Per thread: the query heads of one attention task and its working buffers.
+    static ATTENTION_SCRATCH: std::cell::RefCell<AttendScratch> = std::cell::RefCell::default();
+}
+
+/// Positions per attention chunk (a whole number of key blocks). A context longer
+/// than this is attended chunk by chunk, each chunk with its own softmax, and the
+/// partial results merged in position order (as flash-decoding does). That lets a
+/// single stream's decode step spread its few (token, kv head) tasks over the team
+/// as chunks: at 2K tokens SmolLM2 has 3 such tasks per layer for 2 threads, so
+/// one thread idled through a third of attention. The chunks depend on positions
+/// alone, so a token gets the same bits however they were scheduled; contexts
+/// within one chunk take the plain softmax.
+const ATTENTION_CHUNK: usize = 512;
+const _: () = assert!(ATTENTION_CHUNK.is_multiple_of(KEY_BLOCK));
+
+/// The chunks `[a, b)` of positions `lo .. end`, split at multiples of
+/// `ATTENTION_CHUNK`, in order.
+fn attention_chunks(lo: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
+    (lo / ATTENTION_CHUNK..end.div_ceil(ATTENTION_CHUNK))
+        .map(move |c| (lo.max(c * ATTENTION_CHUNK), end.min((c + 1) * ATTENTION_CHUNK)))
+}
+
+/// Floats of one chunk's partial result for `g` query heads: `[g, hd]` weighted
+/// sums, then `g` maxima, then `g` sums of exponentials (`attend_part`).
+fn part_len(g: usize, hd: usize) -> usize {
+    g * hd + 2 * g
+}
+
+#[derive(Default)]
+struct AttendScratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    part: Vec<f32>,
 }
 
 /// Attention of the query heads `q` (`[g, hd]`: the heads sharing one kv head)
-/// over `len` positions of that kv head's keys and values, read in place: `k`
-/// whole blocks of the key layout (`KEY_BLOCK`) from which positions `first ..`
-/// are used, `v` those positions' rows (`[len, hd]`); into `out` (`[g, hd]`).
+/// over positions `lo .. end` of that kv head's keys and values, read in place,
+/// into `out` (`[g, hd]`). `view(a, b)` gives positions `a .. b` (within one
+/// chunk): the whole key blocks (`KEY_BLOCK`) holding them, the first position's
+/// place in its block, and their value rows.
 ///
 /// Decode steps dominate generation; going through candle here meant strided views
 /// of the cache, a score tensor and a softmax tensor per head group per layer, which
 /// cost more than the arithmetic once the context grows. Each key and value row is
 /// read once for all the heads that share it.
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<'a>(
+    q: &[f32],
+    lo: usize,
+    end: usize,
+    view: impl Fn(usize, usize) -> (KvRows<'a>, usize, KvRows<'a>),
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+    s: &mut AttendScratch,
+) {
+    let g = q.len() / hd;
+    s.acc.resize(part_len(g, hd), 0.0);
+    s.part.resize(part_len(g, hd), 0.0);
+    for (i, (a, b)) in attention_chunks(lo, end).enumerate() {
+        let (k, first, v) = view(a, b);
+        let dst = if i == 0 { &mut s.acc } else { &mut s.part };
+        attend_part(q, k, first, v, hd, b - a, scale, dst, &mut s.scores);
+        if i > 0 {
+            fold_part(&mut s.acc, &s.part, g, hd);
+        }
+    }
+    finish_part(&s.acc, g, hd, out);
+}
+
+/// One chunk of `attend`: `len` positions, `k` whole key blocks from whose first
+/// position `first` on they are used, `v` their value rows (`[len, hd]`). Into
+/// `part` (`part_len`): per head `Σ_j exp(s_j − max) · v_j`, the max score, and
+/// `Σ_j exp(s_j − max)`.
+#[allow(clippy::too_many_arguments)]
+fn attend_part(
     q: &[f32],
     k: KvRows<'_>,
     first: usize,
@@ -1660,19 +1770,20 @@ fn attend(
     hd: usize,
     len: usize,
     scale: f32,
-    out: &mut [f32],
+    part: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
     let g = q.len() / hd;
-    // `g × len` scores, then the `g` softmax denominators; grown, never cleared
-    // (every score is written before it is read).
-    let need = g * len + g;
-    if scores.len() < need {
-        scores.resize(need, 0.0);
+    // `g × len` scores; grown, never cleared (every score is written before it is
+    // read).
+    if scores.len() < g * len {
+        scores.resize(g * len, 0.0);
     }
-    let (sc, sums) = scores[..need].split_at_mut(g * len);
+    let sc = &mut scores[..g * len];
+    let (out, rest) = part[..part_len(g, hd)].split_at_mut(g * hd);
+    let (maxes, sums) = rest.split_at_mut(g);
     sums.fill(0.0);
-    if !crate::kernels::attention_simd(q, k, first, v, hd, len, scale, sc, sums, out) {
+    if !crate::kernels::attention_simd(q, k, first, v, hd, len, scale, sc, maxes, sums, out) {
         let mut row = vec![0f32; hd];
         for j in 0..len {
             k.key_into(first + j, hd, &mut row);
@@ -1680,11 +1791,11 @@ fn attend(
                 sc[h * len + j] = dot(qh, &row) * scale;
             }
         }
-        // Each head's scores to exp(s - max), keeping the denominators.
-        for (row, sum) in sc.chunks_exact_mut(len).zip(sums.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        // Each head's scores to exp(s - max), keeping the max and the sum.
+        for ((row, max), sum) in sc.chunks_exact_mut(len).zip(maxes.iter_mut()).zip(sums.iter_mut()) {
+            *max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             for s in row.iter_mut() {
-                *s = (*s - max).exp();
+                *s = (*s - *max).exp();
                 *sum += *s;
             }
         }
@@ -1699,8 +1810,33 @@ fn attend(
             }
         }
     }
-    for (oh, &sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
-        oh.iter_mut().for_each(|o| *o /= sum);
+}
+
+/// Merges the next chunk's partial result `next` into `acc` (both as
+/// `attend_part` writes them): rescaled to the larger of the two maxima.
+fn fold_part(acc: &mut [f32], next: &[f32], g: usize, hd: usize) {
+    let (ao, arest) = acc.split_at_mut(g * hd);
+    let (am, asum) = arest.split_at_mut(g);
+    let (no, nrest) = next.split_at(g * hd);
+    let (nm, nsum) = nrest.split_at(g);
+    for h in 0..g {
+        let m = am[h].max(nm[h]);
+        let (ca, cn) = ((am[h] - m).exp(), (nm[h] - m).exp());
+        for (a, n) in ao[h * hd..(h + 1) * hd].iter_mut().zip(&no[h * hd..(h + 1) * hd]) {
+            *a = *a * ca + n * cn;
+        }
+        asum[h] = asum[h] * ca + nsum[h] * cn;
+        am[h] = m;
+    }
+}
+
+/// The attention output from a (merged) partial result: weighted sums over sums.
+fn finish_part(acc: &[f32], g: usize, hd: usize, out: &mut [f32]) {
+    let sums = &acc[g * hd + g..][..g];
+    for ((oh, ah), &sum) in out.chunks_exact_mut(hd).zip(acc.chunks_exact(hd)).zip(sums) {
+        for (o, a) in oh.iter_mut().zip(ah) {
+            *o = a / sum;
+        }
     }
 }
 
@@ -1813,6 +1949,110 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use std::path::PathBuf;
     use std::sync::Arc;
+
+    /// Chunked attention (`ATTENTION_CHUNK`) against the softmax formula in f64,
+    /// over a context of several chunks starting inside one (a sliding window);
+    /// and the chunks computed apart and merged afterwards (how a single stream's
+    /// decode step spreads them over the team) give the very bits of `attend`.
+    #[test]
+    fn chunked_attention_matches_the_formula_however_it_is_split() {
+        let (g, hd) = (3, 64);
+        let (lo, end) = (37, 2 * ATTENTION_CHUNK + 300);
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        let q: Vec<f32> = (0..g * hd).map(|_| next()).collect();
+        let keys: Vec<f32> = (0..end * hd).map(|_| next()).collect();
+        let values: Vec<f32> = (0..end * hd).map(|_| next()).collect();
+        let mut kb = vec![0f32; end.next_multiple_of(KEY_BLOCK) * hd];
+        for p in 0..end {
+            for c in 0..hd {
+                kb[key_index(p, c, hd)] = keys[p * hd + c];
+            }
+        }
+        let view = |a: usize, b: usize| {
+            let (b0, b1) = (a / KEY_BLOCK, b.div_ceil(KEY_BLOCK));
+            (
+                KvRows::F32(&kb[b0 * KEY_BLOCK * hd..b1 * KEY_BLOCK * hd]),
+                a % KEY_BLOCK,
+                KvRows::F32(&values[a * hd..b * hd]),
+            )
+        };
+        let scale = 0.125;
+        let mut out = vec![0f32; g * hd];
+        attend(&q, lo, end, view, hd, scale, &mut out, &mut AttendScratch::default());
+        assert_eq!(attention_chunks(lo, end).count(), 3);
+        for h in 0..g {
+            let s: Vec<f64> = (lo..end)
+                .map(|p| (0..hd).map(|c| (q[h * hd + c] * keys[p * hd + c]) as f64).sum::<f64>() * scale as f64)
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
+            for c in 0..hd {
+                let want: f64 = (lo..end)
+                    .map(|p| (s[p - lo] - max).exp() * values[p * hd + c] as f64)
+                    .sum::<f64>()
+                    / sum;
+                let got = out[h * hd + c] as f64;
+                assert!((got - want).abs() < 1e-4, "head {h} dim {c}: {got} vs {want}");
+            }
+        }
+        // Apart, then merged in order.
+        let plen = part_len(g, hd);
+        let chunks: Vec<(usize, usize)> = attention_chunks(lo, end).collect();
+        let mut parts = vec![0f32; chunks.len() * plen];
+        for (&(a, b), part) in chunks.iter().zip(parts.chunks_exact_mut(plen)) {
+            let (k, first, v) = view(a, b);
+            attend_part(&q, k, first, v, hd, b - a, scale, part, &mut Vec::new());
+        }
+        let (acc, rest) = parts.split_at_mut(plen);
+        for next in rest.chunks_exact(plen) {
+            fold_part(acc, next, g, hd);
+        }
+        let mut merged = vec![0f32; g * hd];
+        finish_part(acc, g, hd, &mut merged);
+        assert!(merged.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// A decode step past several attention chunks gives a sequence the same bits
+    /// alone (few tasks: its chunks spread over the team) as in a batch of eight
+    /// (one task per token and kv head, chunks in turn), and stays near candle's
+    /// path, which attends the whole context at once.
+    #[test]
+    fn long_context_decode_has_the_same_bits_alone_and_batched() {
+        let mut m = tiny("tiny-llama");
+        m.set_kv_dtype(KvDType::F32);
+        let n = 2 * ATTENTION_CHUNK + 77;
+        let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 500 + 3) as u32).collect();
+        let (prompt, last) = tokens.split_at(n - 1);
+        let mut base = m.new_cache(n).unwrap();
+        m.forward(
+            &mut [SeqInput {
+                tokens: prompt,
+                cache: &mut base,
+            }],
+            false,
+        )
+        .unwrap();
+        let step = |batch: usize| {
+            let mut caches: Vec<KvCache> = (0..batch).map(|_| m.cache_prefix(&base, n - 1, n).unwrap()).collect();
+            let mut inputs: Vec<SeqInput> = caches.iter_mut().map(|c| SeqInput { tokens: last, cache: c }).collect();
+            let out = m.forward(&mut inputs, false).unwrap();
+            out.iter().map(|t| t.to_vec1::<f32>().unwrap()).collect::<Vec<_>>()
+        };
+        let alone = step(1).remove(0);
+        for (i, row) in step(8).iter().enumerate() {
+            assert!(
+                row.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "sequence {i} of 8 differs from the same sequence alone"
+            );
+        }
+        let want = candle_logits(&mut m, &tokens).pop().unwrap();
+        let d = max_diff(&alone, &want);
+        assert!(d < 1e-3, "logits {d} off candle's path");
+    }
 
     /// The tiny HF fixtures with every matrix quantized to Q8_0 at load, so that
     /// their decode steps take the plain-buffer path (`kernel_layers`).

@@ -1157,7 +1157,7 @@ pub fn key_index(p: usize, c: usize, hd: usize) -> usize {
 /// multiple of 16: `scores[h·len + j] = scale · q_h · k_{first + j}` for the query
 /// heads `q` (`[g, hd]`), with `k` whole blocks of the key layout (`KEY_BLOCK`)
 /// and `first < KEY_BLOCK` the first position used; each head's row of scores
-/// turned into `exp(s − max)` with its sum in `sums[h]`, then
+/// turned into `exp(s − max)` with its max in `maxes[h]` and sum in `sums[h]`, then
 /// `out_h = Σ_j scores[h·len + j] · v_j` (`v` position-major from that first
 /// position; not yet divided by the sum). Returns false (touching nothing) where
 /// it does not apply.
@@ -1171,13 +1171,14 @@ pub fn attention_simd(
     len: usize,
     scale: f32,
     scores: &mut [f32],
+    maxes: &mut [f32],
     sums: &mut [f32],
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if process_isa() == Isa::Avx512 && hd.is_multiple_of(16) && hd > 0 && len > 0 {
         let g = q.len() / hd;
-        assert!(scores.len() >= g * len && sums.len() >= g);
+        assert!(scores.len() >= g * len && maxes.len() >= g && sums.len() >= g);
         // SAFETY: the CPU supports the path (`Isa::detect` checked it); the
         // kernels check their slice lengths.
         unsafe {
@@ -1186,8 +1187,14 @@ pub fn attention_simd(
                 (KvRows::F16(k), KvRows::F16(v)) => x86::attention_scores_512(q, k, first, v, hd, len, scale, scores),
                 _ => return false,
             }
-            for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).take(g) {
-                *sum = x86::exp_shifted_512(row, x86::max_512(row));
+            for ((row, max), sum) in scores
+                .chunks_exact_mut(len)
+                .zip(maxes.iter_mut())
+                .zip(sums.iter_mut())
+                .take(g)
+            {
+                *max = x86::max_512(row);
+                *sum = x86::exp_shifted_512(row, *max);
             }
             match v {
                 KvRows::F32(v) => x86::attention_values_512(scores, v, hd, len, out),
@@ -1196,7 +1203,7 @@ pub fn attention_simd(
         }
         return true;
     }
-    let _ = (q, k, first, v, hd, len, scale, scores, sums, out);
+    let _ = (q, k, first, v, hd, len, scale, scores, maxes, sums, out);
     false
 }
 
@@ -1593,7 +1600,10 @@ mod tests {
             let mut key = vec![0f32; hd];
             kr.key_into(first + len - 1, hd, &mut key);
             assert_eq!(key, k[(len - 1) * hd..], "key_into");
-            if !attention_simd(&q, kr, first, vr, hd, len, scale, &mut sc, &mut sums, &mut out) {
+            let mut maxes = vec![0f32; g];
+            if !attention_simd(
+                &q, kr, first, vr, hd, len, scale, &mut sc, &mut maxes, &mut sums, &mut out,
+            ) {
                 return; // no AVX-512 here
             }
             for h in 0..g {
@@ -1601,6 +1611,10 @@ mod tests {
                     .map(|j| (0..hd).map(|c| (q[h * hd + c] * k[j * hd + c]) as f64).sum::<f64>() * scale as f64)
                     .collect();
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                assert!(
+                    (maxes[h] as f64 - max).abs() < 1e-5 * max.abs().max(1.0),
+                    "head {h}: max"
+                );
                 let p: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = p.iter().sum();
                 assert!(
