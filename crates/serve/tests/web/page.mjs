@@ -22,6 +22,22 @@ const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const seen = {};
 const T = 60_000;
 
+// The notice `action` brings up: the box may already show another one (an answer
+// cut at the max output tokens says so), so wait for its text to change.
+async function noticeAfter(page, selector, action) {
+  const before = await page.$eval(selector, (n) => (n.hidden ? "" : n.textContent));
+  await action();
+  await page.waitForFunction(
+    ([sel, b]) => {
+      const n = document.querySelector(sel);
+      return !n.hidden && n.textContent !== b;
+    },
+    [selector, before],
+    { timeout: T },
+  );
+  return page.textContent(selector);
+}
+
 const browser = await chromium.launch({ executablePath, headless: true, args: ["--no-sandbox", "--disable-gpu"] });
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -62,9 +78,7 @@ try {
   await page.click("#chat-regen");
   await page.waitForSelector("#chat-up:not([disabled])", { timeout: T });
   seen.chat_bubbles_after_regen = await page.$$eval("#chat-messages .msg", (els) => els.map((e) => e.dataset.role));
-  await page.click("#chat-up");
-  await page.waitForSelector("#chat-notice:not([hidden])", { timeout: T });
-  seen.upvote_notice = await page.textContent("#chat-notice");
+  seen.upvote_notice = await noticeAfter(page, "#chat-notice", () => page.click("#chat-up"));
 
   // ---- Stop: a long answer cut short keeps what arrived ----
   await page.$eval("#p-max-tokens", (el) => { el.value = "1024"; el.dispatchEvent(new Event("input")); });
@@ -118,9 +132,7 @@ try {
   await page.fill("#arena-input", "What is 2 + 2?");
   await page.click("#arena-send");
   await page.waitForSelector("#vote-tie:not([disabled])", { timeout: T });
-  await page.click("#vote-tie");
-  await page.waitForSelector("#arena-notice:not([hidden])", { timeout: T });
-  seen.named_notice = await page.textContent("#arena-notice");
+  seen.named_notice = await noticeAfter(page, "#arena-notice", () => page.click("#vote-tie"));
   seen.named_models = [await page.inputValue("#arena-model-0"), await page.inputValue("#arena-model-1")];
   seen.named_input_disabled_after_vote = await page.$eval("#arena-input", (e) => e.disabled);
   await page.screenshot({ path: join(shots, "7-side-by-side.png") });
