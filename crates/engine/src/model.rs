@@ -223,7 +223,6 @@ impl KvDType {
 /// dimension-major), values position-major.
 /// On cache lines (`Aligned`): the attention kernels load a block's keys 32 or 64
 /// bytes at a time.
-#[derive(Clone)]
 enum KvBuf {
     F32(Aligned<f32>),
     F16(Aligned<f16>),
