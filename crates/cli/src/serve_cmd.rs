@@ -10,8 +10,8 @@ use clap::Args;
 use tokio::net::TcpListener;
 use vicugna_engine::{EngineHandle, EngineOptions};
 use vicugna_serve::{
-    listener_url, os_signal, shutdown_channel, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown, WebOptions,
-    Worker, WorkerOptions,
+    listener_url, os_signal, shutdown_channel, ControlAuth, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown,
+    WebOptions, Worker, WorkerHosts, WorkerOptions,
 };
 
 use crate::model_arg::ModelArgs;
@@ -42,6 +42,94 @@ pub struct WorkerPartArgs {
     /// Embeddings: cut inputs longer than the context instead of pooling chunks.
     #[arg(long)]
     embed_in_truncate: bool,
+}
+
+/// The control plane's secret, shared by `serve`, `controller`, `worker` and `api`.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// The secret every controller and worker call must carry; give the same one to every part [env VICUGNA_CONTROL_SECRET].
+    #[arg(long, value_name = "SECRET")]
+    control_secret: Option<String>,
+    /// A file whose first line is the control secret.
+    #[arg(long, value_name = "FILE", conflicts_with = "control_secret")]
+    control_secret_file: Option<PathBuf>,
+    /// No control secret, so that FastChat's own controller, workers and API server can join. INSECURE: anyone who reaches the controller or worker ports can then register workers (and receive prompts) and generate.
+    #[arg(long, conflicts_with_all = ["control_secret", "control_secret_file"])]
+    insecure_fastchat_compat: bool,
+}
+
+/// Where the control secret comes from when no flag gives it.
+const CONTROL_SECRET_ENV: &str = "VICUGNA_CONTROL_SECRET";
+
+impl ControlArgs {
+    /// The control plane's auth for the part `what`; `serve` (`generate`)
+    /// makes a random secret when none is given, the separate parts refuse to start.
+    fn auth(&self, what: &str, generate: bool) -> Result<ControlAuth> {
+        let env = std::env::var(CONTROL_SECRET_ENV).ok().filter(|s| !s.trim().is_empty());
+        if self.insecure_fastchat_compat {
+            if env.is_some() {
+                anyhow::bail!(
+                    "vicugna {what}: --insecure-fastchat-compat turns the control secret off, but {CONTROL_SECRET_ENV} sets one; unset one of them"
+                );
+            }
+            eprintln!(
+                "vicugna {what}: WARNING: --insecure-fastchat-compat: the control plane takes calls without a secret. \
+                 Anyone who can reach the controller or worker ports can register workers (and so receive prompts \
+                 and answer clients) and generate. Use it only on a network you trust."
+            );
+            return Ok(ControlAuth::Open);
+        }
+        let (text, from) = if let Some(s) = &self.control_secret {
+            (s.clone(), "--control-secret".to_string())
+        } else if let Some(f) = &self.control_secret_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the control secret file {}", f.display()))?;
+            (
+                t.lines().next().unwrap_or("").to_string(),
+                format!("--control-secret-file {}", f.display()),
+            )
+        } else if let Some(e) = env {
+            (e, CONTROL_SECRET_ENV.to_string())
+        } else if generate {
+            return Ok(ControlAuth::default());
+        } else {
+            anyhow::bail!(
+                "vicugna {what}: no control secret. The controller, workers and API must share one: give it with \
+                 --control-secret SECRET, --control-secret-file FILE or {CONTROL_SECRET_ENV} (e.g. from `openssl rand -hex 32`), \
+                 or run every part with --insecure-fastchat-compat to let FastChat parts in without one"
+            )
+        };
+        ControlAuth::secret(&text).map_err(|e| anyhow::anyhow!("vicugna {what}: {from}: {e}"))
+    }
+}
+
+/// The API's HTTP policy, shared by `serve` and `api`.
+#[derive(Args, Debug, Clone)]
+pub struct ApiHttpArgs {
+    /// Web origins allowed to call the API from a browser (CORS), comma-separated, e.g. https://app.example.com; `*` for any. Default: none.
+    #[arg(long, value_delimiter = ',')]
+    allow_origins: Option<Vec<String>>,
+    /// With --api-keys: leave the web page's /api/* open to anyone (the page otherwise asks for a key).
+    #[arg(long)]
+    public_page: bool,
+    /// With --api-keys: leave /metrics open to anyone.
+    #[arg(long)]
+    public_metrics: bool,
+}
+
+impl ApiHttpArgs {
+    fn apply(&self, o: &mut GatewayOptions) {
+        o.allow_origins = self
+            .allow_origins
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        o.public_page = self.public_page;
+        o.public_metrics = self.public_metrics;
+    }
 }
 
 /// Settings of the web page, shared by `serve` and `api`.
@@ -108,6 +196,14 @@ pub struct ServeArgs {
     worker: WorkerPartArgs,
     #[command(flatten)]
     web: WebArgs,
+    /// The control secret (default: a random one per run, known only to this process).
+    #[command(flatten)]
+    control: ControlArgs,
+    #[command(flatten)]
+    http: ApiHttpArgs,
+    /// Hosts other workers may register from: addresses, CIDR ranges and names, comma-separated (this process's own worker is always allowed).
+    #[arg(long, default_value = "127.0.0.0/8,::1,localhost")]
+    allow_worker_hosts: WorkerHosts,
     /// Address to bind every part to.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -152,6 +248,11 @@ pub struct ControllerArgs {
     heart_beat_expiration: Option<f64>,
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Hosts workers may register from: addresses, CIDR ranges (10.0.0.0/8) and names, comma-separated.
+    #[arg(long, default_value = "127.0.0.0/8,::1,localhost")]
+    allow_worker_hosts: WorkerHosts,
 }
 
 /// `vicugna worker`.
@@ -173,6 +274,8 @@ pub struct WorkerArgs {
     no_register: bool,
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
+    #[command(flatten)]
+    control: ControlArgs,
 }
 
 /// `vicugna api`.
@@ -197,6 +300,10 @@ pub struct ApiArgs {
     worker_timeout: Option<f64>,
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
+    #[command(flatten)]
+    control: ControlArgs,
+    #[command(flatten)]
+    http: ApiHttpArgs,
 }
 
 /// A duration from a flag, else an environment variable, else a default.
@@ -296,19 +403,25 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         vicugna_serve::controller::DEFAULT_HEART_BEAT_EXPIRATION,
     )?;
     let grace = grace(a.grace_seconds);
+    let control = a.control.auth("serve", true)?;
     runtime()?.block_on(async move {
         let cl = bind(&a.host, a.controller_port, "controller", "--controller-port").await?;
         let wl = bind(&a.host, a.worker_port, "worker", "--worker-port").await?;
         let gl = bind(&a.host, a.port, "API", "--port").await?;
         let (curl, wurl, gurl) = (listener_url(&cl)?, listener_url(&wl)?, listener_url(&gl)?);
-        let opts = a.worker.options(&engine, &wurl, &curl)?;
+        let mut opts = a.worker.options(&engine, &wurl, &curl)?;
+        opts.control = control.clone();
         let worker = Worker::new(engine, opts)?;
+        let mut allow_worker_hosts = a.allow_worker_hosts.clone();
+        allow_worker_hosts.allow_host_of(&wurl);
         let (shutdown, sig) = signal_shutdown();
         let controller = tokio::spawn(vicugna_serve::run_controller(
             cl,
             ControllerOptions {
                 dispatch_method: a.dispatch_method,
                 heart_beat_expiration: expiration,
+                control: control.clone(),
+                allow_worker_hosts,
             },
             shutdown.clone(),
             grace,
@@ -317,6 +430,8 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         let format = worker.format_name().to_string();
         let worker_task = tokio::spawn(vicugna_serve::run_worker(wl, worker, shutdown.clone(), grace));
         let mut gopts = GatewayOptions::new(&curl);
+        gopts.control = control.clone();
+        a.http.apply(&mut gopts);
         gopts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
         gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
         gopts.web = web.clone();
@@ -347,6 +462,7 @@ pub fn run_controller(a: ControllerArgs) -> Result<()> {
         "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",
         vicugna_serve::controller::DEFAULT_HEART_BEAT_EXPIRATION,
     )?;
+    let control = a.control.auth("controller", false)?;
     runtime()?.block_on(async move {
         let l = bind(&a.host, a.port, "controller", "--port").await?;
         say(&format!("vicugna controller: {}", listener_url(&l)?));
@@ -354,6 +470,8 @@ pub fn run_controller(a: ControllerArgs) -> Result<()> {
         let opts = ControllerOptions {
             dispatch_method: a.dispatch_method,
             heart_beat_expiration: expiration,
+            control,
+            allow_worker_hosts: a.allow_worker_hosts.clone(),
         };
         vicugna_serve::run_controller(l, opts, shutdown, grace(a.grace_seconds)).await?;
         sig.abort();
@@ -363,6 +481,8 @@ pub fn run_controller(a: ControllerArgs) -> Result<()> {
 
 /// `vicugna worker`.
 pub fn run_worker(a: WorkerArgs) -> Result<()> {
+    // Before loading the model: a missing secret is a quick error.
+    let control = a.control.auth("worker", false)?;
     let engine = a.worker.start_engine()?;
     runtime()?.block_on(async move {
         let l = bind(&a.host, a.port, "worker", "--port").await?;
@@ -378,6 +498,7 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
         };
         let mut opts = a.worker.options(&engine, &address, &a.controller_address)?;
         opts.register = !a.no_register;
+        opts.control = control;
         let worker = Worker::new(engine, opts)?;
         say(&format!(
             "vicugna worker: {url} serving {} (prompt format: {}), controller {}",
@@ -395,6 +516,8 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
 /// `vicugna api`.
 pub fn run_api(a: ApiArgs) -> Result<()> {
     let mut opts = GatewayOptions::new(&a.controller_address);
+    opts.control = a.control.auth("api", false)?;
+    a.http.apply(&mut opts);
     opts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
     opts.max_body_bytes = a.max_body_mb.max(1) << 20;
     opts.web = a.web.options()?;

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
 
+use crate::control::{self, ControlAuth, WorkerHosts};
 use crate::protocol::{
     code, Chunk, HeartBeat, HeartBeatReply, ModelList, RegisterWorker, WorkerAddress, WorkerAddressRequest,
     WorkerStatus,
@@ -50,6 +51,10 @@ pub struct ControllerOptions {
     pub dispatch_method: DispatchMethod,
     /// A worker that has not sent a heartbeat for this long is dropped.
     pub heart_beat_expiration: Duration,
+    /// The secret every call must carry, or none (FastChat interoperability).
+    pub control: ControlAuth,
+    /// Hosts workers may register from.
+    pub allow_worker_hosts: WorkerHosts,
 }
 
 impl Default for ControllerOptions {
@@ -57,6 +62,8 @@ impl Default for ControllerOptions {
         ControllerOptions {
             dispatch_method: DispatchMethod::ShortestQueue,
             heart_beat_expiration: DEFAULT_HEART_BEAT_EXPIRATION,
+            control: ControlAuth::default(),
+            allow_worker_hosts: WorkerHosts::default(),
         }
     }
 }
@@ -82,12 +89,9 @@ impl Controller {
     /// A controller with no workers.
     pub fn new(opts: ControllerOptions) -> Arc<Self> {
         Arc::new(Controller {
+            http: opts.control.client(None),
             opts,
             workers: Mutex::new(HashMap::new()),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
         })
     }
 
@@ -111,7 +115,21 @@ impl Controller {
     }
 
     /// Adds or refreshes a worker; pulls its status if none was given.
-    pub async fn register(&self, reg: RegisterWorker) -> bool {
+    /// `Err` (nothing registered, nothing requested) when the worker's URL is
+    /// not an allowed http(s) address; `Ok(false)` when its status is unknown.
+    pub async fn register(&self, mut reg: RegisterWorker) -> Result<bool, String> {
+        reg.worker_name = self.opts.allow_worker_hosts.check(&reg.worker_name).inspect_err(|e| {
+            eprintln!("controller: {e}");
+        })?;
+        if !reg.check_heart_beat && matches!(self.opts.control, ControlAuth::Secret(_)) {
+            // FastChat's "never expire" lets one registration outlive its
+            // worker forever; with a secret, every worker must keep beating.
+            eprintln!(
+                "controller: {} asked for check_heart_beat: false; it expires without heartbeats all the same",
+                reg.worker_name
+            );
+            reg.check_heart_beat = true;
+        }
         let status = match reg.worker_status {
             Some(s) => Some(s),
             None => self.pull_status(&reg.worker_name).await,
@@ -121,7 +139,7 @@ impl Controller {
                 "controller: cannot get the status of {}; not registered",
                 reg.worker_name
             );
-            return false;
+            return Ok(false);
         };
         eprintln!(
             "controller: registered {} serving {:?}",
@@ -138,7 +156,7 @@ impl Controller {
                 multimodal: reg.multimodal,
             },
         );
-        true
+        Ok(true)
     }
 
     /// Pulls every worker's status again; drops those that do not answer.
@@ -271,6 +289,7 @@ pub fn spawn_sweeper(c: Arc<Controller>) -> tokio::task::JoinHandle<()> {
 /// The controller's HTTP routes (and starts its sweeper).
 pub fn router(c: Arc<Controller>) -> Router {
     spawn_sweeper(c.clone());
+    let auth = c.opts.control.clone();
     Router::new()
         .route("/register_worker", post(register_worker))
         .route("/refresh_all_workers", post(refresh_all_workers))
@@ -282,18 +301,20 @@ pub fn router(c: Arc<Controller>) -> Router {
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
         .route("/test_connection", get(|| async { Json("success") }))
+        .method_not_allowed_fallback(control::method_not_allowed)
         .with_state(c)
+        .layer(axum::middleware::from_fn(control::require_json))
+        .layer(axum::middleware::from_fn_with_state(auth, control::require_secret))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        Box::new(
-            (
-                axum::http::StatusCode::BAD_REQUEST,
-                Json(json!({"error": format!("invalid request body: {e}")})),
-            )
-                .into_response(),
-        )
+        Box::new(control::error_response(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            format!("invalid request body: {e}"),
+        ))
     })
 }
 
@@ -302,8 +323,15 @@ async fn register_worker(State(c): State<Arc<Controller>>, body: Bytes) -> Respo
         Ok(r) => r,
         Err(e) => return *e,
     };
-    let ok = c.register(reg).await;
-    Json(json!(ok)).into_response()
+    match c.register(reg).await {
+        Ok(ok) => Json(json!(ok)).into_response(),
+        Err(e) => control::error_response(
+            axum::http::StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "worker_not_allowed",
+            e,
+        ),
+    }
 }
 
 async fn refresh_all_workers(State(c): State<Arc<Controller>>) -> Json<serde_json::Value> {

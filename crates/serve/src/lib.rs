@@ -6,6 +6,7 @@
 //! worker can join a vicugna controller, and FastChat's own
 //! `openai_api_server` can stand in front of vicugna workers.
 
+pub mod control;
 pub mod controller;
 pub mod gateway;
 pub mod leaderboard;
@@ -15,6 +16,7 @@ pub mod shutdown;
 pub mod web;
 pub mod worker;
 
+pub use control::{ControlAuth, ControlSecret, WorkerHosts};
 pub use controller::{Controller, ControllerOptions, DispatchMethod};
 pub use gateway::{Gateway, GatewayOptions};
 pub use shutdown::{os_signal, shutdown_channel, Shutdown, ShutdownTrigger};

@@ -70,17 +70,62 @@ pub async fn os_signal() {
 }
 
 /// Serves `app` until shutdown, then lets in-flight requests finish for at most
-/// `grace` before returning.
+/// `grace` before returning. Connections that do not send a request's headers
+/// within [`crate::control::HEADER_READ_TIMEOUT`] are closed, so slow or idle
+/// clients cannot hold sockets and tasks open.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown, grace: Duration) -> std::io::Result<()> {
-    // Connect info: the web page's per-address limits and logs need the client address.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().wait());
-    let deadline = async move {
-        shutdown.wait().await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        r = server => r,
-        _ = deadline => Ok(()),
+    // Every connection task holds a receiver; the loop waits for all to drop.
+    let (conn_tx, conn_rx) = watch::channel(());
+    let (close_tx, _) = watch::channel(false);
+    loop {
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    eprintln!("vicugna: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.clone().wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            // The web page's per-address limits and logs read the client address.
+            req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            tower::ServiceExt::oneshot(app.clone(), req)
+        });
+        let conn_rx = conn_rx.clone();
+        let mut close_rx = close_tx.subscribe();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(crate::control::HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    r = close_rx.changed() => {
+                        if r.is_err() {
+                            // The grace period is over: cut the connection.
+                            break;
+                        }
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(conn_rx);
+        });
     }
+    drop(listener);
+    let _ = close_tx.send(true);
+    drop(conn_rx);
+    // In-flight requests finish, for at most `grace`.
+    let _ = tokio::time::timeout(grace, conn_tx.closed()).await;
+    Ok(())
 }

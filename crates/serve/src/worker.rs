@@ -24,6 +24,7 @@ use vicugna_engine::{
     Constraint, EngineError, EngineHandle, Event, GenerateRequest, Prompt, SamplingParams, StopRules,
 };
 
+use crate::control::{self, ControlAuth};
 use crate::metrics::WorkerMetrics;
 use crate::protocol::{
     code, Chunk, EmbeddingParams, EmbeddingReply, GenerateParams, HeartBeat, HeartBeatReply, LogProbs, ModelDetails,
@@ -32,6 +33,13 @@ use crate::protocol::{
 
 /// FastChat's `FASTCHAT_WORKER_HEART_BEAT_INTERVAL` default.
 pub const DEFAULT_HEART_BEAT_INTERVAL: Duration = Duration::from_secs(45);
+/// Most alternatives per token a worker computes (the gateway's limit too).
+pub const MAX_LOGPROBS: usize = crate::gateway::validate::MAX_TOP_LOGPROBS;
+/// Most stop strings in one request: the gateway's limit, plus room for the
+/// ones a chat template adds.
+pub const MAX_STOP: usize = crate::gateway::validate::MAX_STOP * 2;
+/// Most inputs in one `/worker_get_embeddings` call (OpenAI's limit per request).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -54,6 +62,8 @@ pub struct WorkerOptions {
     pub register: bool,
     /// Embeddings: cut over-long inputs to the context instead of pooling chunks.
     pub embed_in_truncate: bool,
+    /// The control secret: required of callers and sent to the controller.
+    pub control: ControlAuth,
 }
 
 impl WorkerOptions {
@@ -70,6 +80,7 @@ impl WorkerOptions {
             heart_beat_interval: DEFAULT_HEART_BEAT_INTERVAL,
             register: true,
             embed_in_truncate: false,
+            control: ControlAuth::default(),
         }
     }
 }
@@ -139,11 +150,7 @@ impl Worker {
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             metrics: WorkerMetrics::default(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            http: opts.control.client(Some(Duration::from_secs(5))),
             opts,
         }))
     }
@@ -181,8 +188,7 @@ impl Worker {
             return Err((
                 code::ENGINE_OVERLOADED,
                 format!(
-                    "worker {} is full: {} requests running and {} waiting (limit {} + {})",
-                    self.opts.worker_address,
+                    "the worker is full: {} requests running and {} waiting (limit {} + {})",
                     self.running.load(Ordering::SeqCst),
                     waiting,
                     self.opts.limit_worker_concurrency,
@@ -277,9 +283,16 @@ impl Worker {
         }
         let room = ctx - ids.len();
         let echo = p.echo.unwrap_or(true);
+        // Beyond the context is refused, as at the gateway; up to it, the
+        // budget is clipped to the room the prompt leaves (FastChat's way).
         let max_new = match p.max_new_tokens {
             None => room,
             Some(n) if n < 0 => return bad(format!("max_new_tokens must be >= 0, got {n}")),
+            Some(n) if n as u64 > ctx as u64 => {
+                return bad(format!(
+                    "max_new_tokens must be at most {ctx} (the context length of this model), got {n}"
+                ))
+            }
             Some(n) => (n as usize).min(room),
         };
         match &p.stop {
@@ -296,12 +309,21 @@ impl Worker {
             _ => return bad("stop: expected a string or a list of strings".into()),
         }
         stop_strings.retain(|s| !s.is_empty());
+        if stop_strings.len() > MAX_STOP {
+            return bad(format!(
+                "stop: at most {MAX_STOP} stop strings are allowed, got {}",
+                stop_strings.len()
+            ));
+        }
         stop_strings.sort();
         stop_strings.dedup();
         let logprobs = match &p.logprobs {
             Value::Null | Value::Bool(false) => None,
             Value::Bool(true) => Some(0),
             Value::Number(n) => match n.as_u64() {
+                Some(n) if n as usize > MAX_LOGPROBS => {
+                    return bad(format!("logprobs must be at most {MAX_LOGPROBS}, got {n}"))
+                }
                 Some(n) => Some(n as usize),
                 None => return bad(format!("logprobs must be a non-negative integer, got {n}")),
             },
@@ -481,6 +503,15 @@ impl Worker {
 
     /// Mean-pooled, L2-normalised embeddings (FastChat's recipe for decoder models).
     async fn embeddings(self: &Arc<Self>, p: EmbeddingParams) -> Result<EmbeddingReply, Refusal> {
+        if p.input.len() > MAX_EMBEDDING_INPUTS {
+            return Err((
+                code::PARAM_OUT_OF_RANGE,
+                format!(
+                    "input: at most {MAX_EMBEDDING_INPUTS} inputs per call, got {}",
+                    p.input.len()
+                ),
+            ));
+        }
         let _slot = self.acquire().await?;
         let ctx = self.engine.info().context_length.max(1);
         let mut out = Vec::with_capacity(p.input.len());
@@ -577,7 +608,14 @@ impl Worker {
                 ok
             }
             Ok(r) => {
-                eprintln!("worker: the controller refused registration: HTTP {}", r.status());
+                let status = r.status();
+                let why = r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                eprintln!("worker: the controller refused registration: HTTP {status} {why}");
                 false
             }
             Err(e) => {
@@ -667,6 +705,7 @@ fn engine_refusal(e: &EngineError) -> Refusal {
 
 /// The worker's HTTP routes.
 pub fn router(w: Arc<Worker>) -> Router {
+    let auth = w.opts.control.clone();
     Router::new()
         .route("/worker_generate_stream", post(generate_stream))
         .route("/worker_generate", post(generate_once))
@@ -676,8 +715,11 @@ pub fn router(w: Arc<Worker>) -> Router {
         .route("/worker_get_conv_template", post(get_conv_template))
         .route("/model_details", post(model_details))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(control::method_not_allowed)
         .with_state(w)
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .layer(axum::middleware::from_fn(control::require_json))
+        .layer(axum::middleware::from_fn_with_state(auth, control::require_secret))
 }
 
 fn parse_params(body: &Bytes) -> Result<GenerateParams, Box<Chunk>> {

@@ -621,7 +621,7 @@ async fn concurrent_requests_share_the_batch_and_queue_length_is_truthful() {
             }));
         }
         eventually(Duration::from_secs(30), "queue_length 4", || async {
-            let (_, s) = post(&format!("{}/worker_get_status", c2.worker), &json!({})).await;
+            let (_, s) = ctl_post(&format!("{}/worker_get_status", c2.worker), &json!({})).await;
             s["queue_length"] == 4
         })
         .await;

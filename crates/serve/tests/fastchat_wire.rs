@@ -25,7 +25,7 @@ async fn worker_endpoints_speak_fastchat() {
         let model = model_name();
 
         // NUL-delimited JSON with cumulative text; echo defaults to true as in FastChat.
-        let r = http()
+        let r = control_http()
             .post(format!("{w}/worker_generate_stream"))
             .json(&json!({"model": model, "prompt": "The capital of France is", "max_new_tokens": 6, "temperature": 0}))
             .send()
@@ -47,7 +47,7 @@ async fn worker_endpoints_speak_fastchat() {
         assert!(chunks[..chunks.len() - 1].iter().all(|c| c["finish_reason"].is_null()));
 
         // /worker_generate: the last chunk as one JSON object.
-        let (s, g) = post(
+        let (s, g) = ctl_post(
             &format!("{w}/worker_generate"),
             &json!({"model": model, "prompt": "The capital of France is", "max_new_tokens": 6, "temperature": 0, "echo": false}),
         )
@@ -58,14 +58,14 @@ async fn worker_endpoints_speak_fastchat() {
             last["text"].as_str().unwrap()
         );
 
-        let (_, st) = post(&format!("{w}/worker_get_status"), &json!({})).await;
+        let (_, st) = ctl_post(&format!("{w}/worker_get_status"), &json!({})).await;
         assert_eq!(st, json!({"model_names": [model], "speed": 1.0, "queue_length": 0}));
-        let (_, n) = post(&format!("{w}/count_token"), &json!({"prompt": "Hello world"})).await;
+        let (_, n) = ctl_post(&format!("{w}/count_token"), &json!({"prompt": "Hello world"})).await;
         assert_eq!(n["error_code"], 0);
         assert_eq!(n["count"], 2);
-        let (_, d) = post(&format!("{w}/model_details"), &json!({"model": model})).await;
+        let (_, d) = ctl_post(&format!("{w}/model_details"), &json!({"model": model})).await;
         assert_eq!(d["context_length"], 8192);
-        let (_, conv) = post(&format!("{w}/worker_get_conv_template"), &json!({"model": model})).await;
+        let (_, conv) = ctl_post(&format!("{w}/worker_get_conv_template"), &json!({"model": model})).await;
         let conv = &conv["conv"];
         for field in [
             "name",
@@ -84,7 +84,7 @@ async fn worker_endpoints_speak_fastchat() {
         }
         assert!(conv["sep_style"].is_u64(), "sep_style is FastChat's integer: {conv}");
 
-        let (_, e) = post(
+        let (_, e) = ctl_post(
             &format!("{w}/worker_get_embeddings"),
             &json!({"model": model, "input": ["hello", "hello world"]}),
         )
@@ -93,7 +93,7 @@ async fn worker_endpoints_speak_fastchat() {
         assert_eq!(e["token_num"], 3);
 
         // Errors are chunks with FastChat's codes, not HTTP failures.
-        let r = http()
+        let r = control_http()
             .post(format!("{w}/worker_generate_stream"))
             .json(&json!({"model": model, "prompt": "hi ".repeat(9000), "max_new_tokens": 4}))
             .send()
@@ -110,44 +110,44 @@ async fn worker_endpoints_speak_fastchat() {
 async fn controller_endpoints_speak_fastchat() {
     within(async {
         let (ctl, _tc) = controller(ControllerOptions::default()).await;
-        let r = http().get(format!("{ctl}/test_connection")).send().await.unwrap();
+        let r = control_http().get(format!("{ctl}/test_connection")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "\"success\"");
         // A worker registered with `worker_status: null` is asked for its status.
         let (w, _wh, _tw) = worker(&ctl, |o| o.register = false).await;
         let model = model_name();
-        let (s, _) = post(
+        let (s, _) = ctl_post(
             &format!("{ctl}/register_worker"),
             &json!({"worker_name": w, "check_heart_beat": true, "worker_status": null}),
         )
         .await;
         assert_eq!(s, 200);
-        let (_, m) = post(&format!("{ctl}/list_models"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
         assert_eq!(m, json!({"models": [model]}));
-        let (_, m) = post(&format!("{ctl}/list_language_models"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_language_models"), &json!({})).await;
         assert_eq!(m, json!({"models": [model]}));
-        let (_, m) = post(&format!("{ctl}/list_multimodal_models"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_multimodal_models"), &json!({})).await;
         assert_eq!(m, json!({"models": []}));
-        let (_, a) = post(&format!("{ctl}/get_worker_address"), &json!({"model": model})).await;
+        let (_, a) = ctl_post(&format!("{ctl}/get_worker_address"), &json!({"model": model})).await;
         assert_eq!(a["address"], w.as_str());
-        let (_, a) = post(&format!("{ctl}/get_worker_address"), &json!({"model": "other"})).await;
+        let (_, a) = ctl_post(&format!("{ctl}/get_worker_address"), &json!({"model": "other"})).await;
         assert_eq!(a["address"], "");
-        let (_, h) = post(
+        let (_, h) = ctl_post(
             &format!("{ctl}/receive_heart_beat"),
             &json!({"worker_name": w, "queue_length": 0}),
         )
         .await;
         assert_eq!(h, json!({"exist": true}));
-        let (_, h) = post(
+        let (_, h) = ctl_post(
             &format!("{ctl}/receive_heart_beat"),
             &json!({"worker_name": "http://127.0.0.1:1", "queue_length": 0}),
         )
         .await;
         assert_eq!(h, json!({"exist": false}));
-        let (_, st) = post(&format!("{ctl}/worker_get_status"), &json!({})).await;
+        let (_, st) = ctl_post(&format!("{ctl}/worker_get_status"), &json!({})).await;
         assert_eq!(st["model_names"], json!([model]));
 
         // The controller proxies a generation (controllers can nest).
-        let r = http()
+        let r = control_http()
             .post(format!("{ctl}/worker_generate_stream"))
             .json(&json!({"model": model, "prompt": "Hi", "max_new_tokens": 2, "echo": false}))
             .send()
@@ -155,7 +155,7 @@ async fn controller_endpoints_speak_fastchat() {
             .unwrap();
         let c = parse_chunks(&r.bytes().await.unwrap());
         assert!(c.last().unwrap()["finish_reason"].is_string());
-        let r = http()
+        let r = control_http()
             .post(format!("{ctl}/worker_generate_stream"))
             .json(&json!({"model": "other", "prompt": "Hi"}))
             .send()
@@ -165,16 +165,16 @@ async fn controller_endpoints_speak_fastchat() {
         assert_eq!(c[0]["error_code"], 50005);
 
         // refresh_all_workers drops a worker that no longer answers.
-        let (_, _) = post(
+        let (_, _) = ctl_post(
             &format!("{ctl}/register_worker"),
             &json!({"worker_name": "http://127.0.0.1:9", "check_heart_beat": true,
                     "worker_status": {"model_names": ["ghost"], "speed": 1, "queue_length": 0}}),
         )
         .await;
-        let (_, m) = post(&format!("{ctl}/list_models"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
         assert_eq!(m["models"].as_array().unwrap().len(), 2);
-        post(&format!("{ctl}/refresh_all_workers"), &json!({})).await;
-        let (_, m) = post(&format!("{ctl}/list_models"), &json!({})).await;
+        ctl_post(&format!("{ctl}/refresh_all_workers"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
         assert_eq!(m, json!({"models": [model]}));
     })
     .await
@@ -193,13 +193,13 @@ async fn dispatch_methods_spread_requests_over_workers() {
             let (b, _bh, _tb) = worker(&ctl, |_| {}).await;
             let model = model_name();
             eventually(Duration::from_secs(20), "both workers registered", || async {
-                let (_, st) = post(&format!("{ctl}/worker_get_status"), &json!({})).await;
+                let (_, st) = ctl_post(&format!("{ctl}/worker_get_status"), &json!({})).await;
                 st["speed"].as_f64() == Some(2.0)
             })
             .await;
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..40 {
-                let (_, r) = post(&format!("{ctl}/get_worker_address"), &json!({"model": model})).await;
+                let (_, r) = ctl_post(&format!("{ctl}/get_worker_address"), &json!({"model": model})).await;
                 seen.insert(r["address"].as_str().unwrap().to_string());
             }
             let want: std::collections::BTreeSet<String> = [a, b].into_iter().collect();
@@ -214,6 +214,7 @@ async fn dead_worker_expires_and_restarted_controller_is_repopulated_by_heartbea
     within(async {
         let opts = ControllerOptions {
             heart_beat_expiration: Duration::from_millis(900),
+            control: control(),
             ..ControllerOptions::default()
         };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -235,14 +236,14 @@ async fn dead_worker_expires_and_restarted_controller_is_repopulated_by_heartbea
             }
         };
         let _tc = spawn_controller(l, opts);
-        let (_, m) = post(&format!("{ctl}/list_models"), &json!({})).await;
+        let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
         assert_eq!(m, json!({"models": []}), "a new controller starts empty");
         wait_for_model(&ctl, &model, Duration::from_secs(10)).await;
 
         // A worker that stops sending heartbeats is dropped within the expiry.
         tw.fire();
         eventually(Duration::from_secs(10), "the dead worker to expire", || async {
-            let (_, m) = post(&format!("{ctl}/list_models"), &json!({})).await;
+            let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
             m == json!({"models": []})
         })
         .await;
@@ -301,7 +302,12 @@ async fn gateway_works_with_a_worker_that_only_speaks_fastchat() {
             );
         let (l, fake) = bind().await;
         tokio::spawn(async move { axum::serve(l, app).await });
-        let (ctl, _tc) = controller(ControllerOptions::default()).await;
+        // A FastChat worker sends no control secret: the opt-in compat mode.
+        let (ctl, _tc) = controller(ControllerOptions {
+            control: vicugna_serve::ControlAuth::Open,
+            ..ControllerOptions::default()
+        })
+        .await;
         let (s, _) = post(
             &format!("{ctl}/register_worker"),
             &json!({"worker_name": fake, "check_heart_beat": false, "worker_status": null}),

@@ -49,6 +49,7 @@ fn child_worker() {
         let url = format!("http://{host}:{port}");
         let mut opts = vicugna_serve::WorkerOptions::new(&url, &ctl, vec![model_name()]);
         opts.heart_beat_interval = Duration::from_millis(250);
+        opts.control = control();
         let w = vicugna_serve::Worker::new(engine(), opts).unwrap();
         let (_trigger, shutdown) = vicugna_serve::shutdown_channel();
         eprintln!("child worker listening on {url}");
@@ -81,7 +82,7 @@ fn spawn_worker(prefix: &[&str], host: &str, port: u16, controller: &str) -> Rea
 }
 
 async fn status(worker: &str) -> Option<Value> {
-    let r = reqwest::Client::new()
+    let r = control_http()
         .post(format!("{worker}/worker_get_status"))
         .timeout(Duration::from_secs(2))
         .send()
@@ -91,7 +92,7 @@ async fn status(worker: &str) -> Option<Value> {
 }
 
 async fn address(ctl: &str, model: &str, exclude: &[&str]) -> String {
-    let (_, v) = post(
+    let (_, v) = ctl_post(
         &format!("{ctl}/get_worker_address"),
         &json!({"model": model, "exclude": exclude}),
     )
@@ -302,7 +303,14 @@ async fn worker_in_its_own_network_namespace_serves_through_the_gateway() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let l = TcpListener::bind(format!("{host_ip}:0")).await.unwrap();
         let ctl = vicugna_serve::listener_url(&l).unwrap();
-        let _tc = spawn_controller(l, ControllerOptions::default());
+        let _tc = spawn_controller(
+            l,
+            ControllerOptions {
+                control: control(),
+                allow_worker_hosts: ns_ip.parse().unwrap(),
+                ..ControllerOptions::default()
+            },
+        );
         let (api, _tg) = gateway(&ctl, |_| {}).await;
         let port = free_port();
         let worker_url = format!("http://{ns_ip}:{port}");

@@ -95,7 +95,8 @@ async fn fastchat_openai_api_server_in_front_of_vicugna() {
     let Some(py) = tokio::task::spawn_blocking(python).await.unwrap() else {
         return;
     };
-    let c = Cluster::start(|_| {}).await;
+    // FastChat's server sends no control secret: the opt-in compat mode.
+    let c = Cluster::start_fastchat_compat().await;
     let port = free_port();
     let child = Command::new(py)
         .args([

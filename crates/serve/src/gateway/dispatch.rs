@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vicugna_chat::Conversation;
 
 use super::error::ApiError;
-use super::generate::Job;
+use super::generate::{Job, JobInput};
 use super::validate::GenRequest;
 use super::Gateway;
 use crate::protocol::{code, Chunk, ChunkSplitter, ModelList, WorkerAddress, WorkerAddressRequest};
@@ -203,12 +203,27 @@ impl Gateway {
         let details = self
             .worker_post(worker, "/model_details", &json!({"model": model}))
             .await?;
+        let renders_messages = conv.get("renders_messages").and_then(Value::as_bool) == Some(true);
+        // A template that does not parse, or cannot render a plain user turn,
+        // is no template: this worker cannot take chats until it sends a good one.
+        let conv: Option<Conversation> = conv
+            .get("conv")
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .filter(|c: &Conversation| {
+                vicugna_chat::ChatFormat::Named(c.clone())
+                    .render(&[vicugna_chat::ChatMessage::new("user", "hi")], None)
+                    .is_ok()
+            });
         let info = Arc::new(WorkerModel {
-            renders_messages: conv.get("renders_messages").and_then(Value::as_bool) == Some(true),
-            conv: conv.get("conv").and_then(|c| serde_json::from_value(c.clone()).ok()),
+            renders_messages,
+            conv,
             context_length: details.get("context_length").and_then(Value::as_u64).unwrap_or(2048) as usize,
         });
-        self.state().worker_models.insert(key, info.clone());
+        // Not cached when the template is unusable: a later request asks again
+        // (the worker may have been fixed or replaced at the same address).
+        if renders_messages || info.conv.is_some() {
+            self.state().worker_models.insert(key, info.clone());
+        }
         Ok(info)
     }
 
@@ -274,6 +289,16 @@ impl Gateway {
                     continue;
                 }
             };
+            if matches!(job.input, JobInput::Chat(_)) && !info.renders_messages && info.conv.is_none() {
+                // Another worker of the model may have a usable template.
+                eprintln!("gateway: worker {worker} gave no usable conversation template for {model}");
+                self.mark_bad(&worker);
+                exclude.push(worker);
+                last_err = Some(ApiError::worker_failed(format!(
+                    "the worker of model `{model}` gave no usable conversation template"
+                )));
+                continue;
+            }
             let params = self.gen_params(req, job, &worker, &info).await?;
             let sent = self
                 .http
@@ -310,9 +335,9 @@ impl Gateway {
             };
             match stream.next_chunk().await {
                 Ok(Some(c)) if c.error_code == code::ENGINE_OVERLOADED => {
+                    // The worker's reason names its internal address: not for clients.
                     last_err = Some(ApiError::overloaded(format!(
-                        "every worker of model `{model}` is busy: {}",
-                        c.error_reason()
+                        "every worker of model `{model}` is busy; try again shortly"
                     )));
                     exclude.push(worker);
                 }

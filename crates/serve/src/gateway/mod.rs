@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use crate::control::{self, ControlAuth};
 use crate::metrics::GatewayMetrics;
 use crate::protocol::WorkerStatus;
 use dispatch::DispatchState;
@@ -39,8 +40,18 @@ const MAX_DRAIN: usize = 256 << 20;
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
     pub controller_address: String,
-    /// When set, `/v1/*` needs `Authorization: Bearer <one of these>`.
+    /// When set, `/v1/*`, the page's `/api/*` and `/metrics` need
+    /// `Authorization: Bearer <one of these>` (see `public_page`, `public_metrics`).
     pub api_keys: Option<Vec<String>>,
+    /// With `api_keys`: the page's `/api/*` stays open to anyone.
+    pub public_page: bool,
+    /// With `api_keys`: `/metrics` stays open to anyone.
+    pub public_metrics: bool,
+    /// Origins browsers may call the API from (CORS); empty: none but the
+    /// gateway's own.
+    pub allow_origins: Vec<String>,
+    /// The control secret sent to the controller and workers.
+    pub control: ControlAuth,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
     /// Longest wait for a worker's next chunk.
@@ -55,6 +66,10 @@ impl GatewayOptions {
         GatewayOptions {
             controller_address: controller_address.trim_end_matches('/').to_string(),
             api_keys: None,
+            public_page: false,
+            public_metrics: false,
+            allow_origins: Vec::new(),
+            control: ControlAuth::default(),
             max_body_bytes: 8 << 20,
             worker_timeout: DEFAULT_WORKER_TIMEOUT,
             web: crate::web::WebOptions::default(),
@@ -92,12 +107,8 @@ impl Gateway {
     pub fn new(opts: GatewayOptions) -> Arc<Self> {
         Arc::new(Gateway {
             web: crate::web::Web::new(opts.web.clone()),
+            http: opts.control.client(None),
             opts,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build()
-                .unwrap_or_default(),
             metrics: GatewayMetrics::default(),
             dispatch: Mutex::new(DispatchState::default()),
         })
@@ -135,23 +146,70 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/embeddings", post(embeddings))
-        .route("/v1/engines/{model}/embeddings", post(engine_embeddings))
-        .route_layer(axum::middleware::from_fn_with_state(g.clone(), auth));
+        .route("/v1/engines/{model}/embeddings", post(engine_embeddings));
     let page = if g.opts.web.enabled {
         crate::web::router()
     } else {
         Router::new()
     };
-    Router::new()
+    let cors = cors_layer(&g.opts.allow_origins);
+    let app = Router::new()
         .merge(v1)
         .merge(page)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .fallback(|| async { ApiError::bad_request("no such endpoint").with_status(StatusCode::NOT_FOUND) })
+        .method_not_allowed_fallback(control::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(tower_http::cors::CorsLayer::permissive())
-        .with_state(g)
+        .layer(axum::middleware::from_fn(control::require_json))
+        .layer(axum::middleware::from_fn_with_state(g.clone(), auth))
+        .with_state(g);
+    match cors {
+        // Outermost: a preflight is answered before the key is asked for.
+        Some(c) => app.layer(c),
+        None => app,
+    }
+}
+
+/// CORS for the listed origins only (`*` for any); none without a list, so
+/// browsers keep other sites' pages from reading the API's answers.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<axum::http::HeaderValue> = origins
+            .iter()
+            .filter_map(|o| axum::http::HeaderValue::from_str(o.trim().trim_end_matches('/')).ok())
+            .collect();
+        AllowOrigin::list(list)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Which paths need an API key: the OpenAI API, the page's API and the
+/// metrics (each of the last two can be opened); the page's own files and
+/// `/health` stay public, so the page can load and ask for the key.
+fn needs_key(opts: &GatewayOptions, path: &str) -> bool {
+    if path.starts_with("/v1/") || path == "/v1" {
+        true
+    } else if path.starts_with("/api/") {
+        !opts.public_page
+    } else if path == "/metrics" {
+        !opts.public_metrics
+    } else {
+        false
+    }
 }
 
 impl ApiError {
@@ -162,7 +220,7 @@ impl ApiError {
 }
 
 async fn auth(State(g): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    if let Some(keys) = &g.opts.api_keys {
+    if let Some(keys) = g.opts.api_keys.as_ref().filter(|_| needs_key(&g.opts, req.uri().path())) {
         let given = req
             .headers()
             .get("authorization")
@@ -171,7 +229,9 @@ async fn auth(State(g): State<Arc<Gateway>>, req: Request, next: Next) -> Respon
             .map(str::trim);
         let err = match given {
             None => Some("no API key given: send `Authorization: Bearer <key>`"),
-            Some(k) if !keys.iter().any(|x| x == k) => Some("the API key is not valid"),
+            Some(k) if !keys.iter().fold(false, |hit, x| hit | control::same_secret(x, k)) => {
+                Some("the API key is not valid")
+            }
             Some(_) => None,
         };
         if let Some(msg) = err {

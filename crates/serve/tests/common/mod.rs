@@ -10,10 +10,41 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use vicugna_engine::{EngineHandle, EngineOptions, LoadOptions, LoadedModel};
 use vicugna_serve::{
-    listener_url, shutdown_channel, ControllerOptions, GatewayOptions, ShutdownTrigger, Worker, WorkerOptions,
+    listener_url, shutdown_channel, ControlAuth, ControllerOptions, GatewayOptions, ShutdownTrigger, Worker,
+    WorkerOptions,
 };
 
 pub const GRACE: Duration = Duration::from_secs(2);
+
+/// The control secret the helpers give every controller, worker and gateway.
+pub const SECRET: &str = "test-control-secret-0123456789";
+
+/// Auth with [`SECRET`].
+pub fn control() -> ControlAuth {
+    ControlAuth::secret(SECRET).unwrap()
+}
+
+/// A client that sends [`SECRET`] (for calling controllers and workers directly).
+pub fn control_http() -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {SECRET}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// POSTs JSON to a controller or worker with [`SECRET`].
+pub async fn ctl_post(url: &str, body: &Value) -> (u16, Value) {
+    let r = control_http().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
 
 /// The default model's path (fetched with pip on first use).
 pub fn model_path() -> PathBuf {
@@ -56,8 +87,12 @@ pub fn spawn_controller(l: TcpListener, opts: ControllerOptions) -> ShutdownTrig
     trigger
 }
 
-/// A controller on a free port.
-pub async fn controller(opts: ControllerOptions) -> (String, ShutdownTrigger) {
+/// A controller on a free port, with [`SECRET`] (unless `opts` says
+/// `ControlAuth::Open`).
+pub async fn controller(mut opts: ControllerOptions) -> (String, ShutdownTrigger) {
+    if matches!(opts.control, ControlAuth::Secret(_)) {
+        opts.control = control();
+    }
     let (l, url) = bind().await;
     (url, spawn_controller(l, opts))
 }
@@ -70,6 +105,7 @@ pub async fn worker(
     let (l, url) = bind().await;
     let mut opts = WorkerOptions::new(&url, controller, vec![model_name()]);
     opts.heart_beat_interval = Duration::from_millis(500);
+    opts.control = control();
     tweak(&mut opts);
     let w = Worker::new(engine(), opts).unwrap();
     let (trigger, shutdown) = shutdown_channel();
@@ -81,6 +117,7 @@ pub async fn worker(
 pub async fn gateway(controller: &str, tweak: impl FnOnce(&mut GatewayOptions)) -> (String, ShutdownTrigger) {
     let (l, url) = bind().await;
     let mut opts = GatewayOptions::new(controller);
+    opts.control = control();
     tweak(&mut opts);
     let (trigger, shutdown) = shutdown_channel();
     tokio::spawn(vicugna_serve::run_gateway(l, opts, shutdown, GRACE));
@@ -103,8 +140,30 @@ impl Cluster {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut WorkerOptions), gw: impl FnOnce(&mut GatewayOptions)) -> Cluster {
-        let (c, tc) = controller(ControllerOptions::default()).await;
-        let (w, wh, tw) = worker(&c, tweak).await;
+        Self::start_auth(control(), tweak, gw).await
+    }
+
+    /// A cluster whose controller and worker take calls without a secret
+    /// (`--insecure-fastchat-compat`), for FastChat's own parts to join.
+    pub async fn start_fastchat_compat() -> Cluster {
+        Self::start_auth(ControlAuth::Open, |_| {}, |_| {}).await
+    }
+
+    async fn start_auth(
+        auth: ControlAuth,
+        tweak: impl FnOnce(&mut WorkerOptions),
+        gw: impl FnOnce(&mut GatewayOptions),
+    ) -> Cluster {
+        let (c, tc) = controller(ControllerOptions {
+            control: auth.clone(),
+            ..ControllerOptions::default()
+        })
+        .await;
+        let (w, wh, tw) = worker(&c, |o| {
+            o.control = auth;
+            tweak(o)
+        })
+        .await;
         let (api, tg) = gateway(&c, gw).await;
         let model = model_name();
         wait_for_model(&c, &model, Duration::from_secs(20)).await;
@@ -155,7 +214,7 @@ pub fn http() -> reqwest::Client {
 pub async fn wait_for_model(controller: &str, model: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
-        let r = http().post(format!("{controller}/list_models")).send().await;
+        let r = control_http().post(format!("{controller}/list_models")).send().await;
         if let Ok(r) = r {
             if let Ok(v) = r.json::<Value>().await {
                 if v["models"].as_array().is_some_and(|m| m.iter().any(|x| x == model)) {
