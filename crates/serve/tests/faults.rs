@@ -188,7 +188,7 @@ async fn killed_worker_ends_its_stream_with_an_error_and_the_survivor_serves() {
         })
         .await;
         let served = |u: String| async move {
-            let m = http()
+            let m = control_http()
                 .get(format!("{u}/metrics"))
                 .send()
                 .await
