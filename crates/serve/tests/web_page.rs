@@ -89,8 +89,9 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
         .arg("--log-dir")
         .arg(log_dir)
         .args(["--max-input-chars", "500", "--max-turns", "50", "--rate-limit", "8"])
-        // The API needs a key; the page works without one.
-        .args(["--api-keys", "test-key"])
+        // The API needs a key; the page's /api/* is opened with --public-page
+        // (without it, /api/* needs the key too: see security_control.rs).
+        .args(["--api-keys", "test-key", "--public-page"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
