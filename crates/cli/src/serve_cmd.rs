@@ -10,8 +10,8 @@ use clap::Args;
 use tokio::net::TcpListener;
 use vicugna_engine::{EngineHandle, EngineOptions};
 use vicugna_serve::{
-    listener_url, os_signal, shutdown_channel, ControlAuth, ControllerOptions, DispatchMethod, GatewayOptions, Shutdown,
-    WebOptions, Worker, WorkerHosts, WorkerOptions,
+    listener_url, os_signal, shutdown_channel, ControlAuth, ControllerOptions, DispatchMethod, GatewayOptions,
+    Shutdown, WebOptions, Worker, WorkerHosts, WorkerOptions,
 };
 
 use crate::model_arg::ModelArgs;

@@ -149,8 +149,10 @@ pub async fn require_secret(State(auth): State<ControlAuth>, req: Request, next:
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         let msg = match given {
-            None => "this is vicugna's control plane: calls need the control secret \
-                     (`Authorization: Bearer <secret>`, set with --control-secret or --control-secret-file)",
+            None => {
+                "this is vicugna's control plane: calls need the control secret \
+                     (`Authorization: Bearer <secret>`, set with --control-secret or --control-secret-file)"
+            }
             Some(g) if !secret.matches(g) => "the control secret is not valid",
             Some(_) => return next.run(req).await,
         };
@@ -250,20 +252,15 @@ impl WorkerHosts {
                         .parse()
                         .map_err(|_| format!("--allow-worker-hosts: {item:?} is not an address range"))?;
                     let max = if ip.is_ipv4() { 32 } else { 128 };
-                    let bits: u8 = bits
-                        .parse()
-                        .ok()
-                        .filter(|&b| b <= max)
-                        .ok_or_else(|| format!("--allow-worker-hosts: {item:?}: the prefix length must be 0..={max}"))?;
+                    let bits: u8 = bits.parse().ok().filter(|&b| b <= max).ok_or_else(|| {
+                        format!("--allow-worker-hosts: {item:?}: the prefix length must be 0..={max}")
+                    })?;
                     HostRule::Net(ip, bits)
                 }
                 None => match item.parse::<IpAddr>() {
                     Ok(ip) => HostRule::Net(ip, if ip.is_ipv4() { 32 } else { 128 }),
                     Err(_) => {
-                        if !item
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-                        {
+                        if !item.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
                             return Err(format!("--allow-worker-hosts: {item:?} is not a host name or address"));
                         }
                         HostRule::Name(item.to_ascii_lowercase())
@@ -280,7 +277,9 @@ impl WorkerHosts {
 
     /// Adds the host of `url` (a worker this process started itself).
     pub fn allow_host_of(&mut self, url: &str) {
-        let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string));
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
         if let Some(h) = host {
             if let Ok(extra) = WorkerHosts::parse(&h) {
                 self.rules.extend(extra.rules);
@@ -319,9 +318,7 @@ impl WorkerHosts {
         }
         let host = match parsed.host() {
             Some(url::Host::Ipv4(ip)) => Host::Ip(IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Host::Ip(
-                ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip)),
-            ),
+            Some(url::Host::Ipv6(ip)) => Host::Ip(ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip))),
             Some(url::Host::Domain(d)) => Host::Name(d.to_ascii_lowercase()),
             None => return refuse("it has no host"),
         };
@@ -380,7 +377,12 @@ mod tests {
     #[test]
     fn worker_hosts_default_to_loopback() {
         let h = WorkerHosts::default();
-        for ok in ["http://127.0.0.1:21002", "http://127.3.4.5:1/", "https://localhost:9", "http://[::1]:80"] {
+        for ok in [
+            "http://127.0.0.1:21002",
+            "http://127.3.4.5:1/",
+            "https://localhost:9",
+            "http://[::1]:80",
+        ] {
             assert!(h.check(ok).is_ok(), "{ok}");
         }
         for (bad, why) in [
@@ -398,17 +400,30 @@ mod tests {
         let wide = WorkerHosts::parse("10.0.0.0/8, gpu1.lan, 0.0.0.0/0").unwrap();
         assert!(wide.check("http://10.1.2.3:21002").is_ok());
         assert!(wide.check("http://GPU1.lan:21002").is_ok());
-        assert!(wide.check("http://169.254.169.254").is_err(), "link-local even under /0");
+        assert!(
+            wide.check("http://169.254.169.254").is_err(),
+            "link-local even under /0"
+        );
         assert!(WorkerHosts::parse("10.0.0.0/40").is_err());
         assert!(WorkerHosts::parse("").is_err());
     }
 
     #[test]
     fn json_content_types() {
-        for ok in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"] {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/vnd.x+json",
+        ] {
             assert!(is_json(ok), "{ok}");
         }
-        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""] {
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "",
+        ] {
             assert!(!is_json(bad), "{bad}");
         }
     }

@@ -110,7 +110,11 @@ async fn worker_endpoints_speak_fastchat() {
 async fn controller_endpoints_speak_fastchat() {
     within(async {
         let (ctl, _tc) = controller(ControllerOptions::default()).await;
-        let r = control_http().get(format!("{ctl}/test_connection")).send().await.unwrap();
+        let r = control_http()
+            .get(format!("{ctl}/test_connection"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.text().await.unwrap(), "\"success\"");
         // A worker registered with `worker_status: null` is asked for its status.
         let (w, _wh, _tw) = worker(&ctl, |o| o.register = false).await;

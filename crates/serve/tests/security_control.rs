@@ -51,9 +51,10 @@ async fn fake_worker(model: &str) -> (String, Arc<AtomicUsize>) {
             route_post(move || {
                 c.fetch_add(1, Ordering::SeqCst);
                 async move {
-                    let mut out = serde_json::to_vec(&json!({"text": "HIJACKED", "error_code": 0, "finish_reason": "stop",
+                    let mut out =
+                        serde_json::to_vec(&json!({"text": "HIJACKED", "error_code": 0, "finish_reason": "stop",
                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
-                    .unwrap();
+                        .unwrap();
                     out.push(0);
                     out
                 }
@@ -88,7 +89,16 @@ impl Drop for Reaper {
 /// Starts `vicugna serve` with `args` on free ports; returns (API, controller, worker) URLs.
 fn start_serve(bin: &std::path::Path, args: &[&str]) -> (Reaper, String, String, String) {
     let mut child = Command::new(bin)
-        .args(["serve", "--port", "0", "--controller-port", "0", "--worker-port", "0", "--no-log"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--controller-port",
+            "0",
+            "--worker-port",
+            "0",
+            "--no-log",
+        ])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -108,7 +118,13 @@ fn start_serve(bin: &std::path::Path, args: &[&str]) -> (Reaper, String, String,
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .expect("vicugna serve printed its URLs");
-        let url = |rest: &str| rest.split_whitespace().next().unwrap().trim_end_matches("/v1").to_string();
+        let url = |rest: &str| {
+            rest.split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches("/v1")
+                .to_string()
+        };
         let line = line.trim();
         if let Some(r) = line.strip_prefix("API:") {
             api = Some(url(r));
@@ -124,7 +140,9 @@ fn start_serve(bin: &std::path::Path, args: &[&str]) -> (Reaper, String, String,
 
 /// The `error.message` of an OpenAI-style error body.
 fn message(v: &Value) -> &str {
-    v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message in {v}"))
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {v}"))
 }
 
 #[test]
@@ -139,7 +157,10 @@ fn unsigned_register_is_refused_and_traffic_stays_on_the_real_worker() {
         eventually(Duration::from_secs(60), "the model to be listed", || async {
             let r = key(http().get(format!("{api}/v1/models"))).send().await;
             match r {
-                Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["data"][0]["id"] == model.as_str()),
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["data"][0]["id"] == model.as_str()),
                 Err(_) => false,
             }
         })
@@ -228,7 +249,10 @@ async fn registration_needs_json_and_an_allowed_http_url() {
             let (s, e) = ctl_post(&format!("{ctl}/register_worker"), &reg(url)).await;
             assert_eq!(s, 403, "{url}: {e}");
             let m = message(&e);
-            assert!(m.contains(url) && m.contains("--allow-worker-hosts") && m.contains(why), "{url}: {m}");
+            assert!(
+                m.contains(url) && m.contains("--allow-worker-hosts") && m.contains(why),
+                "{url}: {m}"
+            );
         }
         let (_, m) = ctl_post(&format!("{ctl}/list_models"), &json!({})).await;
         assert_eq!(m, json!({"models": []}), "nothing was registered");
@@ -251,8 +275,18 @@ async fn registration_needs_json_and_an_allowed_http_url() {
         .await;
 
         // Every other endpoint wants the secret too.
-        for path in ["/list_models", "/get_worker_address", "/receive_heart_beat", "/worker_get_status"] {
-            let r = http().post(format!("{ctl}{path}")).json(&json!({})).send().await.unwrap();
+        for path in [
+            "/list_models",
+            "/get_worker_address",
+            "/receive_heart_beat",
+            "/worker_get_status",
+        ] {
+            let r = http()
+                .post(format!("{ctl}{path}"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 401, "{path}");
         }
     })
@@ -267,7 +301,12 @@ async fn worker_port_needs_the_secret_and_keeps_the_limits() {
         let model = model_name();
         let gen = json!({"model": model, "prompt": "Hello", "max_new_tokens": 4});
 
-        for path in ["/worker_generate", "/worker_generate_stream", "/worker_get_embeddings", "/count_token"] {
+        for path in [
+            "/worker_generate",
+            "/worker_generate_stream",
+            "/worker_get_embeddings",
+            "/count_token",
+        ] {
             let r = http().post(format!("{w}{path}")).json(&gen).send().await.unwrap();
             assert_eq!(r.status(), 401, "{path}");
             let e: Value = r.json().await.unwrap();
@@ -292,7 +331,10 @@ async fn worker_port_needs_the_secret_and_keeps_the_limits() {
         )
         .await;
         assert_eq!(c["error_code"], 40302, "{c}");
-        assert!(c["text"].as_str().unwrap().contains("logprobs must be at most 20"), "{c}");
+        assert!(
+            c["text"].as_str().unwrap().contains("logprobs must be at most 20"),
+            "{c}"
+        );
         // Within the limits it generates, the budget clipped to the context.
         let (_, c) = ctl_post(
             &format!("{w}/worker_generate"),
@@ -340,9 +382,17 @@ async fn cors_is_off_by_default_and_open_to_listed_origins_only() {
         // Default: no CORS headers for anyone, and no preflight approval.
         let r = get(c.api.clone(), "https://evil.example").await;
         assert_eq!(r.status(), 200);
-        assert!(r.headers().get("access-control-allow-origin").is_none(), "{:?}", r.headers());
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{:?}",
+            r.headers()
+        );
         let r = preflight(c.api.clone(), "https://evil.example").await;
-        assert!(r.headers().get("access-control-allow-origin").is_none(), "{:?}", r.headers());
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{:?}",
+            r.headers()
+        );
         let r = preflight(c.api.clone(), "https://app.example").await;
         assert!(r.headers().get("access-control-allow-origin").is_none());
 
@@ -424,7 +474,11 @@ async fn non_json_bodies_are_415_and_wrong_methods_405_with_a_json_body() {
             }
         }
         // With the JSON type the same body is served.
-        let (s, r) = post(&c.url("/v1/chat/completions"), &c.chat_body("Hi", json!({"max_tokens": 2}))).await;
+        let (s, r) = post(
+            &c.url("/v1/chat/completions"),
+            &c.chat_body("Hi", json!({"max_tokens": 2})),
+        )
+        .await;
         assert_eq!(s, 200, "{r}");
 
         for (url, method) in [
@@ -459,12 +513,19 @@ async fn busy_answer_does_not_name_the_worker() {
         assert_eq!(r.status(), 200);
         let mut held = r.bytes_stream();
         held.next().await.unwrap().unwrap();
-        let (s, e) = post(&c.url("/v1/completions"), &c.completion_body("Hi", json!({"max_tokens": 2}))).await;
+        let (s, e) = post(
+            &c.url("/v1/completions"),
+            &c.completion_body("Hi", json!({"max_tokens": 2})),
+        )
+        .await;
         assert_eq!(s, 429, "{e}");
         let m = message(&e);
         assert!(m.contains("busy"), "{m}");
         let port = c.worker.rsplit(':').next().unwrap();
-        assert!(!m.contains(&c.worker) && !m.contains(port), "the internal worker address leaked: {m}");
+        assert!(
+            !m.contains(&c.worker) && !m.contains(port),
+            "the internal worker address leaked: {m}"
+        );
     })
     .await
 }
@@ -502,9 +563,10 @@ async fn bad_conversation_template_is_asked_again_not_cached() {
             .route(
                 "/worker_generate_stream",
                 route_post(|| async {
-                    let mut out = serde_json::to_vec(&json!({"text": "Hello", "error_code": 0, "finish_reason": "stop",
+                    let mut out =
+                        serde_json::to_vec(&json!({"text": "Hello", "error_code": 0, "finish_reason": "stop",
                         "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21}}))
-                    .unwrap();
+                        .unwrap();
                     out.push(0);
                     out
                 }),

@@ -220,7 +220,12 @@ impl ApiError {
 }
 
 async fn auth(State(g): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    if let Some(keys) = g.opts.api_keys.as_ref().filter(|_| needs_key(&g.opts, req.uri().path())) {
+    if let Some(keys) = g
+        .opts
+        .api_keys
+        .as_ref()
+        .filter(|_| needs_key(&g.opts, req.uri().path()))
+    {
         let given = req
             .headers()
             .get("authorization")
