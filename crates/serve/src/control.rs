@@ -20,8 +20,10 @@ use subtle::ConstantTimeEq;
 pub const MIN_SECRET_CHARS: usize = 16;
 
 /// How long a connection may take to send a request's headers (and how long an
-/// idle keep-alive connection is kept) before it is closed.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// idle keep-alive connection is kept) before it is closed. Longer than the
+/// usual clients' own idle limits (httpx 5 s, Node 4 s), so they drop a
+/// connection before the server does instead of racing it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How long a control-plane client keeps an idle connection: shorter than the
 /// servers' [`HEADER_READ_TIMEOUT`], so a client never reuses a connection the

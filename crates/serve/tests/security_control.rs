@@ -601,10 +601,11 @@ async fn slow_header_connections_are_closed() {
         let (ctl, _tc) = controller(ControllerOptions::default()).await;
         let (api, _tg) = gateway(&ctl, |_| {}).await;
         let addr = api.trim_start_matches("http://").to_string();
-        // One that never finishes its headers, one that sends nothing at all.
-        for opening in [&b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "[..], b""] {
+        // One that never finishes its headers, one that sends nothing at all
+        // (side by side: each waits for the server's timeout).
+        let probes = [&b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "[..], b""].map(|opening| {
             let addr = addr.clone();
-            let closed_after = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 use std::io::{Read, Write};
                 let mut s = std::net::TcpStream::connect(&addr).unwrap();
                 s.write_all(opening).unwrap();
@@ -622,9 +623,12 @@ async fn slow_header_connections_are_closed() {
                     }
                 }
             })
-            .await
-            .unwrap();
-            let after = closed_after.expect("the server kept a slow-header connection open for 30 s");
+        });
+        for p in probes {
+            let after = p
+                .await
+                .unwrap()
+                .expect("the server kept a slow-header connection open for 30 s");
             eprintln!("slow-header connection closed after {after:?}");
         }
     })
