@@ -83,7 +83,8 @@ impl Drop for Server {
 fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
     let mut child = Command::new(bin)
         .args(["serve", "--port", "0", "--controller-port", "0", "--worker-port", "0"])
-        .args(["--model", "default"])
+        // Two names, so that the page's arena can start.
+        .args(["--model", "default", "--model-names", "fuzz-a,fuzz-b"])
         .arg("--log-dir")
         .arg(log_dir)
         .stdout(Stdio::piped())
@@ -109,22 +110,28 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
     (server, url)
 }
 
-/// The served schema with generation kept short: `max_tokens` at most 8 and
-/// `n` at most 2 (the fuzzer stays inside them for valid cases and steps just
-/// past them for invalid ones).
+/// The served schema with generation kept short: wherever a request has
+/// `max_tokens` or `n`, at most 8 and 2 (the fuzzer stays inside them for
+/// valid cases and steps just past them for invalid ones).
 fn short_schema(mut doc: Value) -> Value {
-    if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
-        for s in schemas.values_mut() {
-            if let Some(p) = s.get_mut("properties").and_then(Value::as_object_mut) {
-                if let Some(m) = p.get_mut("max_tokens") {
-                    m["maximum"] = json!(8);
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if let Some(p) = m.get_mut("properties").and_then(Value::as_object_mut) {
+                    if let Some(t) = p.get_mut("max_tokens") {
+                        t["maximum"] = json!(8);
+                    }
+                    if let Some(n) = p.get_mut("n") {
+                        n["maximum"] = json!(2);
+                    }
                 }
-                if let Some(n) = p.get_mut("n") {
-                    n["maximum"] = json!(2);
-                }
+                m.values_mut().for_each(walk);
             }
+            Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
         }
     }
+    walk(&mut doc);
     doc
 }
 

@@ -95,7 +95,7 @@ async function streamAnswer(body, signal, onText) {
       signal,
     });
   } catch (e) {
-    if (e.name === "AbortError") return { ok: true, text: "", finish: "stopped" };
+    if (e.name === "AbortError") return { ok: false, error: "Stopped before the answer began.", text: "" };
     return { ok: false, error: e.unauthorized ? e.message : `The connection broke: ${e.message}`, text: "" };
   }
   if (!resp.ok) return { ok: false, error: await errorMessage(resp), text: "" };
