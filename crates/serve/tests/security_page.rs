@@ -17,16 +17,30 @@ use vicugna_serve::WebOptions;
 
 const NAMES: [&str; 2] = ["smol-a", "smol-b"];
 
-/// A gateway serving the page with `web`, in front of a worker serving the
-/// default model as smol-a and smol-b.
-async fn page_cluster(web: WebOptions) -> Cluster {
-    let c = Cluster::start_with(
-        |w| w.model_names = NAMES.iter().map(|s| s.to_string()).collect(),
-        |g| g.web = web,
-    )
-    .await;
-    wait_for_model(&c.controller, NAMES[1], Duration::from_secs(20)).await;
-    c
+/// A controller, a worker serving the default model as smol-a and smol-b,
+/// and a gateway serving the page with `web`; stopped when dropped.
+struct Page {
+    api: String,
+    _triggers: Vec<vicugna_serve::ShutdownTrigger>,
+}
+
+impl Page {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api)
+    }
+}
+
+async fn page_cluster(web: WebOptions) -> Page {
+    let (c, tc) = controller(vicugna_serve::ControllerOptions::default()).await;
+    let (_, _, tw) = worker(&c, |w| w.model_names = NAMES.iter().map(|s| s.to_string()).collect()).await;
+    let (api, tg) = gateway(&c, |g| g.web = web).await;
+    for name in NAMES {
+        wait_for_model(&c, name, Duration::from_secs(20)).await;
+    }
+    Page {
+        api,
+        _triggers: vec![tc, tw, tg],
+    }
 }
 
 fn log_dir(what: &str) -> PathBuf {
@@ -44,14 +58,14 @@ fn rows(dir: &Path) -> Vec<Value> {
     out
 }
 
-async fn session(c: &Cluster, body: Value) -> String {
+async fn session(c: &Page, body: Value) -> String {
     let (s, r) = post(&c.url("/api/session"), &body).await;
     assert_eq!(s, 200, "{r}");
     r["session_id"].as_str().unwrap().to_string()
 }
 
 /// One `/api/chat` call with extra headers: the status and the whole body.
-async fn chat(c: &Cluster, body: Value, headers: &[(&str, String)]) -> (u16, String) {
+async fn chat(c: &Page, body: Value, headers: &[(&str, String)]) -> (u16, String) {
     let mut req = http().post(c.url("/api/chat")).json(&body);
     for (k, v) in headers {
         req = req.header(*k, v);
@@ -181,7 +195,7 @@ async fn arena_names_stay_hidden_until_the_vote() {
 }
 
 /// One anonymous round from this address: a session, both answers, a vote.
-async fn round(c: &Cluster) -> (u16, Value) {
+async fn round(c: &Page) -> (u16, Value) {
     let sid = session(c, json!({"mode": "arena"})).await;
     for side in 0..2 {
         let (s, body) = chat(c, ask(&sid, side, "Pick a colour."), &[]).await;
@@ -190,7 +204,7 @@ async fn round(c: &Cluster) -> (u16, Value) {
     post(&c.url("/api/vote"), &json!({"session_id": sid, "type": "leftvote"})).await
 }
 
-async fn board(c: &Cluster) -> Value {
+async fn board(c: &Page) -> Value {
     http()
         .get(c.url("/api/leaderboard"))
         .send()
