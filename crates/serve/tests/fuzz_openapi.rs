@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 /// The schemathesis release the test was written against (its CLI changed in 4.0).
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 /// Test cases per operation and phase: about a minute on two cores.
-const MAX_EXAMPLES: &str = "25";
+const MAX_EXAMPLES: &str = "20";
 
 fn need<T>(what: Result<T, String>) -> Option<T> {
     match what {
@@ -110,28 +110,41 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
     (server, url)
 }
 
-/// The served schema with generation kept short: wherever a request has
-/// `max_tokens` or `n`, at most 8 and 2 (the fuzzer stays inside them for
-/// valid cases and steps just past them for invalid ones).
-fn short_schema(mut doc: Value) -> Value {
-    fn walk(v: &mut Value) {
+/// The served schema made for fuzzing this server: wherever a request has
+/// `max_tokens` it is required and at most 8, `n` at most 2 (the fuzzer stays
+/// inside them for valid cases and steps just past them for invalid ones), so
+/// every generation is short; `model` is one of the served names, so that
+/// most requests reach the model rather than stop at a 404.
+fn fuzz_schema(mut doc: Value, models: &[Value]) -> Value {
+    fn walk(v: &mut Value, models: &[Value]) {
         match v {
             Value::Object(m) => {
+                let mut needs_tokens = false;
                 if let Some(p) = m.get_mut("properties").and_then(Value::as_object_mut) {
                     if let Some(t) = p.get_mut("max_tokens") {
                         t["maximum"] = json!(8);
+                        needs_tokens = true;
                     }
                     if let Some(n) = p.get_mut("n") {
                         n["maximum"] = json!(2);
                     }
+                    if let Some(model) = p.get_mut("model") {
+                        model["enum"] = json!(models);
+                    }
                 }
-                m.values_mut().for_each(walk);
+                if needs_tokens {
+                    let req = m.entry("required").or_insert_with(|| json!([]));
+                    if let Some(r) = req.as_array_mut() {
+                        r.push(json!("max_tokens"));
+                    }
+                }
+                m.values_mut().for_each(|x| walk(x, models));
             }
-            Value::Array(a) => a.iter_mut().for_each(walk),
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, models)),
             _ => {}
         }
     }
-    walk(&mut doc);
+    walk(&mut doc, models);
     doc
 }
 
@@ -146,7 +159,7 @@ fn openapi_fuzzing_finds_no_server_error() {
     let (mut server, url) = serve(&bin, &work.join("logs"));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let doc: Value = rt.block_on(async {
+    let (doc, models): (Value, Value) = rt.block_on(async {
         eventually(Duration::from_secs(60), "the model is served", || async {
             let Ok(r) = http().get(format!("{url}/v1/models")).send().await else {
                 return false;
@@ -155,17 +168,27 @@ fn openapi_fuzzing_finds_no_server_error() {
             v["data"].as_array().is_some_and(|d| !d.is_empty())
         })
         .await;
-        http()
+        let models: Value = http()
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let doc = http()
             .get(format!("{url}/openapi.json"))
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap()
+            .unwrap();
+        (doc, models)
     });
+    let names: Vec<Value> = models["data"].as_array().unwrap().iter().map(|m| m["id"].clone()).collect();
     let schema = work.join("openapi.json");
-    std::fs::write(&schema, serde_json::to_vec_pretty(&short_schema(doc)).unwrap()).unwrap();
+    std::fs::write(&schema, serde_json::to_vec_pretty(&fuzz_schema(doc, &names)).unwrap()).unwrap();
 
     let t0 = Instant::now();
     let mut fuzz = Command::new(&st)
