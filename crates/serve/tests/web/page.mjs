@@ -54,7 +54,10 @@ try {
   await page.route("**/api/**", async (route) => {
     const auth = route.request().headers()["authorization"];
     if (auth === `Bearer ${KEY}`) return route.continue();
-    if (keyGiven) seen.api_calls_without_key_after_entry += 1;
+    if (keyGiven) {
+      seen.api_calls_without_key_after_entry += 1;
+      (seen.unkeyed_after_entry ||= []).push(`${route.request().method()} ${new URL(route.request().url()).pathname} ${auth || "no key"}`);
+    }
     const message = auth ? "the API key is not valid" : "no API key given: send `Authorization: Bearer <key>`";
     return route.fulfill({
       status: 401,
@@ -70,6 +73,11 @@ try {
   await page.screenshot({ path: join(shots, "0-key-prompt.png") });
   await page.fill("#api-key", "wrong-key");
   seen.wrong_key_notice = await noticeAfter(page, "#key-notice", () => page.click("#key-save"));
+  // The page's start with the wrong key ends at the model list's refusal.
+  await page.waitForFunction(() => {
+    const n = document.getElementById("chat-notice");
+    return !n.hidden && n.textContent.includes("Could not list the models");
+  }, null, { timeout: T });
   await page.fill("#api-key", KEY);
   keyGiven = true;
   await page.click("#key-save");
@@ -128,7 +136,7 @@ try {
   await page.$eval("#p-max-tokens", (el) => { el.value = "48"; el.dispatchEvent(new Event("input")); });
 
   // ---- the input limit, shown on the page ----
-  const limit = await page.evaluate(() => fetch("/api/config").then((r) => r.json()));
+  const limit = await page.evaluate(() => apiFetch("/api/config").then((r) => r.json()));
   await page.fill("#chat-input", "x".repeat(limit.max_input_chars + 1));
   await page.click("#chat-send");
   seen.input_limit_notice = await page.textContent("#chat-notice");
