@@ -23,6 +23,14 @@ pub struct LeaderboardArgs {
     /// anonymous battles count, as in FastChat's leaderboard.
     #[arg(long)]
     include_named: bool,
+    /// Count votes from addresses the server flagged (over the page's vote
+    /// limit, a `flagged_address` row in the logs); left out by default.
+    #[arg(long, conflicts_with = "exclude_flagged")]
+    include_flagged: bool,
+    /// Leave out votes from flagged addresses (the default; for scripts that
+    /// want to say so).
+    #[arg(long)]
+    exclude_flagged: bool,
     /// Print the leaderboard as JSON.
     #[arg(long)]
     json: bool,
@@ -46,7 +54,15 @@ pub fn run(a: LeaderboardArgs) -> Result<()> {
     if log.invalid_votes > 0 {
         eprintln!("warning: skipped {} vote(s) without two model names", log.invalid_votes);
     }
-    let battles: Vec<_> = log.battles.into_iter().filter(|b| b.anony || a.include_named).collect();
+    let battles = leaderboard::counted(&log.battles, &log.flagged, a.include_named, a.include_flagged);
+    if !a.include_flagged && !log.flagged.is_empty() {
+        let all = leaderboard::counted(&log.battles, &log.flagged, a.include_named, true).len();
+        eprintln!(
+            "note: left out {} vote(s) from {} flagged address(es); --include-flagged counts them",
+            all - battles.len(),
+            log.flagged.len()
+        );
+    }
     let board = Leaderboard::compute(&battles, a.rounds.max(1), a.seed);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&board)?);

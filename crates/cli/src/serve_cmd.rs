@@ -153,6 +153,15 @@ pub struct WebArgs {
     /// Messages per minute the page accepts from one address (0 = no limit).
     #[arg(long, default_value_t = 30)]
     rate_limit: usize,
+    /// Votes per hour the page accepts from one address (0 = no limit); an
+    /// address over it is flagged and its votes leave the leaderboard.
+    #[arg(long, default_value_t = vicugna_serve::web::DEFAULT_VOTE_LIMIT)]
+    vote_limit: usize,
+    /// Reverse proxies (IPs or CIDR blocks, comma-separated) whose
+    /// X-Forwarded-For / Forwarded / X-Real-IP / CF-Connecting-IP headers name
+    /// the page's client; from any other peer those headers are ignored.
+    #[arg(long, value_delimiter = ',')]
+    trusted_proxies: Vec<vicugna_serve::web::IpNet>,
 }
 
 impl WebArgs {
@@ -173,6 +182,8 @@ impl WebArgs {
             max_input_chars: self.max_input_chars.max(1),
             max_turns: self.max_turns.max(1),
             rate_limit_per_minute: self.rate_limit,
+            vote_limit_per_hour: self.vote_limit,
+            trusted_proxies: self.trusted_proxies.clone(),
             enabled: !self.no_page,
         })
     }

@@ -2,7 +2,8 @@
 //! `playwright-core` from tests/web/page.mjs) against a real `vicugna serve`
 //! with the default model served under two names: a chat message gets a
 //! streamed answer, an arena round with a vote is logged in the day's JSONL
-//! file and changes the leaderboard, and the limits show their messages.
+//! file and changes the leaderboard, and the limits show their messages. The
+//! server has `--api-keys`: the page asks for the key and sends it on /api/*.
 //! Screenshots go to target/web-screenshots. Outside CI the test skips when
 //! chromium, node or the `vicugna` binary is missing; with CI=true it fails.
 
@@ -89,9 +90,8 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
         .arg("--log-dir")
         .arg(log_dir)
         .args(["--max-input-chars", "500", "--max-turns", "50", "--rate-limit", "8"])
-        // The API needs a key; the page's /api/* is opened with --public-page
-        // (without it, /api/* needs the key too: see security_control.rs).
-        .args(["--api-keys", "test-key", "--public-page"])
+        // The API needs a key; the page asks for it.
+        .args(["--api-keys", KEY])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -115,6 +115,16 @@ fn serve(bin: &Path, log_dir: &Path) -> (Server, String) {
         assert!(t0.elapsed() < Duration::from_secs(120));
     };
     (server, url)
+}
+
+const KEY: &str = "test-key";
+
+/// A JSON POST to /api/* with the key.
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = http().post(url).bearer_auth(KEY).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 fn log_rows(dir: &Path) -> Vec<Value> {
@@ -159,7 +169,7 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         eventually(Duration::from_secs(60), "both names are served", || async {
-            let Ok(r) = http().get(format!("{url}/api/models")).send().await else {
+            let Ok(r) = http().get(format!("{url}/api/models")).bearer_auth(KEY).send().await else {
                 return false;
             };
             let v: Value = r.json().await.unwrap_or_default();
@@ -232,6 +242,7 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
         .arg(&url)
         .arg(&shots)
         .env("CHROMIUM", &chromium)
+        .env("API_KEY", KEY)
         .current_dir(&web_dir)
         .output()
         .unwrap();
@@ -241,6 +252,21 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
         panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout));
     });
     eprintln!("seen in the browser: {seen:#}");
+
+    // The key: asked for, a wrong one refused with the server's reason, the
+    // right one kept in the browser and sent on every /api call after.
+    assert!(
+        seen["key_prompt"].as_str().unwrap().contains("This server needs an API key"),
+        "{seen}"
+    );
+    assert_eq!(seen["models_without_key"], 0);
+    assert!(
+        seen["wrong_key_notice"].as_str().unwrap().contains("the API key is not valid"),
+        "{seen}"
+    );
+    assert_eq!(seen["key_bar_hidden"], true);
+    assert_eq!(seen["key_stored"], KEY);
+    assert_eq!(seen["api_calls_without_key_after_entry"], 0);
 
     let html = seen["rendered_untrusted"].as_str().unwrap();
     assert!(html.contains("<strong>bold</strong>"), "{html}");
@@ -367,6 +393,7 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     let api: Value = rt.block_on(async {
         http()
             .get(format!("{url}/api/leaderboard"))
+            .bearer_auth(KEY)
             .send()
             .await
             .unwrap()
@@ -398,6 +425,7 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     assert_ne!(ratings(&all["rows"])[0].1, 1002.0, "the tie moved the ratings");
 
     for name in [
+        "0-key-prompt.png",
         "1-chat.png",
         "2-chat-stopped.png",
         "3-chat-limit.png",

@@ -1,4 +1,6 @@
-//! The gateway's OpenAPI 3 document (served at `/openapi.json`).
+//! The gateway's OpenAPI 3 document (served at `/openapi.json`). It is also
+//! what the schema fuzzing test (tests/fuzz_openapi.rs) generates requests
+//! from, so its constraints say what the server accepts, no looser.
 
 use serde_json::{json, Value};
 
@@ -34,6 +36,67 @@ fn op(summary: &str, request: Option<&str>, ok: &str) -> Value {
     o
 }
 
+/// A prompt or embeddings input: text, texts, token ids, or lists of token ids.
+fn prompt(non_empty_text: bool) -> Value {
+    let text = if non_empty_text {
+        json!({"type": "string", "minLength": 1})
+    } else {
+        json!({"type": "string"})
+    };
+    let ids = json!({"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": u32::MAX}});
+    json!({"anyOf": [
+        text,
+        {"type": "array", "minItems": 1, "maxItems": 2048, "items": text},
+        ids,
+        {"type": "array", "minItems": 1, "maxItems": 2048, "items": ids},
+    ]})
+}
+
+/// A JSON request body of the page's API.
+fn page_op(summary: &str, request: Option<Value>, ok: &str) -> Value {
+    let mut responses = error_responses();
+    responses["200"] = json!({"description": ok});
+    responses["404"] = json!({"description": "The conversation has expired (or never was), or the model is not served.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    responses["429"] = json!({"description": "Too many messages or votes from this address; see Retry-After.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let mut o = json!({"summary": summary, "tags": ["web page"], "responses": responses});
+    if let Some(schema) = request {
+        o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    }
+    o
+}
+
+/// The page's own API (`/api/*`), absent with `--no-page`.
+fn page_paths() -> Value {
+    let session_id = json!({"type": "string", "maxLength": 64});
+    let message = json!({"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}});
+    json!({
+        "/api/config": {"get": page_op("The page's limits", None, "Limits")},
+        "/api/models": {"get": page_op("The served models, for the page's pickers", None, "Model names")},
+        "/api/session": {"post": page_op("A new conversation: chat (one model), arena (two hidden at random) or side_by_side (two picked)",
+            Some(json!({"type": "object", "required": ["mode"], "properties": {
+                "mode": {"enum": ["chat", "arena", "side_by_side"]},
+                "models": {"type": "array", "maxItems": 2, "items": {"type": "string"}}}})),
+            "The session id (and the models, except in the anonymous arena)")},
+        "/api/chat": {"post": page_op("One side's answer, streamed as chat completion chunks; in the anonymous arena they name the model `model A` / `model B`",
+            Some(json!({"type": "object", "required": ["session_id", "messages"], "properties": {
+                "session_id": session_id, "side": {"type": "integer", "minimum": 0, "maximum": 1},
+                "messages": {"type": "array", "minItems": 1, "items": message},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                "max_tokens": {"type": "integer", "minimum": 1}}})),
+            "SSE chunks")},
+        "/api/vote": {"post": page_op("A vote: upvote/downvote/flag in a chat, leftvote/rightvote/tievote/bothbad_vote in the arena (reveals the names)",
+            Some(json!({"type": "object", "required": ["session_id", "type"], "properties": {
+                "session_id": session_id,
+                "type": {"enum": ["upvote", "downvote", "flag", "leftvote", "rightvote", "tievote", "bothbad_vote"]}}})),
+            "Recorded; the model names")},
+        "/api/leaderboard": {"get": page_op("Ratings from the anonymous arena's votes (flagged addresses left out)", None, "The leaderboard")},
+    })
+}
+
 /// The OpenAPI document.
 pub fn document() -> Value {
     let sampling = json!({
@@ -41,33 +104,37 @@ pub fn document() -> Value {
         "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.7},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1, "default": 1},
-        "top_k": {"type": "integer", "description": "-1 or 0: off", "default": -1},
+        "top_k": {"type": "integer", "minimum": -1, "maximum": i32::MAX, "description": "-1 or 0: off", "default": -1},
         "n": {"type": "integer", "minimum": 1, "maximum": super::validate::MAX_CHOICES, "default": 1},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": super::validate::MAX_STOP}]},
         "stream": {"type": "boolean", "default": false},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
         "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
-        "seed": {"type": "integer"},
+        "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": true},
+        "seed": {"type": "integer", "minimum": 0, "maximum": i64::MAX},
         "user": {"type": "string"},
     });
     let mut chat = sampling.clone();
+    let text_part = json!({"type": "object", "required": ["type", "text"],
+        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}});
     chat["messages"] = json!({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
         "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                       "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}});
+                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}});
     chat["logprobs"] = json!({"type": "boolean"});
     chat["top_logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": super::validate::MAX_TOP_LOGPROBS});
     let mut completion = sampling;
-    completion["prompt"] = json!({"oneOf": [{"type": "string"}, {"type": "array"}]});
+    completion["prompt"] = prompt(false);
     completion["echo"] = json!({"type": "boolean"});
     completion["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": super::validate::MAX_TOP_LOGPROBS});
-    json!({
+    let mut model_op = op("One model", None, "The model");
+    model_op["parameters"] = json!([{"name": "model", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "vicugna OpenAI-compatible API", "version": env!("CARGO_PKG_VERSION")},
         "paths": {
             "/v1/models": {"get": op("List the models workers serve", None, "A list of models")},
-            "/v1/models/{model}": {"get": op("One model", None, "The model")},
+            "/v1/models/{model}": {"get": model_op},
             "/v1/chat/completions": {"post": op("Chat completion (streaming with stream: true)", Some("ChatCompletionRequest"), "A chat completion, or SSE chunks")},
             "/v1/completions": {"post": op("Text completion (streaming with stream: true)", Some("CompletionRequest"), "A completion, or SSE chunks")},
             "/v1/embeddings": {"post": op("Embeddings (mean-pooled, L2-normalised)", Some("EmbeddingRequest"), "Embeddings")},
@@ -81,12 +148,16 @@ pub fn document() -> Value {
                 "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": completion},
                 "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
                     "model": {"type": "string"},
-                    "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+                    "input": prompt(true),
                     "encoding_format": {"enum": ["float", "base64"]}}},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": "string", "nullable": true}, "code": {"type": "string", "nullable": true}}}}},
             },
         },
-    })
+    });
+    if let (Some(paths), Value::Object(page)) = (doc["paths"].as_object_mut(), page_paths()) {
+        paths.extend(page);
+    }
+    doc
 }

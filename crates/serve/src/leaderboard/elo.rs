@@ -54,6 +54,10 @@ pub struct Battle {
     /// Cast in the anonymous arena (names hidden until the vote).
     pub anony: bool,
     pub tstamp: f64,
+    /// The voter's address as logged ("" when unknown); not rated, only used
+    /// to leave out flagged addresses.
+    #[serde(skip)]
+    pub ip: String,
 }
 
 /// The constants of FastChat's `compute_elo`.
@@ -334,6 +338,7 @@ mod tests {
             winner: w,
             anony: true,
             tstamp: 0.0,
+            ip: String::new(),
         }
     }
 

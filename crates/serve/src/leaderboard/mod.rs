@@ -1,8 +1,15 @@
 //! The arena leaderboard: battles read from the conversation logs (FastChat's
 //! `clean_battle_data`) and rated by [`elo`].
+//!
+//! Flagged addresses: when an address goes over the page's vote limit the
+//! server refuses the vote and logs a `flagged_address` row naming it. The
+//! leaderboard (the page's and `vicugna leaderboard`'s) leaves out every vote
+//! from a flagged address by default, the ones under the limit included: a
+//! script that was caught once is not trusted for its earlier votes either.
 
 pub mod elo;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -27,6 +34,22 @@ pub struct BattleLog {
     pub unreadable: Vec<String>,
     /// Vote rows whose model names cannot be told.
     pub invalid_votes: usize,
+    /// Addresses with a `flagged_address` row.
+    pub flagged: HashSet<String>,
+}
+
+/// The `type` of the log row that flags an address.
+pub const FLAG_ROW: &str = "flagged_address";
+
+/// The battles that count: anonymous ones (named too with `include_named`),
+/// without those from flagged addresses (unless `include_flagged`).
+pub fn counted(battles: &[Battle], flagged: &HashSet<String>, include_named: bool, include_flagged: bool) -> Vec<Battle> {
+    battles
+        .iter()
+        .filter(|b| b.anony || include_named)
+        .filter(|b| include_flagged || b.ip.is_empty() || !flagged.contains(&b.ip))
+        .cloned()
+        .collect()
 }
 
 /// The model names of an arena vote row: the public names, or for an
@@ -81,6 +104,7 @@ pub fn battle_from_row(row: &Value) -> RowBattle {
         winner,
         anony,
         tstamp: row.get("tstamp").and_then(Value::as_f64).unwrap_or(0.0),
+        ip: row.get("ip").and_then(Value::as_str).unwrap_or_default().to_string(),
     })
 }
 
@@ -111,6 +135,12 @@ pub fn read_battles(dir: &Path) -> Result<BattleLog, LogError> {
                 out.unreadable.push(format!("{}:{}", f.display(), i + 1));
                 continue;
             };
+            if row.get("type").and_then(Value::as_str) == Some(FLAG_ROW) {
+                if let Some(ip) = row.get("ip").and_then(Value::as_str).filter(|ip| !ip.is_empty()) {
+                    out.flagged.insert(ip.to_string());
+                }
+                continue;
+            }
             match battle_from_row(&row) {
                 RowBattle::Battle(b) => out.battles.push(b),
                 RowBattle::InvalidVote => out.invalid_votes += 1,
@@ -183,6 +213,28 @@ mod tests {
         assert_eq!(log.battles[0].winner, Winner::ModelA);
         assert_eq!(log.unreadable.len(), 1);
         assert!(log.unreadable[0].ends_with("2026-11-28-conv.json:2"));
+    }
+
+    #[test]
+    fn flagged_addresses_are_left_out() {
+        let dir = std::env::temp_dir().join(format!("vicugna-lb-flag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vote = |t: f64, ip: &str| {
+            json!({"tstamp": t, "type": "leftvote", "models": ["", ""],
+                "states": [{"model_name": "a"}, {"model_name": "b"}], "ip": ip})
+        };
+        let flag = json!({"tstamp": 3.0, "type": FLAG_ROW, "ip": "6.6.6.6", "reason": "votes"});
+        let rows = [vote(1.0, "6.6.6.6"), vote(2.0, "1.1.1.1"), flag, vote(4.0, "6.6.6.6")];
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(dir.join("2026-11-28-conv.json"), text).unwrap();
+        let log = read_battles(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(log.battles.len(), 3);
+        assert!(log.flagged.contains("6.6.6.6"));
+        let kept = counted(&log.battles, &log.flagged, false, false);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].ip, "1.1.1.1");
+        assert_eq!(counted(&log.battles, &log.flagged, false, true).len(), 3);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! remember each conversation's state and log it when the answer ends.
 
 pub mod log;
+pub mod proxy;
 pub mod session;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,6 +30,7 @@ use crate::gateway::error::ApiError;
 use crate::gateway::{generate, validate, Gateway};
 use crate::leaderboard::{self, Battle, Leaderboard, Winner};
 use log::{now_tstamp, ConvLog};
+pub use proxy::IpNet;
 use session::{Mode, Session, Sessions};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -47,6 +49,12 @@ pub struct WebOptions {
     pub max_turns: usize,
     /// Messages per minute from one address; 0 = no limit.
     pub rate_limit_per_minute: usize,
+    /// Votes per hour from one address; 0 = no limit. An address over it is
+    /// flagged and its votes leave the leaderboard.
+    pub vote_limit_per_hour: usize,
+    /// Proxies whose forwarded-for headers are believed; empty: none, the
+    /// TCP peer is the client.
+    pub trusted_proxies: Vec<IpNet>,
     /// Serve the page and its API at all.
     pub enabled: bool,
 }
@@ -58,8 +66,57 @@ impl Default for WebOptions {
             max_input_chars: 12_000,
             max_turns: 50,
             rate_limit_per_minute: 30,
+            vote_limit_per_hour: DEFAULT_VOTE_LIMIT,
+            trusted_proxies: Vec::new(),
             enabled: true,
         }
+    }
+}
+
+/// Votes per hour from one address by default: a person reading two answers
+/// per round casts far fewer; a script voting for its favourite casts more.
+pub const DEFAULT_VOTE_LIMIT: usize = 30;
+
+/// Events per address in a sliding window.
+struct RateWindow {
+    limit: usize,
+    window: Duration,
+    seen: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl RateWindow {
+    fn new(limit: usize, window: Duration) -> Self {
+        RateWindow {
+            limit,
+            window,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one event from `ip`; `Err(seconds to wait)` when over the limit
+    /// (the refused event is not counted).
+    fn hit(&self, ip: &str) -> Result<(), u64> {
+        if self.limit == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let window = self.window;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 10_000 {
+            seen.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        let q = seen.entry(ip.to_string()).or_default();
+        while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            q.pop_front();
+        }
+        if q.len() >= self.limit {
+            return Err(q
+                .front()
+                .map(|t| window.saturating_sub(now.duration_since(*t)).as_secs() + 1)
+                .unwrap_or(window.as_secs()));
+        }
+        q.push_back(now);
+        Ok(())
     }
 }
 
@@ -68,20 +125,28 @@ pub struct Web {
     opts: WebOptions,
     log: Option<ConvLog>,
     sessions: Mutex<Sessions>,
-    rate: Mutex<HashMap<String, VecDeque<Instant>>>,
+    rate: RateWindow,
+    votes: RateWindow,
+    /// Addresses that went over the vote limit (from the logs at start, then as caught).
+    flagged: Mutex<HashSet<String>>,
     /// Every arena vote so far (from the logs at start, then as cast).
     battles: Mutex<Vec<Battle>>,
-    cached: Mutex<Option<(usize, Arc<Leaderboard>)>>,
+    /// The last leaderboard, keyed by (battles, flagged addresses) counts.
+    cached: Mutex<Option<((usize, usize), Arc<Leaderboard>)>>,
 }
 
 impl Web {
     /// The page's state; reads earlier votes from the log directory.
     pub fn new(opts: WebOptions) -> Web {
         let mut battles = Vec::new();
+        let mut flagged = HashSet::new();
         let log = opts.log_dir.as_ref().and_then(|dir| match ConvLog::open(dir) {
             Ok(l) => {
                 match leaderboard::read_battles(dir) {
-                    Ok(b) => battles = b.battles,
+                    Ok(b) => {
+                        battles = b.battles;
+                        flagged = b.flagged;
+                    }
                     Err(e) => eprintln!("vicugna: earlier votes not read: {e}"),
                 }
                 Some(l)
@@ -92,10 +157,12 @@ impl Web {
             }
         });
         Web {
+            rate: RateWindow::new(opts.rate_limit_per_minute, Duration::from_secs(60)),
+            votes: RateWindow::new(opts.vote_limit_per_hour, Duration::from_secs(3600)),
             opts,
             log,
             sessions: Mutex::new(Sessions::default()),
-            rate: Mutex::new(HashMap::new()),
+            flagged: Mutex::new(flagged),
             battles: Mutex::new(battles),
             cached: Mutex::new(None),
         }
@@ -114,36 +181,48 @@ impl Web {
 
     /// Counts a message from `ip`; an error with the wait when over the limit.
     fn check_rate(&self, ip: &str) -> Result<(), ApiError> {
-        let limit = self.opts.rate_limit_per_minute;
-        if limit == 0 {
-            return Ok(());
-        }
-        let window = Duration::from_secs(60);
-        let now = Instant::now();
-        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        if rate.len() > 10_000 {
-            rate.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
-        }
-        let q = rate.entry(ip.to_string()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
-            q.pop_front();
-        }
-        if q.len() >= limit {
-            let wait = q
-                .front()
-                .map(|t| window.saturating_sub(now.duration_since(*t)).as_secs() + 1)
-                .unwrap_or(60);
-            let mut e = ApiError::overloaded(format!(
-                "Too many messages: the limit is {limit} per minute from one address. Try again in {wait} s."
-            ));
-            e.code = Some("rate_limited".into());
-            e.kind = "rate_limit_exceeded";
-            e.retry_after = Some(wait);
-            return Err(e);
-        }
-        q.push_back(now);
-        Ok(())
+        self.rate.hit(ip).map_err(|wait| {
+            rate_limited(
+                format!(
+                    "Too many messages: the limit is {} per minute from one address. Try again in {wait} s.",
+                    self.opts.rate_limit_per_minute
+                ),
+                wait,
+            )
+        })
     }
+
+    /// Counts a vote from `ip`. Over the limit the vote is refused and the
+    /// address flagged (once, in memory and in the log), which takes its
+    /// votes off the leaderboard.
+    fn check_vote_rate(&self, ip: &str) -> Result<(), ApiError> {
+        let Err(wait) = self.votes.hit(ip) else {
+            return Ok(());
+        };
+        let limit = self.opts.vote_limit_per_hour;
+        let newly = self.flagged.lock().unwrap_or_else(|p| p.into_inner()).insert(ip.to_string());
+        if newly {
+            self.write_log(&json!({
+                "tstamp": now_tstamp(), "type": leaderboard::FLAG_ROW, "ip": ip,
+                "reason": format!("more than {limit} votes in an hour"),
+            }));
+        }
+        let minutes = wait.div_ceil(60);
+        Err(rate_limited(
+            format!(
+                "Too many votes: the limit is {limit} per hour from one address, so this vote was not counted, and the votes from this address are left out of the leaderboard. Try again in {minutes} min."
+            ),
+            wait,
+        ))
+    }
+}
+
+fn rate_limited(message: String, wait: u64) -> ApiError {
+    let mut e = ApiError::overloaded(message);
+    e.code = Some("rate_limited".into());
+    e.kind = "rate_limit_exceeded";
+    e.retry_after = Some(wait);
+    e
 }
 
 /// The page's routes (merged into the gateway's router).
@@ -174,28 +253,11 @@ fn asset(text: &'static str, content_type: &'static str) -> Response {
     ([("content-type", content_type), ("cache-control", "no-cache")], text).into_response()
 }
 
-/// The client's address: `cf-connecting-ip`, the first `x-forwarded-for`, then
-/// the socket (FastChat's order, for a server behind a proxy).
-fn client_ip(headers: &HeaderMap, socket: Option<SocketAddr>) -> String {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
-    header("cf-connecting-ip")
-        .or_else(|| header("x-forwarded-for"))
-        .or_else(|| socket.map(|s| s.ip().to_string()))
-        .unwrap_or_default()
-}
-
-/// Splits a request into its client address and body.
-fn split(req: Request) -> (String, Body) {
+/// Splits a request into its client address (see [`proxy::client_ip`]) and body.
+fn split(g: &Gateway, req: Request) -> (String, Body) {
     let (parts, body) = req.into_parts();
-    let socket = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    (client_ip(&parts.headers, socket), body)
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    (proxy::client_ip(&parts.headers, peer, &g.web.opts.trusted_proxies), body)
 }
 
 async fn config(State(g): State<Arc<Gateway>>) -> Response {
@@ -204,6 +266,7 @@ async fn config(State(g): State<Arc<Gateway>>) -> Response {
         "max_input_chars": o.max_input_chars,
         "max_turns": o.max_turns,
         "rate_limit_per_minute": o.rate_limit_per_minute,
+        "vote_limit_per_hour": o.vote_limit_per_hour,
         "logging": g.web.log.is_some(),
     }))
     .into_response()
@@ -307,20 +370,43 @@ fn session_gone() -> ApiError {
 /// `POST /api/chat`: one answer of one side of a session, streamed as
 /// `/v1/chat/completions` SSE; logged when it ends.
 async fn chat(State(g): State<Arc<Gateway>>, req: Request) -> Response {
-    let (ip, body) = split(req);
+    let (ip, body) = split(&g, req);
     let r = async {
         let req: ChatRequest = read_json(&g, body).await?;
         let o = &g.web.opts;
-        let Some(last) = req.messages.last().filter(|m| m.role == "user") else {
+        if req.messages.last().is_none_or(|m| m.role != "user") {
             return Err(ApiError::bad_field("messages", "the last message must be the user's"));
-        };
-        let chars = last.content.chars().count();
-        if chars > o.max_input_chars {
+        }
+        // Every role: a system message (or a made-up assistant one) is as
+        // much work for the model as the user's.
+        let last = req.messages.len() - 1;
+        for (i, m) in req.messages.iter().enumerate() {
+            let chars = m.content.chars().count();
+            if chars <= o.max_input_chars {
+                continue;
+            }
+            let limit = o.max_input_chars;
+            return Err(ApiError::bad_field(
+                "messages",
+                if i == last {
+                    format!("Your message is {chars} characters long; the limit is {limit}. Please shorten it.")
+                } else {
+                    format!(
+                        "messages[{i}] ({}) is {chars} characters long; the limit is {limit} for every message.",
+                        m.role
+                    )
+                },
+            ));
+        }
+        // A user and an assistant message per turn, and one system message.
+        let most = 2 * o.max_turns + 1;
+        if req.messages.len() > most {
             return Err(ApiError::bad_field(
                 "messages",
                 format!(
-                    "Your message is {chars} characters long; the limit is {}. Please shorten it.",
-                    o.max_input_chars
+                    "{} messages; the limit is {most} ({} turns). Press Clear (or New round) to start a new one.",
+                    req.messages.len(),
+                    o.max_turns
                 ),
             ));
         }
@@ -334,7 +420,7 @@ async fn chat(State(g): State<Arc<Gateway>>, req: Request) -> Response {
                 ),
             ));
         }
-        let (model, conv_id) = {
+        let (model, conv_id, hidden) = {
             let mut s = g.web.sessions.lock().unwrap_or_else(|p| p.into_inner());
             let sess = s.get_mut(&req.session_id).ok_or_else(session_gone)?;
             let model = sess
@@ -345,7 +431,13 @@ async fn chat(State(g): State<Arc<Gateway>>, req: Request) -> Response {
             if sess.mode == Mode::Anony && sess.voted {
                 return Err(ApiError::bad_request("This battle is over. Press New round to start another."));
             }
-            (model, sess.conv_ids[req.side].clone())
+            // In the anonymous arena nothing before the vote may name the
+            // models: the answer's chunks and errors say `model A` / `model B`.
+            let hidden = (sess.mode == Mode::Anony).then(|| Anonymize {
+                alias: SIDE_ALIASES[req.side.min(1)],
+                names: sess.models.clone(),
+            });
+            (model, sess.conv_ids[req.side].clone(), hidden)
         };
         g.web.check_rate(&ip)?;
         let mut openai = json!({"model": model, "messages": req.messages, "stream": true});
@@ -360,7 +452,10 @@ async fn chat(State(g): State<Arc<Gateway>>, req: Request) -> Response {
         let start = now_tstamp();
         let resp = generate::chat_completions(State(g.clone()), Body::from(openai.to_string())).await;
         if resp.status() != StatusCode::OK {
-            return Ok(resp);
+            return Ok(match hidden {
+                Some(h) => h.error_response(resp).await,
+                None => resp,
+            });
         }
         let turn = Turn {
             session_id: req.session_id,
@@ -372,10 +467,71 @@ async fn chat(State(g): State<Arc<Gateway>>, req: Request) -> Response {
             start,
             ip,
         };
-        Ok(relay(g.clone(), resp, turn))
+        Ok(relay(g.clone(), resp, turn, hidden))
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// How each side of an anonymous battle is called before the vote.
+const SIDE_ALIASES: [&str; 2] = ["model A", "model B"];
+
+/// Hides an anonymous battle's model names in what goes to the browser.
+struct Anonymize {
+    /// This side's name for the browser.
+    alias: &'static str,
+    /// The battle's real names, side by side.
+    names: Vec<String>,
+}
+
+impl Anonymize {
+    /// `text` with each real name replaced by its side's alias (longest name
+    /// first, so that `smol` does not eat into `smol-b`).
+    fn hide(&self, text: &str) -> String {
+        let mut pairs: Vec<(&str, &str)> = self
+            .names
+            .iter()
+            .zip(SIDE_ALIASES)
+            .map(|(n, a)| (n.as_str(), a))
+            .filter(|(n, _)| !n.is_empty())
+            .collect();
+        pairs.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
+        let mut out = text.to_string();
+        for (name, alias) in pairs {
+            out = out.replace(name, alias);
+        }
+        out
+    }
+
+    /// One SSE event with the `model` field set to the alias and the names
+    /// hidden in any error message.
+    fn event(&self, event: &str) -> String {
+        let Some(data) = event.trim().strip_prefix("data:") else {
+            return event.to_string();
+        };
+        let Ok(mut v) = serde_json::from_str::<Value>(data.trim()) else {
+            // `[DONE]`; anything else that is not JSON is passed on hidden.
+            return self.hide(event);
+        };
+        if v.get("model").is_some() {
+            v["model"] = json!(self.alias);
+        }
+        if let Some(m) = v.pointer_mut("/error/message") {
+            if let Some(text) = m.as_str() {
+                *m = json!(self.hide(text));
+            }
+        }
+        format!("data: {v}\n\n")
+    }
+
+    /// An error answer (small JSON) with the names hidden.
+    async fn error_response(&self, resp: Response) -> Response {
+        let (mut parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+        let text = self.hide(&String::from_utf8_lossy(&bytes));
+        parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+        Response::from_parts(parts, Body::from(text))
+    }
 }
 
 /// What is needed to log an answer once it ends.
@@ -411,22 +567,31 @@ fn conv_state(t: &Turn, answer: &str) -> Value {
     })
 }
 
-/// Passes the SSE stream through while reading the answer from it; logs the
-/// turn when the stream ends, or when the reader goes away (Stop).
-fn relay(g: Arc<Gateway>, resp: Response, turn: Turn) -> Response {
+/// Passes the SSE stream through while reading the answer from it (with the
+/// model names hidden in an anonymous battle); logs the turn when the stream
+/// ends, or when the reader goes away (Stop).
+fn relay(g: Arc<Gateway>, resp: Response, turn: Turn, hidden: Option<Anonymize>) -> Response {
     let (parts, body) = resp.into_parts();
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
-        let mut pending = String::new();
+        // Bytes, not text: a piece may end inside a character.
+        let mut pending: Vec<u8> = Vec::new();
         let mut answer = String::new();
         let mut finish: Option<String> = None;
         let mut error: Option<String> = None;
         while let Some(piece) = stream.next().await {
             let Ok(piece) = piece else { break };
-            pending.push_str(&String::from_utf8_lossy(&piece));
-            while let Some(end) = pending.find("\n\n") {
-                let event: String = pending.drain(..end + 2).collect();
+            pending.extend_from_slice(&piece);
+            // Whole events only, so that each can be rewritten.
+            let mut out = String::new();
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let bytes: Vec<u8> = pending.drain(..end + 2).collect();
+                let event = String::from_utf8_lossy(&bytes);
+                match &hidden {
+                    Some(h) => out.push_str(&h.event(&event)),
+                    None => out.push_str(&event),
+                }
                 let Some(data) = event.trim().strip_prefix("data:") else {
                     continue;
                 };
@@ -443,7 +608,10 @@ fn relay(g: Arc<Gateway>, resp: Response, turn: Turn) -> Response {
                     finish = Some(f.to_string());
                 }
             }
-            if tx.send(piece).await.is_err() {
+            if out.is_empty() {
+                continue;
+            }
+            if tx.send(Bytes::from(out)).await.is_err() {
                 finish = Some("stopped_by_user".into());
                 break;
             }
@@ -487,7 +655,7 @@ struct VoteRequest {
 /// leftvote/rightvote/tievote/bothbad_vote on an arena round. Answers the
 /// model names (revealed after an anonymous vote) and the new battle count.
 async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
-    let (ip, body) = split(req);
+    let (ip, body) = split(&g, req);
     let r = async {
         let req: VoteRequest = read_json(&g, body).await?;
         let (row, battle, models) = {
@@ -505,6 +673,7 @@ async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
                     let state = sess.states[0]
                         .clone()
                         .ok_or_else(|| ApiError::bad_request("There is no answer to vote on yet."))?;
+                    g.web.check_vote_rate(&ip)?;
                     let row =
                         json!({"tstamp": tstamp, "type": req.kind, "model": sess.models[0], "state": state, "ip": ip});
                     (row, None, sess.models.clone())
@@ -530,6 +699,8 @@ async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
                     if sess.voted_turn == Some(turn) {
                         return Err(ApiError::bad_request("You have already voted on this round."));
                     }
+                    // A refused vote leaves the round open, to vote later.
+                    g.web.check_vote_rate(&ip)?;
                     sess.voted_turn = Some(turn);
                     let anony = sess.mode == Mode::Anony;
                     sess.voted = true;
@@ -544,6 +715,7 @@ async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
                         winner,
                         anony,
                         tstamp,
+                        ip: ip.clone(),
                     };
                     (row, Some(battle), sess.models.clone())
                 }
@@ -563,19 +735,15 @@ async fn vote(State(g): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 /// `GET /api/leaderboard`: ratings from the anonymous arena's votes (named
-/// side-by-side votes are logged but, as in FastChat, not rated), as
-/// `vicugna leaderboard`.
+/// side-by-side votes are logged but, as in FastChat, not rated), without
+/// the votes of flagged addresses, as `vicugna leaderboard`.
 async fn get_leaderboard(State(g): State<Arc<Gateway>>) -> Response {
-    let battles: Vec<Battle> = g
-        .web
-        .battles
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .filter(|b| b.anony)
-        .cloned()
-        .collect();
-    let n = battles.len();
+    let flagged = g.web.flagged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (battles, all) = {
+        let all = g.web.battles.lock().unwrap_or_else(|p| p.into_inner());
+        (leaderboard::counted(&all, &flagged, false, false), all.len())
+    };
+    let n = (all, flagged.len());
     let cached = g.web.cached.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let board = match cached {
         Some((k, b)) if k == n => b,

@@ -1,11 +1,12 @@
 // Drives vicugna's web page in a real headless Chromium, as a person would:
-// a streamed chat answer, regenerate, a vote, stop, the input limit, an
+// the API key prompt, a streamed chat answer, regenerate, a vote, stop, the input limit, an
 // anonymous arena round with a vote, the leaderboard, a named side-by-side
 // round, and the rate limit.
 //
 //   node page.mjs URL SCREENSHOT_DIR
 //
-// CHROMIUM names the browser (default /usr/bin/chromium). Prints one JSON
+// CHROMIUM names the browser (default /usr/bin/chromium); API_KEY the key the
+// server was started with (default test-key). Prints one JSON
 // object with what it saw; the Rust test (web_page.rs) checks it against the
 // server's logs. Exits non-zero with the reason on any failure.
 import { chromium } from "playwright-core";
@@ -21,6 +22,7 @@ mkdirSync(shots, { recursive: true });
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const seen = {};
 const T = 60_000;
+const KEY = process.env.API_KEY || "test-key";
 
 // The notice `action` brings up: the box may already show another one (an answer
 // cut at the max output tokens says so), so wait for its text to change.
@@ -42,8 +44,47 @@ const browser = await chromium.launch({ executablePath, headless: true, args: ["
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
+
+  // ---- the API key: /api/* wants it (--api-keys without --public-page) ----
+  // The server's check is played here as well, so that the prompt is tested
+  // whether or not this server enforces it on /api/*; with the right key the
+  // request goes on to the server.
+  let keyGiven = false;
+  seen.api_calls_without_key_after_entry = 0;
+  await page.route("**/api/**", async (route) => {
+    const auth = route.request().headers()["authorization"];
+    if (auth === `Bearer ${KEY}`) return route.continue();
+    if (keyGiven) {
+      seen.api_calls_without_key_after_entry += 1;
+      (seen.unkeyed_after_entry ||= []).push(`${route.request().method()} ${new URL(route.request().url()).pathname} ${auth || "no key"}`);
+    }
+    const message = auth ? "the API key is not valid" : "no API key given: send `Authorization: Bearer <key>`";
+    return route.fulfill({
+      status: 401,
+      contentType: "application/json",
+      body: JSON.stringify({ error: { message, type: "invalid_request_error", param: null, code: "invalid_api_key" } }),
+    });
+  });
   await page.goto(url);
   await page.waitForSelector("body[data-ready=true]", { timeout: T });
+  await page.waitForSelector("#key-bar:not([hidden])", { timeout: T });
+  seen.key_prompt = await page.textContent("#key-notice");
+  seen.models_without_key = await page.$$eval("#chat-model option", (os) => os.length);
+  await page.screenshot({ path: join(shots, "0-key-prompt.png") });
+  await page.fill("#api-key", "wrong-key");
+  seen.wrong_key_notice = await noticeAfter(page, "#key-notice", () => page.click("#key-save"));
+  // The page's start with the wrong key ends at the model list's refusal.
+  await page.waitForFunction(() => {
+    const n = document.getElementById("chat-notice");
+    return !n.hidden && n.textContent.includes("Could not list the models");
+  }, null, { timeout: T });
+  await page.fill("#api-key", KEY);
+  keyGiven = true;
+  await page.click("#key-save");
+  await page.waitForFunction(() => document.querySelectorAll("#chat-model option").length >= 2, null, { timeout: T });
+  seen.key_bar_hidden = await page.$eval("#key-bar", (e) => e.hidden);
+  seen.key_stored = await page.evaluate(() => localStorage.getItem("vicugna-api-key"));
+
   seen.models = await page.$$eval("#chat-model option", (os) => os.map((o) => o.value));
   // Model output with HTML and an image: shown as text, nothing fetched.
   seen.rendered_untrusted = await page.evaluate(() => {
@@ -95,7 +136,7 @@ try {
   await page.$eval("#p-max-tokens", (el) => { el.value = "48"; el.dispatchEvent(new Event("input")); });
 
   // ---- the input limit, shown on the page ----
-  const limit = await page.evaluate(() => fetch("/api/config").then((r) => r.json()));
+  const limit = await page.evaluate(() => apiFetch("/api/config").then((r) => r.json()));
   await page.fill("#chat-input", "x".repeat(limit.max_input_chars + 1));
   await page.click("#chat-send");
   seen.input_limit_notice = await page.textContent("#chat-notice");

@@ -27,6 +27,44 @@ function renderMarkdown(el, text) {
   });
 }
 
+// ---------- API key ----------
+// A server started with --api-keys wants `Authorization: Bearer <key>` on
+// /api/* too. The key is asked for when the server answers 401, and kept in
+// this browser (localStorage) so the next visit does not ask again.
+const KEY_STORE = "vicugna-api-key";
+function apiKey() {
+  try { return localStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+}
+function setApiKey(key) {
+  try {
+    if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+  } catch (_) { /* storage off: the key lasts until the page is left */ }
+  memoryKey = key;
+}
+let memoryKey = apiKey();
+const NEEDS_KEY = "This server needs an API key. Enter it at the top of the page (it is kept in this browser).";
+
+function askForKey(message) {
+  $("key-bar").hidden = false;
+  showNotice($("key-notice"), message);
+  $("api-key").focus();
+}
+
+// fetch() for /api/*: adds the key, and on 401 asks for it.
+async function apiFetch(path, init = {}) {
+  const headers = Object.assign({}, init.headers || {});
+  if (memoryKey) headers["authorization"] = "Bearer " + memoryKey;
+  const resp = await fetch(path, Object.assign({}, init, { headers }));
+  if (resp.status === 401) {
+    const why = await errorMessage(resp);
+    askForKey(memoryKey ? `The server refused the key: ${why}` : NEEDS_KEY);
+    const e = new Error(memoryKey ? `The server refused the API key (${why}). Enter the right key at the top of the page.` : NEEDS_KEY);
+    e.unauthorized = true;
+    throw e;
+  }
+  return resp;
+}
+
 // ---------- server calls ----------
 async function errorMessage(resp) {
   try {
@@ -37,7 +75,7 @@ async function errorMessage(resp) {
 }
 
 async function postJson(path, body) {
-  const resp = await fetch(path, {
+  const resp = await apiFetch(path, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
@@ -48,12 +86,18 @@ async function postJson(path, body) {
 
 // Streams one answer from /api/chat (OpenAI SSE); calls onText with the text so far.
 async function streamAnswer(body, signal, onText) {
-  const resp = await fetch("/api/chat", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-    signal,
-  });
+  let resp;
+  try {
+    resp = await apiFetch("/api/chat", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+      signal,
+    });
+  } catch (e) {
+    if (e.name === "AbortError") return { ok: false, error: "Stopped before the answer began.", text: "" };
+    return { ok: false, error: e.unauthorized ? e.message : `The connection broke: ${e.message}`, text: "" };
+  }
   if (!resp.ok) return { ok: false, error: await errorMessage(resp), text: "" };
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
@@ -399,7 +443,7 @@ async function loadLeaderboard() {
   $("lb-summary").textContent = "Loading…";
   let board;
   try {
-    const resp = await fetch("/api/leaderboard");
+    const resp = await apiFetch("/api/leaderboard");
     if (!resp.ok) throw new Error(await errorMessage(resp));
     board = await resp.json();
   } catch (err) { $("lb-summary").textContent = err.message; return; }
@@ -438,13 +482,14 @@ $("lb-refresh").addEventListener("click", loadLeaderboard);
 // ---------- start ----------
 async function start() {
   try {
-    config = await (await fetch("/api/config")).json();
-  } catch (_) { /* keep defaults */ }
+    const resp = await apiFetch("/api/config");
+    if (resp.ok) config = await resp.json();
+  } catch (_) { /* keep defaults (the key bar is up on a 401) */ }
   const limits = [`messages up to ${config.max_input_chars} characters`, `${config.max_turns} turns per conversation`];
   if (config.rate_limit_per_minute > 0) limits.push(`${config.rate_limit_per_minute} messages per minute`);
   $("chat-limits").textContent = "Limits: " + limits.join(" · ") + (config.logging ? " · conversations and votes are logged" : "");
   try {
-    const resp = await fetch("/api/models");
+    const resp = await apiFetch("/api/models");
     if (!resp.ok) throw new Error(await errorMessage(resp));
     models = (await resp.json()).models;
   } catch (err) {
@@ -457,8 +502,26 @@ async function start() {
     if (models.length) sel.value = models[Math.min(pick, models.length - 1)];
   }
   if (models.length < 2) $("arena-rules").textContent = "The arena needs at least two served models; this server has " + models.length + ".";
+  else if (!arena.session) arenaReset();
   document.body.dataset.ready = "true";
 }
+$("key-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) { showNotice($("key-notice"), "Enter the key first."); return; }
+  setApiKey(key);
+  $("api-key").value = "";
+  showNotice($("key-notice"), null);
+  $("key-bar").hidden = true;
+  // Try it at once: a wrong key brings the bar back with the server's reason.
+  showNotice($("chat-notice"), null);
+  await start();
+});
+$("key-forget").addEventListener("click", () => {
+  setApiKey("");
+  askForKey("The key was forgotten. Enter a key to use this server.");
+});
+
 arenaReset();
 chatSetBusy(false);
 start();
