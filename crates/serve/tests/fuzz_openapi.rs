@@ -59,7 +59,14 @@ fn schemathesis() -> Result<PathBuf, String> {
         return Err("python3 -m venv failed (install python3-venv)".into());
     }
     let ok = Command::new(dir.join("bin/python"))
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", SCHEMATHESIS])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            SCHEMATHESIS,
+        ])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
@@ -186,7 +193,12 @@ fn openapi_fuzzing_finds_no_server_error() {
             .unwrap();
         (doc, models)
     });
-    let names: Vec<Value> = models["data"].as_array().unwrap().iter().map(|m| m["id"].clone()).collect();
+    let names: Vec<Value> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
     let schema = work.join("openapi.json");
     std::fs::write(&schema, serde_json::to_vec_pretty(&fuzz_schema(doc, &names)).unwrap()).unwrap();
 

@@ -109,7 +109,10 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
         }
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
-    assert!(refusal.contains("the limit is 3 per minute from one address"), "{refusal}");
+    assert!(
+        refusal.contains("the limit is 3 per minute from one address"),
+        "{refusal}"
+    );
     let chats: Vec<Value> = rows(&dir).into_iter().filter(|r| r["type"] == "chat").collect();
     assert_eq!(chats.len(), 3);
     assert!(chats.iter().all(|r| r["ip"] == "127.0.0.1"), "{chats:?}");
@@ -127,7 +130,12 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
     .await;
     let sid = session(&t, json!({"mode": "chat", "models": ["smol-a"]})).await;
     for i in 0..5 {
-        let (s, body) = chat(&t, ask(&sid, 0, "Hi"), &[("x-forwarded-for", format!("198.51.100.{i}"))]).await;
+        let (s, body) = chat(
+            &t,
+            ask(&sid, 0, "Hi"),
+            &[("x-forwarded-for", format!("198.51.100.{i}"))],
+        )
+        .await;
         assert_eq!(s, 200, "{body}");
     }
     let mut statuses = Vec::new();
@@ -182,7 +190,12 @@ async fn arena_names_stay_hidden_until_the_vote() {
 
     let (s, r) = post(&c.url("/api/vote"), &json!({"session_id": sid, "type": "leftvote"})).await;
     assert_eq!(s, 200, "{r}");
-    let mut revealed: Vec<String> = r["models"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().into()).collect();
+    let mut revealed: Vec<String> = r["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().into())
+        .collect();
     revealed.sort();
     assert_eq!(revealed, NAMES);
     // One vote per battle.
@@ -279,7 +292,9 @@ async fn the_length_limit_covers_every_role() {
         assert_eq!(s, 400, "{role}: {r}");
         let msg = r["error"]["message"].as_str().unwrap();
         assert!(
-            msg.contains(&format!("messages[{at}] ({role}) is 51 characters long; the limit is 50")),
+            msg.contains(&format!(
+                "messages[{at}] ({role}) is 51 characters long; the limit is 50"
+            )),
             "{msg}"
         );
     }
@@ -289,5 +304,8 @@ async fn the_length_limit_covers_every_role() {
     )
     .await;
     assert_eq!(s, 400);
-    assert!(r["error"]["message"].as_str().unwrap().contains("the limit is 50"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("the limit is 50"),
+        "{r}"
+    );
 }

@@ -256,12 +256,18 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     // The key: asked for, a wrong one refused with the server's reason, the
     // right one kept in the browser and sent on every /api call after.
     assert!(
-        seen["key_prompt"].as_str().unwrap().contains("This server needs an API key"),
+        seen["key_prompt"]
+            .as_str()
+            .unwrap()
+            .contains("This server needs an API key"),
         "{seen}"
     );
     assert_eq!(seen["models_without_key"], 0);
     assert!(
-        seen["wrong_key_notice"].as_str().unwrap().contains("the API key is not valid"),
+        seen["wrong_key_notice"]
+            .as_str()
+            .unwrap()
+            .contains("the API key is not valid"),
         "{seen}"
     );
     assert_eq!(seen["key_bar_hidden"], true);
@@ -472,4 +478,43 @@ fn unusable_log_dir_and_missing_logs_are_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no log files (*-conv.json)"), "{err}");
+}
+
+#[test]
+fn leaderboard_leaves_out_flagged_addresses() {
+    let Some(bin) = need(vicugna_bin()) else { return };
+    let dir = target_dir().join(format!("web-flagged-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vote = |t: f64, ip: &str, kind: &str| {
+        json!({"tstamp": t, "type": kind, "models": ["", ""],
+            "states": [{"model_name": "a"}, {"model_name": "b"}], "ip": ip})
+    };
+    let rows = [
+        vote(1.0, "198.51.100.7", "leftvote"),
+        vote(2.0, "203.0.113.9", "rightvote"),
+        vote(3.0, "203.0.113.9", "rightvote"),
+        json!({"tstamp": 4.0, "type": "flagged_address", "ip": "203.0.113.9", "reason": "more than 2 votes in an hour"}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join("2026-01-01-conv.json"), text).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(&bin)
+            .args(["leaderboard", "--json", "--logs"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (default, note) = run(&[]);
+    assert_eq!(default["battles"], 1);
+    assert!(
+        note.contains("left out 2 vote(s) from 1 flagged address(es); --include-flagged counts them"),
+        "{note}"
+    );
+    assert_eq!(run(&["--exclude-flagged"]).0["battles"], 1);
+    assert_eq!(run(&["--include-flagged"]).0["battles"], 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,7 +43,12 @@ pub const FLAG_ROW: &str = "flagged_address";
 
 /// The battles that count: anonymous ones (named too with `include_named`),
 /// without those from flagged addresses (unless `include_flagged`).
-pub fn counted(battles: &[Battle], flagged: &HashSet<String>, include_named: bool, include_flagged: bool) -> Vec<Battle> {
+pub fn counted(
+    battles: &[Battle],
+    flagged: &HashSet<String>,
+    include_named: bool,
+    include_flagged: bool,
+) -> Vec<Battle> {
     battles
         .iter()
         .filter(|b| b.anony || include_named)

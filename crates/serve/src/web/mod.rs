@@ -120,6 +120,9 @@ impl RateWindow {
     }
 }
 
+/// A computed leaderboard and the (battles, flagged addresses) counts it is of.
+type CachedBoard = ((usize, usize), Arc<Leaderboard>);
+
 /// The page's state inside the gateway.
 pub struct Web {
     opts: WebOptions,
@@ -132,7 +135,7 @@ pub struct Web {
     /// Every arena vote so far (from the logs at start, then as cast).
     battles: Mutex<Vec<Battle>>,
     /// The last leaderboard, keyed by (battles, flagged addresses) counts.
-    cached: Mutex<Option<((usize, usize), Arc<Leaderboard>)>>,
+    cached: Mutex<Option<CachedBoard>>,
 }
 
 impl Web {
@@ -200,7 +203,11 @@ impl Web {
             return Ok(());
         };
         let limit = self.opts.vote_limit_per_hour;
-        let newly = self.flagged.lock().unwrap_or_else(|p| p.into_inner()).insert(ip.to_string());
+        let newly = self
+            .flagged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip.to_string());
         if newly {
             self.write_log(&json!({
                 "tstamp": now_tstamp(), "type": leaderboard::FLAG_ROW, "ip": ip,
@@ -257,7 +264,10 @@ fn asset(text: &'static str, content_type: &'static str) -> Response {
 fn split(g: &Gateway, req: Request) -> (String, Body) {
     let (parts, body) = req.into_parts();
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    (proxy::client_ip(&parts.headers, peer, &g.web.opts.trusted_proxies), body)
+    (
+        proxy::client_ip(&parts.headers, peer, &g.web.opts.trusted_proxies),
+        body,
+    )
 }
 
 async fn config(State(g): State<Arc<Gateway>>) -> Response {

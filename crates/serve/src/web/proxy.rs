@@ -80,7 +80,12 @@ fn parse_node(s: &str) -> Option<IpAddr> {
         return Some(canonical(ip));
     }
     if let Some(rest) = s.strip_prefix('[') {
-        return rest.split(']').next()?.parse::<Ipv6Addr>().ok().map(|ip| canonical(IpAddr::V6(ip)));
+        return rest
+            .split(']')
+            .next()?
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|ip| canonical(IpAddr::V6(ip)));
     }
     let (host, _port) = s.rsplit_once(':')?;
     host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
