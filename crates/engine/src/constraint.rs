@@ -21,9 +21,9 @@ use std::sync::Arc;
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::nfa::thompson;
-use regex_automata::util::syntax;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
+use regex_automata::util::syntax;
 use regex_automata::{Anchored, MatchKind};
 
 use crate::error::{EngineError, Result};

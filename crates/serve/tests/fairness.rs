@@ -69,7 +69,16 @@ async fn serve(extra: &[&str]) -> Option<Serve> {
     let bin = vicugna_bin()?;
     model_path();
     let mut child = Command::new(bin)
-        .args(["serve", "--port", "0", "--controller-port", "0", "--worker-port", "0", "--no-log"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--controller-port",
+            "0",
+            "--worker-port",
+            "0",
+            "--no-log",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -87,7 +96,12 @@ async fn serve(extra: &[&str]) -> Option<Serve> {
             .recv_timeout(Duration::from_secs(60))
             .expect("vicugna serve printed no API URL");
         if let Some(rest) = line.trim().strip_prefix("API:") {
-            break rest.split_whitespace().next().unwrap().trim_end_matches("/v1").to_string();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches("/v1")
+                .to_string();
         }
     };
     let mut s = Serve {
@@ -98,7 +112,12 @@ async fn serve(extra: &[&str]) -> Option<Serve> {
     };
     for _ in 0..200 {
         if let Ok(r) = http().get(s.url("/v1/models")).send().await {
-            if let Some(id) = r.json::<Value>().await.ok().and_then(|v| v["data"][0]["id"].as_str().map(String::from)) {
+            if let Some(id) = r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["data"][0]["id"].as_str().map(String::from))
+            {
                 s.model = id;
                 return Some(s);
             }
@@ -120,7 +139,13 @@ async fn start_stream(url: String, body: Value) -> tokio::task::JoinHandle<()> {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let h = tokio::spawn(async move {
         let r = http().post(url).json(&body).send().await.unwrap();
-        assert_eq!(r.status(), 200, "the background request was refused");
+        let status = r.status();
+        assert_eq!(
+            status,
+            200,
+            "the background request was refused: {}",
+            r.text().await.unwrap_or_default()
+        );
         let mut s = r.bytes_stream();
         let mut first = Some(first_tx);
         while let Some(piece) = s.next().await {
@@ -148,7 +173,10 @@ async fn a_short_chat_answers_within_2s_beside_a_16x8192_request_and_an_8k_promp
     assert_eq!(status, 200);
 
     let mut heavy = chat("Tell me a very long story about a river.", 8192);
-    merge(&mut heavy, json!({"n": 16, "ignore_eos": true, "stream": true, "temperature": 1.0}));
+    merge(
+        &mut heavy,
+        json!({"n": 16, "ignore_eos": true, "stream": true, "temperature": 1.0}),
+    );
     let heavy = start_stream(s.url("/v1/chat/completions"), heavy).await;
     // About 7.7K tokens of prompt.
     let long_body = json!({"model": s.model, "prompt": "The river carried boats past farms and mills to the sea. ".repeat(640),
@@ -235,14 +263,19 @@ async fn n_times_max_tokens_over_the_cap_is_refused_naming_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_long_embeddings_inputs_are_refused_naming_the_limits() {
-    let Some(s) = serve(&["--embed-max-request-tokens", "100"]).await else { return };
+    let Some(s) = serve(&["--embed-max-request-tokens", "100"]).await else {
+        return;
+    };
     let url = s.url("/v1/embeddings");
     // About 10K tokens: over the context, the per-input limit by default.
     let long = "word ".repeat(10_000);
     let (status, v) = post(&url, &json!({"model": s.model, "input": long})).await;
     assert_eq!(status, 400, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("input[0]") && msg.contains("8192 tokens per input"), "{msg}");
+    assert!(
+        msg.contains("input[0]") && msg.contains("8192 tokens per input"),
+        "{msg}"
+    );
     // Three inputs of about 60 tokens: over a total of 100.
     let piece = "a cat sat on the mat ".repeat(10);
     let (status, v) = post(&url, &json!({"model": s.model, "input": [piece, piece, piece]})).await;

@@ -722,19 +722,37 @@ mod tests {
 
     #[test]
     fn n_times_max_tokens_over_the_cap_names_the_cap_and_the_values() {
-        let r = chat(json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 9000}).as_object().unwrap()).unwrap();
+        let r = chat(
+            json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 9000})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
         let e = check_cost(&r, DEFAULT_MAX_REQUEST_TOKENS).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
         for words in ["n = 16", "max_tokens = 9000", "144000", "131072"] {
             assert!(e.message.contains(words), "{words}: {}", e.message);
         }
-        let r = chat(json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 8192}).as_object().unwrap()).unwrap();
+        let r = chat(
+            json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 8192})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
         assert!(check_cost(&r, DEFAULT_MAX_REQUEST_TOKENS).is_ok());
-        let r = completion(json!({"model": "m", "prompt": ["a", "b"], "n": 2, "max_tokens": 100}).as_object().unwrap())
-            .unwrap();
+        let r = completion(
+            json!({"model": "m", "prompt": ["a", "b"], "n": 2, "max_tokens": 100})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
         let e = check_cost(&r, 399).unwrap_err();
-        assert!(e.message.contains("2 prompts × n = 2") && e.message.contains("400"), "{}", e.message);
+        assert!(
+            e.message.contains("2 prompts × n = 2") && e.message.contains("400"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
