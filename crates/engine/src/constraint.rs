@@ -107,7 +107,7 @@ pub const NEST_LIMIT: u32 = 64;
 /// after about a millisecond instead of building a million states.
 pub const NFA_SIZE_LIMIT: usize = 2 << 20;
 /// Largest DFA (and determinizer scratch) a pattern may compile to, in bytes.
-pub const DFA_SIZE_LIMIT: usize = 8 << 20;
+pub const DFA_SIZE_LIMIT: usize = 2 << 20;
 /// Allowed-token lists one request keeps (one per DFA state it has visited); past
 /// this the cache starts over, so a pattern with many states costs scans, not memory.
 const MAX_CACHED_STATES: usize = 256;
