@@ -42,6 +42,16 @@ pub struct WorkerPartArgs {
     /// Embeddings: cut inputs longer than the context instead of pooling chunks.
     #[arg(long)]
     embed_in_truncate: bool,
+    /// Embeddings: most tokens of one input (0: the model's context length, also the most).
+    #[arg(long, default_value_t = 0)]
+    embed_max_input_tokens: usize,
+    /// Embeddings: most tokens of all inputs of one request together.
+    #[arg(long, default_value_t = vicugna_serve::worker::DEFAULT_EMBED_MAX_REQUEST_TOKENS)]
+    embed_max_request_tokens: usize,
+    /// Prompt tokens run per engine step while other requests share it (a long
+    /// prompt is prefilled in slices this big so decoding and short requests keep moving).
+    #[arg(long, default_value_t = EngineOptions::default().step_token_budget)]
+    step_token_budget: usize,
 }
 
 /// The control plane's secret, shared by `serve`, `controller`, `worker` and `api`.
@@ -239,6 +249,9 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 8)]
     max_body_mb: usize,
+    /// Most tokens one request may ask for in all, n × max_tokens (400 above).
+    #[arg(long, default_value_t = vicugna_serve::gateway::validate::DEFAULT_MAX_REQUEST_TOKENS)]
+    max_request_tokens: usize,
     /// Seconds in-flight requests get to finish after Ctrl-C/SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
@@ -306,6 +319,12 @@ pub struct ApiArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 8)]
     max_body_mb: usize,
+    /// Most tokens one request may ask for in all, n × max_tokens (400 above).
+    #[arg(long, default_value_t = vicugna_serve::gateway::validate::DEFAULT_MAX_REQUEST_TOKENS)]
+    max_request_tokens: usize,
+    /// Embeddings: most tokens of all inputs of one request together.
+    #[arg(long, default_value_t = vicugna_serve::gateway::validate::DEFAULT_MAX_EMBED_TOKENS)]
+    embed_max_request_tokens: usize,
     /// Seconds to wait for a worker's next chunk [env FASTCHAT_WORKER_API_TIMEOUT, default 100].
     #[arg(long)]
     worker_timeout: Option<f64>,
@@ -368,6 +387,7 @@ impl WorkerPartArgs {
             loaded,
             EngineOptions {
                 max_batch: self.limit_worker_concurrency.max(1),
+                step_token_budget: self.step_token_budget.max(1),
                 ..EngineOptions::default()
             },
         ))
@@ -390,6 +410,8 @@ impl WorkerPartArgs {
             vicugna_serve::worker::DEFAULT_HEART_BEAT_INTERVAL,
         )?;
         o.embed_in_truncate = self.embed_in_truncate;
+        o.embed_max_input_tokens = self.embed_max_input_tokens;
+        o.embed_max_request_tokens = self.embed_max_request_tokens.max(1);
         Ok(o)
     }
 }
@@ -445,6 +467,8 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         a.http.apply(&mut gopts);
         gopts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
         gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
+        gopts.max_request_tokens = a.max_request_tokens.max(1);
+        gopts.max_embed_tokens = a.worker.embed_max_request_tokens.max(1);
         gopts.web = web.clone();
         let gateway = tokio::spawn(vicugna_serve::run_gateway(gl, gopts, shutdown.clone(), grace));
         say(&format!("vicugna serve: model {models} (prompt format: {format})"));
@@ -531,6 +555,8 @@ pub fn run_api(a: ApiArgs) -> Result<()> {
     a.http.apply(&mut opts);
     opts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
     opts.max_body_bytes = a.max_body_mb.max(1) << 20;
+    opts.max_request_tokens = a.max_request_tokens.max(1);
+    opts.max_embed_tokens = a.embed_max_request_tokens.max(1);
     opts.web = a.web.options()?;
     opts.worker_timeout = seconds(
         a.worker_timeout,

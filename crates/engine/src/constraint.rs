@@ -3,18 +3,27 @@
 //! always parseable.
 //!
 //! The language is compiled once (on the caller's thread) into a byte-level DFA
-//! anchored at both ends. At each step every vocabulary entry is run through the
-//! DFA from the current state; entries that lead to the dead state are masked out.
-//! EOS is allowed only where the text so far is a complete match. Allowed-token
-//! lists are cached per DFA state, so a short label set costs a vocabulary scan
-//! per distinct state, not per step.
+//! anchored at both ends. At each step the vocabulary is run through the DFA from
+//! the current state; entries that lead to the dead state are masked out. EOS is
+//! allowed only where the text so far is a complete match. Allowed-token lists are
+//! cached per DFA state, so a short label set costs a vocabulary scan per distinct
+//! state, not per step.
+//!
+//! Both costs are bounded up front, since patterns come from untrusted requests:
+//! the pattern's length, nesting, NFA and DFA sizes are capped (a pattern such as
+//! `(a|aa)*b{1,1000}{1,1000}` is refused in milliseconds instead of building
+//! gigabytes), and the vocabulary scan walks the tokens in sorted order, so each
+//! shared prefix is stepped through once and a dead prefix rules out every token
+//! that starts with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::nfa::thompson;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
+use regex_automata::util::syntax;
 use regex_automata::{Anchored, MatchKind};
 
 use crate::error::{EngineError, Result};
@@ -46,28 +55,118 @@ impl Constraint {
         }
     }
 
-    /// Compiles the constraint; a bad pattern is an invalid request.
+    /// Compiles the constraint; a bad or too costly pattern is an invalid request.
+    /// The limits ([`MAX_PATTERN_BYTES`], [`NFA_SIZE_LIMIT`], [`DFA_SIZE_LIMIT`])
+    /// bound the time and memory this takes (milliseconds, a few MiB).
     pub fn compile(&self) -> Result<CompiledConstraint> {
-        let pattern = format!("(?:{})$", self.pattern()?);
+        let body = self.pattern()?;
+        let shown = shorten(&body);
+        if body.len() > MAX_PATTERN_BYTES {
+            return Err(EngineError::InvalidRequest(format!(
+                "constraint pattern `{shown}` is {} bytes; at most {MAX_PATTERN_BYTES} are allowed",
+                body.len()
+            )));
+        }
+        let pattern = format!("(?:{body})$");
+        let too_costly = |e: &dyn std::fmt::Display| {
+            EngineError::InvalidRequest(format!(
+                "constraint pattern `{shown}`: {e} (constraints may nest {NEST_LIMIT} deep and compile to at most {} KiB of NFA and {} KiB of DFA)",
+                NFA_SIZE_LIMIT >> 10,
+                DFA_SIZE_LIMIT >> 10
+            ))
+        };
         // All matches, not leftmost-first: with choices "yes" and "yes, sure" the
         // DFA must not stop at the first one.
         let dfa = dense::Builder::new()
+            .syntax(syntax::Config::new().nest_limit(NEST_LIMIT))
+            .thompson(thompson::Config::new().nfa_size_limit(Some(NFA_SIZE_LIMIT)))
             .configure(
                 dense::Config::new()
                     .start_kind(StartKind::Anchored)
                     .match_kind(MatchKind::All)
-                    .dfa_size_limit(Some(64 << 20))
-                    .determinize_size_limit(Some(64 << 20)),
+                    .dfa_size_limit(Some(DFA_SIZE_LIMIT))
+                    .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
             )
             .build(&pattern)
-            .map_err(|e| EngineError::InvalidRequest(format!("constraint pattern `{pattern}`: {e}")))?;
+            .map_err(|e| too_costly(&e))?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))
-            .map_err(|e| EngineError::InvalidRequest(format!("constraint pattern `{pattern}`: {e}")))?;
+            .map_err(|e| too_costly(&e))?;
         Ok(CompiledConstraint {
             dfa: Arc::new(dfa),
             start,
         })
+    }
+}
+
+/// Longest pattern (or joined choice list) accepted, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 16 << 10;
+/// Deepest nesting of groups and repetitions in a pattern.
+pub const NEST_LIMIT: u32 = 64;
+/// Largest NFA a pattern may compile to, in bytes: `b{1,1000}{1,1000}` stops here
+/// after about a millisecond instead of building a million states.
+pub const NFA_SIZE_LIMIT: usize = 2 << 20;
+/// Largest DFA (and determinizer scratch) a pattern may compile to, in bytes.
+pub const DFA_SIZE_LIMIT: usize = 2 << 20;
+/// Allowed-token lists one request keeps (one per DFA state it has visited); past
+/// this the cache starts over, so a pattern with many states costs scans, not memory.
+const MAX_CACHED_STATES: usize = 256;
+
+/// A pattern cut to a length that fits an error message.
+fn shorten(p: &str) -> String {
+    match p.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &p[..i]),
+        None => p.to_string(),
+    }
+}
+
+/// The vocabulary as the constraint scan needs it: each id's text bytes, and the
+/// ids sorted by those bytes with each one's common prefix length with the one
+/// before, so a scan steps through a shared prefix once. Built once per model.
+pub struct Vocab {
+    bytes: Vec<Option<Vec<u8>>>,
+    /// Text tokens (non-empty bytes), sorted by their bytes.
+    sorted: Vec<u32>,
+    /// `lcp[k]`: bytes `sorted[k]` shares with `sorted[k - 1]` (0 for the first).
+    lcp: Vec<u32>,
+}
+
+impl Vocab {
+    /// Indexes each id's text bytes (`None`: a special token, never allowed).
+    pub fn new(bytes: Vec<Option<Vec<u8>>>) -> Self {
+        let mut sorted: Vec<u32> = (0..bytes.len() as u32)
+            .filter(|&id| bytes[id as usize].as_ref().is_some_and(|b| !b.is_empty()))
+            .collect();
+        let text = |id: u32| bytes[id as usize].as_deref().unwrap_or_default();
+        sorted.sort_by(|&a, &b| text(a).cmp(text(b)).then(a.cmp(&b)));
+        let lcp = sorted
+            .iter()
+            .enumerate()
+            .map(|(k, &id)| match k {
+                0 => 0,
+                _ => text(sorted[k - 1])
+                    .iter()
+                    .zip(text(id))
+                    .take_while(|(a, b)| a == b)
+                    .count() as u32,
+            })
+            .collect();
+        Vocab { bytes, sorted, lcp }
+    }
+
+    /// The text bytes of `id`, if it is a text token.
+    pub fn bytes(&self, id: u32) -> Option<&[u8]> {
+        self.bytes.get(id as usize)?.as_deref()
+    }
+
+    /// Ids in the vocabulary.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the vocabulary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
     }
 }
 
@@ -118,24 +217,58 @@ impl ConstraintState {
         !dfa.is_dead_state(s) && !dfa.is_quit_state(s)
     }
 
-    /// The tokens allowed next, given each id's text bytes (`None`: special token).
-    pub fn allowed(&mut self, vocab: &[Option<Vec<u8>>]) -> Arc<Allowed> {
+    /// The tokens allowed next.
+    pub fn allowed(&mut self, vocab: &Vocab) -> Arc<Allowed> {
         if let Some(a) = self.cache.get(&self.state) {
             return a.clone();
         }
-        let tokens = vocab
-            .iter()
-            .enumerate()
-            .filter_map(|(id, bytes)| {
-                let bytes = bytes.as_deref().filter(|b| !b.is_empty())?;
-                self.live(self.walk(self.state, bytes)).then_some(id as u32)
-            })
-            .collect();
+        let mut tokens = self.scan(vocab);
+        tokens.sort_unstable();
         let dfa = &self.compiled.dfa;
         let complete = dfa.is_match_state(dfa.next_eoi_state(self.state));
         let a = Arc::new(Allowed { tokens, complete });
+        if self.cache.len() >= MAX_CACHED_STATES {
+            self.cache.clear();
+        }
         self.cache.insert(self.state, a.clone());
         a
+    }
+
+    /// The text tokens that keep a match possible from the current state. Walks
+    /// the sorted vocabulary keeping the DFA state after each prefix length of
+    /// the previous token: a token only steps through the bytes past its common
+    /// prefix with the one before, and once a prefix is dead every following
+    /// token that shares it is skipped without a step.
+    fn scan(&self, vocab: &Vocab) -> Vec<u32> {
+        let dfa = &self.compiled.dfa;
+        let mut out = Vec::new();
+        // states[d]: the state after the first d bytes of the previous token.
+        let mut states: Vec<StateID> = vec![self.state];
+        // The previous token died after this many bytes (usize::MAX: it lived).
+        let mut dead_at = usize::MAX;
+        for (k, &id) in vocab.sorted.iter().enumerate() {
+            let bytes = vocab.bytes(id).unwrap_or_default();
+            let common = vocab.lcp[k] as usize;
+            if common >= dead_at {
+                // Shares the dead prefix of the token before.
+                continue;
+            }
+            states.truncate(common + 1);
+            dead_at = usize::MAX;
+            let mut s = states[common];
+            for (d, &b) in bytes.iter().enumerate().skip(common) {
+                s = dfa.next_state(s, b);
+                if !self.live(s) {
+                    dead_at = d + 1;
+                    break;
+                }
+                states.push(s);
+            }
+            if dead_at == usize::MAX {
+                out.push(id);
+            }
+        }
+        out
     }
 
     /// Moves past a chosen token's bytes.
@@ -144,7 +277,7 @@ impl ConstraintState {
     }
 
     /// Whether the text so far matches and nothing more can follow it.
-    pub fn finished(&mut self, vocab: &[Option<Vec<u8>>]) -> bool {
+    pub fn finished(&mut self, vocab: &Vocab) -> bool {
         let a = self.allowed(vocab);
         a.complete && a.tokens.is_empty()
     }
@@ -171,8 +304,8 @@ pub fn mask_logits(logits: &mut [f32], allowed: &Allowed, eos: &[u32]) -> bool {
 mod tests {
     use super::*;
 
-    fn vocab(words: &[&str]) -> Vec<Option<Vec<u8>>> {
-        words.iter().map(|w| Some(w.as_bytes().to_vec())).collect()
+    fn vocab(words: &[&str]) -> Vocab {
+        Vocab::new(words.iter().map(|w| Some(w.as_bytes().to_vec())).collect())
     }
 
     #[test]
@@ -226,5 +359,52 @@ mod tests {
         let e = Constraint::Regex("(unclosed".into()).compile().unwrap_err();
         assert!(e.to_string().contains("constraint pattern"), "{e}");
         assert!(Constraint::Choice(vec![]).compile().is_err());
+    }
+
+    #[test]
+    fn pathological_patterns_are_refused_fast_and_name_the_limit() {
+        for p in [
+            "(a|aa)*b{1,1000}{1,1000}",
+            "(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((a)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))",
+            "[a-z]{1,100}[0-9]{1,100}[a-z]{1,100}x{1,1000}",
+        ] {
+            let t0 = std::time::Instant::now();
+            let e = Constraint::Regex(p.into()).compile().unwrap_err();
+            let took = t0.elapsed();
+            assert!(took < std::time::Duration::from_millis(100), "{p}: {took:?}");
+            let m = e.to_string();
+            assert!(m.contains("invalid request") && m.contains("constraint pattern"), "{m}");
+        }
+        let long = "a".repeat(MAX_PATTERN_BYTES + 1);
+        let m = Constraint::Regex(long).compile().unwrap_err().to_string();
+        assert!(m.contains(&format!("at most {MAX_PATTERN_BYTES}")), "{m}");
+    }
+
+    #[test]
+    fn the_sorted_scan_allows_exactly_what_a_token_by_token_walk_allows() {
+        // Tokens sharing prefixes, in no order, with a special token and an empty one.
+        let words = [
+            "ab", "abc", "a", "b", "abd", "ba", "abcd", "c", "aab", "aa", "abx", "bb", "", "ac", "abc ",
+        ];
+        let mut bytes: Vec<Option<Vec<u8>>> = words.iter().map(|w| Some(w.as_bytes().to_vec())).collect();
+        bytes.push(None);
+        let v = Vocab::new(bytes.clone());
+        for re in ["ab(c|d)*", "a+b?", "(ab|ba)+c?", "[ab]{2}c", "b+a"] {
+            let c = Constraint::Regex(re.into()).compile().unwrap();
+            let mut st = ConstraintState::new(c);
+            for prefix in ["", "a", "ab", "b"] {
+                st.state = st.compiled.start;
+                st.advance(prefix.as_bytes());
+                let want: Vec<u32> = bytes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(id, b)| {
+                        let b = b.as_deref().filter(|b| !b.is_empty())?;
+                        st.live(st.walk(st.state, b)).then_some(id as u32)
+                    })
+                    .collect();
+                assert_eq!(st.allowed(&v).tokens, want, "{re} after {prefix:?}");
+            }
+        }
     }
 }

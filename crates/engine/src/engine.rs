@@ -2,16 +2,23 @@
 //! batched forward pass per step over every active sequence (prefill chunks and
 //! decode tokens together). Callers hold an [`EngineHandle`]; each request gets its
 //! own stream of [`Event`]s. Dropping the stream cancels the request.
+//!
+//! Fairness: while any sequence shares the step with others, the prompt tokens run
+//! per step are limited by a cost budget ([`EngineOptions::step_token_budget`]),
+//! shortest remaining prompt first, so a long prompt is prefilled in slices and a
+//! short request's first token is not held behind it; the requests of one group
+//! (the `n` choices of one API call) hold at most [`EngineOptions::max_group_slots`]
+//! batch slots; embeddings run in slices between steps, not as one long pass.
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::constraint::{mask_logits, CompiledConstraint, ConstraintState};
+use crate::constraint::{mask_logits, CompiledConstraint, ConstraintState, Vocab};
 use crate::error::{EngineError, Result};
 use crate::loader::{GenerationDefaults, LoadedModel};
 use crate::model::{KvCache, Model, SeqInput};
@@ -33,6 +40,15 @@ pub struct EngineOptions {
     pub prefix_cache: bool,
     /// Bytes of finished requests' KV caches kept for reuse.
     pub prefix_cache_bytes: usize,
+    /// Prompt tokens run per step, over all sequences, while the step is shared
+    /// (other sequences decode or prefill in it), counted in units of one token's
+    /// weight work: a token late in a long prompt costs more for its attention.
+    /// Bounds the time of a shared step (about this many milliseconds for
+    /// SmolLM2-135M on 2 cores), so decoding sequences and short prompts keep moving.
+    pub step_token_budget: usize,
+    /// Batch slots the requests of one group may hold at once (0: half of
+    /// `max_batch`); more of the group wait while other requests are admitted.
+    pub max_group_slots: usize,
 }
 
 impl Default for EngineOptions {
@@ -42,6 +58,18 @@ impl Default for EngineOptions {
             prefill_chunk: 512,
             prefix_cache: true,
             prefix_cache_bytes: 128 << 20,
+            step_token_budget: 64,
+            max_group_slots: 0,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// Slots one group may hold: `max_group_slots`, or half of `max_batch`.
+    pub fn group_slots(&self) -> usize {
+        match self.max_group_slots {
+            0 => (self.max_batch / 2).max(1),
+            n => n.min(self.max_batch.max(1)),
         }
     }
 }
@@ -85,6 +113,8 @@ pub struct ModelInfo {
 
 struct Submission {
     req: GenerateRequest,
+    /// Requests of one group share [`EngineOptions::max_group_slots`].
+    group: Option<u64>,
     prompt: Vec<u32>,
     constraint: Option<CompiledConstraint>,
     events: UnboundedSender<Event>,
@@ -102,6 +132,17 @@ enum Job {
     },
 }
 
+/// An embedding in progress: run in slices between generation steps.
+struct EmbedJob {
+    ids: Vec<u32>,
+    /// Tokens already run.
+    done: usize,
+    cache: Option<KvCache>,
+    /// Sum of the last hidden state over the tokens run so far.
+    sum: Vec<f32>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<f32>>>,
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -109,6 +150,8 @@ pub struct EngineHandle {
     tokenizer: Option<Arc<Tokenizer>>,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
+    /// The most text bytes one token stands for, computed on first use.
+    max_token_bytes: Arc<OnceLock<usize>>,
 }
 
 /// The events of one request.
@@ -126,6 +169,10 @@ impl EventStream {
     /// Next event.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
+    }
+    /// An event already sent, without waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
     }
 }
 
@@ -170,10 +217,12 @@ impl EngineHandle {
         let tokenizer = tokenizer.map(Arc::new);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
+        let attn_ratio = attention_ratio(&model);
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
             eos: info.eos_token_ids.clone(),
+            attn_ratio,
             opts,
             vocab_bytes: OnceCell::new(),
             pool: RefCell::new(VecDeque::new()),
@@ -190,7 +239,61 @@ impl EngineHandle {
             tokenizer,
             info,
             stats,
+            max_token_bytes: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The most bytes of text one token of this model stands for (its longest
+    /// vocabulary entry or added token). A text of `b` bytes has at least
+    /// `b / max_token_bytes` tokens, which bounds a prompt without tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        *self.max_token_bytes.get_or_init(|| match &self.tokenizer {
+            None => usize::MAX,
+            Some(t) => {
+                let vocab = t.token_bytes().into_iter().flatten().map(|b| b.len());
+                let added = t
+                    .inner()
+                    .get_added_tokens_decoder()
+                    .into_values()
+                    .map(|a| a.content.len());
+                vocab.chain(added).max().unwrap_or(1).max(1)
+            }
+        })
+    }
+
+    /// Most bytes of text that can be `limit` tokens or fewer.
+    pub fn max_text_bytes(&self, limit: usize) -> usize {
+        limit.saturating_mul(self.max_token_bytes())
+    }
+
+    /// Refuses, without tokenizing it, a text that certainly has more than
+    /// `limit` tokens: one longer than `limit` × the longest token's bytes. Cheap
+    /// (a length check), so huge inputs cost no tokenizer time or memory.
+    pub fn check_text_len(&self, text: &str, limit: usize) -> Result<()> {
+        let max_bytes = self.max_text_bytes(limit);
+        if text.len() > max_bytes {
+            return Err(EngineError::TextTooLong {
+                bytes: text.len(),
+                limit,
+                max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The end of `text` that holds its last `limit` tokens for sure (the last
+    /// `limit` × longest-token bytes, from a character boundary), for left
+    /// truncation without tokenizing the whole text.
+    pub fn text_tail<'a>(&self, text: &'a str, limit: usize) -> &'a str {
+        let max_bytes = self.max_text_bytes(limit);
+        if text.len() <= max_bytes {
+            return text;
+        }
+        let mut start = text.len() - max_bytes;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        &text[start..]
     }
 
     /// Counters since the engine started (prefix-cache reuse among them).
@@ -213,7 +316,15 @@ impl EngineHandle {
 
     /// Validates and tokenizes the request (on the caller's thread) and queues it.
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream> {
-        let (sub, stream) = self.prepare(req)?;
+        self.submit_in_group(req, None)
+    }
+
+    /// Like [`Self::submit`], for one of several requests of a `group` (the
+    /// choices of one API call): a group holds at most
+    /// [`EngineOptions::max_group_slots`] batch slots, so it cannot take them all.
+    pub fn submit_in_group(&self, req: GenerateRequest, group: Option<u64>) -> Result<EventStream> {
+        let (mut sub, stream) = self.prepare(req)?;
+        sub.group = group;
         self.tx
             .send(Job::Generate(Box::new(sub)))
             .map_err(|_| EngineError::EngineStopped)?;
@@ -255,6 +366,15 @@ impl EngineHandle {
                         self.info.path.display()
                     ))
                 })?;
+                // Bounded before tokenizing: a huge text costs a length check,
+                // not seconds of tokenizer time and memory.
+                let ctx = self.info.context_length;
+                let text = if req.truncate_left {
+                    self.text_tail(text, ctx)
+                } else {
+                    self.check_text_len(text, ctx)?;
+                    text
+                };
                 tok.encode(text, req.add_special_tokens)?
             }
         };
@@ -283,6 +403,7 @@ impl EngineHandle {
         let prompt_tokens = prompt.len();
         let sub = Submission {
             req,
+            group: None,
             prompt,
             constraint,
             events,
@@ -292,7 +413,8 @@ impl EngineHandle {
 
     /// The mean over `ids` of the model's last hidden state (not normalised): a
     /// sentence embedding, as FastChat pools decoder models. `ids` must fit the
-    /// context; it runs on the engine thread between batch steps.
+    /// context; it runs on the engine thread in slices between batch steps, so
+    /// a long input does not hold up generation.
     pub async fn embed(&self, ids: Vec<u32>) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the input to embed has no tokens".into()));
@@ -357,8 +479,11 @@ struct Worker {
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     opts: EngineOptions,
+    /// Weight work of one token over the attention work per cached position: a
+    /// prompt token at position `p` costs `1 + p / attn_ratio` budget units.
+    attn_ratio: f64,
     /// Each id's text bytes, built on the first constrained request.
-    vocab_bytes: OnceCell<Arc<Vec<Option<Vec<u8>>>>>,
+    vocab_bytes: OnceCell<Arc<Vocab>>,
     /// Finished requests' caches with the tokens they hold, oldest first.
     pool: RefCell<VecDeque<(Vec<u32>, KvCache)>>,
     stats: Arc<EngineStats>,
@@ -387,59 +512,127 @@ impl Worker {
     fn run(self, rx: mpsc::Receiver<Job>) {
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut active: Vec<Sequence> = Vec::new();
+        let mut embeds: VecDeque<EmbedJob> = VecDeque::new();
         loop {
-            if active.is_empty() && waiting.is_empty() {
+            if active.is_empty() && waiting.is_empty() && embeds.is_empty() {
                 match rx.recv() {
-                    Ok(job) => self.take(job, &mut waiting),
+                    Ok(job) => self.take(job, &mut waiting, &mut embeds),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = rx.try_recv() {
-                self.take(job, &mut waiting);
+                self.take(job, &mut waiting, &mut embeds);
             }
-            while active.len() < self.opts.max_batch {
-                let Some(sub) = waiting.pop_front() else { break };
-                if sub.events.is_closed() {
-                    continue;
-                }
-                if let Some(seq) = self.admit(sub, &active) {
-                    active.push(seq);
-                }
-            }
+            self.admit_waiting(&mut waiting, &mut active);
             active.retain(|s| !s.sub.events.is_closed());
+            embeds.retain(|j| !j.reply.is_closed());
+            // One slice of the oldest embedding per step: generation and
+            // embeddings take turns.
+            let alone = active.is_empty() && embeds.len() == 1;
+            if let Some(job) = embeds.front_mut() {
+                let budget = if alone {
+                    self.opts.prefill_chunk.max(1)
+                } else {
+                    self.tokens_within(job.done, self.opts.step_token_budget as f64)
+                };
+                match self.embed_slice(job, budget) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Some(job) = embeds.pop_front() {
+                            let n = job.ids.len().max(1) as f32;
+                            let mean = job.sum.iter().map(|v| v / n).collect();
+                            let _ = job.reply.send(Ok(mean));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(job) = embeds.pop_front() {
+                            let _ = job.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
             if active.is_empty() {
                 continue;
             }
-            if let Err(e) = self.step(&mut active) {
+            if let Err(e) = self.step(&mut active, !embeds.is_empty()) {
                 for s in active.drain(..) {
                     let _ = s.sub.events.send(Event::Error(e.to_string()));
                 }
             }
+            trim_heap();
         }
     }
 
-    /// Queues a generation; runs an embedding at once (one forward pass).
-    fn take(&self, job: Job, waiting: &mut VecDeque<Submission>) {
+    /// Admits waiting requests in arrival order while the batch has room,
+    /// passing over those whose group already holds its share of the slots.
+    fn admit_waiting(&self, waiting: &mut VecDeque<Submission>, active: &mut Vec<Sequence>) {
+        let share = self.opts.group_slots();
+        let mut i = 0;
+        while active.len() < self.opts.max_batch.max(1) && i < waiting.len() {
+            if waiting[i].events.is_closed() {
+                waiting.remove(i);
+                continue;
+            }
+            if let Some(g) = waiting[i].group {
+                if active.iter().filter(|s| s.sub.group == Some(g)).count() >= share {
+                    i += 1;
+                    continue;
+                }
+            }
+            let Some(sub) = waiting.remove(i) else { break };
+            if let Some(seq) = self.admit(sub, active) {
+                active.push(seq);
+            }
+        }
+    }
+
+    /// Queues a generation or an embedding.
+    fn take(&self, job: Job, waiting: &mut VecDeque<Submission>, embeds: &mut VecDeque<EmbedJob>) {
         match job {
             Job::Generate(sub) => waiting.push_back(*sub),
             Job::Together(subs) => waiting.extend(subs),
             Job::Embed { ids, reply } => {
                 if !reply.is_closed() {
-                    let _ = reply.send(self.embed(&ids));
+                    embeds.push_back(EmbedJob {
+                        ids,
+                        done: 0,
+                        cache: None,
+                        sum: Vec::new(),
+                        reply,
+                    });
                 }
             }
         }
     }
 
-    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.model.new_cache(ids.len())?;
+    /// Runs the next `n` tokens of an embedding; true when it is complete.
+    fn embed_slice(&self, job: &mut EmbedJob, n: usize) -> Result<bool> {
+        let end = (job.done + n.max(1)).min(job.ids.len());
+        let cache = match &mut job.cache {
+            Some(c) => c,
+            None => job.cache.insert(self.model.new_cache(job.ids.len())?),
+        };
         let mut batch = [SeqInput {
-            tokens: ids,
-            cache: &mut cache,
+            tokens: &job.ids[job.done..end],
+            cache,
         }];
         let hidden = self.model.hidden_states(&mut batch)?;
         let h = hidden.into_iter().next().ok_or(EngineError::EngineStopped)?;
-        Ok(h.mean(0)?.to_vec1::<f32>()?)
+        let sum = h.sum(0)?.to_vec1::<f32>()?;
+        if job.sum.is_empty() {
+            job.sum = sum;
+        } else {
+            for (a, b) in job.sum.iter_mut().zip(&sum) {
+                *a += b;
+            }
+        }
+        job.done = end;
+        Ok(job.done >= job.ids.len())
+    }
+
+    /// Prompt tokens from position `pos` on that fit `budget` units (at least one).
+    fn tokens_within(&self, pos: usize, budget: f64) -> usize {
+        tokens_within(pos, budget, self.attn_ratio)
     }
 
     /// Starts a sequence; on failure the request gets the error and `None` returns.
@@ -530,24 +723,61 @@ impl Worker {
         Ok(())
     }
 
-    /// Each vocabulary id's text bytes (for constraints), built once.
-    fn vocab_bytes(&self) -> Arc<Vec<Option<Vec<u8>>>> {
+    /// Each vocabulary id's text bytes (for constraints), indexed once.
+    fn vocab_bytes(&self) -> Arc<Vocab> {
         self.vocab_bytes
-            .get_or_init(|| Arc::new(self.tokenizer.as_ref().map(|t| t.token_bytes()).unwrap_or_default()))
+            .get_or_init(|| {
+                Arc::new(Vocab::new(
+                    self.tokenizer.as_ref().map(|t| t.token_bytes()).unwrap_or_default(),
+                ))
+            })
             .clone()
     }
 
-    /// One forward pass over every active sequence, then sampling and events.
-    fn step(&self, active: &mut Vec<Sequence>) -> Result<()> {
-        let chunk = self.opts.prefill_chunk.max(1);
+    /// One forward pass over the active sequences, then sampling and events.
+    /// Sequences still prefilling run the slice of their prompt the plan gives
+    /// them; one given nothing this step sits it out. `shared`: other work (an
+    /// embedding) takes turns with this step, so it is kept short.
+    fn step(&self, active: &mut Vec<Sequence>, shared: bool) -> Result<()> {
+        let plan = plan_prefill(
+            &active
+                .iter()
+                .map(|s| (s.prefilled < s.sub.prompt.len()).then_some((s.prefilled, s.sub.prompt.len())))
+                .collect::<Vec<_>>(),
+            shared,
+            &self.opts,
+            self.attn_ratio,
+        );
+        // Sequences that sit this step out keep their place, after it.
+        let mut idle = Vec::new();
+        let mut running = Vec::with_capacity(active.len());
+        let mut slices = Vec::with_capacity(active.len());
+        for (s, n) in active.drain(..).zip(plan) {
+            if n == 0 {
+                idle.push(s);
+            } else {
+                running.push(s);
+                slices.push(n);
+            }
+        }
+        *active = running;
+        let r = self.step_batch(active, &slices);
+        active.extend(idle);
+        r
+    }
+
+    fn step_batch(&self, active: &mut Vec<Sequence>, plan: &[usize]) -> Result<()> {
+        if active.is_empty() {
+            return Ok(());
+        }
         let need_all = active
             .iter()
             .any(|s| s.prefilled < s.sub.prompt.len() && s.sub.req.echo && s.sub.req.logprobs.is_some());
         let mut inputs = Vec::with_capacity(active.len());
         let mut fed = Vec::with_capacity(active.len());
-        for s in active.iter_mut() {
+        for (s, &n) in active.iter_mut().zip(plan) {
             let tokens: &[u32] = if s.prefilled < s.sub.prompt.len() {
-                let end = (s.prefilled + chunk).min(s.sub.prompt.len());
+                let end = (s.prefilled + n).min(s.sub.prompt.len());
                 &s.sub.prompt[s.prefilled..end]
             } else {
                 std::slice::from_ref(
@@ -623,7 +853,7 @@ impl Worker {
             if !finished[i] {
                 if let Some(c) = s.constraint.as_mut() {
                     let vocab = self.vocab_bytes();
-                    if let Some(Some(bytes)) = vocab.get(id as usize) {
+                    if let Some(bytes) = vocab.bytes(id) {
                         c.advance(bytes);
                     }
                     // EOS ends a complete match even when the request ignores EOS.
@@ -737,5 +967,196 @@ impl Worker {
             text,
         });
         true
+    }
+}
+
+/// Weight work of one token over attention work per cached position (both in
+/// multiply-adds): how many positions of context cost as much as a token's weights.
+fn attention_ratio(model: &Model) -> f64 {
+    let cfg = model.config();
+    let per_position = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim;
+    let weighted = per_position as f64 * ATTENTION_MAC_COST;
+    (model.weight_macs_per_token().max(1) as f64 / weighted.max(1.0)).max(1.0)
+}
+
+/// Time of one attention multiply-add over one of the (quantized) weights, as
+/// measured on the 2-core host with SmolLM2-135M: a 70-token slice at position
+/// 4500 took as long as about 6 x its multiply-adds at the weights' rate.
+const ATTENTION_MAC_COST: f64 = 6.0;
+
+/// Cost, in units of one token's weight work, of running `n` prompt tokens from
+/// position `pos`: each also attends to the positions before it.
+fn prefill_cost(pos: usize, n: usize, attn_ratio: f64) -> f64 {
+    n as f64 * (1.0 + (pos as f64 + n as f64 / 2.0) / attn_ratio)
+}
+
+/// Most prompt tokens from position `pos` whose cost fits `budget` (may be 0).
+fn tokens_within(pos: usize, budget: f64, attn_ratio: f64) -> usize {
+    if budget < 1.0 {
+        return 0;
+    }
+    // n^2 / 2r + n (1 + pos / r) = budget.
+    let b = 1.0 + pos as f64 / attn_ratio;
+    let n = attn_ratio * (-b + (b * b + 2.0 * budget / attn_ratio).sqrt());
+    let mut n = n.max(0.0).floor() as usize;
+    while n > 0 && prefill_cost(pos, n, attn_ratio) > budget {
+        n -= 1;
+    }
+    n
+}
+
+/// How many prompt tokens each sequence runs this step. `seqs[i]` is
+/// `Some((prefilled, prompt_len))` for a sequence still prefilling, `None` for
+/// one decoding (it runs its one token: 1). 0 means the sequence sits the step out.
+///
+/// Without anyone else waiting on the step (sequences alone, or several long
+/// prompts together), each prompt runs a slice worth `prefill_chunk` tokens of
+/// cost (at most `prefill_chunk` tokens). When sequences decode, or `shared`
+/// (an embedding takes turns with the step), all prompt slices together fit
+/// `step_token_budget`, shortest remaining prompt first, so the step stays short
+/// and a new short request is prefilled at once; the first in line always runs.
+/// Prompts that fit one chunk, waiting beside long ones with nothing decoding,
+/// run whole in one step (their first tokens come next step) and the long ones
+/// get what is left of the budget.
+fn plan_prefill(seqs: &[Option<(usize, usize)>], shared: bool, opts: &EngineOptions, attn_ratio: f64) -> Vec<usize> {
+    let chunk = opts.prefill_chunk.max(1);
+    let mut plan: Vec<usize> = seqs.iter().map(|s| usize::from(s.is_none())).collect();
+    let mut prefilling: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|(pos, len)| (i, pos, len.saturating_sub(pos))))
+        .collect();
+    // Shortest remaining prompt first; arrival order among equals.
+    prefilling.sort_by_key(|&(i, _, rem)| (rem, i));
+    let decoding = seqs.len() - prefilling.len();
+    let short = prefilling.iter().filter(|p| p.2 <= chunk).count();
+    let mixed = short > 0 && short < prefilling.len();
+    if !shared && decoding == 0 && !mixed {
+        for &(i, pos, rem) in &prefilling {
+            plan[i] = rem.min(chunk).min(tokens_within(pos, chunk as f64, attn_ratio).max(1));
+        }
+        return plan;
+    }
+    let mut budget = opts.step_token_budget.max(1) as f64;
+    let strict = shared || decoding > 0;
+    for (k, &(i, pos, rem)) in prefilling.iter().enumerate() {
+        let n = if !strict && rem <= chunk {
+            rem
+        } else {
+            let fit = tokens_within(pos, budget, attn_ratio);
+            rem.min(chunk).min(if k == 0 { fit.max(1) } else { fit })
+        };
+        plan[i] = n;
+        budget -= prefill_cost(pos, n, attn_ratio);
+    }
+    plan
+}
+
+/// Gives freed heap pages back to the system (glibc keeps them otherwise, and
+/// a burst of large requests would leave the process at its peak size). Cheap
+/// when there is nothing to give back; called between steps.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::sync::atomic::AtomicU64;
+        use std::time::{SystemTime, UNIX_EPOCH};
+        // At most once a second.
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if LAST.swap(now, Ordering::Relaxed) != now {
+            extern "C" {
+                fn malloc_trim(pad: usize) -> std::ffi::c_int;
+            }
+            // SAFETY: malloc_trim only returns free memory of glibc's own heap.
+            unsafe {
+                malloc_trim(0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATIO: f64 = 4000.0;
+
+    fn opts() -> EngineOptions {
+        EngineOptions::default()
+    }
+
+    fn o_budget() -> f64 {
+        opts().step_token_budget as f64
+    }
+
+    #[test]
+    fn a_prompt_alone_runs_in_chunks_as_before() {
+        assert_eq!(plan_prefill(&[Some((0, 100))], false, &opts(), RATIO), vec![100]);
+        let first = plan_prefill(&[Some((0, 8000))], false, &opts(), RATIO)[0];
+        assert!((450..=512).contains(&first), "{first}");
+        // Late in a long prompt a slice is shorter: its tokens attend to more.
+        let late = plan_prefill(&[Some((7000, 8000))], false, &opts(), RATIO)[0];
+        assert!(late < first / 2, "{late} vs {first}");
+    }
+
+    #[test]
+    fn prompts_submitted_together_all_start_in_one_step() {
+        let seqs = vec![Some((0, 128)); 8];
+        assert_eq!(plan_prefill(&seqs, false, &opts(), RATIO), vec![128; 8]);
+    }
+
+    #[test]
+    fn decoding_sequences_bound_the_prefill_of_a_step_shortest_first() {
+        // A long prompt, eight decoding sequences, and a short prompt that just arrived.
+        let mut seqs = vec![Some((4096, 8000))];
+        seqs.extend(vec![None; 8]);
+        seqs.push(Some((0, 30)));
+        let o = opts();
+        let plan = plan_prefill(&seqs, false, &o, RATIO);
+        assert_eq!(plan[1..9], [1; 8], "decoding sequences run their token");
+        assert_eq!(plan[9], 30, "the short prompt runs whole, first");
+        let cost = prefill_cost(4096, plan[0], RATIO) + prefill_cost(0, 30, RATIO);
+        assert!(cost <= o.step_token_budget as f64, "{plan:?}: {cost}");
+        assert!(plan[0] > 0, "the long prompt gets what is left");
+        // Without the short one the long prompt gets the whole budget, never more.
+        let plan = plan_prefill(&seqs[..9], false, &o, RATIO);
+        assert!(prefill_cost(4096, plan[0], RATIO) <= o.step_token_budget as f64);
+        assert!(prefill_cost(4096, plan[0] + 1, RATIO) > o.step_token_budget as f64);
+    }
+
+    #[test]
+    fn the_first_in_line_always_progresses() {
+        // A budget too small for one late token still runs one.
+        let o = EngineOptions {
+            step_token_budget: 1,
+            ..opts()
+        };
+        let plan = plan_prefill(&[Some((7900, 8000)), None, Some((7000, 8000))], false, &o, RATIO);
+        assert_eq!(plan, vec![1, 1, 0]);
+        // An embedding taking turns bounds a lone prompt too.
+        let plan = plan_prefill(&[Some((0, 8000))], true, &opts(), RATIO);
+        assert_eq!(plan, vec![tokens_within(0, o_budget(), RATIO)]);
+    }
+
+    #[test]
+    fn a_short_prompt_beside_a_long_one_runs_whole_when_nothing_decodes() {
+        let plan = plan_prefill(&[Some((2048, 8000)), Some((0, 40))], false, &opts(), RATIO);
+        assert_eq!(plan[1], 40);
+        assert!(plan[0] < 64, "{plan:?}");
+    }
+
+    #[test]
+    fn groups_hold_half_the_batch_by_default() {
+        assert_eq!(opts().group_slots(), 8);
+        let o = EngineOptions { max_batch: 1, ..opts() };
+        assert_eq!(o.group_slots(), 1);
+        let o = EngineOptions {
+            max_group_slots: 3,
+            ..opts()
+        };
+        assert_eq!(o.group_slots(), 3);
     }
 }

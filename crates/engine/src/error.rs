@@ -41,6 +41,13 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("the prompt has {prompt} tokens but the model's context holds {context} (ask for left truncation, or shorten it)")]
     PromptTooLong { prompt: usize, context: usize },
+    /// A text refused before tokenizing: it has more than `limit` tokens for sure.
+    #[error("the text is {bytes} bytes, more than {limit} tokens can hold (no token of this model stands for more than {} bytes, so {limit} tokens hold at most {max_bytes} bytes)", max_bytes / (*limit).max(1))]
+    TextTooLong {
+        bytes: usize,
+        limit: usize,
+        max_bytes: usize,
+    },
     #[error("default model: {0}")]
     DefaultModel(String),
     #[error("the engine has stopped")]

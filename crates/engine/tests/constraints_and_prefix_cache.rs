@@ -165,3 +165,51 @@ fn a_long_prompt_attended_in_blocks_equals_token_by_token() {
         assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
     }
 }
+
+/// A long prompt prefilled in budget-sized slices beside a decoding request gets
+/// the tokens it gets alone (in 512-token chunks), and the decoding request is
+/// not held up: it keeps getting tokens while the prompt is prefilled.
+#[test]
+fn a_prompt_sliced_beside_decoding_requests_gets_its_tokens_alone() {
+    let e = engine(false);
+    let text = "The river carried boats past farms and mills to the sea. ".repeat(60);
+    let long = || {
+        let mut r = GenerateRequest::new(Prompt::Text(text.clone()), 6);
+        r.logprobs = Some(0);
+        r.stop.ignore_eos = true;
+        r
+    };
+    let alone = e.generate(long()).unwrap();
+    assert!(alone.usage.prompt_tokens > 600, "{}", alone.usage.prompt_tokens);
+    let mut background = GenerateRequest::new(Prompt::Text(chat("Tell me a story.")), 400);
+    background.stop.ignore_eos = true;
+    let mut bg = e.submit(background).unwrap();
+    // The background request decodes before the long prompt arrives.
+    assert!(matches!(bg.next_blocking(), Some(vicugna_engine::Event::Token { .. })));
+    let mut s = e.submit(long()).unwrap();
+    let mut ids = Vec::new();
+    let mut logprobs = Vec::new();
+    let mut bg_tokens = 0;
+    loop {
+        match s.next_blocking() {
+            Some(vicugna_engine::Event::Token { id, logprob, .. }) => {
+                ids.push(id);
+                logprobs.extend(logprob);
+            }
+            Some(vicugna_engine::Event::Done { .. }) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    while bg.try_next().is_some() {
+        bg_tokens += 1;
+    }
+    assert_eq!(ids, alone.ids);
+    for (a, b) in logprobs.iter().zip(&alone.logprobs) {
+        assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
+    }
+    // Several steps of slices: the background request decoded a token in each.
+    assert!(
+        bg_tokens >= 5,
+        "the decoding request got {bg_tokens} tokens while the prompt was prefilled"
+    );
+}

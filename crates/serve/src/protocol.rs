@@ -210,6 +210,10 @@ pub struct GenerateParams {
     /// The output must match this regex (vLLM's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided_regex: Option<String>,
+    /// The requests of one API call (its `n` choices) carry the same group
+    /// (vicugna): a group holds at most half of the worker's batch slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
 }
 
 /// `/worker_get_embeddings` parameters.

@@ -41,6 +41,9 @@ pub const MAX_STOP: usize = crate::gateway::validate::MAX_STOP * 2;
 /// Most inputs in one `/worker_get_embeddings` call (OpenAI's limit per request).
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
+/// Default of [`WorkerOptions::embed_max_request_tokens`].
+pub const DEFAULT_EMBED_MAX_REQUEST_TOKENS: usize = 32768;
+
 /// Worker settings.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -64,6 +67,10 @@ pub struct WorkerOptions {
     pub embed_in_truncate: bool,
     /// The control secret: required of callers and sent to the controller.
     pub control: ControlAuth,
+    /// Embeddings: most tokens of one input (0: the context length, also the most).
+    pub embed_max_input_tokens: usize,
+    /// Embeddings: most tokens of all inputs of one call together.
+    pub embed_max_request_tokens: usize,
 }
 
 impl WorkerOptions {
@@ -81,6 +88,8 @@ impl WorkerOptions {
             register: true,
             embed_in_truncate: false,
             control: ControlAuth::default(),
+            embed_max_input_tokens: 0,
+            embed_max_request_tokens: DEFAULT_EMBED_MAX_REQUEST_TOKENS,
         }
     }
 }
@@ -99,6 +108,8 @@ pub struct Worker {
     /// What `/worker_get_conv_template` returns (a FastChat template).
     conv: Conversation,
     permits: Arc<Semaphore>,
+    /// Slots of each group of requests (the choices of one API call) in flight.
+    groups: std::sync::Mutex<HashMap<u64, Arc<Semaphore>>>,
     running: AtomicUsize,
     waiting: AtomicUsize,
     metrics: WorkerMetrics,
@@ -108,12 +119,22 @@ pub struct Worker {
 /// A batch slot; frees itself when dropped.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    /// The slot's share of its group, if it has one.
+    group: Option<(u64, OwnedSemaphorePermit)>,
     worker: Arc<Worker>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.worker.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some((g, permit)) = self.group.take() {
+            drop(permit);
+            let mut groups = self.worker.groups.lock().unwrap_or_else(|e| e.into_inner());
+            // The last request of the group forgets it.
+            if groups.get(&g).is_some_and(|s| Arc::strong_count(s) == 1) {
+                groups.remove(&g);
+            }
+        }
     }
 }
 
@@ -147,6 +168,7 @@ impl Worker {
             format,
             conv,
             permits: Arc::new(Semaphore::new(limit)),
+            groups: std::sync::Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             metrics: WorkerMetrics::default(),
@@ -180,7 +202,9 @@ impl Worker {
     }
 
     /// Waits for a batch slot, or refuses at once when the waiting line is full.
-    async fn acquire(self: &Arc<Self>) -> Result<Slot, Refusal> {
+    /// A request of a `group` first waits for one of the group's slots (half
+    /// the batch), so one API call's `n` choices leave room for others.
+    async fn acquire(self: &Arc<Self>, group: Option<u64>) -> Result<Slot, Refusal> {
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         let guard = WaitGuard(&self.waiting);
         if self.permits.available_permits() == 0 && waiting >= self.opts.max_queue {
@@ -196,16 +220,27 @@ impl Worker {
                 ),
             ));
         }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| (code::INTERNAL_ERROR, "the worker is shutting down".to_string()))?;
+        let closed = |_| (code::INTERNAL_ERROR, "the worker is shutting down".to_string());
+        let group = match group {
+            Some(g) => {
+                let share = (self.opts.limit_worker_concurrency / 2).max(1);
+                let sem = self
+                    .groups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(g)
+                    .or_insert_with(|| Arc::new(Semaphore::new(share)))
+                    .clone();
+                Some((g, sem.acquire_owned().await.map_err(closed)?))
+            }
+            None => None,
+        };
+        let permit = self.permits.clone().acquire_owned().await.map_err(closed)?;
         self.running.fetch_add(1, Ordering::SeqCst);
         drop(guard);
         Ok(Slot {
             _permit: permit,
+            group,
             worker: self.clone(),
         })
     }
@@ -218,6 +253,10 @@ impl Worker {
     }
 
     fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, Refusal> {
+        // A text that cannot fit the context is refused before the tokenizer
+        // spends time and memory on it.
+        let ctx = self.engine.info().context_length;
+        self.engine.check_text_len(text, ctx).map_err(|e| engine_refusal(&e))?;
         let tok = self.engine.tokenizer().ok_or_else(|| {
             (
                 code::PARAM_OUT_OF_RANGE,
@@ -373,8 +412,9 @@ impl Worker {
     /// receiver is gone (the client left: the request is cancelled) or an error.
     async fn generate(self: Arc<Self>, p: GenerateParams, tx: mpsc::Sender<Bytes>) {
         let queued = Instant::now();
+        let group = p.group;
         let slot = tokio::select! {
-            s = self.acquire() => s,
+            s = self.acquire(group) => s,
             _ = tx.closed() => return,
         };
         let _slot = match slot {
@@ -391,7 +431,7 @@ impl Worker {
             let (req, text) = me.build_request(&p)?;
             let echo = req.echo;
             let want_logprobs = req.logprobs.is_some();
-            let stream = me.engine.submit(req).map_err(|e| engine_refusal(&e))?;
+            let stream = me.engine.submit_in_group(req, group).map_err(|e| engine_refusal(&e))?;
             Ok::<_, Refusal>((stream, text, echo, want_logprobs))
         })
         .await
@@ -512,15 +552,40 @@ impl Worker {
                 ),
             ));
         }
-        let _slot = self.acquire().await?;
+        let _slot = self.acquire(None).await?;
         let ctx = self.engine.info().context_length.max(1);
+        let max_input = match self.opts.embed_max_input_tokens {
+            0 => ctx,
+            n => n.min(ctx),
+        };
+        let max_total = self.opts.embed_max_request_tokens.max(1);
+        let too_long = |i: usize, what: String| {
+            (
+                code::PARAM_OUT_OF_RANGE,
+                format!("input[{i}] {what}; at most {max_input} tokens per input are allowed (embed_max_input_tokens)"),
+            )
+        };
         let mut out = Vec::with_capacity(p.input.len());
         let mut token_num = 0;
         for (i, input) in p.input.iter().enumerate() {
             let ids = match input {
                 Value::String(s) => {
+                    let s = if self.opts.embed_in_truncate {
+                        // Only the head can be kept: cut the text that certainly
+                        // holds it before tokenizing.
+                        let mut end = s.len().min(self.engine.max_text_bytes(max_input));
+                        while !s.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        &s[..end]
+                    } else {
+                        self.engine
+                            .check_text_len(s, max_input)
+                            .map_err(|_| too_long(i, format!("is {} bytes, more than {max_input} tokens", s.len())))?;
+                        s
+                    };
                     let me = self.clone();
-                    let s = s.clone();
+                    let s = s.to_string();
                     tokio::task::spawn_blocking(move || me.tokenize(&s, true))
                         .await
                         .map_err(|e| (code::INTERNAL_ERROR, e.to_string()))??
@@ -545,29 +610,23 @@ impl Worker {
             if ids.is_empty() {
                 return Err((code::PARAM_OUT_OF_RANGE, format!("input[{i}] is empty")));
             }
-            let ids = if self.opts.embed_in_truncate {
-                ids[..ids.len().min(ctx)].to_vec()
-            } else {
-                ids
-            };
-            let mut sum: Vec<f32> = Vec::new();
-            for piece in ids.chunks(ctx) {
-                let mean = self
-                    .engine
-                    .embed(piece.to_vec())
-                    .await
-                    .map_err(|e| engine_refusal(&e))?;
-                if sum.is_empty() {
-                    sum = vec![0.0; mean.len()];
-                }
-                for (s, m) in sum.iter_mut().zip(&mean) {
-                    *s += m * piece.len() as f32;
-                }
+            let mut ids = ids;
+            if self.opts.embed_in_truncate {
+                ids.truncate(max_input);
+            } else if ids.len() > max_input {
+                return Err(too_long(i, format!("has {} tokens", ids.len())));
             }
-            let n = ids.len() as f32;
-            let norm = sum.iter().map(|v| (v / n) * (v / n)).sum::<f32>().sqrt().max(1e-12);
-            let v: Vec<f32> = sum.iter().map(|s| s / n / norm).collect();
             token_num += ids.len();
+            if token_num > max_total {
+                return Err((
+                    code::PARAM_OUT_OF_RANGE,
+                    format!("input: the inputs have more than {max_total} tokens in all (embed_max_request_tokens); send fewer or shorter inputs"),
+                ));
+            }
+            // The engine runs a long input in slices between generation steps.
+            let mean = self.engine.embed(ids).await.map_err(|e| engine_refusal(&e))?;
+            let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            let v: Vec<f32> = mean.iter().map(|m| m / norm).collect();
             out.push(if p.encoding_format.as_deref() == Some("base64") {
                 let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -697,6 +756,12 @@ fn engine_refusal(e: &EngineError) -> Refusal {
             code::CONTEXT_OVERFLOW,
             format!(
                 "This model's maximum context length is {context} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+            ),
+        ),
+        EngineError::TextTooLong { bytes, limit, max_bytes } => (
+            code::CONTEXT_OVERFLOW,
+            format!(
+                "This model's maximum context length is {limit} tokens. However, your messages are {bytes} bytes, more than {limit} tokens can hold (at most {max_bytes} bytes with this model's vocabulary). Please reduce the length of the messages."
             ),
         ),
         other => (code::INTERNAL_ERROR, other.to_string()),

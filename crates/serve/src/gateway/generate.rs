@@ -126,6 +126,9 @@ impl Gateway {
         if let Some(seed) = job.seed {
             p["seed"] = json!(seed);
         }
+        if req.choices() > 1 {
+            p["group"] = json!(req.group);
+        }
         if let Some(choices) = &req.guided_choice {
             p["guided_choice"] = json!(choices);
         }
@@ -197,6 +200,7 @@ impl Gateway {
                 Kind::Chat => validate::chat(&obj)?,
                 Kind::Completion => validate::completion(&obj)?,
             };
+            validate::check_cost(&req, self.opts.max_request_tokens)?;
             let jobs = jobs(&req);
             let streams = futures::future::try_join_all(jobs.iter().map(|j| self.open_stream(&req, j))).await?;
             self.metrics

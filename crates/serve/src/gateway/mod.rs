@@ -58,6 +58,10 @@ pub struct GatewayOptions {
     pub worker_timeout: Duration,
     /// The web page's limits and log directory.
     pub web: crate::web::WebOptions,
+    /// Most tokens one generation request may ask for: `n × max_tokens` (400 above).
+    pub max_request_tokens: usize,
+    /// Most tokens of all inputs of one embeddings request (400 above).
+    pub max_embed_tokens: usize,
 }
 
 impl GatewayOptions {
@@ -73,6 +77,8 @@ impl GatewayOptions {
             max_body_bytes: 8 << 20,
             worker_timeout: DEFAULT_WORKER_TIMEOUT,
             web: crate::web::WebOptions::default(),
+            max_request_tokens: validate::DEFAULT_MAX_REQUEST_TOKENS,
+            max_embed_tokens: validate::DEFAULT_MAX_EMBED_TOKENS,
         }
     }
 }
@@ -332,6 +338,15 @@ impl Gateway {
                 )));
             }
             tokens += v.get("token_num").and_then(Value::as_u64).unwrap_or(0);
+            if tokens > self.opts.max_embed_tokens as u64 {
+                return Err(ApiError::bad_field(
+                    "input",
+                    format!(
+                        "the inputs have more than {} tokens in all; at most {} per request are allowed (the server's --embed-max-request-tokens)",
+                        self.opts.max_embed_tokens, self.opts.max_embed_tokens
+                    ),
+                ));
+            }
             for e in vectors {
                 data.push(json!({"object": "embedding", "embedding": e, "index": data.len()}));
             }

@@ -12,6 +12,11 @@ pub const MAX_CHOICES: usize = 16;
 pub const MAX_STOP: usize = 16;
 /// Most alternatives per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Default of the cap on `n × max_tokens` (all choices' tokens) of one request:
+/// sixteen choices of a full 8K context.
+pub const DEFAULT_MAX_REQUEST_TOKENS: usize = 131_072;
+/// Default of the cap on the tokens of all inputs of one embeddings request.
+pub const DEFAULT_MAX_EMBED_TOKENS: usize = 32_768;
 
 /// What is to be continued.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,41 @@ pub struct GenRequest {
     pub guided_choice: Option<Vec<String>>,
     /// The answer must match this regex (vLLM's `guided_regex`).
     pub guided_regex: Option<String>,
+    /// Shared by this request's choices, so a worker keeps them to a share of its batch.
+    pub group: u64,
+}
+
+impl GenRequest {
+    /// Choices to generate: `n` per prompt.
+    pub fn choices(&self) -> usize {
+        match &self.input {
+            Input::Chat(_) => self.n,
+            Input::Prompts(p) => p.len() * self.n,
+        }
+    }
+}
+
+/// Refuses a request whose choices may generate more than `limit` tokens in
+/// all (`n × max_tokens`, times the prompts of a completion), naming the limit
+/// and the values. A request without `max_tokens` is bounded by the context
+/// at the worker.
+pub fn check_cost(req: &GenRequest, limit: usize) -> Result<(), ApiError> {
+    let Some(max) = req.max_tokens else { return Ok(()) };
+    let choices = req.choices();
+    let total = choices.saturating_mul(max);
+    if total > limit {
+        let per = match &req.input {
+            Input::Prompts(p) if p.len() > 1 => format!("{} prompts × n = {}", p.len(), req.n),
+            _ => format!("n = {}", req.n),
+        };
+        return Err(ApiError::bad_field(
+            "max_tokens",
+            format!(
+                "{per} × max_tokens = {max} asks for up to {total} tokens; at most {limit} tokens per request are allowed (n × max_tokens, the server's --max-request-tokens)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A validated embeddings request.
@@ -321,6 +361,7 @@ impl Fields<'_> {
             ignore_eos: self.bool("ignore_eos", false)?,
             guided_choice: self.guided_choice()?,
             guided_regex: self.guided_regex()?,
+            group: uuid::Uuid::new_v4().as_u64_pair().0,
         })
     }
 
@@ -677,6 +718,41 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(field), "{extra}: {}", e.message);
             assert!(e.message.contains(words), "{extra}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn n_times_max_tokens_over_the_cap_names_the_cap_and_the_values() {
+        let r = chat(
+            json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 9000})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let e = check_cost(&r, DEFAULT_MAX_REQUEST_TOKENS).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        for words in ["n = 16", "max_tokens = 9000", "144000", "131072"] {
+            assert!(e.message.contains(words), "{words}: {}", e.message);
+        }
+        let r = chat(
+            json!({"model": "m", "messages": "hi", "n": 16, "max_tokens": 8192})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(check_cost(&r, DEFAULT_MAX_REQUEST_TOKENS).is_ok());
+        let r = completion(
+            json!({"model": "m", "prompt": ["a", "b"], "n": 2, "max_tokens": 100})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let e = check_cost(&r, 399).unwrap_err();
+        assert!(
+            e.message.contains("2 prompts × n = 2") && e.message.contains("400"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
