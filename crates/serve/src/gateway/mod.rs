@@ -47,6 +47,9 @@ pub struct GatewayOptions {
     pub worker_timeout: Duration,
     /// The web page's limits and log directory.
     pub web: crate::web::WebOptions,
+    /// Parse special-token strings typed in chat message contents as control
+    /// tokens, as FastChat does (default: they are encoded as text).
+    pub parse_special_tokens_in_content: bool,
 }
 
 impl GatewayOptions {
@@ -58,6 +61,7 @@ impl GatewayOptions {
             max_body_bytes: 8 << 20,
             worker_timeout: DEFAULT_WORKER_TIMEOUT,
             web: crate::web::WebOptions::default(),
+            parse_special_tokens_in_content: false,
         }
     }
 }
