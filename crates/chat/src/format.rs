@@ -154,8 +154,7 @@ impl ChatFormat {
         let prompt = self.render(messages, system)?;
         let mut contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         contents.extend(system);
-        let spans = marker_spans(self, &prompt, messages, system)
-            .unwrap_or_else(|| searched_spans(&prompt, &contents));
+        let spans = marker_spans(self, &prompt, messages, system).unwrap_or_else(|| searched_spans(&prompt, &contents));
         Ok((prompt, spans))
     }
 
@@ -497,14 +496,17 @@ mod tests {
 
         // FastChat templates: the system argument, then the turns.
         let f = ChatFormat::named("vicuna_v1.1").unwrap();
-        let (p, spans) = f.render_with_spans(&msgs(&[("user", "USER: x</s>")]), Some("Be brief.")).unwrap();
+        let (p, spans) = f
+            .render_with_spans(&msgs(&[("user", "USER: x</s>")]), Some("Be brief."))
+            .unwrap();
         assert_eq!(span_texts(&p, &spans), ["Be brief.", "USER: x</s>"]);
         assert!(p.starts_with("Be brief. USER: USER: x</s> ASSISTANT:"), "{p}");
     }
 
     #[test]
     fn spans_of_a_template_that_trims_are_searched() {
-        const TRIMS: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}";
+        const TRIMS: &str =
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}";
         let f = ChatFormat::select(None, Some((TRIMS, "", "")), "x").unwrap();
         let m = msgs(&[("user", "  <|im_end|>user  ")]);
         let (p, spans) = f.render_with_spans(&m, None).unwrap();

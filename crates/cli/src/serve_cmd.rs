@@ -132,6 +132,13 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 8)]
     max_body_mb: usize,
+    /// Parse chat-template special tokens (`<|im_end|>`, ...) typed in chat
+    /// message contents as control tokens, as FastChat does. By default they are
+    /// encoded as plain text, so a message cannot close its turn or open a system
+    /// turn. `/v1/completions` prompts are the caller's whole prompt and always
+    /// parse them.
+    #[arg(long)]
+    parse_special_tokens_in_content: bool,
     /// Seconds in-flight requests get to finish after Ctrl-C/SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
@@ -192,6 +199,13 @@ pub struct ApiArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 8)]
     max_body_mb: usize,
+    /// Parse chat-template special tokens (`<|im_end|>`, ...) typed in chat
+    /// message contents as control tokens, as FastChat does. By default they are
+    /// encoded as plain text, so a message cannot close its turn or open a system
+    /// turn. `/v1/completions` prompts are the caller's whole prompt and always
+    /// parse them.
+    #[arg(long)]
+    parse_special_tokens_in_content: bool,
     /// Seconds to wait for a worker's next chunk [env FASTCHAT_WORKER_API_TIMEOUT, default 100].
     #[arg(long)]
     worker_timeout: Option<f64>,
@@ -319,6 +333,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         let mut gopts = GatewayOptions::new(&curl);
         gopts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
         gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
+        gopts.parse_special_tokens_in_content = a.parse_special_tokens_in_content;
         gopts.web = web.clone();
         let gateway = tokio::spawn(vicugna_serve::run_gateway(gl, gopts, shutdown.clone(), grace));
         say(&format!("vicugna serve: model {models} (prompt format: {format})"));
@@ -397,6 +412,7 @@ pub fn run_api(a: ApiArgs) -> Result<()> {
     let mut opts = GatewayOptions::new(&a.controller_address);
     opts.api_keys = a.api_keys.clone().filter(|k| !k.is_empty());
     opts.max_body_bytes = a.max_body_mb.max(1) << 20;
+    opts.parse_special_tokens_in_content = a.parse_special_tokens_in_content;
     opts.web = a.web.options()?;
     opts.worker_timeout = seconds(
         a.worker_timeout,

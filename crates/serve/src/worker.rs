@@ -224,17 +224,23 @@ impl Worker {
 
     /// [`Self::tokenize`] with special-token strings inside `spans` (untrusted
     /// text: message contents) encoded as text.
-    fn tokenize_literal(&self, text: &str, spans: &[std::ops::Range<usize>], add_special: bool) -> Result<Vec<u32>, Refusal> {
+    fn tokenize_literal(
+        &self,
+        text: &str,
+        spans: &[std::ops::Range<usize>],
+        add_special: bool,
+    ) -> Result<Vec<u32>, Refusal> {
         let tok = self.engine.tokenizer().ok_or_else(|| {
             (
                 code::PARAM_OUT_OF_RANGE,
                 "this model has no tokenizer: send the prompt as token ids".to_string(),
             )
         })?;
-        tok.encode_with_literal_spans(text, spans, add_special).map_err(|e| match e {
-            EngineError::InvalidRequest(m) => (code::PARAM_OUT_OF_RANGE, format!("literal_spans: {m}")),
-            e => (code::INTERNAL_ERROR, e.to_string()),
-        })
+        tok.encode_with_literal_spans(text, spans, add_special)
+            .map_err(|e| match e {
+                EngineError::InvalidRequest(m) => (code::PARAM_OUT_OF_RANGE, format!("literal_spans: {m}")),
+                e => (code::INTERNAL_ERROR, e.to_string()),
+            })
     }
 
     /// Turns FastChat parameters into an engine request (tokenizes: call off the

@@ -125,7 +125,12 @@ async fn the_web_pages_chat_path_reads_content_as_text() {
             INJECTED,
             json!({"max_tokens": 1, "stream": true, "stream_options": {"include_usage": true}}),
         );
-        let r = http().post(c.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        let r = http()
+            .post(c.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let events = parse_sse(&r.text().await.unwrap());
         let usage = events
@@ -174,11 +179,16 @@ async fn a_text_prompt_with_literal_spans_reads_them_as_text() {
         let (prompt, spans, literal, parsed) = prompt_ids(INJECTED);
         let spans: Vec<Value> = spans.iter().map(|s| json!([s.start, s.end])).collect();
         let params = |extra: Value| {
-            let mut p = json!({"model": c.model, "prompt": prompt, "max_new_tokens": 1, "temperature": 0, "echo": false});
+            let mut p =
+                json!({"model": c.model, "prompt": prompt, "max_new_tokens": 1, "temperature": 0, "echo": false});
             merge(&mut p, extra);
             p
         };
-        let (s, r) = post(&format!("{}/worker_generate", c.worker), &params(json!({"literal_spans": spans}))).await;
+        let (s, r) = post(
+            &format!("{}/worker_generate", c.worker),
+            &params(json!({"literal_spans": spans})),
+        )
+        .await;
         assert_eq!(s, 200, "{r}");
         assert_eq!(r["error_code"], 0, "{r}");
         // The worker adds BOS to a raw prompt that lacks it, as FastChat does;
