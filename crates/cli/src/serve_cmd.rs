@@ -252,6 +252,13 @@ pub struct ServeArgs {
     /// Most tokens one request may ask for in all, n × max_tokens (400 above).
     #[arg(long, default_value_t = vicugna_serve::gateway::validate::DEFAULT_MAX_REQUEST_TOKENS)]
     max_request_tokens: usize,
+    /// Parse chat-template special tokens (`<|im_end|>`, ...) typed in chat
+    /// message contents as control tokens, as FastChat does. By default they are
+    /// encoded as plain text, so a message cannot close its turn or open a system
+    /// turn. `/v1/completions` prompts are the caller's whole prompt and always
+    /// parse them.
+    #[arg(long)]
+    parse_special_tokens_in_content: bool,
     /// Seconds in-flight requests get to finish after Ctrl-C/SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     grace_seconds: f64,
@@ -325,6 +332,13 @@ pub struct ApiArgs {
     /// Embeddings: most tokens of all inputs of one request together.
     #[arg(long, default_value_t = vicugna_serve::gateway::validate::DEFAULT_MAX_EMBED_TOKENS)]
     embed_max_request_tokens: usize,
+    /// Parse chat-template special tokens (`<|im_end|>`, ...) typed in chat
+    /// message contents as control tokens, as FastChat does. By default they are
+    /// encoded as plain text, so a message cannot close its turn or open a system
+    /// turn. `/v1/completions` prompts are the caller's whole prompt and always
+    /// parse them.
+    #[arg(long)]
+    parse_special_tokens_in_content: bool,
     /// Seconds to wait for a worker's next chunk [env FASTCHAT_WORKER_API_TIMEOUT, default 100].
     #[arg(long)]
     worker_timeout: Option<f64>,
@@ -469,6 +483,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         gopts.max_body_bytes = a.max_body_mb.max(1) << 20;
         gopts.max_request_tokens = a.max_request_tokens.max(1);
         gopts.max_embed_tokens = a.worker.embed_max_request_tokens.max(1);
+        gopts.parse_special_tokens_in_content = a.parse_special_tokens_in_content;
         gopts.web = web.clone();
         let gateway = tokio::spawn(vicugna_serve::run_gateway(gl, gopts, shutdown.clone(), grace));
         say(&format!("vicugna serve: model {models} (prompt format: {format})"));
@@ -557,6 +572,7 @@ pub fn run_api(a: ApiArgs) -> Result<()> {
     opts.max_body_bytes = a.max_body_mb.max(1) << 20;
     opts.max_request_tokens = a.max_request_tokens.max(1);
     opts.max_embed_tokens = a.embed_max_request_tokens.max(1);
+    opts.parse_special_tokens_in_content = a.parse_special_tokens_in_content;
     opts.web = a.web.options()?;
     opts.worker_timeout = seconds(
         a.worker_timeout,

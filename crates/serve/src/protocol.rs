@@ -214,6 +214,16 @@ pub struct GenerateParams {
     /// (vicugna): a group holds at most half of the worker's batch slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<u64>,
+    /// Untrusted text (vicugna): with `messages`, `true` parses special-token
+    /// strings typed in message contents as control tokens (FastChat's
+    /// behaviour); by default they are encoded as text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parse_special_tokens_in_content: bool,
+    /// Untrusted text (vicugna): `[start, end)` byte ranges of a text `prompt`
+    /// (the message contents of a prompt the caller rendered) whose
+    /// special-token strings are encoded as text. FastChat workers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub literal_spans: Option<Vec<(usize, usize)>>,
 }
 
 /// `/worker_get_embeddings` parameters.

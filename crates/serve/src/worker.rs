@@ -267,6 +267,27 @@ impl Worker {
             .map_err(|e| (code::INTERNAL_ERROR, e.to_string()))
     }
 
+    /// [`Self::tokenize`] with special-token strings inside `spans` (untrusted
+    /// text: message contents) encoded as text.
+    fn tokenize_literal(
+        &self,
+        text: &str,
+        spans: &[std::ops::Range<usize>],
+        add_special: bool,
+    ) -> Result<Vec<u32>, Refusal> {
+        let tok = self.engine.tokenizer().ok_or_else(|| {
+            (
+                code::PARAM_OUT_OF_RANGE,
+                "this model has no tokenizer: send the prompt as token ids".to_string(),
+            )
+        })?;
+        tok.encode_with_literal_spans(text, spans, add_special)
+            .map_err(|e| match e {
+                EngineError::InvalidRequest(m) => (code::PARAM_OUT_OF_RANGE, format!("literal_spans: {m}")),
+                e => (code::INTERNAL_ERROR, e.to_string()),
+            })
+    }
+
     /// Turns FastChat parameters into an engine request (tokenizes: call off the
     /// async threads). Returns the request and the prompt text, for echo.
     fn build_request(&self, p: &GenerateParams) -> Result<(GenerateRequest, String), Refusal> {
@@ -274,16 +295,34 @@ impl Worker {
         let mut stop_strings = Vec::new();
         let mut stop_token_ids = p.stop_token_ids.clone().unwrap_or_default();
         let (ids, text) = if let Some(messages) = &p.messages {
-            let text = self
+            // Message contents are untrusted text: special-token strings in them
+            // are encoded as text unless the caller opted into FastChat's parsing.
+            let (text, spans) = self
                 .format
-                .render(messages, None)
+                .render_with_spans(messages, None)
                 .map_err(|e| (code::PARAM_OUT_OF_RANGE, e.to_string()))?;
             stop_strings.extend(self.format.stop_strings());
             stop_token_ids.extend(self.format.stop_token_ids());
-            (self.tokenize(&text, self.format.add_special_tokens())?, text)
+            let add_special = self.format.add_special_tokens();
+            let ids = if p.parse_special_tokens_in_content {
+                self.tokenize(&text, add_special)?
+            } else {
+                self.tokenize_literal(&text, &spans, add_special)?
+            };
+            (ids, text)
         } else {
             match &p.prompt {
-                Value::String(text) => (self.tokenize(text, self.add_special_for(text))?, text.clone()),
+                Value::String(text) => {
+                    let add_special = self.add_special_for(text);
+                    let ids = match &p.literal_spans {
+                        Some(spans) => {
+                            let spans: Vec<_> = spans.iter().map(|&(a, b)| a..b).collect();
+                            self.tokenize_literal(text, &spans, add_special)?
+                        }
+                        None => self.tokenize(text, add_special)?,
+                    };
+                    (ids, text.clone())
+                }
                 Value::Array(items) => {
                     let ids: Option<Vec<u32>> = items
                         .iter()

@@ -328,6 +328,11 @@ async fn gateway_works_with_a_worker_that_only_speaks_fastchat() {
         assert_eq!(r["choices"][0]["message"]["content"], "Hello");
         let p = seen.lock().unwrap()[0].clone();
         assert!(p["prompt"].as_str().unwrap().ends_with("USER: Hi ASSISTANT:"), "{p}");
+        // The message content's place in the prompt, for a worker that reads it
+        // as untrusted text (a FastChat worker ignores the field).
+        let span = &p["literal_spans"][0];
+        let (a, b) = (span[0].as_u64().unwrap() as usize, span[1].as_u64().unwrap() as usize);
+        assert_eq!(&p["prompt"].as_str().unwrap()[a..b], "Hi", "{p}");
         assert_eq!(p["echo"], false);
         assert_eq!(p["max_new_tokens"], 100);
         assert!(p.get("messages").is_none());

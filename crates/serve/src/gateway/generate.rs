@@ -139,6 +139,11 @@ impl Gateway {
             JobInput::Chat(messages) if info.renders_messages => {
                 p["messages"] = json!(messages);
                 p["prompt"] = json!("");
+                // The worker encodes special-token strings in contents as text
+                // unless the operator opted into FastChat's parsing.
+                if self.opts.parse_special_tokens_in_content {
+                    p["parse_special_tokens_in_content"] = json!(true);
+                }
                 None
             }
             JobInput::Chat(messages) => {
@@ -150,10 +155,16 @@ impl Gateway {
                     .ok_or_else(|| ApiError::worker_failed(format!("worker {worker} gave no conversation template")))?;
                 stop.extend(conv.stop_str().into_iter().map(str::to_string));
                 p["stop_token_ids"] = json!(conv.stop_token_ids());
-                let text = ChatFormat::Named(conv)
-                    .render(messages, None)
+                let (text, spans) = ChatFormat::Named(conv)
+                    .render_with_spans(messages, None)
                     .map_err(|e| ApiError::bad_field("messages", e))?;
                 p["prompt"] = json!(text);
+                // Where the contents are, for a worker that reads them as text
+                // (FastChat's own workers ignore the field).
+                if !self.opts.parse_special_tokens_in_content {
+                    let spans: Vec<(usize, usize)> = spans.iter().map(|r| (r.start, r.end)).collect();
+                    p["literal_spans"] = json!(spans);
+                }
                 Some(text)
             }
             JobInput::Prompt(PromptInput::Text(t)) => {

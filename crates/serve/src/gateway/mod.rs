@@ -62,6 +62,9 @@ pub struct GatewayOptions {
     pub max_request_tokens: usize,
     /// Most tokens of all inputs of one embeddings request (400 above).
     pub max_embed_tokens: usize,
+    /// Parse special-token strings typed in chat message contents as control
+    /// tokens, as FastChat does (default: they are encoded as text).
+    pub parse_special_tokens_in_content: bool,
 }
 
 impl GatewayOptions {
@@ -79,6 +82,7 @@ impl GatewayOptions {
             web: crate::web::WebOptions::default(),
             max_request_tokens: validate::DEFAULT_MAX_REQUEST_TOKENS,
             max_embed_tokens: validate::DEFAULT_MAX_EMBED_TOKENS,
+            parse_special_tokens_in_content: false,
         }
     }
 }
