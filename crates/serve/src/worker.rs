@@ -275,6 +275,8 @@ impl Worker {
         spans: &[std::ops::Range<usize>],
         add_special: bool,
     ) -> Result<Vec<u32>, Refusal> {
+        let ctx = self.engine.info().context_length;
+        self.engine.check_text_len(text, ctx).map_err(|e| engine_refusal(&e))?;
         let tok = self.engine.tokenizer().ok_or_else(|| {
             (
                 code::PARAM_OUT_OF_RANGE,

@@ -184,7 +184,7 @@ async fn a_text_prompt_with_literal_spans_reads_them_as_text() {
             merge(&mut p, extra);
             p
         };
-        let (s, r) = post(
+        let (s, r) = ctl_post(
             &format!("{}/worker_generate", c.worker),
             &params(json!({"literal_spans": spans})),
         )
@@ -194,10 +194,10 @@ async fn a_text_prompt_with_literal_spans_reads_them_as_text() {
         // The worker adds BOS to a raw prompt that lacks it, as FastChat does;
         // SmolLM2's tokenizer adds none.
         assert_eq!(r["usage"]["prompt_tokens"], literal.len() as u64, "{r}");
-        let (_, r) = post(&format!("{}/worker_generate", c.worker), &params(json!({}))).await;
+        let (_, r) = ctl_post(&format!("{}/worker_generate", c.worker), &params(json!({}))).await;
         assert_eq!(r["usage"]["prompt_tokens"], parsed.len() as u64, "{r}");
         // A span outside the prompt is refused, naming the field.
-        let (_, r) = post(
+        let (_, r) = ctl_post(
             &format!("{}/worker_generate", c.worker),
             &params(json!({"literal_spans": [[0, prompt.len() + 1]]})),
         )
