@@ -41,6 +41,9 @@ pub const MAX_STOP: usize = crate::gateway::validate::MAX_STOP * 2;
 /// Most inputs in one `/worker_get_embeddings` call (OpenAI's limit per request).
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
+/// How often a request waiting for a batch slot sends an empty chunk.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// Default of [`WorkerOptions::embed_max_request_tokens`].
 pub const DEFAULT_EMBED_MAX_REQUEST_TOKENS: usize = 32768;
 
@@ -454,9 +457,28 @@ impl Worker {
     async fn generate(self: Arc<Self>, p: GenerateParams, tx: mpsc::Sender<Bytes>) {
         let queued = Instant::now();
         let group = p.group;
-        let slot = tokio::select! {
-            s = self.acquire(group) => s,
-            _ = tx.closed() => return,
+        let acquire = self.acquire(group);
+        tokio::pin!(acquire);
+        let slot = loop {
+            tokio::select! {
+                s = &mut acquire => break s,
+                _ = tx.closed() => return,
+                // A choice waiting for its group's share of the batch can wait
+                // minutes: an empty chunk now and then keeps the gateway's
+                // no-output timeout from cutting the request.
+                _ = tokio::time::sleep(KEEP_ALIVE) => {
+                    let empty = Chunk {
+                        text: String::new(),
+                        error_code: 0,
+                        usage: None,
+                        finish_reason: None,
+                        logprobs: None,
+                    };
+                    if tx.send(empty.to_wire()).await.is_err() {
+                        return;
+                    }
+                }
+            }
         };
         let _slot = match slot {
             Ok(s) => s,
