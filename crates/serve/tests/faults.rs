@@ -161,6 +161,9 @@ async fn killed_worker_ends_its_stream_with_an_error_and_the_survivor_serves() {
             .find(|e| e.get("error").is_some())
             .expect("an error event");
         assert_eq!(err["error"]["code"], "worker_failed", "{err}");
+        // The client learns that a worker failed, not where the workers live.
+        let port = format!(":{}", ports[victim]);
+        assert!(!err.to_string().contains(&port), "{err}");
         assert_eq!(events.last().unwrap(), "[DONE]");
 
         // Requests keep working (the gateway avoids the dead worker at once).

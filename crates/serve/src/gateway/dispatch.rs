@@ -62,23 +62,30 @@ impl WorkerStream {
         }
         loop {
             if let Some(raw) = self.pending.pop_front() {
-                return serde_json::from_slice::<Chunk>(&raw)
-                    .map(Some)
-                    .map_err(|e| format!("worker {} sent a malformed chunk: {e}", self.worker));
+                return serde_json::from_slice::<Chunk>(&raw).map(Some).map_err(|e| {
+                    redact(
+                        &self.worker,
+                        format!("worker {} sent a malformed chunk: {e}", self.worker),
+                    )
+                });
             }
             if self.ended {
                 return Ok(None);
             }
             match tokio::time::timeout(self.timeout, self.body.next()).await {
                 Err(_) => {
-                    return Err(format!(
-                        "worker {} sent nothing for {} s",
-                        self.worker,
-                        self.timeout.as_secs()
+                    return Err(redact(
+                        &self.worker,
+                        format!("worker {} sent nothing for {} s", self.worker, self.timeout.as_secs()),
                     ))
                 }
                 Ok(Some(Ok(bytes))) => self.pending.extend(self.split.push(&bytes)),
-                Ok(Some(Err(e))) => return Err(format!("the connection to worker {} failed: {e}", self.worker)),
+                Ok(Some(Err(e))) => {
+                    return Err(redact(
+                        &self.worker,
+                        format!("the connection to worker {} failed: {e}", self.worker),
+                    ))
+                }
                 Ok(None) => {
                     self.ended = true;
                     self.pending.extend(self.split.finish());
@@ -182,13 +189,16 @@ impl Gateway {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| format!("worker {worker} cannot be reached: {e}"))?;
+            .map_err(|e| redact(worker, format!("worker {worker} cannot be reached: {e}")))?;
         if !r.status().is_success() {
-            return Err(format!("worker {worker} answered {path} with HTTP {}", r.status()));
+            return Err(redact(
+                worker,
+                format!("worker {worker} answered {path} with HTTP {}", r.status()),
+            ));
         }
         r.json()
             .await
-            .map_err(|e| format!("worker {worker}: bad answer to {path}: {e}"))
+            .map_err(|e| redact(worker, format!("worker {worker}: bad answer to {path}: {e}")))
     }
 
     /// The worker's template and context length, cached per worker and model.
@@ -236,7 +246,12 @@ impl Gateway {
         v.get("count")
             .and_then(Value::as_u64)
             .map(|c| c as usize)
-            .ok_or_else(|| ApiError::worker_failed(format!("worker {worker}: /count_token gave no count: {v}")))
+            .ok_or_else(|| {
+                ApiError::worker_failed(redact(
+                    worker,
+                    format!("worker {worker}: /count_token gave no count: {v}"),
+                ))
+            })
     }
 
     fn mark_bad(&self, worker: &str) {
@@ -309,16 +324,19 @@ impl Gateway {
             let resp = match sent {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => {
-                    last_err = Some(ApiError::worker_failed(format!(
-                        "worker {worker} answered HTTP {}",
-                        r.status()
+                    last_err = Some(ApiError::worker_failed(redact(
+                        &worker,
+                        format!("worker {worker} answered HTTP {}", r.status()),
                     )));
                     exclude.push(worker);
                     continue;
                 }
                 Err(e) => {
                     self.mark_bad(&worker);
-                    last_err = Some(ApiError::unavailable(format!("worker {worker} cannot be reached: {e}")));
+                    last_err = Some(ApiError::unavailable(redact(
+                        &worker,
+                        format!("worker {worker} cannot be reached: {e}"),
+                    )));
                     exclude.push(worker);
                     continue;
                 }
@@ -347,8 +365,9 @@ impl Gateway {
                     return Ok(stream);
                 }
                 Ok(None) => {
-                    last_err = Some(ApiError::worker_failed(format!(
-                        "worker {worker} ended the stream at once"
+                    last_err = Some(ApiError::worker_failed(redact(
+                        &worker,
+                        format!("worker {worker} ended the stream at once"),
                     )));
                     exclude.push(worker);
                 }
@@ -381,19 +400,27 @@ impl Gateway {
             let v: Value = match sent {
                 Ok(r) if r.status().is_success() => match r.json().await {
                     Ok(v) => v,
-                    Err(e) => return Err(ApiError::worker_failed(format!("worker {worker}: bad answer: {e}"))),
+                    Err(e) => {
+                        return Err(ApiError::worker_failed(redact(
+                            &worker,
+                            format!("worker {worker}: bad answer: {e}"),
+                        )))
+                    }
                 },
                 Ok(r) => {
-                    last_err = Some(ApiError::worker_failed(format!(
-                        "worker {worker} answered HTTP {}",
-                        r.status()
+                    last_err = Some(ApiError::worker_failed(redact(
+                        &worker,
+                        format!("worker {worker} answered HTTP {}", r.status()),
                     )));
                     exclude.push(worker);
                     continue;
                 }
                 Err(e) => {
                     self.mark_bad(&worker);
-                    last_err = Some(ApiError::unavailable(format!("worker {worker} cannot be reached: {e}")));
+                    last_err = Some(ApiError::unavailable(redact(
+                        &worker,
+                        format!("worker {worker} cannot be reached: {e}"),
+                    )));
                     exclude.push(worker);
                     continue;
                 }
@@ -412,5 +439,31 @@ impl Gateway {
         }
         Err(last_err
             .unwrap_or_else(|| ApiError::unavailable(format!("no worker of model `{model}` could take the request"))))
+    }
+}
+
+/// A worker failure as clients see it: the worker's internal address (also inside
+/// a transport error's URL) becomes "a worker"; the whole message goes to the log.
+fn redact(worker: &str, msg: String) -> String {
+    eprintln!("gateway: {msg}");
+    msg.replace(&format!("worker {worker}"), "a worker")
+        .replace(worker, "<worker>")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact;
+
+    #[test]
+    fn worker_addresses_do_not_reach_clients() {
+        let w = "http://10.0.0.5:21002";
+        let msg = redact(
+            w,
+            format!("worker {w} cannot be reached: error sending request for url ({w}/worker_generate_stream)"),
+        );
+        assert_eq!(
+            msg,
+            "a worker cannot be reached: error sending request for url (<worker>/worker_generate_stream)"
+        );
     }
 }
