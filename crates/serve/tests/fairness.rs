@@ -52,17 +52,6 @@ impl Serve {
     }
 }
 
-fn vicugna_bin() -> Option<std::path::PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("vicugna");
-    if bin.exists() {
-        return Some(bin);
-    }
-    assert!(!in_ci(), "{} is missing: build vicugna-cli first", bin.display());
-    eprintln!("skipping: {} is missing (cargo build -p vicugna-cli)", bin.display());
-    None
-}
-
 /// Starts `vicugna serve` on free ports and waits until it lists its model.
 async fn serve(extra: &[&str]) -> Option<Serve> {
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());

@@ -65,17 +65,6 @@ async fn fake_worker(model: &str) -> (String, Arc<AtomicUsize>) {
     (url, calls)
 }
 
-fn vicugna_bin() -> Option<std::path::PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("vicugna");
-    if bin.exists() {
-        return Some(bin);
-    }
-    assert!(!in_ci(), "{} is missing: build vicugna-cli first", bin.display());
-    eprintln!("skipping: {} is missing (cargo build -p vicugna-cli)", bin.display());
-    None
-}
-
 /// Kills the child process when dropped (also on panic).
 struct Reaper(std::process::Child);
 

@@ -12,17 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-fn vicugna_bin() -> Option<std::path::PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("vicugna");
-    if bin.exists() {
-        return Some(bin);
-    }
-    assert!(!in_ci(), "{} is missing: build vicugna-cli first", bin.display());
-    eprintln!("skipping: {} is missing (cargo build -p vicugna-cli)", bin.display());
-    None
-}
-
 #[test]
 fn vicugna_serve_prints_urls_answers_and_stops_on_sigterm() {
     let Some(bin) = vicugna_bin() else { return };

@@ -277,6 +277,19 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// The `vicugna` binary beside the test binaries; `None` (the test skips) when it
+/// is not built, except under CI, where that fails the test.
+pub fn vicugna_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("vicugna");
+    if bin.exists() {
+        return Some(bin);
+    }
+    assert!(!in_ci(), "{} is missing: build vicugna-cli first", bin.display());
+    eprintln!("skipping: {} is missing (cargo build -p vicugna-cli)", bin.display());
+    None
+}
+
 /// A Python with `openai` and FastChat 0.2.36's API server: `$VICUGNA_TEST_PYTHON`,
 /// or a venv made (once) under the target directory. `None` (skip) only outside CI.
 pub fn python() -> Option<PathBuf> {
