@@ -123,18 +123,23 @@ async fn timed_post(url: &str, body: &Value) -> (u16, Value, Duration) {
     (status, v, t0.elapsed())
 }
 
-/// A streaming request that runs until dropped; resolves once its first token came.
+/// A streaming request that runs until dropped; returns once its first token came,
+/// and fails the test if it was refused or sent nothing (else the load would be missing).
 async fn start_stream(url: String, body: Value) -> tokio::task::JoinHandle<()> {
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let h = tokio::spawn(async move {
-        let r = http().post(url).json(&body).send().await.unwrap();
-        let status = r.status();
-        assert_eq!(
-            status,
-            200,
-            "the background request was refused: {}",
-            r.text().await.unwrap_or_default()
-        );
+        let r = match http().post(url).json(&body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = first_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        if r.status() != 200 {
+            let status = r.status();
+            let _ = first_tx.send(Err(format!("{status}: {}", r.text().await.unwrap_or_default())));
+            return;
+        }
         let mut s = r.bytes_stream();
         let mut first = Some(first_tx);
         while let Some(piece) = s.next().await {
@@ -142,12 +147,14 @@ async fn start_stream(url: String, body: Value) -> tokio::task::JoinHandle<()> {
                 break;
             }
             if let Some(tx) = first.take() {
-                let _ = tx.send(());
+                let _ = tx.send(Ok(()));
             }
         }
     });
-    let _ = tokio::time::timeout(Duration::from_secs(120), first_rx).await;
-    h
+    match tokio::time::timeout(Duration::from_secs(120), first_rx).await {
+        Ok(Ok(Ok(()))) => h,
+        other => panic!("the background request did not start streaming: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,6 +197,10 @@ async fn a_short_chat_answers_within_2s_beside_a_16x8192_request_and_an_8k_promp
     let (status, v, took) = timed_post(&s.url("/v1/chat/completions"), &bad).await;
     eprintln!("pathological regex under load: {status} in {took:?}");
     assert_eq!(status, 400, "{v}");
+    assert!(
+        !heavy.is_finished(),
+        "the 16 × 8192 request ended before the chats were measured"
+    );
     assert!(
         !long_prompt.is_finished(),
         "the long prompt finished before the chats: the test did not measure beside it"
