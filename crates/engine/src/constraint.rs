@@ -371,7 +371,10 @@ mod tests {
             let t0 = std::time::Instant::now();
             let e = Constraint::Regex(p.into()).compile().unwrap_err();
             let took = t0.elapsed();
-            assert!(took < std::time::Duration::from_millis(100), "{p}: {took:?}");
+            // Bounded, not seconds: this runs beside the crate's other tests on a
+            // shared machine; the 100 ms a user sees is checked at the server
+            // (serve's fairness test), where the request runs alone.
+            assert!(took < std::time::Duration::from_secs(1), "{p}: {took:?}");
             let m = e.to_string();
             assert!(m.contains("invalid request") && m.contains("constraint pattern"), "{m}");
         }

@@ -515,6 +515,9 @@ impl Worker {
         let mut embeds: VecDeque<EmbedJob> = VecDeque::new();
         loop {
             if active.is_empty() && waiting.is_empty() && embeds.is_empty() {
+                // Idle: give a burst's freed memory back before waiting (never
+                // between decode steps, where it would cost the step's time).
+                trim_heap();
                 match rx.recv() {
                     Ok(job) => self.take(job, &mut waiting, &mut embeds),
                     Err(_) => return,
@@ -559,7 +562,6 @@ impl Worker {
                     let _ = s.sub.events.send(Event::Error(e.to_string()));
                 }
             }
-            trim_heap();
         }
     }
 
@@ -1054,7 +1056,7 @@ fn plan_prefill(seqs: &[Option<(usize, usize)>], shared: bool, opts: &EngineOpti
 
 /// Gives freed heap pages back to the system (glibc keeps them otherwise, and
 /// a burst of large requests would leave the process at its peak size). Cheap
-/// when there is nothing to give back; called between steps.
+/// when there is nothing to give back; called when the engine goes idle.
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
