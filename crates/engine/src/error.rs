@@ -21,8 +21,12 @@ pub enum EngineError {
         field: String,
         message: String,
     },
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
-    UnsupportedArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: unsupported architecture `{arch}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
     #[error("{path}: tensor `{tensor}`: {message}")]
     BadTensor {
         path: PathBuf,

@@ -2,7 +2,6 @@
 //! family, tokenizes exactly as HF does, and generates text through one request
 //! type and one stream of events. Knows nothing of HTTP or chat templates.
 
-pub mod config;
 pub mod constraint;
 pub mod default_model;
 pub mod engine;
@@ -10,6 +9,7 @@ pub mod error;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub use model::config;
 pub mod request;
 pub mod sampler;
 pub mod team;

@@ -10,8 +10,9 @@ use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::model::names;
 
 /// A weight as stored: plain values, or ggml-quantized blocks.
 #[derive(Clone)]
@@ -27,6 +28,32 @@ impl Weight {
             Weight::Dense(t) => t.to_dtype(dtype)?,
             Weight::Quantized(q) => q.dequantize(device)?.to_dtype(dtype)?,
         })
+    }
+
+    /// Rows `start .. start + len` of the weight seen as a matrix `[rows, cols]`
+    /// (leading dimensions flattened: expert `e` of a stacked `[experts, r, c]`
+    /// is rows `e·r .. (e+1)·r`). Quantized rows are whole blocks, so they are
+    /// sliced as bytes.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Weight> {
+        match self {
+            Weight::Dense(t) => {
+                let cols = t.dims().last().copied().unwrap_or(1);
+                let rows = t.elem_count() / cols.max(1);
+                Ok(Weight::Dense(
+                    t.reshape((rows, cols))?.narrow(0, start, len)?.contiguous()?,
+                ))
+            }
+            Weight::Quantized(q) => {
+                let dims = q.shape().dims();
+                let cols = dims.last().copied().unwrap_or(1);
+                let rows = q.shape().elem_count() / cols.max(1);
+                let data = q.data()?;
+                let row_bytes = data.len() / rows.max(1);
+                let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
+                let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, q.dtype())?;
+                Ok(Weight::Quantized(Arc::new(QTensor::new(storage, (len, cols))?)))
+            }
+        }
     }
 }
 
@@ -172,8 +199,9 @@ pub struct GgufSource {
     pub content: gguf_file::Content,
     mmap: memmap2::Mmap,
     device: Device,
-    /// Heads of q and kv, to undo llama.cpp's row permutation of q/k weights.
-    heads: Option<(usize, usize)>,
+    /// The family and its q and kv heads, once `config` has read them: the
+    /// tensor names and llama.cpp's q/k row order depend on them.
+    arch: Option<(Arch, usize, usize)>,
 }
 
 impl GgufSource {
@@ -192,7 +220,7 @@ impl GgufSource {
             content,
             mmap,
             device: device.clone(),
-            heads: None,
+            arch: None,
         })
     }
 
@@ -217,153 +245,30 @@ impl GgufSource {
         }
     }
 
-    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
-        self.content.metadata.get(key)
-    }
-
     /// The model shape described by the metadata.
     pub fn config(&mut self) -> Result<ModelConfig> {
-        let arch_name = self
-            .meta("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
-            "mistral" => Arch::Mistral,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(EngineError::UnsupportedArchitecture {
-                    path: self.path.clone(),
-                    arch: other.into(),
-                })
-            }
-        };
-        let path = self.path.clone();
-        let get_u = |k: &str| -> Result<usize> {
-            let key = format!("{arch_name}.{k}");
-            self.meta(&key)
-                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-                .map(|v| v as usize)
-                .ok_or_else(|| EngineError::BadConfig {
-                    path: path.clone(),
-                    field: key,
-                    message: "missing or not an integer".into(),
-                })
-        };
-        let get_f = |k: &str| -> Option<f64> {
-            self.meta(&format!("{arch_name}.{k}"))
-                .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
-        };
-        let hidden = get_u("embedding_length")?;
-        let heads = get_u("attention.head_count")?;
-        let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
-        let vocab = get_u("vocab_size").ok().or_else(|| {
-            self.meta("tokenizer.ggml.tokens")
-                .and_then(|v| v.to_vec().ok())
-                .map(|v| v.len())
-        });
-        let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
-        let rope_scaling = match self
-            .meta(&format!("{arch_name}.rope.scaling.type"))
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-        {
-            Some("linear") => RopeScaling::Linear {
-                factor: get_f("rope.scaling.factor").unwrap_or(1.0),
-            },
-            _ => RopeScaling::None,
-        };
-        let id = |k: &str| self.meta(k).and_then(|v| v.to_u32().ok());
-        let cfg = ModelConfig {
-            arch,
-            vocab_size: vocab.ok_or_else(|| EngineError::BadConfig {
-                path: path.clone(),
-                field: format!("{arch_name}.vocab_size"),
-                message: "missing, and no tokenizer.ggml.tokens to count".into(),
-            })?,
-            hidden_size: hidden,
-            intermediate_size: get_u("feed_forward_length")?,
-            num_layers: get_u("block_count")?,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: get_f("rope.freq_base").unwrap_or(10000.0),
-            rope_scaling,
-            max_position_embeddings: get_u("context_length").unwrap_or(4096),
-            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            sliding_window: None,
-            bos_token_id: id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        };
-        // Only llama-style conversions permute q/k; qwen2 keeps HF's row order.
-        self.heads = (arch != Arch::Qwen2).then_some((heads, kv_heads));
+        let cfg = ModelConfig::from_gguf(&self.content, &self.path)?;
+        self.arch = Some((cfg.arch, cfg.num_heads, cfg.num_kv_heads));
         Ok(cfg)
     }
 
     /// The GGUF name of an HF tensor name.
-    fn gguf_name(name: &str) -> String {
-        let fixed = match name {
-            "model.embed_tokens.weight" => Some("token_embd.weight"),
-            "model.norm.weight" => Some("output_norm.weight"),
-            "lm_head.weight" => Some("output.weight"),
-            _ => None,
-        };
-        if let Some(f) = fixed {
-            return f.into();
-        }
-        if let Some(rest) = name.strip_prefix("model.layers.") {
-            if let Some((layer, tail)) = rest.split_once('.') {
-                let mapped = tail
-                    .replace("input_layernorm", "attn_norm")
-                    .replace("post_attention_layernorm", "ffn_norm")
-                    .replace("self_attn.q_proj", "attn_q")
-                    .replace("self_attn.k_proj", "attn_k")
-                    .replace("self_attn.v_proj", "attn_v")
-                    .replace("self_attn.o_proj", "attn_output")
-                    .replace("mlp.gate_proj", "ffn_gate")
-                    .replace("mlp.up_proj", "ffn_up")
-                    .replace("mlp.down_proj", "ffn_down");
-                return format!("blk.{layer}.{mapped}");
-            }
-        }
-        name.into()
+    fn gguf_name(&self, name: &str) -> String {
+        let arch = self.arch.map_or(Arch::Llama, |a| a.0);
+        names::gguf_name(arch, name).unwrap_or_else(|| name.into())
     }
 
     /// Size in bytes of the tensor data of the file.
     pub fn tensor_bytes(&self, hf_name: &str) -> Option<usize> {
-        let info = self.content.tensor_infos.get(&Self::gguf_name(hf_name))?;
+        let info = self.content.tensor_infos.get(&self.gguf_name(hf_name))?;
         let d = info.ggml_dtype;
         Some(info.shape.elem_count() / d.block_size() * d.type_size())
     }
 }
 
-/// llama.cpp stores q/k rows interleaved per head for its RoPE; put them back in HF
-/// order so that one RoPE implementation serves both formats. Rows are whole
-/// quantized blocks, so this works on the raw bytes.
-fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * hd + 2 * i + j;
-                let dst = h * hd + j * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    out
-}
-
 impl WeightSource for GgufSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let gname = Self::gguf_name(name);
+        let gname = self.gguf_name(name);
         let info = self
             .content
             .tensor_infos
@@ -401,28 +306,35 @@ impl WeightSource for GgufSource {
                 ),
             })?;
         let permuted;
-        let bytes = match (self.heads, name) {
-            (Some((h, _)), n) if n.ends_with("q_proj.weight") || n.ends_with("q_proj.bias") => {
-                permuted = unpermute_rows(bytes, dims[0], h);
+        let heads = self
+            .arch
+            .and_then(|(arch, h, kv)| names::permuted_heads(arch, name, h, kv));
+        let bytes = match heads {
+            Some(h) => {
+                permuted = names::unpermute_rows(bytes, dims[0], h);
                 &permuted[..]
             }
-            (Some((_, kv)), n) if n.ends_with("k_proj.weight") || n.ends_with("k_proj.bias") => {
-                permuted = unpermute_rows(bytes, dims[0], kv);
-                &permuted[..]
-            }
-            _ => bytes,
+            None => bytes,
         };
         let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &self.device, dtype)?;
         self.release_pages(start, size);
         let q = QTensor::new(storage, dims)?;
+        let shift = self.arch.and_then(|(arch, _, _)| names::shifted_norm(arch, name));
         Ok(match dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(&self.device)?),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let t = q.dequantize(&self.device)?;
+                // llama.cpp stores gemma's norms as 1 + w; the model takes HF's w.
+                Weight::Dense(match shift {
+                    Some(s) => t.affine(1.0, -f64::from(s))?,
+                    None => t,
+                })
+            }
             _ => Weight::Quantized(Arc::new(q)),
         })
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(&Self::gguf_name(name))
+        self.content.tensor_infos.contains_key(&self.gguf_name(name))
     }
 }
 

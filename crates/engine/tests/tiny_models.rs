@@ -1,11 +1,21 @@
-//! The four tiny random models against HF transformers' float32 outputs.
+//! The tiny random models of every family against HF transformers' float32 outputs.
 
 mod common;
 
 use common::{fixtures, floats, golden, ids};
 use vicugna_engine::{EngineHandle, EngineOptions, GenerateRequest, LoadOptions, LoadedModel, Prompt, StopRules};
 
-const MODELS: [&str; 4] = ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-qwen2"];
+/// (golden file, model) for every family.
+const MODELS: [(&str, &str); 8] = [
+    ("tiny-models.json", "tiny-llama"),
+    ("tiny-models.json", "tiny-llama3-rope"),
+    ("tiny-models.json", "tiny-mistral"),
+    ("tiny-models.json", "tiny-qwen2"),
+    ("tiny-models-2.json", "tiny-qwen3"),
+    ("tiny-models-2.json", "tiny-gemma3"),
+    ("tiny-models-2.json", "tiny-phi3"),
+    ("tiny-models-2.json", "tiny-mixtral"),
+];
 
 fn load(name: &str) -> LoadedModel {
     LoadedModel::load(&fixtures().join("models").join(name), &LoadOptions::default())
@@ -14,8 +24,8 @@ fn load(name: &str) -> LoadedModel {
 
 #[test]
 fn last_logits_and_logsumexp_match_hf() {
-    let g = golden("tiny-models.json");
-    for name in MODELS {
+    for (file, name) in MODELS {
+        let g = golden(file);
         let loaded = load(name);
         for (ci, case) in g["models"][name]["cases"].as_array().unwrap().iter().enumerate() {
             let prompt = ids(&case["prompt_ids"]);
@@ -53,8 +63,8 @@ fn last_logits_and_logsumexp_match_hf() {
 
 #[test]
 fn greedy_ids_match_hf_with_eos_ignored() {
-    let g = golden("tiny-models.json");
-    for name in MODELS {
+    for (file, name) in MODELS {
+        let g = golden(file);
         let engine = EngineHandle::start(load(name), EngineOptions::default());
         for (ci, case) in g["models"][name]["cases"].as_array().unwrap().iter().enumerate() {
             let want = ids(&case["greedy_ids"]);

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use vicugna_engine::config::{Arch, ModelConfig, RopeScaling};
+use vicugna_engine::model::names;
 use vicugna_engine::weights::{GgufSource, WeightSource};
 
 use crate::atomic_output::{copy_side_files, set_config_dtype, AtomicOutput};
@@ -156,78 +157,6 @@ fn hf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Progr
         verified: opts.verify,
         side_files,
     })
-}
-
-/// llama.cpp's name of an HF tensor, or `None` when llama.cpp has no place for it.
-pub fn gguf_name(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    layer.parse::<usize>().ok()?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let mapped = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}.{kind}"))
-}
-
-/// The HF name of a llama.cpp tensor name.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let mapped = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{mapped}.{kind}"))
-}
-
-/// llama.cpp's row order for q/k: within each head, the two rotary halves are
-/// interleaved (the inverse of the engine's unpermute).
-fn permute_rows(data: &[f32], rows: usize, heads: usize) -> Vec<f32> {
-    let cols = data.len() / rows;
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * hd + j * half + i;
-                let dst = h * hd + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -424,17 +353,14 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
     let cfg_json = read_json(&cfg_path)?;
     let ck = Checkpoint::open_dir(input)?;
     let float = opts.job.dtype.unwrap_or(Float::F16);
-    let arch_name = match cfg.arch {
-        Arch::Llama | Arch::Mistral => "llama",
-        Arch::Qwen2 => "qwen2",
-    };
+    let arch_name = cfg.arch.spec().gguf_arch;
     let mut problems = Vec::new();
     let mut plan = Vec::new();
     for t in &ck.tensors {
         if t.name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
-        match gguf_name(&t.name) {
+        match names::gguf_name(cfg.arch, &t.name) {
             Some(g) if t.float().is_some() => plan.push((t, g)),
             Some(_) => problems.push(format!("{}: dtype {} is not a float type", t.name, t.dtype)),
             None => problems.push(format!("{}: no llama.cpp tensor of this name", t.name)),
@@ -484,6 +410,32 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         (a("rope.dimension_count"), Meta::U32(cfg.head_dim as u32)),
         (a("vocab_size"), Meta::U32(n_vocab as u32)),
     ];
+    if let Some(w) = cfg
+        .sliding_window
+        .filter(|_| (0..cfg.num_layers).any(|l| cfg.window_of(l).is_some()))
+    {
+        md.push((a("attention.sliding_window"), Meta::U32(w as u32)));
+    }
+    if let Some(m) = cfg.moe {
+        md.push((a("expert_count"), Meta::U32(m.experts as u32)));
+        md.push((a("expert_used_count"), Meta::U32(m.per_token as u32)));
+    }
+    if cfg.arch == Arch::Gemma3 {
+        // llama.cpp fixes gemma3's layer pattern, local RoPE base and query scale;
+        // a checkpoint that differs would run differently there.
+        let pattern_ok = (0..cfg.num_layers).all(|l| cfg.window_of(l).is_some() == ((l + 1) % 6 != 0));
+        let local_ok = cfg
+            .local_rope
+            .as_ref()
+            .is_none_or(|(t, s)| *t == 10000.0 && *s == RopeScaling::None);
+        let scale_ok = (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() < 1e-9;
+        if !(pattern_ok && local_ok && scale_ok) {
+            return Err(WeightsError::Unsupported(format!(
+                "{}: this gemma3 differs from what llama.cpp assumes (5 sliding layers then 1 global, local RoPE base 10000, query_pre_attn_scalar = head_dim)",
+                cfg_path.display()
+            )));
+        }
+    }
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size {
         md.push((a("attention.key_length"), Meta::U32(cfg.head_dim as u32)));
         md.push((a("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
@@ -519,14 +471,10 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
     let mut sums = Vec::new();
     let device = Device::Cpu;
     let mut bytes = Vec::new();
-    let permute = cfg.arch != Arch::Qwen2;
     let mut scratch = Vec::new();
     for ((t, g), gt) in plan.iter().zip(&tensors) {
-        let permute_heads = match t.name.rsplit('.').nth(1) {
-            Some("q_proj") if permute => Some(cfg.num_heads),
-            Some("k_proj") if permute => Some(cfg.num_kv_heads),
-            _ => None,
-        };
+        let permute_heads = names::permuted_heads(cfg.arch, &t.name, cfg.num_heads, cfg.num_kv_heads);
+        let shift = names::shifted_norm(cfg.arch, &t.name);
         // Whole rows at a time (quantization blocks never cross rows); q/k are
         // permuted across rows, so they are taken whole (they are small).
         let rows = t.shape[0].max(1);
@@ -543,7 +491,11 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             let mut v = vec![0f32; n * cols];
             ck.read_f32(t, row * cols, &mut v, &mut scratch)?;
             if let Some(h) = permute_heads {
-                v = permute_rows(&v, rows, h);
+                v = names::permute_rows(&v, rows, h);
+            }
+            // llama.cpp stores gemma's norms as 1 + w.
+            if let Some(s) = shift {
+                v.iter_mut().for_each(|x| *x += s);
             }
             match gt.dtype {
                 GgmlDType::F32 => encode(Float::F32, &v, &mut bytes),
@@ -639,7 +591,7 @@ fn gguf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Pro
     let mut infos: Vec<(String, Vec<usize>, u64)> = Vec::new();
     let mut problems = Vec::new();
     for (name, info) in &src.content.tensor_infos {
-        match hf_name(name) {
+        match names::hf_name(cfg.arch, name) {
             Some(h) => infos.push((h, info.shape.dims().to_vec(), info.offset)),
             None => problems.push(format!("{name}: no HF tensor of this name")),
         }
@@ -699,37 +651,8 @@ fn gguf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Pro
 
 /// config.json, tokenizer.json and tokenizer_config.json from GGUF metadata.
 fn write_hf_side_files(src: &GgufSource, input: &Path, cfg: &ModelConfig, dtype: Float, out: &Path) -> Result<()> {
-    let (arch, class) = match cfg.arch {
-        Arch::Llama => ("llama", "LlamaForCausalLM"),
-        Arch::Mistral => ("mistral", "MistralForCausalLM"),
-        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-    };
-    let mut config = json!({
-        "architectures": [class],
-        "model_type": arch,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu",
-        "torch_dtype": dtype.torch_name(),
-    });
-    if let Some(b) = cfg.bos_token_id {
-        config["bos_token_id"] = json!(b);
-    }
-    if let Some(e) = cfg.eos_token_ids.first() {
-        config["eos_token_id"] = json!(e);
-    }
-    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
-        config["rope_scaling"] = json!({"type": "linear", "factor": factor});
-    }
+    let mut config = cfg.to_hf_json(cfg.tie_word_embeddings);
+    config["torch_dtype"] = json!(dtype.torch_name());
     let write = |name: &str, v: &Value| -> Result<()> {
         let p = out.join(name);
         std::fs::write(&p, serde_json::to_string_pretty(v).expect("JSON serializes") + "\n")

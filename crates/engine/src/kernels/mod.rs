@@ -1223,6 +1223,16 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out = gelu(g) · u` element-wise with GELU's tanh approximation (gemma's
+/// `gelu_pytorch_tanh`), in f32 as torch computes it.
+pub fn gelu_tanh_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(g.len() == out.len() && u.len() == out.len());
+    const C: f32 = 0.797_884_6; // √(2/π)
+    for ((a, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *a = 0.5 * g * (1.0 + (C * (g + 0.044715 * g * g * g)).tanh()) * u;
+    }
+}
+
 /// Target size of a dequantized f32 panel in the unfused path.
 const PANEL_BYTES: usize = 128 << 10;
 
