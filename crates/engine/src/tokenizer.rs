@@ -173,6 +173,30 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// The tokenizer of a model path: an HF directory (its `tokenizer.json`) or a
+    /// GGUF file (its metadata; the file may hold a vocabulary and no weights).
+    pub fn from_path(path: &Path) -> Result<Tokenizer> {
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => Self::from_hf_dir(path),
+            Ok(_) => Self::from_gguf_file(path),
+            Err(e) => Err(EngineError::io(path, e)),
+        }
+    }
+
+    /// The tokenizer of a GGUF file, read from its header and metadata only: the
+    /// tensors are never read, so a vocabulary-only GGUF (llama.cpp's
+    /// `ggml-vocab-*.gguf`) works as well as a model.
+    pub fn from_gguf_file(path: &Path) -> Result<Tokenizer> {
+        let file = fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| EngineError::BadFile {
+            path: path.to_owned(),
+            format: "GGUF",
+            message: e.to_string(),
+        })?;
+        Self::from_gguf(&content, path)
+    }
+
     /// Rebuilds the tokenizer from a GGUF file's metadata, as HF transformers'
     /// GGUF converter does. `path` only names the file in error messages.
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
