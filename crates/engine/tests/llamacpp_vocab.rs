@@ -28,33 +28,18 @@ const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 
 /// Vocabularies whose tokenizer model we do not build, and why.
 const REFUSED: &[(&str, &str)] = &[
-    // WordPiece (`tokenizer.ggml.model = bert`): no model family here uses it.
+    // WordPiece (`tokenizer.ggml.model = bert`, an embedding model's): no model
+    // family vicugna runs uses it.
     ("bert-bge", "bert"),
-    // `tokenizer.ggml.model = gemma4`: not built yet.
-    ("gemma-4", "gemma4"),
 ];
 
-/// Cases known to miss: `(vocabulary, case index in its .inp, reason)`.
-const KNOWN_MISSES: &[(&str, usize, &str)] = &[
-    // `½` after a space: not yet investigated.
-    ("command-r", 0, "½ after a space"),
-    ("deepseek-coder", 0, "½ after a space"),
-    ("deepseek-llm", 0, "½ after a space"),
-    ("refact", 0, "½ after a space"),
-    ("starcoder", 0, "½ after a space"),
-    // Falcon's pre-tokenizer: not yet investigated.
-    ("falcon", 30, "falcon pre-tokenizer"),
-    ("falcon", 32, "falcon pre-tokenizer"),
-    ("falcon", 37, "falcon pre-tokenizer"),
-    ("falcon", 38, "falcon pre-tokenizer"),
-    ("falcon", 39, "falcon pre-tokenizer"),
-    ("falcon", 40, "falcon pre-tokenizer"),
-    ("falcon", 41, "falcon pre-tokenizer"),
-    ("falcon", 42, "falcon pre-tokenizer"),
-    ("falcon", 45, "falcon pre-tokenizer"),
-    // Vietnamese: not yet investigated.
-    ("llama-bpe", 43, "Vietnamese"),
-];
+/// Cases known to miss: `(vocabulary, case index in its .inp, reason)`. Empty:
+/// every case of every vocabulary we build passes (648 of 648 with 0.3.36's
+/// files). The misses once listed here were fixed by replaying each
+/// `tokenizer.ggml.pre`'s own split regexes in order (`½` after a space on
+/// deepseek/starcoder/refact/command-r, Falcon's punctuation and digit
+/// triples) and Llama 3's `ignore_merges` (the Vietnamese case).
+const KNOWN_MISSES: &[(&str, usize, &str)] = &[];
 
 /// The `models` folder of the llama.cpp sources, fetched on first use; `None`
 /// (after saying why) when it cannot be fetched outside CI.
