@@ -18,7 +18,12 @@ pub struct TokenizeArgs {
     #[arg(long, default_value = "default")]
     model: String,
     /// The text to tokenize.
-    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    #[arg(
+        long,
+        conflicts_with = "file",
+        required_unless_present = "file",
+        allow_hyphen_values = true
+    )]
     text: Option<String>,
     /// Read the text from this file (UTF-8, taken exactly, final newline included).
     #[arg(long)]

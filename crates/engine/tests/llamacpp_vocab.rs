@@ -195,7 +195,7 @@ fn llamacpp_vocabulary_tests() {
         let (mut ok, cases) = (0, read_cases(file));
         for (i, (text, want)) in cases.iter().enumerate() {
             // llama.cpp's test reads special-token strings in the text as text.
-            let got = tok.encode_with_literal_spans(text, &[0..text.len()], false);
+            let got = tok.encode_with_literal_spans(text, std::slice::from_ref(&(0..text.len())), false);
             let known = KNOWN_MISSES.iter().find(|(v, n, _)| *v == vocab && *n == i);
             let got = got.map_err(|e| e.to_string());
             match (got.as_deref() == Ok(want.as_slice()), known) {
