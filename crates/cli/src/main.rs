@@ -12,6 +12,7 @@ mod leaderboard;
 mod model_arg;
 mod serve_cmd;
 mod template;
+mod tokenize_cmd;
 mod train_cmd;
 mod weights_cmd;
 
@@ -63,6 +64,10 @@ enum Command {
     Data(data_cmd::DataCommand),
     /// Fine-tune a model (full or LoRA) on conversations; resumable.
     Train(train_cmd::TrainArgs),
+    /// Print the token ids of a text (no BOS/EOS unless --special).
+    Tokenize(tokenize_cmd::TokenizeArgs),
+    /// Print the text of token ids.
+    Detokenize(tokenize_cmd::DetokenizeArgs),
 }
 
 fn main() {
@@ -84,6 +89,8 @@ fn main() {
         Command::Classify(a) => classify_cmd::run(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Train(a) => train_cmd::run(a),
+        Command::Tokenize(a) => tokenize_cmd::run_tokenize(a),
+        Command::Detokenize(a) => tokenize_cmd::run_detokenize(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

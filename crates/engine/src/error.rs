@@ -52,7 +52,9 @@ pub enum EngineError {
         limit: usize,
         max_bytes: usize,
     },
-    #[error("default model: {0}")]
+    /// A named model (`default`, `gemma3-270m`) could not be fetched or checked;
+    /// the message names the model.
+    #[error("{0}")]
     DefaultModel(String),
     #[error("the engine has stopped")]
     EngineStopped,

@@ -173,6 +173,30 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// The tokenizer of a model path: an HF directory (its `tokenizer.json`) or a
+    /// GGUF file (its metadata; the file may hold a vocabulary and no weights).
+    pub fn from_path(path: &Path) -> Result<Tokenizer> {
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => Self::from_hf_dir(path),
+            Ok(_) => Self::from_gguf_file(path),
+            Err(e) => Err(EngineError::io(path, e)),
+        }
+    }
+
+    /// The tokenizer of a GGUF file, read from its header and metadata only: the
+    /// tensors are never read, so a vocabulary-only GGUF (llama.cpp's
+    /// `ggml-vocab-*.gguf`) works as well as a model.
+    pub fn from_gguf_file(path: &Path) -> Result<Tokenizer> {
+        let file = fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| EngineError::BadFile {
+            path: path.to_owned(),
+            format: "GGUF",
+            message: e.to_string(),
+        })?;
+        Self::from_gguf(&content, path)
+    }
+
     /// Rebuilds the tokenizer from a GGUF file's metadata, as HF transformers'
     /// GGUF converter does. `path` only names the file in error messages.
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
@@ -247,13 +271,29 @@ impl Tokenizer {
                 // SentencePiece models prepend BOS unless told otherwise (HF's
                 // LlamaTokenizerFast and llama.cpp both default to true).
                 let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
-                let doc = sentencepiece_document(&spec, &merges, add_prefix_space.unwrap_or(true), add_bos);
+                let doc = sentencepiece_document(&spec, &merges, add_prefix_space.unwrap_or(true), add_bos, None);
+                (doc, add_bos)
+            }
+            "gemma4" => {
+                let merges = merges
+                    .ok_or_else(|| meta.bad("tokenizer.ggml.merges", "missing (required for a gemma4 vocabulary)"))?;
+                let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+                // Gemma 4: SentencePiece-style BPE on raw UTF-8 (spaces become
+                // `▁`) over whole lines: words are split at newlines only.
+                let lines = json!({
+                    "type": "Split",
+                    "pattern": {"Regex": "[^\n]+|[\n]+"},
+                    "behavior": "Isolated",
+                    "invert": false,
+                });
+                let doc =
+                    sentencepiece_document(&spec, &merges, add_prefix_space.unwrap_or(false), add_bos, Some(lines));
                 (doc, add_bos)
             }
             other => {
                 return Err(meta.bad(
                     "tokenizer.ggml.model",
-                    &format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"),
+                    &format!("unsupported tokenizer model `{other}` (supported: gpt2, llama, gemma4)"),
                 ))
             }
         };
@@ -933,14 +973,17 @@ fn added_token_json(id: usize, content: &str, special: bool) -> Json {
     })
 }
 
-/// GGUF merges are `"left right"` strings.
+/// GGUF merges are `"left right"` strings; the separator is the first space
+/// after the first character (a left piece may itself be a space).
 fn split_merges(merges: &[String]) -> std::result::Result<Vec<(String, String)>, String> {
     merges
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(l, r)| (l.to_owned(), r.to_owned()))
+            let first = m.chars().next().map_or(0, char::len_utf8);
+            m[first..]
+                .find(' ')
+                .map(|at| (m[..first + at].to_owned(), m[first + at + 1..].to_owned()))
                 .ok_or_else(|| format!("entry {i} ({m:?}) is not `left right`"))
         })
         .collect()
@@ -1004,24 +1047,63 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// Word-splitting regexes of the `tokenizer.ggml.pre` names whose split differs
-/// from GPT-2's (which `ByteLevel` applies by itself); the names are llama.cpp's,
-/// and the table is the one HF's GGUF converter applies.
-fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
+/// GPT-2's word-splitting regex (what `ByteLevel` applies by itself).
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// How a `tokenizer.ggml.pre` name splits text into words before BPE: regexes
+/// applied one after the other, each isolating its matches within the pieces the
+/// previous ones left (the text between matches stays a piece), as the model's
+/// own tokenizer.json pre-tokenizers do and llama.cpp replays them; and whether
+/// a word that is itself a vocabulary entry skips the merges (`ignore_merges`).
+/// The names and patterns are those of llama.cpp's pre-tokenizer types; an
+/// unknown name gets GPT-2's split.
+fn pre_tokenizer_splits(pre: &str) -> (&'static [&'static str], bool) {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    Some(match pre {
+    // DeepSeek LLM's letters: Latin, Greek, Cyrillic, Armenian, Georgian and other
+    // cased scripts, listed as its tokenizer.json lists them.
+    // DeepSeek LLM's letters (Latin, Greek, Cyrillic, Armenian, Georgian and other
+    // cased scripts) as its tokenizer.json lists them. Written as escapes: some of
+    // these code points (U+1FDB, U+2126, U+212A…) have canonical equivalents that
+    // an editor's normalization would silently substitute, emptying ranges.
+    const DEEPSEEK_LLM_LETTERS: &str = r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}\x{3A3}-\x{3F5}\x{3F7}-\x{481}\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5}\x{13F8}-\x{13FD}\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B}\x{1D6B}-\x{1D77}\x{1D79}-\x{1D9A}\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D}\x{1F20}-\x{1F45}\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}\x{1F5D}\x{1F5F}-\x{1F7D}\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4}\x{1FC6}-\x{1FCC}\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC}\x{1FF2}-\x{1FF4}\x{1FF6}-\x{1FFC}\x{2102}\x{2107}\x{210A}-\x{2113}\x{2115}\x{2119}-\x{211D}\x{2124}\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134}\x{2139}\x{213C}-\x{213F}\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184}\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787}\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+";
+    const DEEPSEEK_LLM_PUNCT: &str =
+        r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+";
+    // CJK ideographs, U+0800 up to them, and Hangul.
+    const CJK: &str = r"[\x{4E00}-\x{9FA5}\x{800}-\x{4E00}\x{AC00}-\x{D7FF}]+";
+    match pre {
+        // Llama 3's tokenizer.json sets `ignore_merges`, and so does llama.cpp.
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
-        "qwen35" => QWEN35,
-        "tekken" => TEKKEN,
-        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O,
-        _ => return None,
-    })
+        | "jina-v5-nano" => (&[LLAMA3], true),
+        "dbrx" | "smaug-bpe" => (&[LLAMA3], false),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan" => (&[QWEN2], false),
+        "qwen35" => (&[QWEN35], false),
+        "tekken" => (&[TEKKEN], true),
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => (&[GPT4O], false),
+        // Digits one by one: `½` (a number) is a word of its own, so the space
+        // before it stays alone.
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva" => {
+            (&[r"\p{N}", GPT2_SPLIT], false)
+        }
+        "deepseek-coder" => (&[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"], false),
+        "deepseek-llm" => (
+            &[
+                r"[\r\n]",
+                DEEPSEEK_LLM_LETTERS,
+                DEEPSEEK_LLM_PUNCT,
+                r"\s+$",
+                CJK,
+                r"\p{N}+",
+            ],
+            false,
+        ),
+        // Punctuation runs first, then GPT-2's split, then numbers in threes.
+        "falcon" => (&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]"], false),
+        _ => (&[GPT2_SPLIT], false),
+    }
 }
 
 /// tokenizer.json for a `gpt2` (byte-level BPE) vocabulary, as HF's
@@ -1068,15 +1150,16 @@ fn byte_level_document(
         "trim_offsets": true,
         "use_regex": true,
     });
-    let pre_tokenizer = match pre.and_then(pre_tokenizer_split) {
-        Some(regex) => json!({
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-            ],
-        }),
-        None => byte_level,
+    let (splits, ignore_merges) = pre.map_or((&[GPT2_SPLIT][..], false), pre_tokenizer_splits);
+    let pre_tokenizer = if splits == [GPT2_SPLIT] {
+        byte_level
+    } else {
+        let mut steps: Vec<Json> = splits
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+        json!({"type": "Sequence", "pretokenizers": steps})
     };
     let bos = add_bos
         .then(|| v.bos_id.map(|id| (v.tokens[id as usize].clone(), id)))
@@ -1098,7 +1181,7 @@ fn byte_level_document(
             "end_of_word_suffix": "",
             "fuse_unk": false,
             "byte_fallback": false,
-            "ignore_merges": false,
+            "ignore_merges": ignore_merges,
             "vocab": vocab,
             "merges": merges_json(merges),
         },
@@ -1113,6 +1196,7 @@ fn sentencepiece_document(
     merges: &[(String, String)],
     add_prefix_space: bool,
     add_bos: bool,
+    pre_tokenizer: Option<Json>,
 ) -> Json {
     let mut vocab = Map::new();
     for (i, t) in v.tokens.iter().enumerate() {
@@ -1146,7 +1230,7 @@ fn sentencepiece_document(
         "padding": null,
         "added_tokens": added_json,
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": null,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": template_processing(bos, None),
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {

