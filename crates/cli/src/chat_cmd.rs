@@ -133,7 +133,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
             FormatSource::Explicit => "chosen",
             FormatSource::Model => "from the model",
             FormatSource::Matched => "matched from the model's name",
-            FormatSource::Default => "default",
+            FormatSource::Default => {
+                "default: the model has no chat template and its name matches no FastChat \
+                 template. It may be a base model (e.g. gemma3-270m), which continues text \
+                 rather than answering; choose a template with --conv-template"
+            }
         };
         eprintln!(
             "{}: template {} ({why}), context {context} tokens. \

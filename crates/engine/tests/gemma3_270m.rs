@@ -7,11 +7,7 @@ use common::{floats, golden, ids};
 use vicugna_engine::{EngineHandle, EngineOptions, GenerateRequest, LoadOptions, LoadedModel, Prompt, WeightDType};
 
 fn gguf() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("VICUGNA_TEST_GEMMA3") {
-        return p.into();
-    }
-    vicugna_engine::default_model::resolve_model_arg(Some("gemma3-270m"), &mut |m| eprintln!("{m}"))
-        .unwrap_or_else(|e| panic!("Gemma 3 270M is needed for this test: {e}"))
+    common::gemma3_270m_path()
 }
 
 fn greedy(engine: &EngineHandle, prompt: &[u32], n: usize) -> Vec<u32> {
