@@ -667,6 +667,30 @@ impl Model {
         out
     }
 
+    /// For a projection the model keeps apart but the checkpoint stores fused
+    /// (phi3's q/k/v in `qkv_proj`, gate/up in `gate_up_proj`): the stored
+    /// module's path and this projection's rows in it. PEFT adapters name the
+    /// stored module.
+    pub fn stored_as(&self, path: &str) -> Option<(String, usize, usize)> {
+        let spec = self.cfg.arch.spec();
+        let (layer, module) = path.rsplit_once('.')?;
+        let (prefix, _) = layer.rsplit_once('.')?;
+        let (qd, kvd, ffn) = (
+            self.cfg.num_heads * self.cfg.head_dim,
+            self.cfg.num_kv_heads * self.cfg.head_dim,
+            self.cfg.intermediate_size,
+        );
+        let (fused, start, len) = match (module, layer.ends_with(".self_attn"), layer.ends_with(".mlp")) {
+            ("q_proj", true, _) if spec.fused_qkv => ("self_attn.qkv_proj", 0, qd),
+            ("k_proj", true, _) if spec.fused_qkv => ("self_attn.qkv_proj", qd, kvd),
+            ("v_proj", true, _) if spec.fused_qkv => ("self_attn.qkv_proj", qd + kvd, kvd),
+            ("gate_proj", _, true) if spec.fused_gate_up => ("mlp.gate_up_proj", 0, ffn),
+            ("up_proj", _, true) if spec.fused_gate_up => ("mlp.gate_up_proj", ffn, ffn),
+            _ => return None,
+        };
+        Some((format!("{prefix}.{fused}"), start, len))
+    }
+
     /// Whether the output projection shares the embedding matrix.
     pub fn tied_embeddings(&self) -> bool {
         self.tied
