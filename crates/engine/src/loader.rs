@@ -105,9 +105,14 @@ impl LoadedModel {
     fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let mut src = GgufSource::open(path, device)?;
         let mut cfg = src.config()?;
-        let tokenizer = Tokenizer::from_gguf(&src.content, path)?;
+        // A GGUF written from a weight-only directory has no vocabulary.
+        let tokenizer = if src.content.metadata.contains_key("tokenizer.ggml.tokens") {
+            Some(Tokenizer::from_gguf(&src.content, path)?)
+        } else {
+            None
+        };
         let defaults = GenerationDefaults::default();
-        merge_eos(&mut cfg, &defaults, Some(&tokenizer));
+        merge_eos(&mut cfg, &defaults, tokenizer.as_ref());
         let dense = match opts.dtype {
             WeightDType::Auto => None,
             WeightDType::F32 => Some(DType::F32),
@@ -123,7 +128,7 @@ impl LoadedModel {
         let model = Model::load(cfg, &src, dense, device)?;
         Ok(LoadedModel {
             model,
-            tokenizer: Some(tokenizer),
+            tokenizer,
             defaults,
             name: file_name(path),
             path: path.into(),
@@ -136,7 +141,7 @@ impl LoadedModel {
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
             EngineError::Tokenizer(format!(
-                "{} has no tokenizer.json: give prompts as token ids",
+                "{} has no tokenizer (no tokenizer.json, or a GGUF without a vocabulary): give prompts as token ids",
                 self.path.display()
             ))
         })

@@ -38,7 +38,13 @@ fn f32_weights_give_hf_greedy_ids_and_top_logits() {
             tokens: &prompt,
             cache: &mut cache,
         }];
-        let last = loaded.model.forward(&mut batch, false).unwrap().remove(0).to_vec1::<f32>().unwrap();
+        let last = loaded
+            .model
+            .forward(&mut batch, false)
+            .unwrap()
+            .remove(0)
+            .to_vec1::<f32>()
+            .unwrap();
         let top: Vec<u32> = vicugna_engine::sampler::top_n(&last, 10).iter().map(|t| t.0).collect();
         let want_ids = ids(&case["last_logits_top10"]["ids"]);
         let want_values = floats(&case["last_logits_top10"]["values"]);
@@ -55,7 +61,11 @@ fn f32_weights_give_hf_greedy_ids_and_top_logits() {
         let margins = floats(&case["margins"]);
         let sure = margins.iter().position(|&m| m < 0.02).unwrap_or(want.len());
         let got = greedy(&engine, &ids(&case["prompt_ids"]), want.len());
-        assert_eq!(got[..sure], want[..sure], "case {ci}: the first {sure} steps (HF margins >= 0.02)");
+        assert_eq!(
+            got[..sure],
+            want[..sure],
+            "case {ci}: the first {sure} steps (HF margins >= 0.02)"
+        );
     }
 }
 
@@ -64,7 +74,10 @@ fn f32_weights_give_hf_greedy_ids_and_top_logits() {
 #[test]
 fn quantized_weights_keep_the_first_greedy_ids() {
     let g = golden("gemma3-270m.json");
-    let engine = EngineHandle::start(LoadedModel::load(&gguf(), &LoadOptions::default()).unwrap(), EngineOptions::default());
+    let engine = EngineHandle::start(
+        LoadedModel::load(&gguf(), &LoadOptions::default()).unwrap(),
+        EngineOptions::default(),
+    );
     let cases = g["generation_cases"].as_array().unwrap();
     let agree = cases
         .iter()

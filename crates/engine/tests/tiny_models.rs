@@ -82,8 +82,13 @@ fn greedy_ids_match_hf_with_eos_ignored() {
 
 #[test]
 fn batched_decode_gives_each_sequence_its_own_greedy_ids() {
-    let g = golden("tiny-models.json");
-    let name = "tiny-qwen2";
+    for (file, name) in MODELS {
+        batched(&golden(file), name);
+    }
+}
+
+/// Every case submitted twice before any is read: they share forward passes.
+fn batched(g: &serde_json::Value, name: &str) {
     let engine = EngineHandle::start(load(name), EngineOptions::default());
     let cases = g["models"][name]["cases"].as_array().unwrap();
     // Submit every case (twice) before reading any: they share forward passes.
@@ -105,6 +110,35 @@ fn batched_decode_gives_each_sequence_its_own_greedy_ids() {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert_eq!(got, want);
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// A prompt that extends an earlier one reuses its cached keys and values (the
+/// prefix cache) and still continues with HF's greedy ids, in every family.
+#[test]
+fn prefix_cache_reuse_keeps_hf_greedy_ids() {
+    for (file, name) in MODELS {
+        let g = golden(file);
+        let engine = EngineHandle::start(load(name), EngineOptions::default());
+        for case in g["models"][name]["cases"].as_array().unwrap() {
+            let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["greedy_ids"]));
+            let mut first = GenerateRequest::new(Prompt::Ids(prompt.clone()), 8);
+            first.stop.ignore_eos = true;
+            assert_eq!(engine.generate(first).unwrap().ids, want[..8], "{name}");
+            let mut longer = prompt.clone();
+            longer.extend(&want[..8]);
+            let mut second = GenerateRequest::new(Prompt::Ids(longer), 8);
+            second.stop.ignore_eos = true;
+            assert_eq!(
+                engine.generate(second).unwrap().ids,
+                want[8..16],
+                "{name}: after the cached prefix"
+            );
+        }
+        assert!(
+            engine.stats().reused_prompt_tokens > 0,
+            "{name}: the second prompts reused nothing"
+        );
     }
 }

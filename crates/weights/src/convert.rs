@@ -22,6 +22,7 @@ use crate::delta::{JobOptions, JobReport};
 use crate::elementwise::encode;
 use crate::error::{Result, WeightsError};
 use crate::gguf_write::{GgufTensor, GgufWriter, Meta};
+use crate::safetensors_io::TensorInfo;
 use crate::safetensors_io::{drop_page_cache, verify_checkpoint, Checkpoint, Float, OutTensor, ShardedWriter};
 use crate::{copy_tensor, Progress};
 
@@ -347,6 +348,25 @@ fn gguf_dtype(shape: &[usize], float: Float, quant: Option<Quant>) -> GgmlDType 
     }
 }
 
+/// Rows `row .. row + rows` of a stored tensor (seen as `[rows, cols]`): a GGUF
+/// tensor is written from one or more of these (llama.cpp's experts are stacked
+/// from, or split out of, HF's).
+struct Segment<'a> {
+    t: &'a TensorInfo,
+    row: usize,
+    rows: usize,
+}
+
+/// Values per row of a stored tensor: its last dimension (1 for a vector, whose
+/// values are its rows).
+fn row_len(t: &TensorInfo) -> usize {
+    if t.shape.len() >= 2 {
+        t.shape[t.shape.len() - 1].max(1)
+    } else {
+        1
+    }
+}
+
 fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<JobReport> {
     let cfg_path = input.join("config.json");
     let cfg = ModelConfig::from_hf_file(&cfg_path)?;
@@ -360,9 +380,87 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         if t.name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
+        if t.float().is_none() {
+            problems.push(format!("{}: dtype {} is not a float type", t.name, t.dtype));
+            continue;
+        }
+        if let Some(p) = t.name.strip_suffix(".mlp.experts.gate_up_proj") {
+            // transformers 5 stacks gate and up of every expert, [experts, 2·ffn,
+            // hidden]; llama.cpp keeps gate and up apart, [experts, ffn, hidden].
+            let (n, rows, cols) = match t.shape[..] {
+                [n, rows, cols] if rows % 2 == 0 => (n, rows, cols),
+                _ => {
+                    problems.push(format!(
+                        "{}: expected [experts, 2·ffn, hidden], found {:?}",
+                        t.name, t.shape
+                    ));
+                    continue;
+                }
+            };
+            let f = rows / 2;
+            for (half, which) in [(0, "gate_proj"), (1, "up_proj")] {
+                let hf = format!("{p}.mlp.experts.{which}");
+                let segs = (0..n)
+                    .map(|e| Segment {
+                        t,
+                        row: e * rows + half * f,
+                        rows: f,
+                    })
+                    .collect();
+                match names::gguf_name(cfg.arch, &hf) {
+                    Some(g) => plan.push((g, vec![n, f, cols], segs, hf)),
+                    None => problems.push(format!("{}: no llama.cpp tensor of this name", t.name)),
+                }
+            }
+            continue;
+        }
+        if let Some((p, rest)) = t.name.split_once(".block_sparse_moe.experts.") {
+            // transformers 4 keeps one tensor per expert (w1 gate, w3 up, w2 down);
+            // llama.cpp stacks them. The stack is planned once, at expert 0.
+            let (e, w) = rest.split_once('.').unwrap_or((rest, ""));
+            let which = match w {
+                "w1.weight" => "gate_proj",
+                "w3.weight" => "up_proj",
+                "w2.weight" => "down_proj",
+                _ => {
+                    problems.push(format!("{}: no llama.cpp tensor of this name", t.name));
+                    continue;
+                }
+            };
+            if e != "0" {
+                continue;
+            }
+            let n = cfg.moe.map_or(0, |m| m.experts);
+            let mut segs = Vec::with_capacity(n);
+            for k in 0..n {
+                match ck.get(&format!("{p}.block_sparse_moe.experts.{k}.{w}")) {
+                    Some(x) if x.shape == t.shape => segs.push(Segment {
+                        t: x,
+                        row: 0,
+                        rows: x.numel() / row_len(x),
+                    }),
+                    _ => problems.push(format!(
+                        "{p}.block_sparse_moe.experts.{k}.{w}: missing or not shaped as expert 0's"
+                    )),
+                }
+            }
+            let hf = format!("{p}.mlp.experts.{which}");
+            if let Some(g) = names::gguf_name(cfg.arch, &hf) {
+                let mut shape = vec![n];
+                shape.extend(&t.shape);
+                plan.push((g, shape, segs, hf));
+            }
+            continue;
+        }
         match names::gguf_name(cfg.arch, &t.name) {
-            Some(g) if t.float().is_some() => plan.push((t, g)),
-            Some(_) => problems.push(format!("{}: dtype {} is not a float type", t.name, t.dtype)),
+            Some(g) => {
+                let whole = vec![Segment {
+                    t,
+                    row: 0,
+                    rows: t.numel() / row_len(t),
+                }];
+                plan.push((g, t.shape.clone(), whole, t.name.clone()))
+            }
             None => problems.push(format!("{}: no llama.cpp tensor of this name", t.name)),
         }
     }
@@ -453,14 +551,18 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             )))
         }
     }
-    md.extend(tokenizer_metadata(input, &cfg_json, n_vocab)?);
+    // A weight-only directory (no tokenizer.json) gives a GGUF without a
+    // vocabulary, as the directory itself is: prompts are then given as ids.
+    if input.join("tokenizer.json").is_file() || input.join("tokenizer_config.json").is_file() {
+        md.extend(tokenizer_metadata(input, &cfg_json, n_vocab)?);
+    }
 
     let tensors: Vec<GgufTensor> = plan
         .iter()
-        .map(|(t, g)| GgufTensor {
+        .map(|(g, shape, _, _)| GgufTensor {
             name: g.clone(),
-            shape: t.shape.clone(),
-            dtype: gguf_dtype(&t.shape, float, opts.quant),
+            shape: shape.clone(),
+            dtype: gguf_dtype(shape, float, opts.quant),
         })
         .collect();
     let out = AtomicOutput::file(output)?;
@@ -472,51 +574,53 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
     let device = Device::Cpu;
     let mut bytes = Vec::new();
     let mut scratch = Vec::new();
-    for ((t, g), gt) in plan.iter().zip(&tensors) {
-        let permute_heads = names::permuted_heads(cfg.arch, &t.name, cfg.num_heads, cfg.num_kv_heads);
-        let shift = names::shifted_norm(cfg.arch, &t.name);
-        // Whole rows at a time (quantization blocks never cross rows); q/k are
-        // permuted across rows, so they are taken whole (they are small).
-        let rows = t.shape[0].max(1);
-        let cols = t.numel() / rows;
-        let rows_per_chunk = match permute_heads {
-            Some(_) => rows,
-            None => (CONVERT_CHUNK / cols.max(1)).clamp(1, rows),
-        };
+    for ((g, _, segs, hf), gt) in plan.iter().zip(&tensors) {
+        let permute_heads = names::permuted_heads(cfg.arch, hf, cfg.num_heads, cfg.num_kv_heads);
+        let shift = names::shifted_norm(cfg.arch, hf);
         let mut hasher = opts.job.verify.then(Sha256::new);
         w.begin(g)?;
-        let mut row = 0;
-        while row < rows {
-            let n = rows_per_chunk.min(rows - row);
-            let mut v = vec![0f32; n * cols];
-            ck.read_f32(t, row * cols, &mut v, &mut scratch)?;
-            if let Some(h) = permute_heads {
-                v = names::permute_rows(&v, rows, h);
-            }
-            // llama.cpp stores gemma's norms as 1 + w.
-            if let Some(s) = shift {
-                v.iter_mut().for_each(|x| *x += s);
-            }
-            match gt.dtype {
-                GgmlDType::F32 => encode(Float::F32, &v, &mut bytes),
-                GgmlDType::F16 => encode(Float::F16, &v, &mut bytes),
-                GgmlDType::BF16 => encode(Float::BF16, &v, &mut bytes),
-                q => {
-                    let shape: Vec<usize> = if t.shape.len() == 1 {
-                        vec![n * cols]
-                    } else {
-                        vec![n, cols]
-                    };
-                    let tensor = Tensor::from_vec(v, shape.as_slice(), &device)?;
-                    bytes = QTensor::quantize(&tensor, q)?.data()?.into_owned();
+        for seg in segs {
+            let t = seg.t;
+            // Whole rows at a time (quantization blocks never cross rows); q/k are
+            // permuted across rows, so they are taken whole (they are small).
+            let cols = row_len(t);
+            let rows_per_chunk = match permute_heads {
+                Some(_) => seg.rows,
+                None => (CONVERT_CHUNK / cols.max(1)).clamp(1, seg.rows.max(1)),
+            };
+            let mut row = 0;
+            while row < seg.rows {
+                let n = rows_per_chunk.min(seg.rows - row);
+                let mut v = vec![0f32; n * cols];
+                ck.read_f32(t, (seg.row + row) * cols, &mut v, &mut scratch)?;
+                if let Some(h) = permute_heads {
+                    v = names::permute_rows(&v, seg.rows, h);
                 }
+                // llama.cpp stores gemma's norms as 1 + w.
+                if let Some(s) = shift {
+                    v.iter_mut().for_each(|x| *x += s);
+                }
+                match gt.dtype {
+                    GgmlDType::F32 => encode(Float::F32, &v, &mut bytes),
+                    GgmlDType::F16 => encode(Float::F16, &v, &mut bytes),
+                    GgmlDType::BF16 => encode(Float::BF16, &v, &mut bytes),
+                    q => {
+                        let shape: Vec<usize> = if t.shape.len() == 1 {
+                            vec![n * cols]
+                        } else {
+                            vec![n, cols]
+                        };
+                        let tensor = Tensor::from_vec(v, shape.as_slice(), &device)?;
+                        bytes = QTensor::quantize(&tensor, q)?.data()?.into_owned();
+                    }
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&bytes);
+                }
+                w.write(&bytes)?;
+                progress.advance(bytes.len() as u64);
+                row += n;
             }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&bytes);
-            }
-            w.write(&bytes)?;
-            progress.advance(bytes.len() as u64);
-            row += n;
         }
         w.end()?;
         if let Some(h) = hasher {
@@ -587,6 +691,12 @@ fn gguf_to_hf(input: &Path, output: &Path, opts: &JobOptions, progress: &dyn Pro
     let device = Device::Cpu;
     let mut src = GgufSource::open(input, &device)?;
     let cfg = src.config()?;
+    if cfg.moe.is_some() {
+        return Err(WeightsError::Unsupported(format!(
+            "{}: GGUF to HF for a mixture of experts is not supported yet (HF stacks each expert's gate and up)",
+            input.display()
+        )));
+    }
     let dtype = opts.dtype.unwrap_or(Float::F32);
     let mut infos: Vec<(String, Vec<usize>, u64)> = Vec::new();
     let mut problems = Vec::new();
