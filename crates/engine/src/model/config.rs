@@ -613,3 +613,80 @@ impl ModelConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name)
+            .join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    /// The same gemma3 as transformers 5 writes it (`rope_parameters` per layer
+    /// type, `layer_types`) and as transformers 4 did (`rope_theta`,
+    /// `rope_local_base_freq`, `sliding_window_pattern`).
+    #[test]
+    fn gemma3_reads_the_same_in_both_config_forms() {
+        let v5 = fixture("tiny-gemma3");
+        let mut v4 = v5.clone();
+        let m = v4.as_object_mut().unwrap();
+        for k in ["rope_parameters", "layer_types", "_sliding_window_pattern"] {
+            m.remove(k);
+        }
+        m.insert("rope_theta".into(), 1_000_000.0.into());
+        m.insert("rope_local_base_freq".into(), 10_000.0.into());
+        m.insert("sliding_window_pattern".into(), 3.into());
+        m.insert("rope_scaling".into(), Value::Null);
+        let path = Path::new("config.json");
+        let (a, b) = (
+            ModelConfig::from_hf_json(&v5, path).unwrap(),
+            ModelConfig::from_hf_json(&v4, path).unwrap(),
+        );
+        assert_eq!(a.sliding_layers, vec![true, true, false]);
+        for c in [&a, &b] {
+            assert_eq!(c.arch, Arch::Gemma3);
+            assert_eq!(c.sliding_layers, a.sliding_layers);
+            assert_eq!(c.sliding_window, Some(4));
+            assert_eq!(c.rope_theta, 1_000_000.0);
+            assert_eq!(c.local_rope, Some((10_000.0, RopeScaling::None)));
+            assert_eq!(c.activation, Activation::GeluTanh);
+            assert!((c.attn_scale - 1.0 / 24f64.sqrt()).abs() < 1e-12);
+        }
+        assert_eq!(layer_inv_freq(&a, 0)[1], layer_inv_freq(&b, 0)[1]);
+        assert_ne!(layer_inv_freq(&a, 0)[1], layer_inv_freq(&a, 2)[1]);
+        // And what a fine-tune writes reads back the same.
+        let back = ModelConfig::from_hf_json(&a.to_hf_json(true), path).unwrap();
+        assert_eq!(back.sliding_layers, a.sliding_layers);
+        assert_eq!(back.local_rope, a.local_rope);
+        assert!((back.attn_scale - a.attn_scale).abs() < 1e-12);
+    }
+
+    #[test]
+    fn unsupported_settings_are_named() {
+        let mut v = fixture("tiny-phi3");
+        v["rope_parameters"]["partial_rotary_factor"] = 0.5.into();
+        let e = ModelConfig::from_hf_json(&v, Path::new("x/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x/config.json") && e.contains("partial_rotary_factor"),
+            "{e}"
+        );
+        let mut v = fixture("tiny-gemma3");
+        v["hidden_activation"] = "relu".into();
+        let e = ModelConfig::from_hf_json(&v, Path::new("x/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relu") && e.contains("gelu_pytorch_tanh"), "{e}");
+        let mut v = fixture("tiny-mixtral");
+        v["num_experts_per_tok"] = 9.into();
+        let e = ModelConfig::from_hf_json(&v, Path::new("x/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_experts_per_tok"), "{e}");
+    }
+}

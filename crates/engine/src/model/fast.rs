@@ -23,6 +23,9 @@ use crate::config::Activation;
 use crate::kernels::Aligned;
 use crate::team::Team;
 
+/// One attention task: (token row, kv head, positions a .. b).
+type Task = (usize, usize, usize, usize);
+
 /// Indices of the `k` largest values, largest first (the first index on ties, as
 /// torch's `topk` on CPU).
 pub(super) fn top_k(row: &[f32], k: usize) -> Vec<usize> {
@@ -147,7 +150,7 @@ impl Model {
             }
             work
         };
-        let mut works: Vec<(Option<usize>, Vec<(usize, usize, usize, usize)>)> = Vec::new();
+        let mut works: Vec<(Option<usize>, Vec<Task>)> = Vec::new();
         for b in &self.blocks {
             if !works.iter().any(|(w, _)| *w == b.window) {
                 works.push((b.window, tasks(b.window)));

@@ -962,4 +962,65 @@ mod tests {
             }
         }
     }
+
+    /// transformers 4's Mixtral layout (`block_sparse_moe`, one tensor per expert:
+    /// w1 gate, w3 up, w2 down), served from the transformers 5 fixture.
+    struct MixtralV4(SafetensorsSource);
+
+    impl MixtralV4 {
+        fn v5_name(name: &str) -> Option<(String, usize, &'static str)> {
+            let (p, rest) = name.split_once(".block_sparse_moe.")?;
+            if rest == "gate.weight" {
+                return Some((format!("{p}.mlp.gate.weight"), 0, "router"));
+            }
+            let (e, w) = rest.strip_prefix("experts.")?.split_once('.')?;
+            let which = match w {
+                "w1.weight" => "gate",
+                "w3.weight" => "up",
+                "w2.weight" => "down",
+                _ => return None,
+            };
+            let stacked = if which == "down" { "down_proj" } else { "gate_up_proj" };
+            Some((format!("{p}.mlp.experts.{stacked}"), e.parse().ok()?, which))
+        }
+    }
+
+    impl WeightSource for MixtralV4 {
+        fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+            if name.contains(".mlp.") {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{name}: not in the transformers 4 layout"
+                )));
+            }
+            let Some((v5, e, which)) = Self::v5_name(name) else {
+                return self.0.get(name, shape);
+            };
+            if which == "router" {
+                return self.0.get(&v5, shape);
+            }
+            let (ffn, h) = (128, 64);
+            let stacked_shape = if which == "down" { [4, h, ffn] } else { [4, 2 * ffn, h] };
+            let w = self.0.get(&v5, &stacked_shape)?;
+            let rows = stacked_shape[1];
+            match which {
+                "gate" => w.rows(e * rows, ffn),
+                "up" => w.rows(e * rows + ffn, ffn),
+                _ => w.rows(e * rows, h),
+            }
+        }
+        fn contains(&self, name: &str) -> bool {
+            !name.contains(".mlp.") && (Self::v5_name(name).is_some() || self.0.contains(name))
+        }
+    }
+
+    #[test]
+    fn mixtral_loads_from_the_transformers_4_layout_too() {
+        let cfg = ModelConfig::from_hf_file(&dir("tiny-mixtral").join("config.json")).unwrap();
+        let v4 = MixtralV4(SafetensorsSource::open_dir(&dir("tiny-mixtral"), &Device::Cpu).unwrap());
+        let m = Model::load(cfg.clone(), &v4, None, &Device::Cpu).unwrap();
+        let v5 = SafetensorsSource::open_dir(&dir("tiny-mixtral"), &Device::Cpu).unwrap();
+        let want = Model::load(cfg, &v5, None, &Device::Cpu).unwrap();
+        let tokens = [1u32, 17, 93, 5, 41, 8];
+        assert_eq!(fast_logits(&m, &tokens, &[6]), fast_logits(&want, &tokens, &[6]));
+    }
 }
