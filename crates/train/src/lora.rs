@@ -397,11 +397,20 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let stored: Vec<Site> = all_sites.iter().map(|s| s[0].clone()).collect();
     let fused_rows = fused_rows(&stored);
     let wanted = |name: &str| all_linear || cfg.target_modules.iter().any(|m| m == name);
+    let targeted = |path: &str, sites: &[Site]| wanted(last(path)) || sites.iter().any(|s| wanted(last(&s.module)));
+    // A fused module reached through one of its parts (`q_proj` on phi3) is
+    // applied whole, as merging its tensors into the stored weight does.
+    let reached: HashSet<&str> = paths
+        .iter()
+        .zip(&all_sites)
+        .filter(|(p, s)| s[0].rows.is_some() && targeted(p, s))
+        .map(|(_, s)| s[0].module.as_str())
+        .collect();
     let mut used: HashSet<String> = HashSet::new();
     let mut missing: Vec<String> = Vec::new();
     let mut attached = 0;
     for ((path, lin), sites) in model.linears_mut().into_iter().zip(&all_sites) {
-        if !(wanted(last(&path)) || sites.iter().any(|s| wanted(last(&s.module)))) {
+        if !(targeted(&path, sites) || reached.contains(sites[0].module.as_str())) {
             continue;
         }
         let found = sites.iter().find_map(|s| {
