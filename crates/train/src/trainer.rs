@@ -208,7 +208,10 @@ impl Trainer {
                 return Err(TrainError::setting(
                     "--template",
                     format!(
-                        "{} has no chat template and its name matches no FastChat template; it may be a base                          model (such as gemma3-270m) that continues text rather than chats. Choose the                          conversation format to train with --template NAME (e.g. vicuna_v1.1, zero_shot,                          chatml, llama-3)",
+                        "{} has no chat template and its name matches no FastChat template; it may be a base \
+                         model (such as gemma3-270m) that continues text rather than chats. Choose the \
+                         conversation format to train it on with --template NAME (e.g. vicuna_v1.1, zero_shot, \
+                         llama-3, mistral)",
                         loaded.path.display()
                     ),
                 ))
@@ -774,7 +777,8 @@ impl Trainer {
     }
 
     fn save_hf(&self, out: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-        checkpoint::save_safetensors(&out.join("model.safetensors"), tensors)?;
+        let tensors = crate::hf_names::to_checkpoint_names(&self.model, tensors)?;
+        checkpoint::save_safetensors(&out.join("model.safetensors"), &tensors)?;
         let cfg = self.model.config();
         let hf = cfg.to_hf_json(self.model.tied_embeddings());
         data::write_atomic(
