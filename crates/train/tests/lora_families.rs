@@ -208,8 +208,7 @@ fn phi3_adapters_may_name_the_fused_modules_or_their_parts_and_missing_ones_are_
     write_random_adapter(&base, &c, &fused, &["qkv_proj", "o_proj"], 5);
     let mut m = load(&base);
     let err = load_peft(&mut m.model, &c)
-        .err()
-        .expect("missing o_proj accepted")
+        .expect_err("missing o_proj accepted")
         .to_string();
     assert!(
         err.contains("model.layers.0.self_attn.o_proj") && err.contains("no lora_A/lora_B"),
@@ -221,8 +220,7 @@ fn phi3_adapters_may_name_the_fused_modules_or_their_parts_and_missing_ones_are_
     write_random_adapter(&base, &e, &["qkv_proj", "o_proj"], &["qkv_proj"], 5);
     let mut m = load(&base);
     let err = load_peft(&mut m.model, &e)
-        .err()
-        .expect("stray tensors accepted")
+        .expect_err("stray tensors accepted")
         .to_string();
     assert!(err.contains("o_proj.lora_A.weight"), "{err}");
 }
@@ -243,7 +241,9 @@ fn train_steps(model: &vicugna_engine::Model, params: &[(String, candle_core::Va
     .unwrap();
     let mut losses = Vec::new();
     for _ in 0..steps {
-        let inp = model.train_inputs(&[ids.clone()], &[vec![0; ids.len()]]).unwrap();
+        let inp = model
+            .train_inputs(std::slice::from_ref(&ids), &[vec![0; ids.len()]])
+            .unwrap();
         let mut x = model.train_embed(&inp).unwrap();
         for l in 0..model.num_layers() {
             x = model.train_block(l, &x, &inp, None).unwrap();
