@@ -396,8 +396,20 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let all_sites: Vec<Vec<Site>> = paths.iter().map(|p| sites(model, p)).collect();
     let stored: Vec<Site> = all_sites.iter().map(|s| s[0].clone()).collect();
     let fused_rows = fused_rows(&stored);
-    let wanted = |name: &str| all_linear || cfg.target_modules.iter().any(|m| m == name);
-    let targeted = |path: &str, sites: &[Site]| wanted(last(path)) || sites.iter().any(|s| wanted(last(&s.module)));
+    // PEFT reads a single string (other than all-linear) as a regular expression
+    // that must match a module's whole path; a list names modules by their last part.
+    let pattern = match v.get("target_modules") {
+        Some(serde_json::Value::String(p)) if p != "all-linear" => Some(
+            regex::Regex::new(&format!("^(?:{p})$"))
+                .map_err(|e| bad(format!("target_modules {p:?} is not a regular expression: {e}")))?,
+        ),
+        _ => None,
+    };
+    let wanted = |path: &str| match &pattern {
+        Some(re) => re.is_match(path),
+        None => all_linear || cfg.target_modules.iter().any(|m| m == last(path)),
+    };
+    let targeted = |path: &str, sites: &[Site]| wanted(path) || sites.iter().any(|s| wanted(&s.module));
     // A fused module reached through one of its parts (`q_proj` on phi3) is
     // applied whole, as merging its tensors into the stored weight does.
     let reached: HashSet<&str> = paths

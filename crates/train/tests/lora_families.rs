@@ -198,8 +198,15 @@ fn phi3_adapters_may_name_the_fused_modules_or_their_parts_and_missing_ones_are_
         load_peft(&mut m.model, dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         logits(&m)
     };
-    let (la, lb) = (with(&a), with(&b));
+    // PEFT's other form: one regular expression over whole module paths.
+    let r = d.0.join("regex");
+    write_random_adapter(&base, &r, &fused, &fused, 5);
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": r"model\.layers\.\d+\.(self_attn\.qkv_proj|mlp\.gate_up_proj)"});
+    std::fs::write(r.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let (la, lb, lr) = (with(&a), with(&b), with(&r));
     assert_eq!(max_diff(&la, &lb), 0.0);
+    assert_eq!(max_diff(&la, &lr), 0.0);
     let want = logits(&merged(&base, &a, &d.0.join("merged")));
     assert!(max_diff(&la, &want) < 1e-3);
 
