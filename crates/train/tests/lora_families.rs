@@ -338,3 +338,62 @@ fn adapters_trained_on_every_family_are_saved_in_the_checkpoints_names() {
         assert!(max_diff(&trained, &logits(&m)) < 1e-3, "{family}: merged");
     }
 }
+
+/// tiny-mixtral rewritten in transformers 4's layout: one `w1`/`w3`/`w2` per
+/// expert under `block_sparse_moe`, whose `gate` is the router.
+fn mixtral_v4_base(scratch: &Path) -> PathBuf {
+    let src = fixture("tiny-mixtral");
+    let dir = scratch.join("tiny-mixtral-v4");
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (k, t) in w {
+        let t = t.to_dtype(DType::F32).unwrap();
+        if let Some(layer) = k.strip_suffix(".mlp.experts.gate_up_proj") {
+            let (n, rows, _) = t.dims3().unwrap();
+            for e in 0..n {
+                let x = t.get(e).unwrap();
+                let p = format!("{layer}.block_sparse_moe.experts.{e}");
+                out.insert(
+                    format!("{p}.w1.weight"),
+                    x.narrow(0, 0, rows / 2).unwrap().contiguous().unwrap(),
+                );
+                out.insert(
+                    format!("{p}.w3.weight"),
+                    x.narrow(0, rows / 2, rows / 2).unwrap().contiguous().unwrap(),
+                );
+            }
+        } else if let Some(layer) = k.strip_suffix(".mlp.experts.down_proj") {
+            for e in 0..t.dim(0).unwrap() {
+                out.insert(
+                    format!("{layer}.block_sparse_moe.experts.{e}.w2.weight"),
+                    t.get(e).unwrap().contiguous().unwrap(),
+                );
+            }
+        } else if let Some(layer) = k.strip_suffix(".mlp.gate.weight") {
+            out.insert(format!("{layer}.block_sparse_moe.gate.weight"), t);
+        } else {
+            out.insert(k, t);
+        }
+    }
+    candle_core::safetensors::save(&out, dir.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    dir
+}
+
+#[test]
+fn mixtral_adapters_in_transformers_4_names_reach_the_experts_and_router() {
+    let d = Scratch::new("mixtral-v4");
+    let base = mixtral_v4_base(&d.0);
+    let targets = ["q_proj", "w1", "w2", "w3", "gate"];
+    let adapter = d.0.join("adapter");
+    write_random_adapter(&base, &adapter, &targets, &targets, 21);
+    let plain = logits(&load(&base));
+    let mut unmerged = load(&base);
+    load_peft(&mut unmerged.model, &adapter).unwrap();
+    let with = logits(&unmerged);
+    let want = logits(&merged(&base, &adapter, &d.0.join("merged")));
+    let diff = max_diff(&with, &want);
+    assert!(diff < 1e-3, "unmerged vs merged logits differ by {diff}");
+    assert!(max_diff(&with, &plain) > 0.1);
+}
