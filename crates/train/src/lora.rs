@@ -263,8 +263,13 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Atta
         return Err(TrainError::setting(
             "--lora-target-modules",
             format!(
-                "{} names no module this model has adapters for",
-                cfg.target_modules.join(",")
+                "{} names no module this model has adapters for{}",
+                cfg.target_modules.join(","),
+                if skipped_experts {
+                    " (its MLPs are experts, which get no adapter: target q_proj,k_proj,v_proj,o_proj)"
+                } else {
+                    ""
+                }
             ),
         ));
     }
