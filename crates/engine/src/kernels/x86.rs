@@ -206,7 +206,12 @@ pub(super) unsafe fn fused_kquant_512<const RR: usize, const T: usize>(
                                 );
                                 let cvt = |v: __m512i| _mm512_cvtepi32_ps(v);
                                 use_w!(r, _mm512_sub_ps(_mm512_mul_ps(d1, cvt(lo)), m1), 64 * pair + 16 * h, b);
-                                use_w!(r, _mm512_sub_ps(_mm512_mul_ps(d2, cvt(hi)), m2), 64 * pair + 32 + 16 * h, b);
+                                use_w!(
+                                    r,
+                                    _mm512_sub_ps(_mm512_mul_ps(d2, cvt(hi)), m2),
+                                    64 * pair + 32 + 16 * h,
+                                    b
+                                );
                             }
                         } else {
                             // q·d1 − m1 for q = 0..15, as ggml (mul, then sub).
@@ -216,7 +221,12 @@ pub(super) unsafe fn fused_kquant_512<const RR: usize, const T: usize>(
                                 let q = u8x16(qs.add(32 * pair + 16 * h));
                                 // vpermps reads the low 4 bits of each index.
                                 use_w!(r, _mm512_permutexvar_ps(q, lut1), 64 * pair + 16 * h, b);
-                                use_w!(r, _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut2), 64 * pair + 32 + 16 * h, b);
+                                use_w!(
+                                    r,
+                                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut2),
+                                    64 * pair + 32 + 16 * h,
+                                    b
+                                );
                             }
                         }
                     }
