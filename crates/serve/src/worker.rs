@@ -424,6 +424,8 @@ impl Worker {
             presence_penalty: p.presence_penalty.unwrap_or(0.0),
             frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
             seed: p.seed,
+            min_p: p.min_p.unwrap_or(0.0),
+            logit_bias: p.logit_bias.clone().unwrap_or_default(),
         };
         // FastChat: a vanishing top_p means greedy.
         if sampling.top_p < 1e-8 && sampling.top_p >= 0.0 {
@@ -443,10 +445,12 @@ impl Worker {
             logprobs,
             truncate_left: false,
             add_special_tokens: false,
-            constraint: match (&p.guided_choice, &p.guided_regex) {
-                (Some(choices), _) => Some(Constraint::Choice(choices.clone())),
-                (None, Some(re)) => Some(Constraint::Regex(re.clone())),
-                (None, None) => None,
+            constraint: match (&p.guided_choice, &p.guided_regex, &p.guided_json) {
+                (Some(choices), _, _) => Some(Constraint::Choice(choices.clone())),
+                (None, Some(re), _) => Some(Constraint::Regex(re.clone())),
+                (None, None, Some(Value::String(s))) if s == "object" => Some(Constraint::JsonObject),
+                (None, None, Some(schema)) => Some(Constraint::JsonSchema(schema.clone())),
+                (None, None, None) => None,
             },
         };
         Ok((req, text))
