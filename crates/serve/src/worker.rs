@@ -306,7 +306,13 @@ impl Worker {
                 .format
                 .render_with_spans(messages, None)
                 .map_err(|e| (code::PARAM_OUT_OF_RANGE, e.to_string()))?;
-            stop_strings.extend(self.format.stop_strings());
+            // Under a constraint the answer ends where the constraint completes;
+            // the template's stop strings (text such as `<|im_end|>` that a
+            // JSON string may spell out) would only cut it short and invalid.
+            let constrained = p.guided_choice.is_some() || p.guided_regex.is_some() || p.guided_json.is_some();
+            if !constrained {
+                stop_strings.extend(self.format.stop_strings());
+            }
             stop_token_ids.extend(self.format.stop_token_ids());
             let add_special = self.format.add_special_tokens();
             let ids = if p.parse_special_tokens_in_content {

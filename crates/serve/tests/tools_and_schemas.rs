@@ -50,7 +50,7 @@ fn python_v2() -> Option<PathBuf> {
     Some(py)
 }
 
-const SCRIPT: &str = r#"
+const SCRIPT: &str = r##"
 import sys, json, typing, openai, pydantic
 base, model = sys.argv[1], sys.argv[2]
 c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -88,6 +88,7 @@ print("nested:", p)
 # json_object: any JSON object.
 r = c.chat.completions.create(model=model, messages=user("Give me a JSON object about cats."),
                               response_format={"type": "json_object"}, temperature=0, max_tokens=60)
+print("json_object:", r.choices[0])
 if r.choices[0].finish_reason == "stop":
     assert isinstance(json.loads(r.choices[0].message.content), dict), r
 else:
@@ -97,14 +98,15 @@ else:
 schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer", "minimum": 0}},
           "required": ["answer", "confidence"], "additionalProperties": False}
 rf = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
-whole = c.chat.completions.create(model=model, messages=user("Is the sky blue?"), response_format=rf, temperature=0, max_tokens=30)
+whole = c.chat.completions.create(model=model, messages=user("Is the sky blue?"), response_format=rf, temperature=0, max_tokens=60)
 parts = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-    model=model, messages=user("Is the sky blue?"), response_format=rf, temperature=0, max_tokens=30, stream=True) if ch.choices)
+    model=model, messages=user("Is the sky blue?"), response_format=rf, temperature=0, max_tokens=60, stream=True) if ch.choices)
+print("verdict:", whole.choices[0], parts)
 v = json.loads(whole.choices[0].message.content)
 assert v["answer"] in ("yes", "no") and v["confidence"] >= 0 and parts == whole.choices[0].message.content, (whole, parts)
 
 # /v1/completions takes response_format too.
-r = c.completions.create(model=model, prompt="The verdict as JSON:", max_tokens=30, temperature=0, extra_body={"response_format": rf})
+r = c.completions.create(model=model, prompt="The verdict as JSON:", max_tokens=60, temperature=0, extra_body={"response_format": rf})
 assert json.loads(r.choices[0].text)["answer"] in ("yes", "no"), r
 
 # Tools.
@@ -184,7 +186,7 @@ mp = [c.completions.create(model=model, prompt="The sky is", max_tokens=3, tempe
       for s in range(3)]
 assert all(t == plain for t in mp), (plain, mp)
 print("tools and schemas OK")
-"#;
+"##;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_client_tools_structured_output_and_sampling_fields() {
