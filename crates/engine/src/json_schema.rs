@@ -130,7 +130,10 @@ impl Converter<'_> {
                 .filter(|k| *k != "$ref" && !ANNOTATIONS.contains(&k.as_str()))
                 .collect();
             if !others.is_empty() {
-                return Err(format!("{at}: keywords beside $ref are not supported: {}", names(&others)));
+                return Err(format!(
+                    "{at}: keywords beside $ref are not supported: {}",
+                    names(&others)
+                ));
             }
             return out;
         }
@@ -236,7 +239,9 @@ impl Converter<'_> {
                 if let Some(p) = obj.get("pattern") {
                     let p = p.as_str().ok_or_else(|| format!("{at}/pattern: expected a string"))?;
                     if obj.contains_key("format") || obj.contains_key("minLength") || obj.contains_key("maxLength") {
-                        return Err(format!("{at}: pattern together with format/minLength/maxLength is not supported"));
+                        return Err(format!(
+                            "{at}: pattern together with format/minLength/maxLength is not supported"
+                        ));
                     }
                     let p = p.strip_prefix('^').unwrap_or(p);
                     let p = p.strip_suffix('$').filter(|q| !q.ends_with('\\')).unwrap_or(p);
@@ -249,15 +254,17 @@ impl Converter<'_> {
                     let f = f.as_str().unwrap_or_default();
                     let re = match f {
                         "date" => r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
-                        "time" => r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})?",
-                        "date-time" => r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})",
+                        "time" => {
+                            r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})?"
+                        }
+                        "date-time" => {
+                            r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})"
+                        }
                         "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
                         "email" => r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,4}",
-                        other => {
-                            return Err(format!(
-                                "{at}/format: format {other:?} is not supported (date, time, date-time, uuid, email are)"
-                            ))
-                        }
+                        other => return Err(format!(
+                            "{at}/format: format {other:?} is not supported (date, time, date-time, uuid, email are)"
+                        )),
                     };
                     return Ok(format!("\"{re}\""));
                 }
@@ -269,9 +276,17 @@ impl Converter<'_> {
                 Ok(string_re(min, max))
             }
             "integer" | "number" => {
-                let min = obj.get("minimum").map(|v| v.as_f64().ok_or_else(|| format!("{at}/minimum: expected a number"))).transpose()?;
-                if let Some(k) = ["maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"].iter().find(|k| obj.contains_key(**k)) {
-                    return Err(format!("{at}: unsupported keyword `{k}` (numeric bounds other than minimum: 0 are not enforced)"));
+                let min = obj
+                    .get("minimum")
+                    .map(|v| v.as_f64().ok_or_else(|| format!("{at}/minimum: expected a number")))
+                    .transpose()?;
+                if let Some(k) = ["maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"]
+                    .iter()
+                    .find(|k| obj.contains_key(**k))
+                {
+                    return Err(format!(
+                        "{at}: unsupported keyword `{k}` (numeric bounds other than minimum: 0 are not enforced)"
+                    ));
                 }
                 let base = if t == "integer" { INTEGER } else { NUMBER };
                 match min {
@@ -381,7 +396,13 @@ fn type_keywords(t: &str) -> &'static [&'static str] {
     match t {
         "string" => &["minLength", "maxLength", "pattern", "format"],
         // `maximum` and the others are listed so that `typed` names them precisely.
-        "integer" | "number" => &["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"],
+        "integer" | "number" => &[
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+            "multipleOf",
+        ],
         "array" => &["items", "minItems", "maxItems"],
         "object" => &["properties", "required", "additionalProperties"],
         _ => &[],
@@ -415,8 +436,19 @@ mod tests {
     fn objects_with_required_and_optional_properties() {
         matches(
             json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "boolean"}}, "required": ["b"]}),
-            &[r#"{"b": "x"}"#, r#"{"a": 1, "b": "x"}"#, r#"{"a": -3, "b": "", "c": true}"#, r#"{"b": "x", "c": false}"#],
-            &[r#"{}"#, r#"{"a": 1}"#, r#"{"b": 1}"#, r#"{"b": "x",}"#, r#"{"c": true, "b": "x"}"#],
+            &[
+                r#"{"b": "x"}"#,
+                r#"{"a": 1, "b": "x"}"#,
+                r#"{"a": -3, "b": "", "c": true}"#,
+                r#"{"b": "x", "c": false}"#,
+            ],
+            &[
+                r#"{}"#,
+                r#"{"a": 1}"#,
+                r#"{"b": 1}"#,
+                r#"{"b": "x",}"#,
+                r#"{"c": true, "b": "x"}"#,
+            ],
         );
         matches(
             json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "null"}}}),
@@ -437,8 +469,16 @@ mod tests {
             &[r#""""#, r#""abc""#, r#""a\"b""#],
             &[r#""abcd""#],
         );
-        matches(json!({"type": "string", "pattern": "^[a-z]+@x$"}), &[r#""ab@x""#], &[r#""@x""#]);
-        matches(json!({"type": "number"}), &["1.5", "-0.25", "3e10", "7"], &["1.", ".5", "+1"]);
+        matches(
+            json!({"type": "string", "pattern": "^[a-z]+@x$"}),
+            &[r#""ab@x""#],
+            &[r#""@x""#],
+        );
+        matches(
+            json!({"type": "number"}),
+            &["1.5", "-0.25", "3e10", "7"],
+            &["1.", ".5", "+1"],
+        );
         matches(json!({"type": "integer", "minimum": 0}), &["0", "42"], &["-1", "1.0"]);
         matches(
             json!({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3}),
@@ -452,20 +492,27 @@ mod tests {
             &[r#"{"p": {"x": 1}, "q": null}"#, r#"{"p": {"x": 1}, "q": "s"}"#],
             &[r#"{"p": {}, "q": null}"#],
         );
-        matches(json!({"type": "object"}), &["{}", r#"{"a": [1, null], "b": {"c": "d"}}"#], &["[]"]);
+        matches(
+            json!({"type": "object"}),
+            &["{}", r#"{"a": [1, null], "b": {"c": "d"}}"#],
+            &["[]"],
+        );
     }
 
     #[test]
     fn free_form_json_compiles_within_the_constraint_limits() {
         crate::Constraint::JsonObject.compile().unwrap();
-        crate::Constraint::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "object"}, "b": {"type": "array"}}}))
-            .compile()
-            .unwrap();
+        crate::Constraint::JsonSchema(
+            json!({"type": "object", "properties": {"a": {"type": "object"}, "b": {"type": "array"}}}),
+        )
+        .compile()
+        .unwrap();
     }
 
     #[test]
     fn unsupported_keywords_and_recursion_are_named() {
-        let e = schema_to_regex(&json!({"type": "object", "properties": {"x": {"type": "string", "not": {}}}})).unwrap_err();
+        let e = schema_to_regex(&json!({"type": "object", "properties": {"x": {"type": "string", "not": {}}}}))
+            .unwrap_err();
         assert!(e.contains("#/properties/x") && e.contains("`not`"), "{e}");
         let e = schema_to_regex(&json!({"$defs": {"N": {"type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}))
             .unwrap_err();

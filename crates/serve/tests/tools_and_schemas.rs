@@ -40,7 +40,15 @@ fn python_v2() -> Option<PathBuf> {
         return fail("python3 -m venv failed (install python3-venv)");
     }
     let pip = std::process::Command::new(&py)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "openai", "pydantic>=2"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "openai",
+            "pydantic>=2",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     if !pip {
@@ -252,8 +260,15 @@ async fn tool_call_wire_shapes() {
     assert_eq!(deltas[0]["index"], 0);
     assert_eq!(deltas[0]["function"]["name"], "lookup");
     assert!(deltas[0]["id"].as_str().is_some_and(|id| id.starts_with("call_")));
-    let args: String = deltas.iter().filter_map(|d| d["function"]["arguments"].as_str()).collect();
-    assert_eq!(args, call["function"]["arguments"].as_str().unwrap(), "same arguments streamed or not");
+    let args: String = deltas
+        .iter()
+        .filter_map(|d| d["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(
+        args,
+        call["function"]["arguments"].as_str().unwrap(),
+        "same arguments streamed or not"
+    );
     let last_reason = events
         .iter()
         .filter_map(|e| e["choices"][0]["finish_reason"].as_str())

@@ -17,8 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use vicugna_chat::{ChatFormat, ChatMessage};
 
 use super::dispatch::{WorkerModel, WorkerStream};
-use super::tools;
 use super::error::ApiError;
+use super::tools;
 use super::validate::{self, GenRequest, Input, PromptInput};
 use super::{Gateway, InFlight};
 use crate::protocol::{Chunk, LogProbs, UsageInfo};
@@ -145,9 +145,7 @@ impl Gateway {
         if !req.logit_bias.is_empty() {
             p["logit_bias"] = json!(req.logit_bias);
         }
-        if !info.renders_messages
-            && (req.guided_json.is_some() || req.min_p.is_some() || !req.logit_bias.is_empty())
-        {
+        if !info.renders_messages && (req.guided_json.is_some() || req.min_p.is_some() || !req.logit_bias.is_empty()) {
             // A FastChat worker would ignore these fields: refuse, never drop them.
             let field = if req.guided_json.is_some() {
                 "response_format"
@@ -158,7 +156,10 @@ impl Gateway {
             };
             return Err(ApiError::bad_field(
                 field,
-                format!("needs a vicugna worker; the worker of `{}` is a FastChat worker", req.model),
+                format!(
+                    "needs a vicugna worker; the worker of `{}` is a FastChat worker",
+                    req.model
+                ),
             ));
         }
         let prompt_text = match &job.input {
@@ -494,9 +495,11 @@ impl Gateway {
                     for call in tools::calls_json(&calls, true) {
                         let mut head = call.clone();
                         head["function"]["arguments"] = json!("");
-                        let args = json!([{"index": call["index"], "function": {"arguments": call["function"]["arguments"]}}]);
+                        let args =
+                            json!([{"index": call["index"], "function": {"arguments": call["function"]["arguments"]}}]);
                         for delta in [json!({"tool_calls": [head]}), json!({"tool_calls": args})] {
-                            let choice = json!({"index": job.index, "delta": delta, "logprobs": null, "finish_reason": null});
+                            let choice =
+                                json!({"index": job.index, "delta": delta, "logprobs": null, "finish_reason": null});
                             if tx.send(event(choice)).await.is_err() {
                                 return;
                             }

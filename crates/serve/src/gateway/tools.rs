@@ -108,7 +108,9 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<ToolSet>, ApiError> {
             .ok_or_else(|| ApiError::bad_field(format!("{at}.function.name"), "is required"))?;
         let valid = !name.is_empty()
             && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !valid {
             return Err(ApiError::bad_field(
                 format!("{at}.function.name"),
@@ -175,7 +177,10 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<ToolSet>, ApiError> {
     };
     match &choice {
         Choice::Required if functions.is_empty() => {
-            return Err(ApiError::bad_field("tool_choice", "\"required\" needs at least one tool in tools"));
+            return Err(ApiError::bad_field(
+                "tool_choice",
+                "\"required\" needs at least one tool in tools",
+            ));
         }
         Choice::Named(n) if !functions.iter().any(|f| &f.name == n) => {
             let known: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
@@ -223,7 +228,9 @@ impl ToolSet {
     /// Checks now that the constraint compiles within the engine's limits, so a
     /// too large schema is a 400 naming `tools`, not a failed generation.
     pub fn check_constraint(&self) -> Result<Option<String>, ApiError> {
-        let Some(re) = self.constraint_regex() else { return Ok(None) };
+        let Some(re) = self.constraint_regex() else {
+            return Ok(None);
+        };
         Constraint::Regex(re.clone())
             .compile()
             .map_err(|e| ApiError::bad_field("tools", format!("the tools' schemas are too large to enforce: {e}")))?;
@@ -273,7 +280,10 @@ pub fn render_calls(calls: &[Call]) -> String {
         .iter()
         .map(|c| {
             let args = serde_json::from_str::<Value>(&c.arguments).unwrap_or_else(|_| json!(c.arguments));
-            format!("{CALL_OPEN}\n{}\n{CALL_CLOSE}", json!({"name": c.name, "arguments": args}))
+            format!(
+                "{CALL_OPEN}\n{}\n{CALL_CLOSE}",
+                json!({"name": c.name, "arguments": args})
+            )
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -358,7 +368,11 @@ pub fn parse_reply(text: &str) -> (String, Vec<Call>) {
 fn parse_call(inner: &str) -> Option<Call> {
     let v: Value = serde_json::from_str(inner.trim()).ok()?;
     let name = v.get("name")?.as_str()?.to_string();
-    let args = v.get("arguments").or_else(|| v.get("parameters")).cloned().unwrap_or(json!({}));
+    let args = v
+        .get("arguments")
+        .or_else(|| v.get("parameters"))
+        .cloned()
+        .unwrap_or(json!({}));
     let arguments = match args {
         // Some models write the arguments as a JSON string already.
         Value::String(s) if serde_json::from_str::<Value>(&s).is_ok() => s,
@@ -441,11 +455,14 @@ mod tests {
 
     #[test]
     fn constrained_calls_name_a_listed_function_with_valid_arguments() {
-        let t = set(json!({"tools": weather(), "tool_choice": "required"})).unwrap().unwrap();
+        let t = set(json!({"tools": weather(), "tool_choice": "required"}))
+            .unwrap()
+            .unwrap();
         let re = t.check_constraint().unwrap().unwrap();
         let c = Constraint::Regex(re).compile().unwrap();
         let _ = c;
-        let e = set(json!({"tools": weather(), "tool_choice": {"type": "function", "function": {"name": "nope"}}})).unwrap_err();
+        let e = set(json!({"tools": weather(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
+            .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice.function.name"));
         let e = set(json!({"tool_choice": "required"})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));

@@ -503,10 +503,9 @@ impl Fields<'_> {
             let id: u32 = k
                 .parse()
                 .map_err(|_| ApiError::bad_field(&field, format!("{k:?} is not a token id")))?;
-            let b = v
-                .as_f64()
-                .filter(|b| (-100.0..=100.0).contains(b))
-                .ok_or_else(|| ApiError::bad_field(&field, format!("must be a number in [-100, 100], got {}", short(v))))?;
+            let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                ApiError::bad_field(&field, format!("must be a number in [-100, 100], got {}", short(v)))
+            })?;
             out.push((id, b as f32));
         }
         Ok(out)
@@ -906,7 +905,7 @@ mod tests {
         };
         let cases = [
             (json!({"messages": []}), "messages", "at least one"),
-                (
+            (
                 json!({"messages": [{"role": "wizard", "content": "x"}]}),
                 "messages[0].role",
                 "unknown role",
@@ -917,13 +916,21 @@ mod tests {
             (json!({"stop": vec!["x"; 100]}), "stop", "at most"),
             (json!({"top_p": "high"}), "top_p", "expected a number"),
             (json!({"top_logprobs": 3}), "top_logprobs", "requires logprobs"),
-            (json!({"tools": [{"type": "function"}]}), "tools[0].function", "is required"),
+            (
+                json!({"tools": [{"type": "function"}]}),
+                "tools[0].function",
+                "is required",
+            ),
             (
                 json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}),
                 "messages[0].role",
                 "must follow",
             ),
-            (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "not": {}}}}}}}), "response_format.json_schema.schema", "`not`"),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "not": {}}}}}}}),
+                "response_format.json_schema.schema",
+                "`not`",
+            ),
             (json!({"logit_bias": {"abc": 1}}), "logit_bias.abc", "token id"),
             (json!({"logit_bias": {"5": 300}}), "logit_bias.5", "[-100, 100]"),
             (json!({"min_p": 2}), "min_p", "between 0 and 1"),
