@@ -262,9 +262,11 @@ impl Converter<'_> {
                         }
                         "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
                         "email" => r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,4}",
-                        other => return Err(format!(
+                        other => {
+                            return Err(format!(
                             "{at}/format: format {other:?} is not supported (date, time, date-time, uuid, email are)"
-                        )),
+                        ))
+                        }
                     };
                     return Ok(format!("\"{re}\""));
                 }
@@ -291,7 +293,7 @@ impl Converter<'_> {
                 let base = if t == "integer" { INTEGER } else { NUMBER };
                 match min {
                     None => Ok(format!("(?:{base})")),
-                    Some(m) if m == 0.0 => Ok(format!("(?:{})", base.trim_start_matches("-?"))),
+                    Some(0.0) => Ok(format!("(?:{})", base.trim_start_matches("-?"))),
                     Some(m) => Err(format!("{at}/minimum: only minimum 0 is supported, got {m}")),
                 }
             }

@@ -271,7 +271,7 @@ async fn tool_call_wire_shapes() {
     );
     let last_reason = events
         .iter()
-        .filter_map(|e| e["choices"][0]["finish_reason"].as_str())
-        .last();
+        .rev()
+        .find_map(|e| e["choices"][0]["finish_reason"].as_str());
     assert_eq!(last_reason, Some("tool_calls"));
 }
