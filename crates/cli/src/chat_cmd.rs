@@ -100,6 +100,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
         seed: a.seed,
+        ..SamplingParams::greedy()
     };
     // Checked before the model loads, so a typo costs no time.
     GenerateRequest {

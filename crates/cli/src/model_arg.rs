@@ -126,6 +126,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
+            ..vicugna_engine::SamplingParams::greedy()
         }
     }
 }

@@ -35,6 +35,11 @@ pub enum Constraint {
     Choice(Vec<String>),
     /// A full match of this regular expression (Rust `regex` syntax).
     Regex(String),
+    /// JSON that this JSON Schema accepts, in `json.dumps`' layout
+    /// (see [`crate::json_schema`] for the keywords supported).
+    JsonSchema(serde_json::Value),
+    /// Any JSON object (OpenAI's `response_format: json_object`).
+    JsonObject,
 }
 
 impl Constraint {
@@ -52,6 +57,18 @@ impl Constraint {
                 Ok(alts.join("|"))
             }
             Constraint::Regex(re) => Ok(re.clone()),
+            Constraint::JsonSchema(schema) => crate::json_schema::schema_to_regex(schema)
+                .map_err(|e| EngineError::InvalidRequest(format!("JSON schema: {e}"))),
+            Constraint::JsonObject => Ok(crate::json_schema::any_object_regex()),
+        }
+    }
+
+    /// Longest pattern this constraint may compile from: a schema's generated
+    /// pattern is longer than a hand-written one for the same automaton size.
+    fn max_pattern_bytes(&self) -> usize {
+        match self {
+            Constraint::JsonSchema(_) | Constraint::JsonObject => MAX_SCHEMA_PATTERN_BYTES,
+            _ => MAX_PATTERN_BYTES,
         }
     }
 
@@ -61,9 +78,10 @@ impl Constraint {
     pub fn compile(&self) -> Result<CompiledConstraint> {
         let body = self.pattern()?;
         let shown = shorten(&body);
-        if body.len() > MAX_PATTERN_BYTES {
+        let max = self.max_pattern_bytes();
+        if body.len() > max {
             return Err(EngineError::InvalidRequest(format!(
-                "constraint pattern `{shown}` is {} bytes; at most {MAX_PATTERN_BYTES} are allowed",
+                "constraint pattern `{shown}` is {} bytes; at most {max} are allowed",
                 body.len()
             )));
         }
@@ -101,6 +119,8 @@ impl Constraint {
 
 /// Longest pattern (or joined choice list) accepted, in bytes.
 pub const MAX_PATTERN_BYTES: usize = 16 << 10;
+/// Longest pattern generated from a JSON schema, in bytes.
+pub const MAX_SCHEMA_PATTERN_BYTES: usize = 64 << 10;
 /// Deepest nesting of groups and repetitions in a pattern.
 pub const NEST_LIMIT: u32 = 64;
 /// Largest NFA a pattern may compile to, in bytes: `b{1,1000}{1,1000}` stops here

@@ -6,6 +6,7 @@ pub mod constraint;
 pub mod default_model;
 pub mod engine;
 pub mod error;
+pub mod json_schema;
 pub mod kernels;
 pub mod loader;
 pub mod model;

@@ -27,6 +27,12 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Same seed, same request → same text.
     pub seed: Option<u64>,
+    /// Drops tokens less likely than `min_p` × the most likely one's probability
+    /// (after temperature); 0 is off.
+    pub min_p: f32,
+    /// Added to these ids' logits before anything else (OpenAI's `logit_bias`,
+    /// each in [-100, 100]: -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl SamplingParams {
@@ -40,6 +46,8 @@ impl SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -126,6 +134,12 @@ impl GenerateRequest {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
+        }
+        if !(0.0..=1.0).contains(&s.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", s.min_p));
+        }
+        if let Some((id, b)) = s.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(format!("logit_bias[{id}] must be in [-100, 100], got {b}"));
         }
         if self.max_new_tokens == 0 && !self.echo {
             return bad("max_new_tokens must be at least 1 (0 is allowed only with echo, to score a prompt)".into());

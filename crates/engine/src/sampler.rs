@@ -38,6 +38,11 @@ impl Sampler {
     /// for the repetition penalty. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> u32 {
         let p = &self.params;
+        for &(id, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut done = std::collections::HashSet::new();
             for &t in seen {
@@ -71,6 +76,12 @@ impl Sampler {
             .collect();
         if cand.is_empty() {
             return argmax(logits);
+        }
+        if p.min_p > 0.0 {
+            // p(t) >= min_p * p(top)  <=>  l(t) >= l(top) + ln(min_p).
+            let top = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+            let floor = top + p.min_p.ln();
+            cand.retain(|c| c.1 >= floor);
         }
         // Candidates in order: highest first, ties to the lower id (so a draw is
         // deterministic for a seed). Only as much of the vocabulary as top-k and
@@ -313,6 +324,28 @@ mod tests {
             c.keys().all(|&id| [3, 9, 27].contains(&id)) && c.len() == 3,
             "top-p drew {c:?}"
         );
+    }
+
+    #[test]
+    fn logit_bias_and_min_p_change_what_is_drawn() {
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(0, 100.0)],
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&mut [0.0, 5.0, 1.0], &[]), 0);
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&mut [0.0, 5.0, 1.0], &[]), 2);
+        // Token 1 is e^-1 ≈ 0.37 as likely as token 0: min_p 0.5 drops it.
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            ..params(1.0)
+        });
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut [2.0, 1.0, -5.0], &[]), 0);
+        }
     }
 
     #[test]

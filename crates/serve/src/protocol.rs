@@ -210,6 +210,17 @@ pub struct GenerateParams {
     /// The output must match this regex (vLLM's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided_regex: Option<String>,
+    /// The output must be JSON this schema accepts (vLLM's name); the string
+    /// `"object"` (vicugna) asks for any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_json: Option<serde_json::Value>,
+    /// Drops tokens below this fraction of the top token's probability (vLLM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Bias added to token logits, as (id, bias) pairs (the gateway converts
+    /// OpenAI's `{"id": bias}` map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<Vec<(u32, f32)>>,
     /// The requests of one API call (its `n` choices) carry the same group
     /// (vicugna): a group holds at most half of the worker's batch slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]

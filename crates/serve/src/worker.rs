@@ -306,7 +306,13 @@ impl Worker {
                 .format
                 .render_with_spans(messages, None)
                 .map_err(|e| (code::PARAM_OUT_OF_RANGE, e.to_string()))?;
-            stop_strings.extend(self.format.stop_strings());
+            // Under a constraint the answer ends where the constraint completes;
+            // the template's stop strings (text such as `<|im_end|>` that a
+            // JSON string may spell out) would only cut it short and invalid.
+            let constrained = p.guided_choice.is_some() || p.guided_regex.is_some() || p.guided_json.is_some();
+            if !constrained {
+                stop_strings.extend(self.format.stop_strings());
+            }
             stop_token_ids.extend(self.format.stop_token_ids());
             let add_special = self.format.add_special_tokens();
             let ids = if p.parse_special_tokens_in_content {
@@ -424,6 +430,8 @@ impl Worker {
             presence_penalty: p.presence_penalty.unwrap_or(0.0),
             frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
             seed: p.seed,
+            min_p: p.min_p.unwrap_or(0.0),
+            logit_bias: p.logit_bias.clone().unwrap_or_default(),
         };
         // FastChat: a vanishing top_p means greedy.
         if sampling.top_p < 1e-8 && sampling.top_p >= 0.0 {
@@ -443,10 +451,12 @@ impl Worker {
             logprobs,
             truncate_left: false,
             add_special_tokens: false,
-            constraint: match (&p.guided_choice, &p.guided_regex) {
-                (Some(choices), _) => Some(Constraint::Choice(choices.clone())),
-                (None, Some(re)) => Some(Constraint::Regex(re.clone())),
-                (None, None) => None,
+            constraint: match (&p.guided_choice, &p.guided_regex, &p.guided_json) {
+                (Some(choices), _, _) => Some(Constraint::Choice(choices.clone())),
+                (None, Some(re), _) => Some(Constraint::Regex(re.clone())),
+                (None, None, Some(Value::String(s))) if s == "object" => Some(Constraint::JsonObject),
+                (None, None, Some(schema)) => Some(Constraint::JsonSchema(schema.clone())),
+                (None, None, None) => None,
             },
         };
         Ok((req, text))

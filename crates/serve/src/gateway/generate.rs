@@ -18,6 +18,7 @@ use vicugna_chat::{ChatFormat, ChatMessage};
 
 use super::dispatch::{WorkerModel, WorkerStream};
 use super::error::ApiError;
+use super::tools;
 use super::validate::{self, GenRequest, Input, PromptInput};
 use super::{Gateway, InFlight};
 use crate::protocol::{Chunk, LogProbs, UsageInfo};
@@ -134,6 +135,32 @@ impl Gateway {
         }
         if let Some(re) = &req.guided_regex {
             p["guided_regex"] = json!(re);
+        }
+        if let Some(schema) = &req.guided_json {
+            p["guided_json"] = schema.clone();
+        }
+        if let Some(m) = req.min_p {
+            p["min_p"] = json!(m);
+        }
+        if !req.logit_bias.is_empty() {
+            p["logit_bias"] = json!(req.logit_bias);
+        }
+        if !info.renders_messages && (req.guided_json.is_some() || req.min_p.is_some() || !req.logit_bias.is_empty()) {
+            // A FastChat worker would ignore these fields: refuse, never drop them.
+            let field = if req.guided_json.is_some() {
+                "response_format"
+            } else if req.min_p.is_some() {
+                "min_p"
+            } else {
+                "logit_bias"
+            };
+            return Err(ApiError::bad_field(
+                field,
+                format!(
+                    "needs a vicugna worker; the worker of `{}` is a FastChat worker",
+                    req.model
+                ),
+            ));
         }
         let prompt_text = match &job.input {
             JobInput::Chat(messages) if info.renders_messages => {
@@ -270,6 +297,21 @@ impl Gateway {
             completion_tokens += usage.completion_tokens;
             let lp = c.logprobs.as_ref();
             choices.push(match kind {
+                Kind::Chat if req.tools.is_some() => {
+                    let (text, calls) = tools::parse_reply(&c.text);
+                    let mut message = json!({"role": "assistant", "content": (!text.is_empty()).then_some(text)});
+                    let mut finish = c.finish_reason.clone();
+                    if !calls.is_empty() {
+                        message["tool_calls"] = json!(tools::calls_json(&calls, false));
+                        finish = Some("tool_calls".into());
+                    }
+                    json!({
+                        "index": job.index,
+                        "message": message,
+                        "logprobs": lp.map(|l| chat_logprobs(l, 0)),
+                        "finish_reason": finish,
+                    })
+                }
                 Kind::Chat => json!({
                     "index": job.index,
                     "message": {"role": "assistant", "content": c.text},
@@ -406,7 +448,11 @@ impl Gateway {
                 continue;
             }
             // As FastChat: drop U+FFFD (a partial character) and send what is new.
-            let text = c.text.replace('\u{FFFD}', "");
+            let mut text = c.text.replace('\u{FFFD}', "");
+            if req.tools.is_some() {
+                // Text up to a tool call streams as content; calls come at the end.
+                text.truncate(tools::visible_prefix(&text).len());
+            }
             let delta = if text.len() > prev[i].len() && text.is_char_boundary(prev[i].len()) {
                 let d = text[prev[i].len()..].to_string();
                 prev[i] = text;
@@ -438,6 +484,29 @@ impl Gateway {
                 }
             }
             if let Some(reason) = &c.finish_reason {
+                let mut reason = reason.clone();
+                if req.tools.is_some() {
+                    let (_, calls) = tools::parse_reply(&c.text);
+                    if !calls.is_empty() {
+                        reason = "tool_calls".into();
+                    }
+                    // As OpenAI streams them: id, type and name with empty
+                    // arguments first, then the arguments.
+                    for call in tools::calls_json(&calls, true) {
+                        let mut head = call.clone();
+                        head["function"]["arguments"] = json!("");
+                        let args =
+                            json!([{"index": call["index"], "function": {"arguments": call["function"]["arguments"]}}]);
+                        for delta in [json!({"tool_calls": [head]}), json!({"tool_calls": args})] {
+                            let choice =
+                                json!({"index": job.index, "delta": delta, "logprobs": null, "finish_reason": null});
+                            if tx.send(event(choice)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let reason = &reason;
                 finished[i] = true;
                 let usage = c.usage.unwrap_or_default();
                 self.count_usage(&usage, job.counts_prompt);

@@ -6,6 +6,7 @@ pub mod dispatch;
 pub mod error;
 pub mod generate;
 pub mod openapi;
+pub mod tools;
 pub mod validate;
 
 use std::sync::atomic::Ordering;

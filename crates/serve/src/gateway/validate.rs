@@ -5,11 +5,15 @@ use serde_json::{Map, Value};
 use vicugna_chat::ChatMessage;
 
 use super::error::ApiError;
+use super::tools::{self, ToolSet};
+use vicugna_engine::Constraint;
 
 /// Most choices (`n` × prompts) one request may ask for.
 pub const MAX_CHOICES: usize = 16;
 /// Most stop sequences in one request.
 pub const MAX_STOP: usize = 16;
+/// Most `logit_bias` entries (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 /// Most alternatives per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Default of the cap on `n × max_tokens` (all choices' tokens) of one request:
@@ -62,6 +66,15 @@ pub struct GenRequest {
     pub guided_choice: Option<Vec<String>>,
     /// The answer must match this regex (vLLM's `guided_regex`).
     pub guided_regex: Option<String>,
+    /// The answer must be JSON this schema accepts (`response_format`
+    /// json_schema, or vLLM's `guided_json`); the string "object" for json_object.
+    pub guided_json: Option<Value>,
+    /// Drops tokens below this fraction of the top one's probability.
+    pub min_p: Option<f32>,
+    /// (token id, bias) pairs from OpenAI's `logit_bias`.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The request's tools (chat only), when it has any.
+    pub tools: Option<ToolSet>,
     /// Shared by this request's choices, so a worker keeps them to a share of its batch.
     pub group: u64,
 }
@@ -221,26 +234,19 @@ impl Fields<'_> {
 
     /// Fields that ask for features this server does not have: refused, not ignored.
     fn unsupported(&self) -> Result<(), ApiError> {
-        for name in ["tools", "functions"] {
-            if let Some(v) = self.get(name) {
-                if v.as_array().is_none_or(|a| !a.is_empty()) {
-                    return Err(ApiError::bad_field(name, "function and tool calling are not supported"));
-                }
-            }
-        }
-        for name in ["tool_choice", "function_call"] {
-            if let Some(v) = self.get(name) {
-                if v != "none" && v != "auto" {
-                    return Err(ApiError::bad_field(name, "function and tool calling are not supported"));
-                }
-            }
-        }
-        if let Some(v) = self.get("response_format") {
-            let kind = v.get("type").and_then(Value::as_str);
-            if kind != Some("text") {
+        if let Some(v) = self.get("functions") {
+            if v.as_array().is_none_or(|a| !a.is_empty()) {
                 return Err(ApiError::bad_field(
-                    "response_format",
-                    format!("only {{\"type\": \"text\"}} is supported, got {}", short(v)),
+                    "functions",
+                    "the deprecated functions API is not supported; use tools",
+                ));
+            }
+        }
+        if let Some(v) = self.get("function_call") {
+            if v != "none" && v != "auto" {
+                return Err(ApiError::bad_field(
+                    "function_call",
+                    "the deprecated functions API is not supported; use tool_choice",
                 ));
             }
         }
@@ -361,6 +367,13 @@ impl Fields<'_> {
             ignore_eos: self.bool("ignore_eos", false)?,
             guided_choice: self.guided_choice()?,
             guided_regex: self.guided_regex()?,
+            guided_json: self.guided_json()?,
+            min_p: match self.get("min_p") {
+                None => None,
+                Some(_) => Some(self.number("min_p", 0.0, 0.0, 1.0)? as f32),
+            },
+            logit_bias: self.logit_bias()?,
+            tools: None,
             group: uuid::Uuid::new_v4().as_u64_pair().0,
         })
     }
@@ -395,6 +408,107 @@ impl Fields<'_> {
             }
         }
         Ok(Some(out))
+    }
+
+    /// `response_format` (OpenAI) or `guided_json` (vLLM): a schema checked and
+    /// compiled here, so a bad one is a 400 naming where it is wrong.
+    fn guided_json(&self) -> Result<Option<Value>, ApiError> {
+        let (field, schema) = match (self.get("response_format"), self.get("guided_json")) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_field(
+                    "guided_json",
+                    "give either response_format or guided_json, not both",
+                ))
+            }
+            (Some(rf), None) => {
+                let Value::Object(o) = rf else {
+                    return Err(ApiError::bad_field(
+                        "response_format",
+                        format!("expected an object with a type, got {}", type_name(rf)),
+                    ));
+                };
+                match o.get("type").and_then(Value::as_str) {
+                    Some("text") => return Ok(None),
+                    Some("json_object") => ("response_format", Value::String("object".into())),
+                    Some("json_schema") => {
+                        let schema = o
+                            .get("json_schema")
+                            .and_then(|j| j.get("schema"))
+                            .filter(|s| !s.is_null())
+                            .ok_or_else(|| ApiError::bad_field("response_format.json_schema.schema", "is required"))?;
+                        ("response_format.json_schema.schema", schema.clone())
+                    }
+                    _ => {
+                        return Err(ApiError::bad_field(
+                            "response_format.type",
+                            format!(
+                                "expected \"text\", \"json_object\" or \"json_schema\", got {}",
+                                o.get("type").map(short).unwrap_or_else(|| "nothing".into())
+                            ),
+                        ))
+                    }
+                }
+            }
+            (None, Some(Value::String(s))) => match serde_json::from_str::<Value>(s) {
+                Ok(v @ Value::Object(_)) => ("guided_json", v),
+                _ => return Err(ApiError::bad_field("guided_json", "expected a JSON schema (an object)")),
+            },
+            (None, Some(v @ Value::Object(_))) => ("guided_json", v.clone()),
+            (None, Some(v)) => {
+                return Err(ApiError::bad_field(
+                    "guided_json",
+                    format!("expected a JSON schema (an object), got {}", type_name(v)),
+                ))
+            }
+            (None, None) => return Ok(None),
+        };
+        if self.get("guided_choice").is_some() || self.get("guided_regex").is_some() {
+            return Err(ApiError::bad_field(
+                field,
+                "cannot be combined with guided_choice or guided_regex",
+            ));
+        }
+        let constraint = match &schema {
+            Value::String(_) => Constraint::JsonObject,
+            s => Constraint::JsonSchema(s.clone()),
+        };
+        constraint.compile().map_err(|e| {
+            let m = e.to_string();
+            ApiError::bad_field(field, m.strip_prefix("invalid request: ").unwrap_or(&m))
+        })?;
+        Ok(Some(schema))
+    }
+
+    /// OpenAI's `logit_bias`: `{"token id": bias}`, each bias in [-100, 100].
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let map = match self.get("logit_bias") {
+            None => return Ok(vec![]),
+            Some(Value::Object(m)) => m,
+            Some(v) => {
+                return Err(ApiError::bad_field(
+                    "logit_bias",
+                    format!("expected an object mapping token ids to biases, got {}", type_name(v)),
+                ))
+            }
+        };
+        if map.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::bad_field(
+                "logit_bias",
+                format!("at most {MAX_LOGIT_BIAS} entries are allowed, got {}", map.len()),
+            ));
+        }
+        let mut out = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let field = format!("logit_bias.{k}");
+            let id: u32 = k
+                .parse()
+                .map_err(|_| ApiError::bad_field(&field, format!("{k:?} is not a token id")))?;
+            let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                ApiError::bad_field(&field, format!("must be a number in [-100, 100], got {}", short(v)))
+            })?;
+            out.push((id, b as f32));
+        }
+        Ok(out)
     }
 
     fn guided_regex(&self) -> Result<Option<String>, ApiError> {
@@ -496,7 +610,12 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
             if items.is_empty() {
                 return Err(ApiError::bad_field("messages", "must contain at least one message"));
             }
-            let mut out = Vec::with_capacity(items.len());
+            let mut out: Vec<ChatMessage> = Vec::with_capacity(items.len());
+            // Ids of the last assistant message's tool calls not answered yet.
+            let mut pending: Vec<String> = Vec::new();
+            // Consecutive tool results, rendered as one user turn.
+            let mut results: Vec<String> = Vec::new();
+            let mut after_calls = false;
             for (i, item) in items.iter().enumerate() {
                 let Value::Object(m) = item else {
                     return Err(ApiError::bad_field(
@@ -517,23 +636,98 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
                     }
                 };
                 let role = match role {
-                    "system" | "user" | "assistant" => role,
+                    "system" | "user" | "assistant" | "tool" => role,
                     // OpenAI's newer name for the system role.
                     "developer" => "system",
-                    "tool" | "function" => {
+                    "function" => {
                         return Err(ApiError::bad_field(
                             format!("messages[{i}].role"),
-                            format!("role \"{role}\" is not supported: this server has no tool or function calling (use system, user or assistant)"),
+                            "role \"function\" (the deprecated functions API) is not supported; use tool messages",
                         ))
                     }
                     other => {
                         return Err(ApiError::bad_field(
                             format!("messages[{i}].role"),
-                            format!("unknown role {:?} (expected system, user or assistant)", other),
+                            format!("unknown role {:?} (expected system, user, assistant or tool)", other),
                         ))
                     }
                 };
-                out.push(ChatMessage::new(role, message_content(i, m)?));
+                if role == "tool" {
+                    if !after_calls {
+                        return Err(ApiError::bad_field(
+                            format!("messages[{i}].role"),
+                            "a tool message must follow an assistant message with tool_calls",
+                        ));
+                    }
+                    let id = match m.get("tool_call_id") {
+                        Some(Value::String(id)) => id,
+                        _ => {
+                            return Err(ApiError::bad_field(
+                                format!("messages[{i}].tool_call_id"),
+                                "is required (the id of the call this message answers)",
+                            ))
+                        }
+                    };
+                    let Some(k) = pending.iter().position(|p| p == id) else {
+                        return Err(ApiError::bad_field(
+                            format!("messages[{i}].tool_call_id"),
+                            format!("{id:?} is not the id of an unanswered tool call of the assistant message before"),
+                        ));
+                    };
+                    pending.remove(k);
+                    results.push(message_content(i, m)?);
+                    continue;
+                }
+                if !pending.is_empty() {
+                    return Err(ApiError::bad_field(
+                        format!("messages[{i}]"),
+                        format!(
+                            "tool call {:?} of the assistant message before has no tool message answering it",
+                            pending[0]
+                        ),
+                    ));
+                }
+                if !results.is_empty() {
+                    out.push(ChatMessage::new("user", tools::render_results(&results)));
+                    results.clear();
+                }
+                after_calls = false;
+                let calls = match m.get("tool_calls").filter(|v| !v.is_null()) {
+                    Some(v) if role == "assistant" => tools::message_calls(i, v)?,
+                    Some(_) => {
+                        return Err(ApiError::bad_field(
+                            format!("messages[{i}].tool_calls"),
+                            "only assistant messages have tool_calls",
+                        ))
+                    }
+                    None => vec![],
+                };
+                if calls.is_empty() {
+                    out.push(ChatMessage::new(role, message_content(i, m)?));
+                    continue;
+                }
+                let text = match m.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    _ => message_content(i, m)?,
+                };
+                let rendered = tools::render_calls(&calls.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>());
+                let content = if text.trim().is_empty() {
+                    rendered
+                } else {
+                    format!("{text}\n{rendered}")
+                };
+                out.push(ChatMessage::new("assistant", content));
+                pending = calls.into_iter().map(|(id, _)| id).collect();
+                after_calls = true;
+            }
+            if let Some(id) = pending.first() {
+                return Err(ApiError::bad_field(
+                    "messages",
+                    format!("tool call {id:?} of the last assistant message has no tool message answering it"),
+                ));
+            }
+            if !results.is_empty() {
+                out.push(ChatMessage::new("user", tools::render_results(&results)));
             }
             out
         }
@@ -544,7 +738,24 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
             ))
         }
     };
+    let mut messages = messages;
+    let tool_set = tools::parse(body)?;
+    if let Some(t) = tool_set.as_ref().filter(|t| t.active()) {
+        t.add_to(&mut messages);
+    }
     let mut req = f.common(model, Input::Chat(messages), None)?;
+    if let Some(t) = &tool_set {
+        if let Some(re) = t.check_constraint()? {
+            if req.guided_choice.is_some() || req.guided_regex.is_some() || req.guided_json.is_some() {
+                return Err(ApiError::bad_field(
+                    "tool_choice",
+                    "a required or named tool call cannot be combined with response_format or guided decoding",
+                ));
+            }
+            req.guided_regex = Some(re);
+        }
+    }
+    req.tools = tool_set.filter(|t| t.active());
     let want = f.bool("logprobs", false)?;
     let top = match f.integer("top_logprobs")? {
         None => 0,
@@ -695,11 +906,6 @@ mod tests {
         let cases = [
             (json!({"messages": []}), "messages", "at least one"),
             (
-                json!({"messages": [{"role": "tool", "content": "x"}]}),
-                "messages[0].role",
-                "not supported",
-            ),
-            (
                 json!({"messages": [{"role": "wizard", "content": "x"}]}),
                 "messages[0].role",
                 "unknown role",
@@ -710,7 +916,24 @@ mod tests {
             (json!({"stop": vec!["x"; 100]}), "stop", "at most"),
             (json!({"top_p": "high"}), "top_p", "expected a number"),
             (json!({"top_logprobs": 3}), "top_logprobs", "requires logprobs"),
-            (json!({"tools": [{"type": "function"}]}), "tools", "not supported"),
+            (
+                json!({"tools": [{"type": "function"}]}),
+                "tools[0].function",
+                "is required",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}),
+                "messages[0].role",
+                "must follow",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "not": {}}}}}}}),
+                "response_format.json_schema.schema",
+                "`not`",
+            ),
+            (json!({"logit_bias": {"abc": 1}}), "logit_bias.abc", "token id"),
+            (json!({"logit_bias": {"5": 300}}), "logit_bias.5", "[-100, 100]"),
+            (json!({"min_p": 2}), "min_p", "between 0 and 1"),
         ];
         for (extra, field, words) in cases {
             let e = chat_err(base(extra.clone()));
