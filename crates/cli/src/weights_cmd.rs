@@ -211,7 +211,7 @@ pub struct ConvertArgs {
     /// An output directory (HF safetensors) or a file ending in .gguf (must not exist).
     #[arg(long)]
     output: PathBuf,
-    /// Quantize a GGUF output: q8_0, q4_0 or q4_k (norms stay f32).
+    /// Quantize a GGUF output: q8_0, q4_0, q4_k, or q4_k_m (llama.cpp's recipe: Q4_K with Q6_K for the output matrix and some attn_v / ffn_down); norms stay f32.
     #[arg(long)]
     quant: Option<String>,
     #[command(flatten)]
@@ -223,7 +223,7 @@ pub fn run_convert(a: ConvertArgs) -> Result<()> {
     let started = Instant::now();
     let quant = match &a.quant {
         None => None,
-        Some(s) => Some(Quant::parse(s).ok_or_else(|| anyhow!("--quant {s:?}: expected q8_0, q4_0 or q4_k"))?),
+        Some(s) => Some(Quant::parse(s).ok_or_else(|| anyhow!("--quant {s:?}: expected q8_0, q4_0, q4_k or q4_k_m"))?),
     };
     let opts = ConvertOptions {
         job: a.out.options()?,

@@ -34,16 +34,22 @@ const CONVERT_CHUNK: usize = 1 << 22;
 pub enum Quant {
     Q8_0,
     Q4_0,
+    /// Q4_K everywhere.
     Q4K,
+    /// llama.cpp's Q4_K_M recipe: Q4_K, with Q6_K for the output matrix (the
+    /// embedding where it is tied) and for `attn_v` / `ffn_down` in the first and
+    /// last eighth of the layers and every third layer between.
+    Q4KM,
 }
 
 impl Quant {
-    /// Parses `q8_0`, `q4_0`, `q4_k` (any case).
+    /// Parses `q8_0`, `q4_0`, `q4_k`, `q4_k_m` (any case).
     pub fn parse(s: &str) -> Option<Quant> {
         match s.to_ascii_lowercase().as_str() {
             "q8_0" => Some(Quant::Q8_0),
             "q4_0" => Some(Quant::Q4_0),
-            "q4_k" | "q4_k_m" | "q4k" => Some(Quant::Q4K),
+            "q4_k" | "q4k" | "q4_k_s" => Some(Quant::Q4K),
+            "q4_k_m" => Some(Quant::Q4KM),
             _ => None,
         }
     }
@@ -52,7 +58,34 @@ impl Quant {
         match self {
             Quant::Q8_0 => GgmlDType::Q8_0,
             Quant::Q4_0 => GgmlDType::Q4_0,
-            Quant::Q4K => GgmlDType::Q4K,
+            Quant::Q4K | Quant::Q4KM => GgmlDType::Q4K,
+        }
+    }
+
+    /// The block type of GGUF tensor `name` (of `layers` layers; `tied`: the
+    /// embedding is also the output matrix) under this recipe.
+    fn for_tensor(self, name: &str, layers: usize, tied: bool) -> GgmlDType {
+        if self != Quant::Q4KM {
+            return self.ggml();
+        }
+        if name == "output.weight" || (tied && name == "token_embd.weight") {
+            return GgmlDType::Q6K;
+        }
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)));
+        match layer {
+            Some((i, rest)) if rest.starts_with("attn_v.") || rest.starts_with("ffn_down.") => {
+                // llama.cpp's `use_more_bits`.
+                let more = i < layers / 8 || i >= 7 * layers / 8 || (i >= layers / 8 && (i - layers / 8) % 3 == 2);
+                if more {
+                    GgmlDType::Q6K
+                } else {
+                    GgmlDType::Q4K
+                }
+            }
+            _ => GgmlDType::Q4K,
         }
     }
 
@@ -61,7 +94,8 @@ impl Quant {
         match self {
             Quant::Q8_0 => 7,
             Quant::Q4_0 => 2,
-            Quant::Q4K => 15,
+            Quant::Q4K => 14,
+            Quant::Q4KM => 15,
         }
     }
 }
@@ -330,7 +364,7 @@ fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<
 
 /// GGUF type of an HF tensor: norms and vectors stay F32, matrices take the
 /// quantization when their rows are whole blocks (else Q8_0, else the float dtype).
-fn gguf_dtype(shape: &[usize], float: Float, quant: Option<Quant>) -> GgmlDType {
+fn gguf_dtype(shape: &[usize], float: Float, quant: Option<GgmlDType>) -> GgmlDType {
     if shape.len() < 2 {
         return GgmlDType::F32;
     }
@@ -342,7 +376,7 @@ fn gguf_dtype(shape: &[usize], float: Float, quant: Option<Quant>) -> GgmlDType 
     };
     match quant {
         None => fallback,
-        Some(q) if cols.is_multiple_of(q.ggml().block_size()) => q.ggml(),
+        Some(q) if cols.is_multiple_of(q.block_size()) => q,
         Some(_) if cols.is_multiple_of(32) => GgmlDType::Q8_0,
         Some(_) => fallback,
     }
@@ -562,7 +596,11 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         .map(|(g, shape, _, _)| GgufTensor {
             name: g.clone(),
             shape: shape.clone(),
-            dtype: gguf_dtype(shape, float, opts.quant),
+            dtype: gguf_dtype(
+                shape,
+                float,
+                opts.quant.map(|q| q.for_tensor(g, cfg.num_layers, cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none())),
+            ),
         })
         .collect();
     let out = AtomicOutput::file(output)?;
