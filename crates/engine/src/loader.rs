@@ -9,7 +9,8 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::model::{Model, WeightDType};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufSource, SafetensorsSource};
+use crate::torch_bin::{find_weight_files, WeightFiles};
+use crate::weights::{GgufSource, SafetensorsSource, TorchBinSource};
 
 /// Sampling defaults a model ships with (`generation_config.json`).
 #[derive(Debug, Clone, Default)]
@@ -73,24 +74,30 @@ impl LoadedModel {
         }
         let mut cfg = ModelConfig::from_hf_file(&config_path)?;
         let defaults = read_generation_config(&dir.join("generation_config.json"))?;
-        let tokenizer = if dir.join("tokenizer.json").exists() {
+        let tokenizer = if dir.join("tokenizer.json").exists() || dir.join("tokenizer.model").exists() {
             Some(Tokenizer::from_hf_dir(dir)?)
         } else {
             None
         };
         merge_eos(&mut cfg, &defaults, tokenizer.as_ref());
-        let src = SafetensorsSource::open_dir(dir, device)?;
         let dense = match opts.dtype {
             WeightDType::Auto | WeightDType::F32 => DType::F32,
             WeightDType::F16 => DType::F16,
             WeightDType::BF16 => DType::BF16,
         };
-        let format = format!(
-            "safetensors ({} file{})",
-            src.paths().len(),
-            if src.paths().len() == 1 { "" } else { "s" }
-        );
-        let model = Model::load(cfg, &src, Some(dense), device)?;
+        let files = find_weight_files(dir)?;
+        let n = files.paths().len();
+        let (kind, model) = match &files {
+            WeightFiles::Safetensors(paths) => {
+                let src = SafetensorsSource::open_files(paths, device)?;
+                ("safetensors", Model::load(cfg, &src, Some(dense), device)?)
+            }
+            WeightFiles::Bin(paths) => {
+                let src = TorchBinSource::open_files(paths, device)?;
+                ("PyTorch .bin", Model::load(cfg, &src, Some(dense), device)?)
+            }
+        };
+        let format = format!("{kind} ({n} file{})", if n == 1 { "" } else { "s" });
         Ok(LoadedModel {
             model,
             tokenizer,
