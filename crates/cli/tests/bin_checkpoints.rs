@@ -448,3 +448,30 @@ fn bad_bin_files_are_named() {
     ]));
     assert!(err.contains("pytorch_model-00003-of-00003.bin"), "{err}");
 }
+
+#[test]
+fn convert_exports_llama3_rope_scaling() {
+    let dir = Scratch::new("bin-ckpt", "llama3");
+    let gguf = dir.join("r.gguf");
+    let src = fixtures().join("models/tiny-llama3-rope");
+    ok(&vicugna(&[
+        "convert",
+        "--input",
+        p(&src),
+        "--output",
+        p(&gguf),
+        "--dtype",
+        "f32",
+    ]));
+    // llama.cpp's divisors are in the file, and vicugna reads the scaling back.
+    let mut f = std::fs::File::open(&gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let freqs = &content.tensor_infos["rope_freqs.weight"];
+    assert_eq!(freqs.shape.dims(), &[8]);
+    let text = std::fs::read_to_string(fixtures().join("golden/tiny-models.json")).unwrap();
+    let g: Value = serde_json::from_str(&text).unwrap();
+    for case in g["models"]["tiny-llama3-rope"]["cases"].as_array().unwrap() {
+        let want: Vec<u64> = ids(&case["greedy_ids"]).into_iter().take(12).collect();
+        assert_eq!(greedy(&gguf, &case["prompt_ids"], &[]), want);
+    }
+}

@@ -112,6 +112,9 @@ impl LoadedModel {
     fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let mut src = GgufSource::open(path, device)?;
         let mut cfg = src.config()?;
+        if let Some(scaling) = llama3_rope_from_gguf(&src.content.metadata) {
+            cfg.rope_scaling = scaling;
+        }
         // A GGUF written from a weight-only directory has no vocabulary.
         let tokenizer = if src.content.metadata.contains_key("tokenizer.ggml.tokens") {
             Some(Tokenizer::from_gguf(&src.content, path)?)
@@ -153,6 +156,25 @@ impl LoadedModel {
             ))
         })
     }
+}
+
+/// Metadata prefix under which `vicugna convert` keeps Llama 3 RoPE scaling
+/// (`.factor`, `.low_freq_factor`, `.high_freq_factor`,
+/// `.original_max_position_embeddings`): llama.cpp takes the scaling as the
+/// `rope_freqs.weight` divisors and ignores these keys.
+pub const LLAMA3_ROPE_KEY: &str = "vicugna.rope.llama3";
+
+/// Llama 3 RoPE scaling written by `vicugna convert`, when the GGUF has it.
+fn llama3_rope_from_gguf(
+    md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Option<crate::config::RopeScaling> {
+    let f = |k: &str| md.get(&format!("{LLAMA3_ROPE_KEY}.{k}"))?.to_f32().ok().map(f64::from);
+    Some(crate::config::RopeScaling::Llama3 {
+        factor: f("factor")?,
+        low_freq_factor: f("low_freq_factor")?,
+        high_freq_factor: f("high_freq_factor")?,
+        original_max_position_embeddings: f("original_max_position_embeddings")?,
+    })
 }
 
 fn file_name(p: &Path) -> String {

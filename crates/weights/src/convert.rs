@@ -328,6 +328,45 @@ fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<
     Ok(md)
 }
 
+/// Where Llama 3 RoPE scaling parameters are kept in a GGUF (see the engine's
+/// GGUF loader).
+pub use vicugna_engine::loader::LLAMA3_ROPE_KEY;
+
+/// Llama 3 RoPE scaling as llama.cpp's converter writes it: one divisor per
+/// frequency (1 for short wavelengths, `factor` for long ones, a smooth blend
+/// between), computed in f32 as its `generate_extra_tensors` does.
+fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: old,
+    } = cfg.rope_scaling
+    else {
+        return None;
+    };
+    let dim = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+    Some(
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / base.powf(i as f32 / dim as f32);
+                let wavelen = f64::from(2.0 * std::f32::consts::PI / freq);
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor as f32
+                } else {
+                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect(),
+    )
+}
+
 /// A SentencePiece vocabulary as llama.cpp's converter writes it
 /// (`tokenizer.ggml.model = llama`): pieces, scores and token types, padded with
 /// unused `[PAD{i}]` entries up to the embedding's rows; special ids from
@@ -629,11 +668,24 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             md.push((a("rope.scaling.type"), Meta::Str("linear".into())));
             md.push((a("rope.scaling.factor"), Meta::F32(factor as f32)));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(WeightsError::Unsupported(format!(
-                "{}: Llama 3 RoPE scaling is not supported for GGUF export yet",
-                cfg_path.display()
-            )))
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            // llama.cpp takes Llama 3's scaling as per-frequency divisors
+            // (`rope_freqs.weight`, written below); the parameters themselves go
+            // under vicugna's own keys, which llama.cpp ignores, so vicugna reads
+            // the GGUF back exactly.
+            for (k, v) in [
+                ("factor", factor),
+                ("low_freq_factor", low_freq_factor),
+                ("high_freq_factor", high_freq_factor),
+                ("original_max_position_embeddings", original_max_position_embeddings),
+            ] {
+                md.push((format!("{LLAMA3_ROPE_KEY}.{k}"), Meta::F32(v as f32)));
+            }
         }
     }
     // A weight-only directory (no tokenizer.json) gives a GGUF without a
@@ -645,7 +697,7 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         md.extend(tokenizer_metadata(input, &cfg_json, n_vocab)?);
     }
 
-    let tensors: Vec<GgufTensor> = plan
+    let mut tensors: Vec<GgufTensor> = plan
         .iter()
         .map(|(g, shape, _, _)| GgufTensor {
             name: g.clone(),
@@ -653,6 +705,14 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             dtype: gguf_dtype(shape, float, opts.quant),
         })
         .collect();
+    let rope_freqs = llama3_rope_factors(&cfg);
+    if let Some(f) = &rope_freqs {
+        tensors.push(GgufTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![f.len()],
+            dtype: GgmlDType::F32,
+        });
+    }
     let out = AtomicOutput::file(output)?;
     let total: u64 = tensors.iter().map(GgufTensor::len).sum();
     out.check_space(total + (1 << 20))?;
@@ -713,6 +773,15 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         w.end()?;
         if let Some(h) = hasher {
             sums.push((g.clone(), h.finalize()));
+        }
+    }
+    if let Some(f) = &rope_freqs {
+        encode(Float::F32, f, &mut bytes);
+        w.begin("rope_freqs.weight")?;
+        w.write(&bytes)?;
+        w.end()?;
+        if opts.job.verify {
+            sums.push(("rope_freqs.weight".into(), Sha256::digest(&bytes)));
         }
     }
     w.finish()?;
