@@ -475,3 +475,101 @@ fn convert_exports_llama3_rope_scaling() {
         assert_eq!(greedy(&gguf, &case["prompt_ids"], &[]), want);
     }
 }
+
+#[test]
+fn lora_merge_of_a_bin_adapter_gives_peft_greedy_ids() {
+    let dir = Scratch::new("bin-ckpt", "lora");
+    let merged = dir.join("merged");
+    let lora = fixtures().join("models/tiny-llama-lora-bin");
+    ok(&vicugna(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&model()),
+        "--lora",
+        p(&lora),
+        "--out",
+        p(&merged),
+    ]));
+    for case in golden()["generation_cases"].as_array().unwrap() {
+        if case["model"] == "lora_merged" {
+            assert_eq!(greedy(&merged, &case["prompt_ids"], &[]), ids(&case["greedy_ids"]));
+        }
+    }
+}
+
+/// The README's first steps, command for command: a delta made from the merged
+/// adapter, applied to the `.bin` base, chatted with, exported to GGUF.
+#[test]
+fn readme_first_steps_run() {
+    let dir = Scratch::new("bin-ckpt", "readme");
+    let f = fixtures().join("models");
+    let (base, lora) = (f.join("tiny-llama-bin"), f.join("tiny-llama-lora-bin"));
+    let (tuned, delta, vicuna, gguf) = (
+        dir.join("tuned"),
+        dir.join("delta"),
+        dir.join("vicuna"),
+        dir.join("vicuna-f16.gguf"),
+    );
+    ok(&vicugna(&[
+        "lora",
+        "merge",
+        "--base",
+        p(&base),
+        "--lora",
+        p(&lora),
+        "--out",
+        p(&tuned),
+    ]));
+    ok(&vicugna(&[
+        "delta",
+        "make",
+        "--base",
+        p(&base),
+        "--target",
+        p(&tuned),
+        "--delta",
+        p(&delta),
+        "--dtype",
+        "f16",
+    ]));
+    ok(&vicugna(&[
+        "delta",
+        "apply",
+        "--base",
+        p(&base),
+        "--delta",
+        p(&delta),
+        "--target",
+        p(&vicuna),
+    ]));
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_vicugna"))
+        .args([
+            "chat",
+            "--model",
+            p(&vicuna),
+            "--conv-template",
+            "vicuna_v1.1",
+            "--style",
+            "programmatic",
+            "--max-new-tokens",
+            "8",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"Hi\n").unwrap();
+    ok(&chat.wait_with_output().unwrap());
+    ok(&vicugna(&["convert", "--input", p(&vicuna), "--output", p(&gguf)]));
+    ok(&vicugna(&[
+        "generate",
+        "--model",
+        p(&gguf),
+        "--prompt",
+        "USER: Hi ASSISTANT:",
+        "--max-new-tokens",
+        "4",
+    ]));
+}

@@ -185,6 +185,11 @@ fn pre_tokenizer_name(pre: &Value, path: &Path) -> Result<&'static str> {
     if text.contains("\"Digits\"") && text.contains("\"individual_digits\":true") && !text.contains("\"Split\"") {
         return Ok("smollm");
     }
+    // The same split as the engine writes it back from a GGUF: digits one by one,
+    // then GPT-2's regex.
+    if text.contains(r#"{"Regex":"\\p{N}"}"#) {
+        return Ok("smollm");
+    }
     if text.contains(r"\\p{N}{1,3}") {
         return Ok("llama-bpe");
     }
