@@ -114,7 +114,8 @@ pub struct TrainArgs {
     /// Comma-separated module names, or all-linear.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_target_modules: Vec<String>,
-    /// FastChat template name (default: the model's own chat template).
+    /// FastChat template name (default: the model's own chat template, else one matched from the
+    /// model's name; a base model with neither, such as gemma3-270m, needs one named).
     #[arg(long)]
     template: Option<String>,
     /// Replace the template's system message.

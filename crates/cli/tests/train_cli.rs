@@ -638,3 +638,115 @@ fn resuming_with_another_thread_count_warns() {
         "{err}"
     );
 }
+
+/// Greedy ids and their log-probabilities for a prompt, optionally with an adapter.
+fn greedy_with(model: &str, prompt_ids: &str, lora: Option<&Path>) -> serde_json::Value {
+    let mut a = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt-ids",
+        prompt_ids,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "6",
+        "--logprobs",
+        "1",
+        "--json",
+    ];
+    if let Some(p) = lora {
+        a.extend_from_slice(&["--lora", s(p)]);
+    }
+    let (o, _) = ok(&a);
+    let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
+    serde_json::json!({"ids": v["ids"], "logprobs": v["logprobs"]})
+}
+
+#[test]
+fn gemma3_270m_lora_needs_a_template_trains_and_its_adapter_loads() {
+    let d = scratch("gemma3");
+    // One batch of two conversations, seen at every step: its loss must fall.
+    let data = d.join("two.json");
+    let two = serde_json::json!([
+        {"id": "a", "conversations": [{"from": "human", "value": "What do bees make?"},
+                                      {"from": "gpt", "value": "Bees make honey."}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "Which planet is red?"},
+                                      {"from": "gpt", "value": "Mars is the red planet."}]},
+    ]);
+    std::fs::write(&data, two.to_string()).unwrap();
+    let out = d.join("adapter");
+    let args = |template: Option<&'static str>| {
+        let mut v = vec![
+            "train",
+            "--model",
+            "gemma3-270m",
+            "--data",
+            s(&data),
+            "--output",
+            s(&out),
+            "--mode",
+            "lora",
+            "--max-len",
+            "32",
+            "--seed",
+            "7",
+            "--threads",
+            "2",
+            "--plain",
+            "--max-steps",
+            "4",
+            "--lr",
+            "5e-3",
+            "--warmup-ratio",
+            "0",
+            "--micro-batch",
+            "2",
+            "--lora-r",
+            "4",
+            "--lora-dropout",
+            "0",
+            "--save-steps",
+            "0",
+        ];
+        if let Some(t) = template {
+            // No system message: shorter rows, faster steps.
+            v.extend_from_slice(&["--template", t, "--system", ""]);
+        }
+        v
+    };
+    // A base model has no chat template: the format is the user's choice, never a silent default.
+    let o = run(&args(None));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no chat template") && err.contains("--template"), "{err}");
+    assert!(!out.join("checkpoints").exists());
+
+    let (_, err) = ok(&args(Some("vicuna_v1.1")));
+    let l = losses(&out);
+    assert_eq!(l.len(), 4, "{err}");
+    assert!(l.iter().all(|x| x.is_finite()), "{l:?}");
+    assert!(l[3] < l[0] * 0.5, "loss did not go down: {l:?}");
+    assert!(err.contains("step 4: loss"), "{err}");
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&st[8..8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize]);
+    for name in [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.17.self_attn.v_proj.lora_B.weight",
+    ] {
+        assert!(header.contains(name), "{name} missing: {header}");
+    }
+
+    // Served on the quantized GGUF without merging; the trained adapter moves the logits.
+    let prompt = "2,3648,236787,2900,563,506,5279,529,7001,236881";
+    let base = greedy_with("gemma3-270m", prompt, None);
+    let tuned = greedy_with("gemma3-270m", prompt, Some(&out));
+    assert_eq!(tuned["ids"].as_array().unwrap().len(), 6);
+    assert_ne!(base, tuned, "the adapter changed nothing");
+}

@@ -26,6 +26,8 @@ pub enum TrainError {
     Chat(#[from] vicugna_chat::ChatError),
     #[error(transparent)]
     Engine(#[from] vicugna_engine::EngineError),
+    #[error(transparent)]
+    Weights(#[from] vicugna_weights::WeightsError),
     #[error("tensor operation: {0}")]
     Tensor(#[from] candle_core::Error),
     #[error("plot {path}: {message}")]

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clean;
 pub mod data;
 pub mod error;
+pub mod hf_names;
 pub mod lora;
 pub mod mask;
 pub mod optim;

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use sha2::{Digest, Sha256};
-use vicugna_chat::ChatFormat;
+use vicugna_chat::{ChatFormat, FormatSource};
 use vicugna_engine::model::Dropout;
 use vicugna_engine::{LoadOptions, LoadedModel, Model, WeightDType};
 
@@ -155,6 +155,8 @@ pub struct Trainer {
     tokenizer: vicugna_engine::tokenizer::Tokenizer,
     format: ChatFormat,
     params: Vec<(String, Var)>,
+    /// The adapter settings as saved (target modules as the checkpoint names them).
+    saved_lora: Option<LoraConfig>,
     opt: AdamW,
     train: Vec<Encoded>,
     eval: Vec<Encoded>,
@@ -195,11 +197,36 @@ impl Trainer {
                 tokenizer.eos_token().unwrap_or(""),
             )
         });
-        let format = ChatFormat::select(cfg.template.as_deref(), model_template, &loaded.path.to_string_lossy())?;
+        let (format, source) =
+            ChatFormat::select_with_source(cfg.template.as_deref(), model_template, &loaded.path.to_string_lossy())?;
+        let mut notes = Vec::new();
+        match source {
+            // The fallback (one_shot) would put a long example conversation before
+            // every sample, in a format the model never saw: refuse rather than
+            // train on that.
+            FormatSource::Default => {
+                return Err(TrainError::setting(
+                    "--template",
+                    format!(
+                        "{} has no chat template and its name matches no FastChat template; it may be a base \
+                         model (such as gemma3-270m) that continues text rather than chats. Choose the \
+                         conversation format to train it on with --template NAME (e.g. vicuna_v1.1, zero_shot, \
+                         llama-3, mistral)",
+                        loaded.path.display()
+                    ),
+                ))
+            }
+            FormatSource::Model => notes.push("conversation format: the model's own chat template".into()),
+            FormatSource::Matched => notes.push(format!(
+                "conversation format: FastChat template {} (matched from the model's name; --template chooses \
+                 another)",
+                format.name()
+            )),
+            FormatSource::Explicit => {}
+        }
         let mut model = loaded.model;
         let pad_id = model.config().eos_token_ids.first().copied().unwrap_or(0);
 
-        let mut notes = Vec::new();
         let (train, eval) = {
             let masker = Masker::new(&format, &tokenizer, cfg.system.as_deref());
             let encode_all = |path: &Path, notes: &mut Vec<String>| -> Result<Vec<Encoded>> {
@@ -267,6 +294,7 @@ impl Trainer {
 
         // Trainable variables: every weight (full) or fresh adapters (LoRA).
         let mut params: Vec<(String, Var)> = Vec::new();
+        let mut saved_lora = None;
         match &cfg.mode {
             Mode::Full => {
                 model.map_weights(&mut |name, w| {
@@ -291,7 +319,10 @@ impl Trainer {
                         w.to_dtype(store)?
                     })
                 })?;
-                params = lora::attach_new(&mut model, lc, cfg.seed)?
+                let attached = lora::attach_new(&mut model, lc, cfg.seed)?;
+                notes.extend(attached.notes);
+                saved_lora = Some(attached.saved);
+                params = attached.params;
             }
         }
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
@@ -316,6 +347,7 @@ impl Trainer {
             tokenizer,
             format,
             params,
+            saved_lora,
             opt,
             train,
             eval,
@@ -721,7 +753,12 @@ impl Trainer {
         std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
         let tensors = self.trained_tensors();
         match &self.cfg.mode {
-            Mode::Lora(lc) => lora::save_peft(out, lc, &self.cfg.model.to_string_lossy(), &tensors)?,
+            Mode::Lora(lc) => lora::save_peft(
+                out,
+                self.saved_lora.as_ref().unwrap_or(lc),
+                &self.cfg.model.to_string_lossy(),
+                &tensors,
+            )?,
             Mode::Full => self.save_hf(out, &tensors)?,
         }
         let curve = out.join("loss.png");
@@ -740,7 +777,8 @@ impl Trainer {
     }
 
     fn save_hf(&self, out: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-        checkpoint::save_safetensors(&out.join("model.safetensors"), tensors)?;
+        let tensors = crate::hf_names::to_checkpoint_names(&self.model, tensors)?;
+        checkpoint::save_safetensors(&out.join("model.safetensors"), &tensors)?;
         let cfg = self.model.config();
         let hf = cfg.to_hf_json(self.model.tied_embeddings());
         data::write_atomic(

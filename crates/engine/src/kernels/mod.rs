@@ -853,6 +853,46 @@ impl QMatrix {
             }
             return;
         }
+        // K-quants in ggml's layout on AVX-512, decode-sized n: dequantized in
+        // registers and used at once (`fused_kquant_512`), `R` weight rows and up
+        // to 4 activation rows at a time (16 accumulators).
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && n <= FUSED_TILED_MAX_N && matches!(self.kind, Kind::Q4K | Kind::Q5K | Kind::Q6K) {
+            let bytes = self.ggml_bytes();
+            let row = |i: usize| &bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
+            for i in (0..nrows).step_by(R) {
+                let nr = R.min(nrows - i);
+                for t0 in (0..n).step_by(4) {
+                    let tn = 4.min(n - t0);
+                    let xs = &x[t0 * cols..(t0 + tn) * cols];
+                    macro_rules! go {
+                        ($rr:literal, $($t:literal)*) => {{
+                            let rows: [&[u8]; $rr] = std::array::from_fn(|j| row(i + j));
+                            match tn {
+                                $($t => {
+                                    // SAFETY: the AVX-512 path exists only where the CPU
+                                    // has it (`with_isa`); the kernel checks lengths.
+                                    let res = unsafe { x86::fused_kquant_512::<$rr, $t>(self.kind, &rows, xs, cols) };
+                                    for (j, res) in res.iter().enumerate() {
+                                        for (t, &v) in res.iter().enumerate() {
+                                            put(t0 + t, i + j, v);
+                                        }
+                                    }
+                                })*
+                                _ => unreachable!("{tn} activation rows"),
+                            }
+                        }};
+                    }
+                    match nr {
+                        4 => go!(4, 1 2 3 4),
+                        3 => go!(3, 1 2 3 4),
+                        2 => go!(2, 1 2 3 4),
+                        _ => go!(1, 1 2 3 4),
+                    }
+                }
+            }
+            return;
+        }
         // ggml rows: dequantize a panel of rows (≤ 128 KiB of f32, stays in L2)
         // once; then each tile of activation rows (in L1) meets every `R`-row
         // tile of it.
@@ -1515,8 +1555,11 @@ mod tests {
     /// alone, so batching never changes a sequence's greedy tokens.
     #[test]
     fn decode_rows_do_not_depend_on_their_batch() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in TYPES {
             for cols in [576, 1536] {
+                if cols % dtype.block_size() != 0 {
+                    continue;
+                }
                 let rows = 75;
                 let q = quantized(rows, cols, dtype, 9);
                 let m = QMatrix::with_scheme(&q, Isa::detect(), false).unwrap();

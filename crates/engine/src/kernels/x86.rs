@@ -127,6 +127,148 @@ pub(super) unsafe fn dequant_row_512(kind: Kind, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// `out[r][t] = dot(W row r, x row t)` for `RR` rows of a K-quant matrix in
+/// ggml's layout (`rows[r]`, one row's blocks each) and `T` activation rows,
+/// without an f32 copy of the weights: each 256-value block is dequantized in
+/// registers — Q4_K / Q5_K values through a 16-entry table per sub-block
+/// (`d·sc·q − dmin·m`, ggml's two roundings), Q6_K as `d·sc·(q − 32)` — and used
+/// at once for every activation row. The values are exactly `dequant_row_512`'s,
+/// so the result is the dequantized-f32 product up to summation order.
+/// Decode steps (small `T`) take this: the panel path's f32 copy of every row
+/// was written and read back once per step, which cost more than the products.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn fused_kquant_512<const RR: usize, const T: usize>(
+    kind: Kind,
+    rows: &[&[u8]; RR],
+    x: &[f32],
+    cols: usize,
+) -> [[f32; T]; RR] {
+    let bb = kind.block_bytes();
+    let nb = cols / 256;
+    assert!(cols.is_multiple_of(256) && x.len() >= T * cols);
+    assert!(rows.iter().all(|r| r.len() >= nb * bb));
+    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let (m4, one, three, off) = (
+        _mm512_set1_epi32(0xF),
+        _mm512_set1_epi32(1),
+        _mm512_set1_epi32(3),
+        _mm512_set1_epi32(32),
+    );
+    let xp = x.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; RR];
+    // `w` (16 values at offset `at` of the block) into every activation row's sums.
+    macro_rules! use_w {
+        ($r:expr, $w:expr, $at:expr, $b:expr) => {{
+            let w = $w;
+            for t in 0..T {
+                let xq = xp.add(t * cols + 256 * $b + $at);
+                acc[$r][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xq), acc[$r][t]);
+            }
+        }};
+    }
+    for b in 0..nb {
+        for r in 0..RR {
+            let blk = &rows[r][b * bb..(b + 1) * bb];
+            let p = blk.as_ptr();
+            if b + 1 < nb {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(bb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(bb + 64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(bb + 128) as *const i8);
+            }
+            match kind {
+                Kind::Q4K | Kind::Q5K => {
+                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                    let scales = &blk[4..16];
+                    let five = kind == Kind::Q5K;
+                    let qs = if five { p.add(48) } else { p.add(16) };
+                    for pair in 0..4 {
+                        let (sc1, mn1) = scale_min_k4(2 * pair, scales);
+                        let (sc2, mn2) = scale_min_k4(2 * pair + 1, scales);
+                        let (d1, m1) = (_mm512_set1_ps(d * sc1 as f32), _mm512_set1_ps(dmin * mn1 as f32));
+                        let (d2, m2) = (_mm512_set1_ps(d * sc2 as f32), _mm512_set1_ps(dmin * mn2 as f32));
+                        if five {
+                            for h in 0..2 {
+                                let q = u8x16(qs.add(32 * pair + 16 * h));
+                                let qh = u8x16(p.add(16 + 16 * h));
+                                let s1 = _mm512_srlv_epi32(qh, _mm512_set1_epi32(2 * pair as i32));
+                                let s2 = _mm512_srli_epi32::<1>(s1);
+                                let lo = _mm512_or_si512(
+                                    _mm512_and_si512(q, m4),
+                                    _mm512_slli_epi32::<4>(_mm512_and_si512(s1, one)),
+                                );
+                                let hi = _mm512_or_si512(
+                                    _mm512_srli_epi32::<4>(q),
+                                    _mm512_slli_epi32::<4>(_mm512_and_si512(s2, one)),
+                                );
+                                let cvt = |v: __m512i| _mm512_cvtepi32_ps(v);
+                                use_w!(r, _mm512_sub_ps(_mm512_mul_ps(d1, cvt(lo)), m1), 64 * pair + 16 * h, b);
+                                use_w!(
+                                    r,
+                                    _mm512_sub_ps(_mm512_mul_ps(d2, cvt(hi)), m2),
+                                    64 * pair + 32 + 16 * h,
+                                    b
+                                );
+                            }
+                        } else {
+                            // q·d1 − m1 for q = 0..15, as ggml (mul, then sub).
+                            let lut1 = _mm512_sub_ps(_mm512_mul_ps(d1, iota), m1);
+                            let lut2 = _mm512_sub_ps(_mm512_mul_ps(d2, iota), m2);
+                            for h in 0..2 {
+                                let q = u8x16(qs.add(32 * pair + 16 * h));
+                                // vpermps reads the low 4 bits of each index.
+                                use_w!(r, _mm512_permutexvar_ps(q, lut1), 64 * pair + 16 * h, b);
+                                use_w!(
+                                    r,
+                                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), lut2),
+                                    64 * pair + 32 + 16 * h,
+                                    b
+                                );
+                            }
+                        }
+                    }
+                }
+                Kind::Q6K => {
+                    let d = f16_at(blk, 208);
+                    let sc = &blk[192..208];
+                    for h in 0..2 {
+                        for c in 0..2 {
+                            let qa = u8x16(p.add(64 * h + 16 * c));
+                            let qb = u8x16(p.add(64 * h + 32 + 16 * c));
+                            let qh = u8x16(p.add(128 + 32 * h + 16 * c));
+                            let hbits = |shift: __m512i| {
+                                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srlv_epi32(qh, shift), three))
+                            };
+                            let vals = [
+                                _mm512_or_si512(_mm512_and_si512(qa, m4), hbits(_mm512_set1_epi32(0))),
+                                _mm512_or_si512(_mm512_and_si512(qb, m4), hbits(_mm512_set1_epi32(2))),
+                                _mm512_or_si512(_mm512_srli_epi32::<4>(qa), hbits(_mm512_set1_epi32(4))),
+                                _mm512_or_si512(_mm512_srli_epi32::<4>(qb), hbits(_mm512_set1_epi32(6))),
+                            ];
+                            for (k, v) in vals.into_iter().enumerate() {
+                                let scale = _mm512_set1_ps(d * sc[8 * h + c + 2 * k] as i8 as f32);
+                                let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, off));
+                                use_w!(r, _mm512_mul_ps(scale, q), 128 * h + 32 * k + 16 * c, b);
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("fused_kquant_512 is for K-quants"),
+            }
+        }
+    }
+    let mut out = [[0f32; T]; RR];
+    for r in 0..RR {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
 /// `out[r][t] = dot(w row r, x row t)` over `cols` (a multiple of 16), AVX-512.
 ///
 /// # Safety
