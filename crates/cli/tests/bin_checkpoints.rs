@@ -573,3 +573,16 @@ fn readme_first_steps_run() {
         "4",
     ]));
 }
+
+#[test]
+fn lora_flag_serves_a_bin_adapter_as_peft_merged() {
+    let lora = fixtures().join("models/tiny-llama-lora-bin");
+    for case in golden()["generation_cases"].as_array().unwrap() {
+        if case["model"] == "lora_merged" {
+            assert_eq!(
+                greedy(&model(), &case["prompt_ids"], &["--lora", p(&lora)]),
+                ids(&case["greedy_ids"])
+            );
+        }
+    }
+}

@@ -371,6 +371,24 @@ fn check_globals(p: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
+/// Every tensor of a (small) `.bin` file, loaded into memory: for adapters.
+pub fn load_bin(path: &Path, device: &candle_core::Device) -> Result<HashMap<String, candle_core::Tensor>> {
+    let tensors = read_bin(path)?;
+    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut out = HashMap::new();
+    for t in tensors {
+        let mut buf = vec![0u8; t.len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, t.offset).map_err(|e| EngineError::BadTensor {
+            path: path.into(),
+            tensor: t.name.clone(),
+            message: format!("reading its data: {e} (truncated file?)"),
+        })?;
+        let tensor = candle_core::Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, device)?;
+        out.insert(t.name, tensor);
+    }
+    Ok(out)
+}
+
 /// The weight files of an HF model directory.
 #[derive(Clone, Debug)]
 pub enum WeightFiles {
