@@ -49,4 +49,7 @@ for q in f16 q8_0 q4_0 q4_k; do
   else $V convert --input $W/smollm2-hf --output $W/smollm2-$q.gguf --quant $q --verify; fi
 done
 "$LPY" bench/check_gguf_llamacpp.py $V $W/smollm2-f16.gguf $W/smollm2-q8_0.gguf $W/smollm2-q4_0.gguf $W/smollm2-q4_k.gguf
+# A Vicuna-shaped checkpoint: PyTorch .bin shards and a SentencePiece tokenizer.model.
+$V convert --input tests/fixtures/models/tiny-llama-bin --output $W/tiny-llama-bin-f16.gguf --verify
+"$LPY" bench/check_gguf_llamacpp.py $V $W/tiny-llama-bin-f16.gguf
 echo "ALL WEIGHT CHECKS OK"

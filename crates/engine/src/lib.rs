@@ -16,6 +16,7 @@ pub mod sampler;
 pub mod team;
 pub mod text_stream;
 pub mod tokenizer;
+pub mod torch_bin;
 pub mod weights;
 
 pub use constraint::Constraint;

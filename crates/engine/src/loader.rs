@@ -9,7 +9,8 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::model::{Model, WeightDType};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufSource, SafetensorsSource};
+use crate::torch_bin::{find_weight_files, WeightFiles};
+use crate::weights::{GgufSource, SafetensorsSource, TorchBinSource};
 
 /// Sampling defaults a model ships with (`generation_config.json`).
 #[derive(Debug, Clone, Default)]
@@ -73,24 +74,30 @@ impl LoadedModel {
         }
         let mut cfg = ModelConfig::from_hf_file(&config_path)?;
         let defaults = read_generation_config(&dir.join("generation_config.json"))?;
-        let tokenizer = if dir.join("tokenizer.json").exists() {
+        let tokenizer = if dir.join("tokenizer.json").exists() || dir.join("tokenizer.model").exists() {
             Some(Tokenizer::from_hf_dir(dir)?)
         } else {
             None
         };
         merge_eos(&mut cfg, &defaults, tokenizer.as_ref());
-        let src = SafetensorsSource::open_dir(dir, device)?;
         let dense = match opts.dtype {
             WeightDType::Auto | WeightDType::F32 => DType::F32,
             WeightDType::F16 => DType::F16,
             WeightDType::BF16 => DType::BF16,
         };
-        let format = format!(
-            "safetensors ({} file{})",
-            src.paths().len(),
-            if src.paths().len() == 1 { "" } else { "s" }
-        );
-        let model = Model::load(cfg, &src, Some(dense), device)?;
+        let files = find_weight_files(dir)?;
+        let n = files.paths().len();
+        let (kind, model) = match &files {
+            WeightFiles::Safetensors(paths) => {
+                let src = SafetensorsSource::open_files(paths, device)?;
+                ("safetensors", Model::load(cfg, &src, Some(dense), device)?)
+            }
+            WeightFiles::Bin(paths) => {
+                let src = TorchBinSource::open_files(paths, device)?;
+                ("PyTorch .bin", Model::load(cfg, &src, Some(dense), device)?)
+            }
+        };
+        let format = format!("{kind} ({n} file{})", if n == 1 { "" } else { "s" });
         Ok(LoadedModel {
             model,
             tokenizer,
@@ -105,6 +112,9 @@ impl LoadedModel {
     fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let mut src = GgufSource::open(path, device)?;
         let mut cfg = src.config()?;
+        if let Some(scaling) = llama3_rope_from_gguf(&src.content.metadata) {
+            cfg.rope_scaling = scaling;
+        }
         // A GGUF written from a weight-only directory has no vocabulary.
         let tokenizer = if src.content.metadata.contains_key("tokenizer.ggml.tokens") {
             Some(Tokenizer::from_gguf(&src.content, path)?)
@@ -146,6 +156,25 @@ impl LoadedModel {
             ))
         })
     }
+}
+
+/// Metadata prefix under which `vicugna convert` keeps Llama 3 RoPE scaling
+/// (`.factor`, `.low_freq_factor`, `.high_freq_factor`,
+/// `.original_max_position_embeddings`): llama.cpp takes the scaling as the
+/// `rope_freqs.weight` divisors and ignores these keys.
+pub const LLAMA3_ROPE_KEY: &str = "vicugna.rope.llama3";
+
+/// Llama 3 RoPE scaling written by `vicugna convert`, when the GGUF has it.
+fn llama3_rope_from_gguf(
+    md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Option<crate::config::RopeScaling> {
+    let f = |k: &str| md.get(&format!("{LLAMA3_ROPE_KEY}.{k}"))?.to_f32().ok().map(f64::from);
+    Some(crate::config::RopeScaling::Llama3 {
+        factor: f("factor")?,
+        low_freq_factor: f("low_freq_factor")?,
+        high_freq_factor: f("high_freq_factor")?,
+        original_max_position_embeddings: f("original_max_position_embeddings")?,
+    })
 }
 
 fn file_name(p: &Path) -> String {

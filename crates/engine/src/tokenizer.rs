@@ -25,6 +25,8 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::error::{EngineError, Result};
 
+mod sentencepiece;
+
 /// A text tokenizer plus what chat templating and generation need from it: the
 /// BOS/EOS tokens, whether a plain prompt starts with BOS, and the chat template.
 #[derive(Clone)]
@@ -90,20 +92,26 @@ impl Tokenizer {
     /// added to [`Tokenizer::eos_ids`]).
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
         let tok_path = dir.join("tokenizer.json");
-        let text = match fs::read_to_string(&tok_path) {
-            Ok(text) => text,
+        let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
+        let sp_path = dir.join("tokenizer.model");
+        let mut inner = match fs::read_to_string(&tok_path) {
+            Ok(text) => tokenizers::Tokenizer::from_str(&text)
+                .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", tok_path.display())))?,
+            // LLaMA-era checkpoints ship only the SentencePiece model.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && sp_path.is_file() => {
+                let doc = sentencepiece_from_config(&sp_path, &config)?;
+                serde_json::from_value(doc)
+                    .map_err(|e| EngineError::Tokenizer(format!("{}: converting: {e}", sp_path.display())))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(EngineError::MissingFile {
                     path: tok_path,
-                    what: "the HF tokenizer (tokenizer.json)".into(),
+                    what: "the HF tokenizer (tokenizer.json, or a SentencePiece tokenizer.model)".into(),
                 })
             }
             Err(e) => return Err(EngineError::io(&tok_path, e)),
         };
-        let mut inner = tokenizers::Tokenizer::from_str(&text)
-            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
 
-        let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let bos_token = config.get("bos_token").and_then(token_content);
         let eos_token = config.get("eos_token").and_then(token_content);
         let mut chat_template = config.get("chat_template").and_then(pick_chat_template);
@@ -696,6 +704,45 @@ fn clean_up_tokenization(text: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // HF directory helpers
+
+/// The tokenizer.json document for a `tokenizer.model`, with the settings of
+/// `tokenizer_config.json` that HF's Llama tokenizer reads (`legacy`, default
+/// true; `add_prefix_space`; the bos/eos/unk/pad strings, registered as special).
+fn sentencepiece_from_config(sp_path: &Path, config: &Json) -> Result<Json> {
+    let model = sentencepiece::SpModel::read(sp_path)?;
+    let legacy = config.get("legacy").and_then(Json::as_bool).unwrap_or(true);
+    let add_prefix_space = config.get("add_prefix_space").and_then(Json::as_bool);
+    let specials: Vec<String> = ["bos_token", "eos_token", "unk_token", "pad_token"]
+        .iter()
+        .filter_map(|k| config.get(*k).and_then(token_content))
+        .collect();
+    model.document(sp_path, legacy, add_prefix_space, &specials)
+}
+
+/// A SentencePiece vocabulary as a GGUF `llama` tokenizer stores it.
+#[derive(Debug, Clone)]
+pub struct SentencePieceVocab {
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    /// llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    pub token_types: Vec<i32>,
+    /// Whether a space is prepended to the text (`add_dummy_prefix`).
+    pub add_space_prefix: bool,
+    pub byte_fallback: bool,
+}
+
+/// Reads a SentencePiece `tokenizer.model` for export to GGUF.
+pub fn read_sentencepiece_vocab(path: &Path) -> Result<SentencePieceVocab> {
+    let model = sentencepiece::SpModel::read(path)?;
+    let (tokens, scores, token_types) = model.gguf_vocab();
+    Ok(SentencePieceVocab {
+        tokens,
+        scores,
+        token_types,
+        add_space_prefix: model.add_dummy_prefix(),
+        byte_fallback: model.byte_fallback(),
+    })
+}
 
 fn read_json_opt(path: &Path) -> Result<Option<Json>> {
     let text = match fs::read_to_string(path) {

@@ -348,3 +348,77 @@ impl SafetensorsSource {
             .sum()
     }
 }
+
+/// HF-layout weights saved by PyTorch: `pytorch_model.bin`, or the shards listed
+/// in `pytorch_model.bin.index.json`. The pickles are checked and read (see
+/// [`crate::torch_bin`]); the tensor data is memory-mapped, as for safetensors.
+pub struct TorchBinSource {
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+    routing: HashMap<String, (usize, crate::torch_bin::BinTensor)>,
+    device: Device,
+}
+
+impl TorchBinSource {
+    /// Reads the given `.bin` files' pickles and maps their data.
+    pub fn open_files(paths: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut routing = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let tensors = crate::torch_bin::read_bin(path)?;
+            let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+            // SAFETY: read-only mapping of a model file; see SafetensorsSource.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+            for t in tensors {
+                routing.insert(t.name.clone(), (i, t));
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(TorchBinSource {
+            files,
+            routing,
+            device: device.clone(),
+        })
+    }
+
+    /// The files behind this source.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|(p, _)| p.as_path()).collect()
+    }
+}
+
+impl WeightSource for TorchBinSource {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let Some((i, t)) = self.routing.get(name) else {
+            let path = self.files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+            return Err(EngineError::BadTensor {
+                path,
+                tensor: name.into(),
+                message: "missing from the weight files".into(),
+            });
+        };
+        let (path, mmap) = &self.files[*i];
+        if t.shape != shape {
+            return Err(shape_error(path, name, shape, &t.shape));
+        }
+        let (start, end) = (t.offset as usize, (t.offset + t.len) as usize);
+        let bytes = mmap.get(start..end).ok_or_else(|| EngineError::BadTensor {
+            path: path.clone(),
+            tensor: name.into(),
+            message: format!(
+                "needs bytes {start}..{end} but the file has {} (truncated?)",
+                mmap.len()
+            ),
+        })?;
+        let tensor =
+            Tensor::from_raw_buffer(bytes, t.dtype, &t.shape, &self.device).map_err(|e| EngineError::BadTensor {
+                path: path.clone(),
+                tensor: name.into(),
+                message: root_message(&e),
+            })?;
+        Ok(Weight::Dense(tensor))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+}

@@ -378,12 +378,21 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
         target_modules: read.target_modules.clone(),
     };
     let scale = read.scale();
-    let st_path = dir.join("adapter_model.safetensors");
-    let tensors: HashMap<String, Tensor> =
+    let mut st_path = dir.join("adapter_model.safetensors");
+    let bin_path = dir.join("adapter_model.bin");
+    let tensors: HashMap<String, Tensor> = if !st_path.is_file() && bin_path.is_file() {
+        // Chinese-Vicuna's and other early adapters are torch.save'd `.bin` files.
+        st_path = bin_path;
+        vicugna_engine::torch_bin::load_bin(&st_path, model.device()).map_err(|e| TrainError::BadData {
+            path: st_path.clone(),
+            message: e.to_string(),
+        })?
+    } else {
         candle_core::safetensors::load(&st_path, model.device()).map_err(|e| TrainError::BadData {
             path: st_path.clone(),
             message: e.to_string(),
-        })?;
+        })?
+    };
     let bad_st = |m: String| TrainError::BadData {
         path: st_path.clone(),
         message: m,

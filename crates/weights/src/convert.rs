@@ -219,6 +219,11 @@ fn pre_tokenizer_name(pre: &Value, path: &Path) -> Result<&'static str> {
     if text.contains("\"Digits\"") && text.contains("\"individual_digits\":true") && !text.contains("\"Split\"") {
         return Ok("smollm");
     }
+    // The same split as the engine writes it back from a GGUF: digits one by one,
+    // then GPT-2's regex.
+    if text.contains(r#"{"Regex":"\\p{N}"}"#) {
+        return Ok("smollm");
+    }
     if text.contains(r"\\p{N}{1,3}") {
         return Ok("llama-bpe");
     }
@@ -235,6 +240,15 @@ fn pre_tokenizer_name(pre: &Value, path: &Path) -> Result<&'static str> {
 /// unused tokens up to `n_vocab` rows of the embedding, as llama.cpp's converter does.
 fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<(String, Meta)>> {
     let path = dir.join("tokenizer.json");
+    let sp_path = dir.join("tokenizer.model");
+    // LLaMA-era checkpoints: the SentencePiece model is the vocabulary (a
+    // tokenizer.json beside it, if any, is HF's conversion of it).
+    if sp_path.is_file() {
+        let sp_style = !path.is_file() || read_json(&path)?.pointer("/model/byte_fallback") == Some(&json!(true));
+        if sp_style {
+            return sentencepiece_metadata(dir, &sp_path, config, n_vocab);
+        }
+    }
     if !path.is_file() {
         return Err(WeightsError::MissingFile {
             path,
@@ -347,7 +361,126 @@ fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<
     }
     let add_bos = tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
     md.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
-    let template = match tc.get("chat_template") {
+    if let Some(t) = chat_template(dir, &tc) {
+        md.push(("tokenizer.chat_template".into(), Meta::Str(t)));
+    }
+    Ok(md)
+}
+
+/// Where Llama 3 RoPE scaling parameters are kept in a GGUF (see the engine's
+/// GGUF loader).
+pub use vicugna_engine::loader::LLAMA3_ROPE_KEY;
+
+/// Llama 3 RoPE scaling as llama.cpp's converter writes it: one divisor per
+/// frequency (1 for short wavelengths, `factor` for long ones, a smooth blend
+/// between), computed in f32 as its `generate_extra_tensors` does.
+fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: old,
+    } = cfg.rope_scaling
+    else {
+        return None;
+    };
+    let dim = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+    Some(
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / base.powf(i as f32 / dim as f32);
+                let wavelen = f64::from(2.0 * std::f32::consts::PI / freq);
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor as f32
+                } else {
+                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect(),
+    )
+}
+
+/// A SentencePiece vocabulary as llama.cpp's converter writes it
+/// (`tokenizer.ggml.model = llama`): pieces, scores and token types, padded with
+/// unused `[PAD{i}]` entries up to the embedding's rows; special ids from
+/// `tokenizer_config.json`'s strings, else `config.json`; add-bos/eos from the
+/// config (SentencePiece's defaults: BOS yes, EOS no); the space prefix from the
+/// model's normalizer.
+fn sentencepiece_metadata(dir: &Path, sp_path: &Path, config: &Value, n_vocab: usize) -> Result<Vec<(String, Meta)>> {
+    let v = vicugna_engine::tokenizer::read_sentencepiece_vocab(sp_path)?;
+    if v.tokens.len() > n_vocab {
+        return Err(WeightsError::Mismatch {
+            what: "tokenizer and embedding".into(),
+            count: 1,
+            list: format!(
+                "  {} has {} pieces but the embedding has {n_vocab} rows",
+                sp_path.display(),
+                v.tokens.len()
+            ),
+        });
+    }
+    let (mut tokens, mut scores, mut types) = (v.tokens, v.scores, v.token_types);
+    for i in tokens.len()..n_vocab {
+        tokens.push(format!("[PAD{i}]"));
+        scores.push(-1000.0);
+        types.push(5);
+    }
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = if tc_path.is_file() {
+        read_json(&tc_path)?
+    } else {
+        json!({})
+    };
+    let id_of = |key: &str| -> Option<u32> {
+        let v = tc.get(key)?;
+        let s = v.as_str().or_else(|| v.get("content").and_then(Value::as_str))?;
+        tokens.iter().position(|t| t == s).map(|i| i as u32)
+    };
+    let cfg_id = |key: &str| -> Option<u32> {
+        let v = config.get(key)?;
+        v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|x| x as u32)
+    };
+    let mut md = vec![
+        ("tokenizer.ggml.model".to_string(), Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens".to_string(), Meta::Strs(tokens.clone())),
+        ("tokenizer.ggml.scores".to_string(), Meta::F32s(scores)),
+        ("tokenizer.ggml.token_type".to_string(), Meta::I32s(types)),
+    ];
+    for (key, tc_key, cfg_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token", "eos_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token", ""),
+        ("tokenizer.ggml.padding_token_id", "pad_token", "pad_token_id"),
+    ] {
+        if let Some(id) = id_of(tc_key).or_else(|| cfg_id(cfg_key)) {
+            md.push((key.into(), Meta::U32(id)));
+        }
+    }
+    let add_bos = tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true);
+    let add_eos = tc.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false);
+    let add_prefix = tc
+        .get("add_prefix_space")
+        .and_then(Value::as_bool)
+        .unwrap_or(v.add_space_prefix);
+    md.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
+    md.push(("tokenizer.ggml.add_eos_token".into(), Meta::Bool(add_eos)));
+    md.push(("tokenizer.ggml.add_space_prefix".into(), Meta::Bool(add_prefix)));
+    if let Some(t) = chat_template(dir, &tc) {
+        md.push(("tokenizer.chat_template".into(), Meta::Str(t)));
+    }
+    Ok(md)
+}
+
+/// The chat template of `tokenizer_config.json` (the default of a list), else
+/// `chat_template.jinja`.
+fn chat_template(dir: &Path, tc: &Value) -> Option<String> {
+    match tc.get("chat_template") {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(list)) => list
             .iter()
@@ -355,11 +488,7 @@ fn tokenizer_metadata(dir: &Path, config: &Value, n_vocab: usize) -> Result<Vec<
             .or(list.first())
             .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
         _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
-    };
-    if let Some(t) = template {
-        md.push(("tokenizer.chat_template".into(), Meta::Str(t)));
     }
-    Ok(md)
 }
 
 /// GGUF type of an HF tensor: norms and vectors stay F32, matrices take the
@@ -578,20 +707,36 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             md.push((a("rope.scaling.type"), Meta::Str("linear".into())));
             md.push((a("rope.scaling.factor"), Meta::F32(factor as f32)));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(WeightsError::Unsupported(format!(
-                "{}: Llama 3 RoPE scaling is not supported for GGUF export yet",
-                cfg_path.display()
-            )))
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            // llama.cpp takes Llama 3's scaling as per-frequency divisors
+            // (`rope_freqs.weight`, written below); the parameters themselves go
+            // under vicugna's own keys, which llama.cpp ignores, so vicugna reads
+            // the GGUF back exactly.
+            for (k, v) in [
+                ("factor", factor),
+                ("low_freq_factor", low_freq_factor),
+                ("high_freq_factor", high_freq_factor),
+                ("original_max_position_embeddings", original_max_position_embeddings),
+            ] {
+                md.push((format!("{LLAMA3_ROPE_KEY}.{k}"), Meta::F32(v as f32)));
+            }
         }
     }
     // A weight-only directory (no tokenizer.json) gives a GGUF without a
     // vocabulary, as the directory itself is: prompts are then given as ids.
-    if input.join("tokenizer.json").is_file() || input.join("tokenizer_config.json").is_file() {
+    if ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+        .iter()
+        .any(|f| input.join(f).is_file())
+    {
         md.extend(tokenizer_metadata(input, &cfg_json, n_vocab)?);
     }
 
-    let tensors: Vec<GgufTensor> = plan
+    let mut tensors: Vec<GgufTensor> = plan
         .iter()
         .map(|(g, shape, _, _)| GgufTensor {
             name: g.clone(),
@@ -603,6 +748,14 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             ),
         })
         .collect();
+    let rope_freqs = llama3_rope_factors(&cfg);
+    if let Some(f) = &rope_freqs {
+        tensors.push(GgufTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![f.len()],
+            dtype: GgmlDType::F32,
+        });
+    }
     let out = AtomicOutput::file(output)?;
     let total: u64 = tensors.iter().map(GgufTensor::len).sum();
     out.check_space(total + (1 << 20))?;
@@ -663,6 +816,15 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
         w.end()?;
         if let Some(h) = hasher {
             sums.push((g.clone(), h.finalize()));
+        }
+    }
+    if let Some(f) = &rope_freqs {
+        encode(Float::F32, f, &mut bytes);
+        w.begin("rope_freqs.weight")?;
+        w.write(&bytes)?;
+        w.end()?;
+        if opts.job.verify {
+            sums.push(("rope_freqs.weight".into(), Sha256::digest(&bytes)));
         }
     }
     w.finish()?;

@@ -203,18 +203,21 @@ pub fn merge(
 ) -> Result<JobReport> {
     let cfg = LoraConfig::read(&lora_dir.join("adapter_config.json"))?;
     let weights = lora_dir.join("adapter_model.safetensors");
-    if !weights.is_file() {
+    let bin = lora_dir.join("adapter_model.bin");
+    let base = Checkpoint::open_dir(base_dir)?;
+    // Chinese-Vicuna's and other early adapters are torch.save'd `.bin` files.
+    let lora = if weights.is_file() {
+        Checkpoint::open_files(lora_dir, &[weights])?
+    } else if bin.is_file() {
+        Checkpoint::open_bin_files(lora_dir, &[bin])?
+    } else {
         return Err(WeightsError::MissingFile {
             path: weights,
-            what: if lora_dir.join("adapter_model.bin").is_file() {
-                "missing; only adapter_model.bin is there and vicugna reads safetensors".into()
-            } else {
-                "missing; a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors".into()
-            },
+            what: "missing; a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors \
+                   (or adapter_model.bin)"
+                .into(),
         });
-    }
-    let base = Checkpoint::open_dir(base_dir)?;
-    let lora = Checkpoint::open_files(lora_dir, &[weights])?;
+    };
     let pairs = match_adapter(&base, &lora, &cfg)?;
     let mut outs = Vec::new();
     for t in &base.tensors {

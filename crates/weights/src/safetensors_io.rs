@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use candle_core::DType;
+use vicugna_engine::torch_bin::WeightFiles;
+
 use crate::error::{Result, WeightsError};
 
 /// Name of the index file of a sharded checkpoint.
@@ -122,7 +125,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`,
+    /// or else PyTorch's `pytorch_model.bin` or the shards of its index.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(WeightsError::MissingFile {
@@ -130,45 +134,63 @@ impl Checkpoint {
                 what: "not a directory (expected an HF-layout model directory)".into(),
             });
         }
-        let single = dir.join(SINGLE_FILE);
-        let index = dir.join(INDEX_FILE);
-        let paths = if single.is_file() {
-            vec![single]
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| WeightsError::io(&index, e))?;
-            let json: Value = serde_json::from_str(&text).map_err(|e| WeightsError::BadFile {
-                path: index.clone(),
-                format: "JSON",
-                message: e.to_string(),
-            })?;
-            let map = json
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| WeightsError::BadConfig {
-                    path: index.clone(),
-                    field: "weight_map".into(),
-                    message: "missing; expected an object of tensor name -> shard file".into(),
-                })?;
-            let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-            shards.sort();
-            shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
-        } else {
-            let bin = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
-                .iter()
-                .any(|f| dir.join(f).exists());
-            let what = if bin {
-                "only PyTorch .bin weights here; vicugna reads safetensors (convert them with HF's \
-                 `save_pretrained(..., safe_serialization=True)`)"
-            } else {
-                "no model.safetensors and no model.safetensors.index.json in the model directory"
-            };
-            return Err(WeightsError::MissingFile {
-                path: dir.into(),
-                what: what.into(),
-            });
-        };
-        Self::open_files(dir, &paths)
+        match vicugna_engine::torch_bin::find_weight_files(dir)? {
+            WeightFiles::Safetensors(paths) => Self::open_files(dir, &paths),
+            WeightFiles::Bin(paths) => Self::open_bin_files(dir, &paths),
+        }
+    }
+
+    /// Opens PyTorch `.bin` files (torch.save's zip format) as one checkpoint: the
+    /// pickles are checked and read, the data is read in place like safetensors'.
+    pub fn open_bin_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors = Vec::new();
+        let mut by_name = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let mut infos = vicugna_engine::torch_bin::read_bin(path)?;
+            infos.sort_by_key(|t| t.offset);
+            let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
+            for t in infos {
+                let dtype = match t.dtype {
+                    DType::F32 => "F32",
+                    DType::F16 => "F16",
+                    DType::BF16 => "BF16",
+                    DType::F64 => "F64",
+                    DType::I64 => "I64",
+                    DType::I32 => "I32",
+                    DType::U8 => "U8",
+                    other => {
+                        return Err(WeightsError::BadTensor {
+                            path: path.clone(),
+                            tensor: t.name,
+                            message: format!("dtype {other:?} is not supported"),
+                        })
+                    }
+                };
+                if by_name.insert(t.name.clone(), tensors.len()).is_some() {
+                    return Err(WeightsError::BadTensor {
+                        path: path.clone(),
+                        tensor: t.name,
+                        message: "appears in more than one shard".into(),
+                    });
+                }
+                tensors.push(TensorInfo {
+                    name: t.name,
+                    dtype: dtype.into(),
+                    shape: t.shape,
+                    file: i,
+                    offset: t.offset,
+                    len: t.len,
+                });
+            }
+            files.push((path.clone(), file));
+        }
+        Ok(Checkpoint {
+            dir: dir.into(),
+            files,
+            tensors,
+            by_name,
+        })
     }
 
     /// Opens the given safetensors files as one checkpoint.
