@@ -189,9 +189,16 @@ fn run_remote(a: &ChatArgs, base: &str, sampling: SamplingParams) -> Result<()> 
     let model = (a.model.model != "default").then_some(a.model.model.as_str());
     let api_key = a.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
     let remote = remote::Remote::connect(base, model, api_key)?;
-    // The server applies the model's template; this one only names the roles
-    // on screen and in `!!save` files.
-    let (format, _) = ChatFormat::select_with_source(a.conv_template.as_deref(), None, &remote.model)?;
+    // The server applies the model's own template, which this side never
+    // sees: a stand-in for it names the roles USER/ASSISTANT on screen and
+    // the template "model's chat template" in `!!save` files
+    // (`--conv-template` names one instead).
+    const SERVER_TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    let (format, _) = ChatFormat::select_with_source(
+        a.conv_template.as_deref(),
+        Some((SERVER_TEMPLATE, "", "")),
+        &remote.model,
+    )?;
     let mut io = make_io(a)?;
     if a.style != Style::Programmatic {
         eprintln!(

@@ -181,6 +181,10 @@ fn chat_talks_to_a_running_server() {
     assert_eq!(third[1]["content"], answers[1], "{run}");
     assert_eq!(debug[3]["messages"].as_array().unwrap().len(), 1, "!!reset forgets\n{run}");
     assert!(run.stdout.contains("resetting...\n") && run.stdout.ends_with("exit...\n"), "{run}");
+    assert!(
+        run.stdout.starts_with("[!OP:USER]: What is the capital of France?\n"),
+        "roles are named as for a model's own template\n{run}"
+    );
 
     // --model with the served name works; another name is refused, listing the served ones.
     let named = chat(
