@@ -241,7 +241,10 @@ fn choose_format(engine: &EngineHandle, tok: &Tokenizer, name: Option<&str>) -> 
 /// Where answers come from.
 enum Backend<'a> {
     /// A model loaded in this process.
-    Local { engine: &'a EngineHandle, tok: &'a Tokenizer },
+    Local {
+        engine: &'a EngineHandle,
+        tok: &'a Tokenizer,
+    },
     /// An OpenAI-compatible server (`--api-base`).
     Remote(remote::Remote),
 }
@@ -538,7 +541,9 @@ impl Chat<'_> {
                     Ok(remote::Piece::Done(tokens)) => break Some(Ok(tokens.unwrap_or(pieces))),
                     Ok(remote::Piece::Error(e)) => break Some(Err(e)),
                     Err(RecvTimeoutError::Timeout) => io.tick(&text)?,
-                    Err(RecvTimeoutError::Disconnected) => break Some(Err("the stream ended without an answer".into())),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Some(Err("the stream ended without an answer".into()))
+                    }
                 }
             };
             drop(rx);

@@ -175,12 +175,23 @@ fn chat_talks_to_a_running_server() {
     let debug = run.debug();
     assert_eq!(debug.len(), 4, "{run}");
     assert_eq!(debug[0]["model"], server.model.as_str(), "{run}");
-    assert_eq!(debug[1]["messages"].as_array().unwrap().len(), 1, "regen re-asks the one message\n{run}");
+    assert_eq!(
+        debug[1]["messages"].as_array().unwrap().len(),
+        1,
+        "regen re-asks the one message\n{run}"
+    );
     let third = debug[2]["messages"].as_array().unwrap();
     assert_eq!(third.len(), 3, "history goes with the call\n{run}");
     assert_eq!(third[1]["content"], answers[1], "{run}");
-    assert_eq!(debug[3]["messages"].as_array().unwrap().len(), 1, "!!reset forgets\n{run}");
-    assert!(run.stdout.contains("resetting...\n") && run.stdout.ends_with("exit...\n"), "{run}");
+    assert_eq!(
+        debug[3]["messages"].as_array().unwrap().len(),
+        1,
+        "!!reset forgets\n{run}"
+    );
+    assert!(
+        run.stdout.contains("resetting...\n") && run.stdout.ends_with("exit...\n"),
+        "{run}"
+    );
     assert!(
         run.stdout.starts_with("[!OP:USER]: What is the capital of France?\n"),
         "roles are named as for a model's own template\n{run}"

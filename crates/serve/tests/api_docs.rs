@@ -50,11 +50,18 @@ async fn docs_page_and_assets_are_served_without_a_key_or_the_web_page() {
         assert_eq!(status, 200, "{html}");
         assert!(ctype.starts_with("text/html"), "{ctype}");
         assert!(html.contains("<title>vicugna API</title>"), "{html}");
-        assert!(html.contains("/openapi.json"), "the page reads the OpenAPI document: {html}");
+        assert!(
+            html.contains("/openapi.json"),
+            "the page reads the OpenAPI document: {html}"
+        );
         // Every script and stylesheet comes from this server, none from a CDN.
         let assets: Vec<String> = attr_values(&html, "src")
             .into_iter()
-            .chain(attr_values(&html, "href").into_iter().filter(|h| h.starts_with("/docs/")))
+            .chain(
+                attr_values(&html, "href")
+                    .into_iter()
+                    .filter(|h| h.starts_with("/docs/")),
+            )
             .collect();
         assert!(assets.iter().any(|a| a.ends_with(".js")), "{assets:?}");
         assert!(assets.iter().any(|a| a.ends_with(".css")), "{assets:?}");
@@ -62,13 +69,20 @@ async fn docs_page_and_assets_are_served_without_a_key_or_the_web_page() {
             assert!(a.starts_with('/'), "asset {a} is not served by vicugna");
             let (status, ctype, text) = get(&format!("{api}{a}")).await;
             assert_eq!(status, 200, "{a}");
-            let want = if a.ends_with(".js") { "text/javascript" } else { "text/css" };
+            let want = if a.ends_with(".js") {
+                "text/javascript"
+            } else {
+                "text/css"
+            };
             assert!(ctype.starts_with(want), "{a}: {ctype}");
             assert!(!text.contains("://"), "{a} loads nothing from elsewhere");
         }
         let (_, _, js) = get(&format!("{api}/docs/docs.js")).await;
         assert!(js.contains("fetch(\"/openapi.json\")") && js.contains("Send"), "{js}");
-        assert!(!js.contains("innerHTML"), "the document's text is never inserted as HTML");
+        assert!(
+            !js.contains("innerHTML"),
+            "the document's text is never inserted as HTML"
+        );
         let (status, _, _) = get(&format!("{api}/openapi.json")).await;
         assert_eq!(status, 200);
     })
@@ -92,9 +106,13 @@ fn openapi_names_tools_and_structured_output_fields() {
     assert_eq!(choices, ["none", "auto", "required"]);
     assert_eq!(chat["tools"]["items"]["properties"]["function"]["required"][0], "name");
     let formats = chat["response_format"]["anyOf"].as_array().unwrap();
-    assert!(formats.iter().any(|f| f["properties"]["type"]["enum"][0] == "json_schema"
-        && f["properties"]["json_schema"]["properties"]["strict"]["type"] == "boolean"));
-    let roles = chat["messages"]["items"]["properties"]["role"]["enum"].as_array().unwrap();
+    assert!(formats
+        .iter()
+        .any(|f| f["properties"]["type"]["enum"][0] == "json_schema"
+            && f["properties"]["json_schema"]["properties"]["strict"]["type"] == "boolean"));
+    let roles = chat["messages"]["items"]["properties"]["role"]["enum"]
+        .as_array()
+        .unwrap();
     assert!(roles.iter().any(|r| r == "tool"));
     assert!(chat["messages"]["items"]["properties"]["tool_call_id"].is_object());
     assert_eq!(chat["logit_bias"]["additionalProperties"]["maximum"], 100);

@@ -101,8 +101,9 @@ impl Remote {
         if !status.is_success() {
             bail!("GET {url}: HTTP {status}: {}", api_message(&text));
         }
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("GET {url}: the answer is not JSON ({e}); is this an OpenAI-compatible API?"))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("GET {url}: the answer is not JSON ({e}); is this an OpenAI-compatible API?")
+        })?;
         let Some(data) = v["data"].as_array() else {
             bail!("GET {url}: the answer has no `data` list; is this an OpenAI-compatible API?");
         };
@@ -260,7 +261,10 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(normalize_base("http://127.0.0.1:8000").unwrap(), "http://127.0.0.1:8000/v1");
+        assert_eq!(
+            normalize_base("http://127.0.0.1:8000").unwrap(),
+            "http://127.0.0.1:8000/v1"
+        );
         assert_eq!(normalize_base("http://h:1/v1/").unwrap(), "http://h:1/v1");
         assert!(normalize_base("ftp://h").is_err());
         assert!(normalize_base("not a url").is_err());

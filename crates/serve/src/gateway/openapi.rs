@@ -223,6 +223,12 @@ pub fn docs_router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
     axum::Router::new()
         .route("/docs", get(|| async { asset(DOCS_HTML, "text/html; charset=utf-8") }))
         .route("/docs/", get(|| async { asset(DOCS_HTML, "text/html; charset=utf-8") }))
-        .route("/docs/docs.js", get(|| async { asset(DOCS_JS, "text/javascript; charset=utf-8") }))
-        .route("/docs/docs.css", get(|| async { asset(DOCS_CSS, "text/css; charset=utf-8") }))
+        .route(
+            "/docs/docs.js",
+            get(|| async { asset(DOCS_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/docs/docs.css",
+            get(|| async { asset(DOCS_CSS, "text/css; charset=utf-8") }),
+        )
 }
