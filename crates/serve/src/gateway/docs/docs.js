@@ -107,7 +107,8 @@ function operation(doc, path, method, op, model) {
   const body = el("div", { class: "body" });
   const params = {};
   for (const p of op.parameters || []) {
-    const input = el("input", { type: "text", value: p.name === "model" ? model : "" });
+    const input = el("input", { type: "text" });
+    input.value = p.name === "model" ? model : "";
     params[p.name] = input;
     body.append(el("label", {}, p.name + " (" + p.in + "): ", input), el("br"));
   }
