@@ -8,6 +8,10 @@
 //! `!!remove`, `!!regen`, `!!save FILE`, `!!load FILE` (FastChat's JSON layout).
 //! Ctrl-C during an answer stops it and keeps the session. When the
 //! conversation outgrows the context, the oldest turns are dropped with a notice.
+//!
+//! With `--api-base URL` the model is not loaded here: the conversation goes
+//! to a running OpenAI-compatible server (`vicugna serve`) as streaming
+//! `/chat/completions` calls, and `--model` names the server's model.
 
 #[path = "chat/context.rs"]
 mod context;
@@ -17,6 +21,8 @@ mod interrupt;
 mod io;
 #[path = "chat/live.rs"]
 mod live;
+#[path = "chat/remote.rs"]
+mod remote;
 
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -86,6 +92,14 @@ pub struct ChatArgs {
     /// Keep the conversation within this many tokens (default and most: the model's context length).
     #[arg(long)]
     context_length: Option<usize>,
+    /// Talk to a running OpenAI-compatible server at this URL (e.g. http://127.0.0.1:8000/v1)
+    /// instead of loading a model here; --model then names the server's model
+    /// (default: its only one).
+    #[arg(long)]
+    api_base: Option<String>,
+    /// Bearer key for --api-base (default: $OPENAI_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -111,6 +125,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
     if let Some(name) = &a.conv_template {
         ChatFormat::named(name)?;
     }
+    if let Some(base) = &a.api_base {
+        return run_remote(&a, base, sampling);
+    }
 
     let engine = a.model.start()?;
     let tok = engine
@@ -124,11 +141,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         None => model_context,
     };
 
-    let mut io: Box<dyn ChatIo> = match a.style {
-        Style::Simple => Box::new(SimpleIo::new(a.multiline)?),
-        Style::Rich => Box::new(RichIo::new(a.multiline)?),
-        Style::Programmatic => Box::new(ProgrammaticIo::new(std::io::stdin().lock())),
-    };
+    let mut io = make_io(&a)?;
     if a.style != Style::Programmatic {
         let why = match source {
             FormatSource::Explicit => "chosen",
@@ -150,12 +163,56 @@ pub fn run(a: ChatArgs) -> Result<()> {
     interrupt::install();
 
     let mut chat = Chat {
-        engine: &engine,
-        tok,
+        backend: Backend::Local { engine: &engine, tok },
         format,
         system: a.conv_system_msg.clone(),
         messages: Vec::new(),
         context,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        debug: a.debug,
+    };
+    chat.run(io.as_mut(), !a.no_history)
+}
+
+fn make_io(a: &ChatArgs) -> Result<Box<dyn ChatIo>> {
+    Ok(match a.style {
+        Style::Simple => Box::new(SimpleIo::new(a.multiline)?),
+        Style::Rich => Box::new(RichIo::new(a.multiline)?),
+        Style::Programmatic => Box::new(ProgrammaticIo::new(std::io::stdin().lock())),
+    })
+}
+
+/// `--api-base`: the same session, answered by a server.
+fn run_remote(a: &ChatArgs, base: &str, sampling: SamplingParams) -> Result<()> {
+    // `--model` keeps its local default; here that means "the server's only model".
+    let model = (a.model.model != "default").then_some(a.model.model.as_str());
+    let api_key = a.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
+    let remote = remote::Remote::connect(base, model, api_key)?;
+    // The server applies the model's own template, which this side never
+    // sees: a stand-in for it names the roles USER/ASSISTANT on screen and
+    // the template "model's chat template" in `!!save` files
+    // (`--conv-template` names one instead).
+    const SERVER_TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    let (format, _) = ChatFormat::select_with_source(
+        a.conv_template.as_deref(),
+        Some((SERVER_TEMPLATE, "", "")),
+        &remote.model,
+    )?;
+    let mut io = make_io(a)?;
+    if a.style != Style::Programmatic {
+        eprintln!(
+            "{} at {}. Commands: !!exit !!reset !!remove !!regen !!save FILE !!load FILE; Ctrl-C stops an answer.",
+            remote.model, remote.base
+        );
+    }
+    interrupt::install();
+    let mut chat = Chat {
+        backend: Backend::Remote(remote),
+        format,
+        system: a.conv_system_msg.clone(),
+        messages: Vec::new(),
+        context: a.context_length.unwrap_or(usize::MAX),
         max_new_tokens: a.max_new_tokens,
         sampling,
         debug: a.debug,
@@ -181,10 +238,20 @@ fn choose_format(engine: &EngineHandle, tok: &Tokenizer, name: Option<&str>) -> 
         .context("the model's chat template does not work here; name one with --conv-template")
 }
 
+/// Where answers come from.
+enum Backend<'a> {
+    /// A model loaded in this process.
+    Local {
+        engine: &'a EngineHandle,
+        tok: &'a Tokenizer,
+    },
+    /// An OpenAI-compatible server (`--api-base`).
+    Remote(remote::Remote),
+}
+
 /// One chat session.
 struct Chat<'a> {
-    engine: &'a EngineHandle,
-    tok: &'a Tokenizer,
+    backend: Backend<'a>,
     format: ChatFormat,
     /// `--conv-system-msg`, or the one loaded from a file.
     system: Option<String>,
@@ -305,6 +372,10 @@ impl Chat<'_> {
 
     /// Streams the answer to the conversation so far.
     fn answer(&mut self, io: &mut dyn ChatIo, role: &str) -> Result<Answer> {
+        let (engine, tok) = match &self.backend {
+            Backend::Local { engine, tok } => (*engine, *tok),
+            Backend::Remote(_) => return self.answer_remote(io, role),
+        };
         let format = &self.format;
         let system = self.system.as_deref();
         let add_special = format.add_special_tokens();
@@ -313,7 +384,7 @@ impl Chat<'_> {
             self.context,
             self.max_new_tokens,
             &|m| format.render(m, system).map_err(anyhow::Error::from),
-            &|p| self.tok.encode(p, add_special).map_err(anyhow::Error::from),
+            &|p| tok.encode(p, add_special).map_err(anyhow::Error::from),
         )?;
         if fit.dropped_turns > 0 {
             io.notice(&format!(
@@ -341,7 +412,7 @@ impl Chat<'_> {
         req.add_special_tokens = false;
 
         let started = Instant::now();
-        let mut stream = match self.engine.submit(req) {
+        let mut stream = match engine.submit(req) {
             Ok(s) => s,
             Err(e) => {
                 io.notice(&format!("error: {e}"))?;
@@ -422,6 +493,92 @@ impl Chat<'_> {
                     io.notice(&format!("\n{msg}\n"))?;
                 }
                 Ok(Answer::Done(text))
+            }
+        }
+    }
+
+    /// Streams the server's answer (`--api-base`); the server applies the
+    /// template and refuses conversations beyond its context.
+    fn answer_remote(&mut self, io: &mut dyn ChatIo, role: &str) -> Result<Answer> {
+        let Backend::Remote(remote) = &self.backend else {
+            unreachable!("answer_remote is called for a remote backend only")
+        };
+        let body = remote.body(
+            self.system.as_deref(),
+            &self.messages,
+            &remote::RemoteSampling {
+                temperature: self.sampling.temperature,
+                top_p: self.sampling.top_p,
+                repetition_penalty: self.sampling.repetition_penalty,
+                max_tokens: self.max_new_tokens,
+                seed: self.sampling.seed,
+            },
+        );
+        let started = Instant::now();
+        let guard = interrupt::answering();
+        io.start_answer(role)?;
+        // The HTTP stream blocks; as for the engine, a thread forwards it.
+        // Dropping `rx` ends the thread at the next piece, which closes the
+        // connection and so cancels the answer on the server.
+        let (tx, rx) = mpsc::channel();
+        {
+            let (remote, body) = (remote.clone(), body.clone());
+            std::thread::spawn(move || remote.stream(&body, &tx));
+        }
+        {
+            let mut text = String::new();
+            let mut pieces = 0;
+            let outcome = loop {
+                if interrupt::cancelled() {
+                    break None;
+                }
+                match rx.recv_timeout(Duration::from_millis(30)) {
+                    Ok(remote::Piece::Text(delta)) => {
+                        pieces += 1;
+                        text.push_str(&delta);
+                        io.stream(&text, &delta)?;
+                    }
+                    Ok(remote::Piece::Done(tokens)) => break Some(Ok(tokens.unwrap_or(pieces))),
+                    Ok(remote::Piece::Error(e)) => break Some(Err(e)),
+                    Err(RecvTimeoutError::Timeout) => io.tick(&text)?,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Some(Err("the stream ended without an answer".into()))
+                    }
+                }
+            };
+            drop(rx);
+            let seconds = started.elapsed().as_secs_f64();
+            io.end_answer(&text)?;
+            drop(guard);
+            match outcome {
+                None => {
+                    io.notice("stopped generation.")?;
+                    Ok(Answer::Stopped)
+                }
+                Some(Err(e)) => {
+                    io.notice(&format!("error: {e}"))?;
+                    Ok(Answer::Stopped)
+                }
+                Some(Ok(completion_tokens)) => {
+                    let text = text.trim().to_string();
+                    if self.debug {
+                        let speed = if seconds > 0.0 {
+                            (completion_tokens as f64 / seconds * 100.0).round() / 100.0
+                        } else {
+                            0.0
+                        };
+                        let msg = json!({
+                            "api_base": remote.base,
+                            "model": remote.model,
+                            "messages": body["messages"],
+                            "outputs": text,
+                            "completion_tokens": completion_tokens,
+                            "speed (token/s)": speed,
+                        });
+                        io.notice(&format!("\n{msg}\n"))?;
+                    }
+                    Ok(Answer::Done(text))
+                }
             }
         }
     }

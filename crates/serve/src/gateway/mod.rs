@@ -170,6 +170,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .merge(openapi::docs_router())
         .fallback(|| async { ApiError::bad_request("no such endpoint").with_status(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(control::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::disable())

@@ -97,6 +97,23 @@ fn page_paths() -> Value {
     })
 }
 
+/// `response_format`: free text, any JSON object, or JSON a schema accepts,
+/// enforced while decoding.
+fn response_format() -> Value {
+    json!({"anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["name", "schema"], "properties": {
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "schema": {"type": "object", "description": "A JSON schema: objects, enums, strings (pattern, maxLength), \
+                    numbers, integers, booleans, arrays (minItems, maxItems), $defs/$ref without recursion, anyOf; \
+                    other keywords are refused with a 400 naming them"},
+                "strict": {"type": "boolean"}}}}},
+    ], "description": "Structured output, enforced by the decoder"})
+}
+
 /// The OpenAPI document.
 pub fn document() -> Value {
     let sampling = json!({
@@ -114,13 +131,41 @@ pub fn document() -> Value {
         "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": true},
         "seed": {"type": "integer", "minimum": 0, "maximum": i64::MAX},
         "user": {"type": "string"},
+        "min_p": {"type": "number", "minimum": 0, "maximum": 1,
+            "description": "Drops tokens below this fraction of the most likely token's probability; 0 is off"},
+        "logit_bias": {"type": "object", "maxProperties": super::validate::MAX_LOGIT_BIAS,
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "Token id (a decimal string) → bias added to its logit; -100 bans the token, 100 forces it"},
+        "response_format": response_format(),
     });
     let mut chat = sampling.clone();
     let text_part = json!({"type": "object", "required": ["type", "text"],
         "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}});
+    let call = json!({"type": "object", "required": ["id", "type", "function"], "properties": {
+        "id": {"type": "string"}, "type": {"enum": ["function"]},
+        "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+            "name": {"type": "string"}, "arguments": {"type": "string", "description": "The arguments as a JSON text"}}}}});
     chat["messages"] = json!({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}});
+        "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                       "tool_calls": {"type": "array", "items": call,
+                           "description": "An assistant message's tool calls, answered by the `tool` messages after it"},
+                       "tool_call_id": {"type": "string", "description": "A `tool` message: the id of the call it answers"}}}});
+    chat["tools"] = json!({"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 64},
+            "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "The arguments' JSON schema (the subset response_format takes)"},
+            "strict": {"type": "boolean"}}}}},
+        "description": "Functions the model may call; calls come back in message.tool_calls (streamed as delta.tool_calls) with finish_reason tool_calls"});
+    chat["tool_choice"] = json!({"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}],
+        "description": "auto (default with tools): the model decides; none: no calls; required or a named function: \
+            a call is decoded under a constraint, so its name exists and its arguments match the function's schema"});
     chat["logprobs"] = json!({"type": "boolean"});
     chat["top_logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": super::validate::MAX_TOP_LOGPROBS});
     let mut completion = sampling;
@@ -140,6 +185,7 @@ pub fn document() -> Value {
             "/v1/embeddings": {"post": op("Embeddings (mean-pooled, L2-normalised)", Some("EmbeddingRequest"), "Embeddings")},
             "/health": {"get": {"summary": "200 when the controller answers and a worker is registered", "responses": {"200": {"description": "ok"}, "503": {"description": "unavailable"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/docs": {"get": {"summary": "This document as an interactive page: endpoints, schemas, and a form to send requests", "responses": {"200": {"description": "HTML"}}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -160,4 +206,29 @@ pub fn document() -> Value {
         paths.extend(page);
     }
     doc
+}
+
+const DOCS_HTML: &str = include_str!("docs/index.html");
+const DOCS_JS: &str = include_str!("docs/docs.js");
+const DOCS_CSS: &str = include_str!("docs/docs.css");
+
+/// `/docs`: an interactive page built from [`document`] in the browser, its
+/// assets inside the binary (no CDN), served with or without the web page.
+pub fn docs_router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    fn asset(text: &'static str, content_type: &'static str) -> axum::response::Response {
+        ([("content-type", content_type), ("cache-control", "no-cache")], text).into_response()
+    }
+    axum::Router::new()
+        .route("/docs", get(|| async { asset(DOCS_HTML, "text/html; charset=utf-8") }))
+        .route("/docs/", get(|| async { asset(DOCS_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/docs/docs.js",
+            get(|| async { asset(DOCS_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/docs/docs.css",
+            get(|| async { asset(DOCS_CSS, "text/css; charset=utf-8") }),
+        )
 }
