@@ -744,7 +744,13 @@ fn hf_to_gguf(input: &Path, output: &Path, opts: &ConvertOptions, progress: &dyn
             dtype: gguf_dtype(
                 shape,
                 float,
-                opts.quant.map(|q| q.for_tensor(g, cfg.num_layers, cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none())),
+                opts.quant.map(|q| {
+                    q.for_tensor(
+                        g,
+                        cfg.num_layers,
+                        cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none(),
+                    )
+                }),
             ),
         })
         .collect();
