@@ -78,7 +78,7 @@ impl Quant {
         match layer {
             Some((i, rest)) if rest.starts_with("attn_v.") || rest.starts_with("ffn_down.") => {
                 // llama.cpp's `use_more_bits`.
-                let more = i < layers / 8 || i >= 7 * layers / 8 || (i >= layers / 8 && (i - layers / 8) % 3 == 2);
+                let more = i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
                 if more {
                     GgmlDType::Q6K
                 } else {
