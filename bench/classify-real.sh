@@ -21,7 +21,7 @@
 # MODELS ("default"; e.g. "default gemma3-270m"), BIN (target/release/vicugna),
 # WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
 # and BBC_WORDS (120): texts are clipped to this length, PREP_ONLY=1
-# (fetch and sample only).
+# (fetch and sample only), REPORT_ONLY=1 (print the table of earlier runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-200}
@@ -122,6 +122,7 @@ run() { # dataset model method
 }
 
 for ds in $DATASETS; do
+  [ -n "${REPORT_ONLY:-}" ] && break
   for model in $MODELS; do
     for m in $METHODS; do
       # The baseline uses no language model: once per dataset.

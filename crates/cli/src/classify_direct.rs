@@ -16,9 +16,7 @@ use vicugna_eval::classify::baseline::{Baseline, BaselineOptions};
 use vicugna_eval::classify::local::{LocalBackend, LocalOptions};
 use vicugna_eval::classify::output::{check_run_settings, sidecar};
 use vicugna_eval::classify::parallel::par_map;
-use vicugna_eval::classify::score::{
-    self, Calibration, CalibrationFile, ScoreLine, ScoresFile, CONTENT_FREE_INPUTS,
-};
+use vicugna_eval::classify::score::{self, Calibration, CalibrationFile, ScoreLine, ScoresFile, CONTENT_FREE_INPUTS};
 use vicugna_eval::classify::{
     read_items, Backend, ClassifyError, Item, LabelSet, Lang, Prompts, Record, ResultsFile, RunSummary,
 };
@@ -177,9 +175,7 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         None => {
             let (bias, inputs) = match calibrate {
                 Calibration::None => (vec![0.0; names.len()], 0),
-                Calibration::Batch => {
-                    score::batch_bias(items.iter().filter_map(|i| scored.get(&i.id)), names.len())
-                }
+                Calibration::Batch => score::batch_bias(items.iter().filter_map(|i| scored.get(&i.id)), names.len()),
                 Calibration::ContentFree => {
                     let cf: Vec<Vec<f64>> = CONTENT_FREE_INPUTS
                         .iter()
@@ -202,7 +198,10 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
     let mut labelled = 0;
     for item in items.iter().filter(|i| !done_ids.contains(i.id.as_str())) {
         let lp = scored.get(&item.id).ok_or_else(|| {
-            ClassifyError::Setting(format!("input {:?} has no score (interrupted?); rerun to resume", item.id))
+            ClassifyError::Setting(format!(
+                "input {:?} has no score (interrupted?); rerun to resume",
+                item.id
+            ))
         })?;
         let (label, probs) = score::decide(lp, &cal.bias);
         out.append(&record(item, &names, label, &probs, Some(lp)))?;
@@ -223,7 +222,11 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         "scored {} inputs in {:.1} s: {:.3} items/s; prompt tokens {} (KV reused {}); calibration {} in {}",
         todo.len(),
         summary.seconds,
-        if summary.seconds > 0.0 { todo.len() as f64 / summary.seconds } else { 0.0 },
+        if summary.seconds > 0.0 {
+            todo.len() as f64 / summary.seconds
+        } else {
+            0.0
+        },
         summary.stats.prompt_tokens,
         summary.stats.reused_tokens,
         calibrate.name(),
@@ -247,10 +250,7 @@ fn run_baseline(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang)
     if let Some(bad) = train.iter().find(|i| i.gold.is_none()) {
         return Err(ClassifyError::input(train_path, bad.line, "a training example needs a gold label").into());
     }
-    let examples: Vec<(String, usize)> = train
-        .iter()
-        .filter_map(|i| Some((i.text.clone(), i.gold?)))
-        .collect();
+    let examples: Vec<(String, usize)> = train.iter().filter_map(|i| Some((i.text.clone(), i.gold?))).collect();
     let (out, done) = ResultsFile::open(&a.output)?;
     let settings = json!({
         "method": "baseline",
@@ -270,7 +270,10 @@ fn run_baseline(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang)
     let texts: Vec<&str> = todo.iter().map(|i| i.text.as_str()).collect();
     let probs = model.predict(&texts);
     for (item, p) in todo.iter().zip(&probs) {
-        let (label, _) = score::decide(&p.iter().map(|v| v.max(1e-300).ln()).collect::<Vec<_>>(), &vec![0.0; p.len()]);
+        let (label, _) = score::decide(
+            &p.iter().map(|v| v.max(1e-300).ln()).collect::<Vec<_>>(),
+            &vec![0.0; p.len()],
+        );
         out.append(&record(item, &names, label, p, None))?;
     }
     let summary = RunSummary {
@@ -286,5 +289,12 @@ fn run_baseline(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang)
         summary.seconds,
         summary.items_per_s()
     );
-    report(a, labels, "baseline", lang, &summary, "char n-gram TF-IDF + logistic regression")
+    report(
+        a,
+        labels,
+        "baseline",
+        lang,
+        &summary,
+        "char n-gram TF-IDF + logistic regression",
+    )
 }

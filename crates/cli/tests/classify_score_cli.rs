@@ -52,19 +52,29 @@ fn labels_of(recs: &[Value]) -> Vec<String> {
 }
 
 const REVIEWS: &[(&str, &str)] = &[
-    ("r1", "I love this phone, the screen is wonderful and the battery lasts for days."),
+    (
+        "r1",
+        "I love this phone, the screen is wonderful and the battery lasts for days.",
+    ),
     ("r2", "Terrible. It broke after one day and support never answered."),
     ("r3", "Excellent book, beautifully written, I recommend it to everyone."),
     ("r4", "Awful quality, a waste of money, I want a refund."),
     ("r5", "Great value and fast delivery, very happy with it."),
-    ("r6", "The worst purchase I have made this year; it does not work at all."),
+    (
+        "r6",
+        "The worst purchase I have made this year; it does not work at all.",
+    ),
 ];
 
 fn write_reviews(path: &Path) {
     let text: String = REVIEWS
         .iter()
         .map(|(id, t)| {
-            let label = if ["r1", "r3", "r5"].contains(id) { "positive" } else { "negative" };
+            let label = if ["r1", "r3", "r5"].contains(id) {
+                "positive"
+            } else {
+                "negative"
+            };
             format!("{}\n", serde_json::json!({"id": id, "text": t, "label": label}))
         })
         .collect();
@@ -112,8 +122,7 @@ fn score_picks_labels_and_writes_per_label_scores() {
             .0;
         assert_eq!(r["label"].as_str().unwrap(), best, "{r}");
     }
-    let metrics: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("out.metrics.json")).unwrap()).unwrap();
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out.metrics.json")).unwrap()).unwrap();
     assert!(metrics["accuracy"].as_f64().is_some(), "{metrics}");
     let scores_file = std::fs::read_to_string(dir.join("out.scores.jsonl")).unwrap();
     assert_eq!(scores_file.lines().count(), 6);
@@ -121,21 +130,31 @@ fn score_picks_labels_and_writes_per_label_scores() {
 
 #[test]
 fn batch_calibration_changes_a_biased_decision() {
-    // One ordinary label and one the model would never write: uncalibrated,
-    // every input gets the ordinary one; batch calibration subtracts each
-    // label's mean, so inputs that lean less toward it than the average flip.
+    // A batch of glowing reviews: uncalibrated, every one is positive; batch
+    // calibration subtracts each label's mean over the batch, so the reviews
+    // that lean less toward positive than the batch's average flip: the
+    // calibrated decision is relative to the run's inputs.
     let dir = Scratch::new("classify-score", "bias");
     let input = dir.join("in.jsonl");
-    let text: String = REVIEWS
+    let glowing = [
+        "I love this phone, the screen is wonderful and the battery lasts for days.",
+        "Excellent book, beautifully written, I recommend it to everyone.",
+        "Great value and fast delivery, very happy with it.",
+        "Perfect gift, my daughter adores it. Five stars!",
+        "Fantastic sound quality, best headphones I have owned.",
+        "Superb service and a lovely product, thank you!",
+    ];
+    let text: String = glowing
         .iter()
-        .map(|(id, t)| format!("{}\n", serde_json::json!({"id": id, "text": t})))
+        .enumerate()
+        .map(|(i, t)| format!("{}\n", serde_json::json!({"id": format!("g{i}"), "text": t})))
         .collect();
     std::fs::write(&input, text).unwrap();
     let run = |cal: &str| {
         let out = dir.join(format!("out-{cal}.jsonl"));
         let o = classify(&[
             "--labels",
-            "positive,xqzvkwj",
+            "positive,negative",
             "--input",
             input.to_str().unwrap(),
             "--output",
@@ -152,7 +171,10 @@ fn batch_calibration_changes_a_biased_decision() {
     assert!(raw.iter().all(|l| l == "positive"), "uncalibrated: {raw:?}");
     let cal = run("batch");
     assert!(cal.iter().any(|l| l == "positive"), "{cal:?}");
-    assert!(cal.iter().any(|l| l == "xqzvkwj"), "batch calibration flips some: {cal:?}");
+    assert!(
+        cal.iter().any(|l| l == "negative"),
+        "batch calibration flips some: {cal:?}"
+    );
     let stored: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out-batch.calibration.json")).unwrap()).unwrap();
     assert_eq!(stored["calibrate"], "batch", "{stored}");
@@ -185,8 +207,20 @@ fn resumed_batch_run_keeps_the_same_labels() {
     std::fs::write(&out, format!("{}\n{}\n{}", lines[0], lines[1], &lines[2][..10])).unwrap();
     let o = classify(&args);
     assert!(o.status.success(), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("calibration batch from"), "{}", show(&o));
-    assert_eq!(labels_of(&records(&out)), labels_of(&first.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<Value>>()));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("calibration batch from"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(
+        labels_of(&records(&out)),
+        labels_of(
+            &first
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        )
+    );
     // A changed calibration on a resumed run is refused, naming the setting.
     let mut other = args.to_vec();
     other[9] = "none";
@@ -199,15 +233,33 @@ fn resumed_batch_run_keeps_the_same_labels() {
 fn baseline_trains_on_the_demos_and_labels() {
     let dir = Scratch::new("classify-score", "baseline");
     let train = dir.join("train.jsonl");
-    let pos = ["love it", "wonderful product", "great quality", "excellent, happy", "really great"];
-    let neg = ["awful thing", "terrible quality", "broken, refund", "waste of money", "really awful"];
+    let pos = [
+        "love it",
+        "wonderful product",
+        "great quality",
+        "excellent, happy",
+        "really great",
+    ];
+    let neg = [
+        "awful thing",
+        "terrible quality",
+        "broken, refund",
+        "waste of money",
+        "really awful",
+    ];
     let mut text = String::new();
     for i in 0..4 {
         for p in pos {
-            text += &format!("{}\n", serde_json::json!({"text": format!("{p} {i}"), "label": "positive"}));
+            text += &format!(
+                "{}\n",
+                serde_json::json!({"text": format!("{p} {i}"), "label": "positive"})
+            );
         }
         for n in neg {
-            text += &format!("{}\n", serde_json::json!({"text": format!("{n} {i}"), "label": "negative"}));
+            text += &format!(
+                "{}\n",
+                serde_json::json!({"text": format!("{n} {i}"), "label": "negative"})
+            );
         }
     }
     std::fs::write(&train, text).unwrap();
@@ -267,7 +319,10 @@ fn bad_flags_are_clear_errors() {
     ];
     let with = |more: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(more.iter().copied()).collect() };
     expect_error(&with(&["--method", "baseline"]), &["--method baseline", "--demos FILE"]);
-    expect_error(&with(&["--method", "score", "--calibrate", "mean"]), &["--calibrate", "batch", "content-free"]);
+    expect_error(
+        &with(&["--method", "score", "--calibrate", "mean"]),
+        &["--calibrate", "batch", "content-free"],
+    );
     expect_error(
         &with(&["--method", "score", "--shots", "2", "--demos", "x.jsonl"]),
         &["--method score is zero-shot", "--shots"],

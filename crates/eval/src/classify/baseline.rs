@@ -46,9 +46,12 @@ pub struct Baseline {
 }
 
 fn grams(text: &str, (lo, hi): (usize, usize)) -> Vec<String> {
-    let norm: Vec<char> = format!(" {} ", text.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" "))
-        .chars()
-        .collect();
+    let norm: Vec<char> = format!(
+        " {} ",
+        text.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ")
+    )
+    .chars()
+    .collect();
     let mut out = Vec::new();
     for n in lo.max(1)..=hi.max(lo.max(1)) {
         for w in norm.windows(n) {
@@ -84,7 +87,10 @@ impl Baseline {
         terms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         terms.truncate(opts.max_features);
         let n = examples.len() as f64;
-        let idf: Vec<f64> = terms.iter().map(|(_, d)| ((1.0 + n) / (1.0 + *d as f64)).ln() + 1.0).collect();
+        let idf: Vec<f64> = terms
+            .iter()
+            .map(|(_, d)| ((1.0 + n) / (1.0 + *d as f64)).ln() + 1.0)
+            .collect();
         let vocab: HashMap<String, usize> = terms.into_iter().enumerate().map(|(i, (t, _))| (t, i)).collect();
         let x = tfidf(&vocab, &idf, &docs);
         let y = Array1::from_iter(examples.iter().map(|e| e.1));

@@ -120,7 +120,8 @@ impl ScoresFile {
         })?;
         text.push('\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(text.as_bytes()).map_err(|e| ClassifyError::io(&self.path, e))
+        f.write_all(text.as_bytes())
+            .map_err(|e| ClassifyError::io(&self.path, e))
     }
 }
 
@@ -188,7 +189,10 @@ pub fn decide(logprobs: &[f64], bias: &[f64]) -> (usize, Vec<f64>) {
     let best = cal
         .iter()
         .enumerate()
-        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+        )
         .0;
     (best, normalize(&cal))
 }
