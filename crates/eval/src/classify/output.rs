@@ -44,6 +44,9 @@ pub struct Record {
     /// Ids of the demonstrations shown, in prompt order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub demos: Vec<String>,
+    /// `--method score`: each label's raw log-probability after the prompt, before calibration.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scores: BTreeMap<String, f64>,
 }
 
 /// One vote of an input.

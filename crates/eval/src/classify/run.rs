@@ -109,6 +109,7 @@ pub fn classify_items(
             gold: name(item.gold),
             parse_failures: votes.iter().filter(|v| v.label.is_none()).count(),
             demos: demos.iter().map(|d| d.id.clone()).collect(),
+            scores: BTreeMap::new(),
         };
         out.append(&record)?;
         on_record(&record);
