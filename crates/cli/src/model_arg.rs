@@ -23,7 +23,7 @@ pub struct ModelArgs {
     /// applied on top of the base weights without merging.
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
-    /// Round activations to 8 bits in Q4_0/Q4_1/Q8_0 products (CPUs with AVX-512 VNNI):
+    /// Round activations to 8 bits in quantized products (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K; CPUs with AVX-512 VNNI, as llama.cpp does):
     /// faster prompts and batches, with llama.cpp-like accuracy instead of the
     /// exact f32 product (near-ties in greedy decoding may go the other way).
     #[arg(long)]

@@ -8,7 +8,8 @@
 //! quantized weight bytes read per product. Times are the best of repeated passes;
 //! `--hot` uses a single copy (cache-resident: the compute cost alone);
 //! `--ours` skips candle; `--n N` runs n = N only (default 1, 8 and 128); `--int8` measures our 8-bit
-//! activation scheme (Q4 types, AVX-512 VNNI) instead of f32 activations.
+//! activation scheme (AVX-512 VNNI) instead of f32 activations; `--llama-1b` uses
+//! Llama 3.2 1B's K-quant shapes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,12 +61,23 @@ fn main() -> candle_core::Result<()> {
         "{:<8} {:>11} {:>4} | {:>10} {:>8} | {:>10} {:>8} | {:>6}",
         "type", "rows x cols", "n", "ours ms", "GB/s", "candle ms", "GB/s", "ratio"
     );
-    let cases = [
-        (GgmlDType::Q4_1, 576, 1536),
-        (GgmlDType::Q4_1, 1536, 576),
-        (GgmlDType::Q8_0, 49152, 576),
-    ];
-    for (dtype, rows, cols) in cases {
+    // `--llama-1b`: Llama 3.2 1B's K-quant shapes (Q4_K_M: Q4_K, Q6_K for some
+    // down projections and the output) instead of SmolLM2's.
+    let cases: &[(GgmlDType, usize, usize)] = if std::env::args().any(|a| a == "--llama-1b") {
+        &[
+            (GgmlDType::Q4K, 2048, 2048),
+            (GgmlDType::Q4K, 8192, 2048),
+            (GgmlDType::Q6K, 2048, 8192),
+            (GgmlDType::Q5K, 2048, 8192),
+        ]
+    } else {
+        &[
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q8_0, 49152, 576),
+        ]
+    };
+    for &(dtype, rows, cols) in cases {
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev)?;
         let q = Arc::new(QTensor::quantize(&w, dtype)?);
         let bytes = q.storage_size_in_bytes();

@@ -3,14 +3,18 @@
 //! `out[n × rows] = x[n × cols] · Wᵀ` where `W` is a ggml-quantized matrix (each of
 //! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32.
 //!
-//! Q4_0 / Q4_1 / Q8_0 on CPUs with AVX-512 VNNI, when asked for (`--int8`, see
-//! [`set_int8_activations`]; int8 scheme): the activations are rounded to 8 bits
-//! per run of 8 values (scale = max|x| / 127; llama.cpp uses runs of 32) and
-//! multiplied with the 4- or 8-bit values by `vpdpbusd`, 64 products per
-//! instruction; the integer sums are exact and are scaled per run in f32. The
-//! weights are repacked at load into tiles of `Q` = 16 rows, one row per i32 lane
-//! (see `Blocks::Int8`), so a tile's 16 results come out in one vector with no
-//! horizontal sums. Every activation row is rounded on its own and every output
+//! On CPUs with AVX-512 VNNI, when asked for (`--int8`, see
+//! [`set_int8_activations`]; int8 scheme): Q4_0 / Q4_1 / Q8_0 activations are
+//! rounded to 8 bits per run of 8 values (scale = max|x| / 127; llama.cpp uses
+//! runs of 32) and multiplied with the 4- or 8-bit values by `vpdpbusd`, 64
+//! products per instruction; the integer sums are exact and are scaled per run
+//! in f32. Those weights are repacked at load into tiles of `Q` = 16 rows, one
+//! row per i32 lane (see `Blocks::Int8`), so a tile's 16 results come out in one
+//! vector with no horizontal sums. K-quants (Q4_K / Q5_K / Q6_K) stay in ggml's
+//! layout, where they were loaded: their activations are rounded per block of
+//! 256 as llama.cpp's Q8_K, and `x86::int8_kquant_512` multiplies with
+//! `vpmaddubsw` + `vpdpwssd` (the runs' 6- or 8-bit scales folded into the
+//! integer sums). Every activation row is rounded on its own and every output
 //! element is computed by the same instructions whatever `n` is, so a row's
 //! result does not depend on the rows batched with it (prompt or decode, alone
 //! or batched: the same bits). Its error against the dequantized-f32 product is
@@ -177,6 +181,8 @@ pub struct QMatrix {
     blocks: Blocks,
     /// The first of this matrix's rows in `blocks` (a multiple of `R` when tiled).
     row0: usize,
+    /// K-quants in ggml's layout under the int8 scheme (`x86::int8_kquant_512`).
+    kint8: bool,
 }
 
 /// Where a matrix's blocks live.
@@ -268,32 +274,31 @@ fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
 
 static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes Q4_0 / Q4_1 / Q8_0 matrices created from now on use the int8 scheme where the
-/// CPU has AVX-512 VNNI (`vicugna … --int8`; also `VICUGNA_KERNEL=int8`). Off by
+/// Makes matrices created from now on use the int8 scheme where the CPU has
+/// AVX-512 VNNI (`vicugna … --int8`; also `VICUGNA_KERNEL=int8`). Off by
 /// default: the f32 product keeps HF's greedy tokens; int8 trades that for
 /// speed, as llama.cpp does.
 pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether new Q4_0 / Q4_1 / Q8_0 matrices on `isa` use the int8 scheme.
-fn int8_default(kind: Kind, isa: Isa) -> bool {
+/// Whether new matrices on `isa` use the int8 scheme.
+fn int8_default(isa: Isa) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
-    int8_supported(kind, isa) && (env || INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed))
+    int8_supported(isa) && (env || INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// Whether this CPU can run the int8 scheme for `kind` on `isa`.
-fn int8_supported(kind: Kind, isa: Isa) -> bool {
+/// Whether this CPU can run the int8 scheme on `isa` (every kind here has an
+/// int8 kernel).
+fn int8_supported(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        isa == Isa::Avx512
-            && matches!(kind, Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0)
-            && is_x86_feature_detected!("avx512vnni")
+        isa == Isa::Avx512 && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kind, isa);
+        let _ = isa;
         false
     }
 }
@@ -424,6 +429,59 @@ impl Int8Rows {
     }
 }
 
+/// Activation rows rounded to 8 bits per block of 256 values (llama.cpp's Q8_K)
+/// for K-quant weights under the int8 scheme; see `x86::int8_kquant_512` for the
+/// layout. Each row is rounded on its own, so its values never depend on the
+/// other rows.
+struct Int8KRows {
+    /// `[n, cols]`: `round(x / d)` (ties to even), each block's runs of 32 in
+    /// the order the kernel for the weights' kind reads them.
+    q: Vec<i8>,
+    /// `[n, nb]`: each block's `d = max|x| / 127`.
+    d: Vec<f32>,
+    /// `[n, nb, 16]`: Σq per run (Q4_K / Q5_K: 8 runs of 32; Q6_K: 16 of 16).
+    sums: Vec<i16>,
+}
+
+impl Int8KRows {
+    fn new(kind: Kind, x: &[f32], cols: usize) -> Self {
+        let (n, nb) = (x.len() / cols, cols / 256);
+        let mut r = Int8KRows {
+            q: vec![0; n * cols],
+            d: vec![0.0; n * nb],
+            sums: vec![0; 16 * n * nb],
+        };
+        // Q4_K / Q5_K: a 64-byte weight load holds runs 0 and 2 (low nibbles),
+        // 1 and 3 (high nibbles), then 4, 6 and 5, 7.
+        let order: [usize; 8] = if kind == Kind::Q6K {
+            [0, 1, 2, 3, 4, 5, 6, 7]
+        } else {
+            [0, 2, 1, 3, 4, 6, 5, 7]
+        };
+        let per_sum = if kind == Kind::Q6K { 16 } else { 32 };
+        let blocks =
+            r.q.chunks_exact_mut(256)
+                .zip(r.d.iter_mut())
+                .zip(r.sums.chunks_exact_mut(16));
+        for (xb, ((q, d), sums)) in x.chunks_exact(256).zip(blocks) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *d = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut qn = [0i8; 256];
+            for (qv, &v) in qn.iter_mut().zip(xb) {
+                *qv = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+            for (j, s) in sums.iter_mut().take(256 / per_sum).enumerate() {
+                *s = qn[j * per_sum..(j + 1) * per_sum].iter().map(|&v| v as i16).sum();
+            }
+            for (slot, &run) in order.iter().enumerate() {
+                q[32 * slot..32 * slot + 32].copy_from_slice(&qn[32 * run..32 * run + 32]);
+            }
+        }
+        r
+    }
+}
+
 /// Row `r` of a tile (see `Blocks::Tiled`) back in ggml's block layout.
 fn untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
     let (qoff, qb, ns) = block_parts(kind);
@@ -449,8 +507,7 @@ impl QMatrix {
 
     /// Like [`Self::from_qtensor`], for a given path (which this CPU must support).
     pub fn with_isa(tensor: &Arc<QTensor>, isa: Isa) -> Option<Self> {
-        let kind = Kind::from_dtype(tensor.dtype())?;
-        Self::with_scheme(tensor, isa, int8_default(kind, isa))
+        Self::with_scheme(tensor, isa, int8_default(isa))
     }
 
     /// Like [`Self::with_isa`], choosing whether Q4_0 / Q4_1 / Q8_0 use the int8 scheme
@@ -467,7 +524,7 @@ impl QMatrix {
         // CPU storage hands out a borrowed view of its blocks; `bytes` relies on it.
         let blocks = match tensor.data() {
             Ok(Cow::Borrowed(b)) if b.len() == rows * row_bytes => match tiled_kind(kind) {
-                Some(_) if int8 && int8_supported(kind, isa) => {
+                Some(_) if int8 && int8_supported(isa) => {
                     Blocks::Int8(Arc::new(int8_tile_rows(kind, b, rows, cols / kind.block_elems())))
                 }
                 Some(_) if isa == Isa::Avx512 => {
@@ -477,6 +534,10 @@ impl QMatrix {
             },
             _ => return None,
         };
+        let kint8 = matches!(blocks, Blocks::Ggml(_))
+            && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K)
+            && int8
+            && int8_supported(isa);
         Some(QMatrix {
             kind,
             dtype: tensor.dtype(),
@@ -486,6 +547,7 @@ impl QMatrix {
             isa,
             blocks,
             row0: 0,
+            kint8,
         })
     }
 
@@ -580,7 +642,7 @@ impl QMatrix {
 
     /// Whether products round the activations to 8 bits (the int8 scheme).
     pub fn int8(&self) -> bool {
-        matches!(self.blocks, Blocks::Int8(_))
+        matches!(self.blocks, Blocks::Int8(_)) || self.kint8
     }
 
     /// The path `matmul` uses.
@@ -621,6 +683,20 @@ impl QMatrix {
             .next_multiple_of(if int8 { Q } else { R });
         let chunks = rows.div_ceil(chunk_rows);
         let dst = SharedOut(out.as_mut_ptr());
+        if self.kint8 {
+            let chunk_rows = chunk_rows.next_multiple_of(R);
+            let chunks = rows.div_ceil(chunk_rows);
+            let xq = Int8KRows::new(self.kind, x, cols);
+            team.run(chunks, &|c| {
+                let r0 = c * chunk_rows;
+                let nr = chunk_rows.min(rows - r0);
+                self.kint8_rows_task(r0, nr, &xq, n, &mut |t, i, v| {
+                    // SAFETY: as below.
+                    unsafe { *dst.at(t * rows + r0 + i) = v }
+                });
+            });
+            return;
+        }
         if int8 {
             let xq = Int8Rows::new(self.kind, x, cols);
             team.run(chunks, &|c| {
@@ -688,6 +764,61 @@ impl QMatrix {
         let balance = self.rows.div_ceil(8 * threads);
         let min_work = (1usize << 16).div_ceil(self.cols * n);
         balance.max(min_work).max(16).next_multiple_of(R)
+    }
+
+    /// The int8 scheme's `rows_task` for K-quants in ggml's layout: rows `r0 ..
+    /// r0 + nrows`, one weight row and up to eight activation rows per kernel
+    /// call; `put(t, i, v)` receives row `r0 + i` of activation row `t`.
+    fn kint8_rows_task<P: FnMut(usize, usize, f32)>(
+        &self,
+        r0: usize,
+        nrows: usize,
+        xq: &Int8KRows,
+        n: usize,
+        put: &mut P,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (cols, rb) = (self.cols, self.row_bytes);
+            let nb = cols / 256;
+            let bytes = self.ggml_bytes();
+            // Activation rows outside: a group of eight stays in L1 while the
+            // task's weight rows (in L2 after the first group) pass by.
+            for t0 in (0..n).step_by(FUSED_MAX_N) {
+                let tn = FUSED_MAX_N.min(n - t0);
+                let (q, d, s) = (&xq.q[t0 * cols..], &xq.d[t0 * nb..], &xq.sums[16 * t0 * nb..]);
+                for i in 0..nrows {
+                    let row = &bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
+                    macro_rules! go {
+                        ($kq:expr, $($t:literal)*) => {{
+                            match tn {
+                                $($t => {
+                                    // SAFETY: `kint8` is set only where the CPU has
+                                    // AVX-512 VNNI (`int8_supported`); the kernel
+                                    // checks its slice lengths.
+                                    let res = unsafe { x86::int8_kquant_512::<{ $kq }, $t>(row, q, d, s, cols) };
+                                    for (t, &v) in res.iter().enumerate() {
+                                        put(t0 + t, i, v);
+                                    }
+                                })*
+                                _ => unreachable!("{tn} activation rows"),
+                            }
+                        }};
+                    }
+                    match self.kind {
+                        Kind::Q4K => go!(x86::KQ4, 1 2 3 4 5 6 7 8),
+                        Kind::Q5K => go!(x86::KQ5, 1 2 3 4 5 6 7 8),
+                        _ => go!(x86::KQ6, 1 2 3 4 5 6 7 8),
+                    }
+                }
+            }
+            return;
+        }
+        #[allow(unreachable_code)]
+        {
+            let _ = (r0, nrows, xq, n, put);
+            unreachable!("kint8_rows_task without AVX-512")
+        }
     }
 
     /// The int8 scheme's `rows_task`: rows `r0 .. r0 + nrows` (`r0` a multiple of
@@ -1463,9 +1594,12 @@ mod tests {
                     let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
                     let xv = x.to_vec2::<f32>().unwrap();
                     let xs: Vec<f32> = xv.concat();
-                    for (isa, int8) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
-                        let m = QMatrix::with_scheme(&q, isa, int8).unwrap();
-                        let int8 = matches!(m.blocks, Blocks::Int8(_));
+                    for (isa, want_int8) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
+                        let m = QMatrix::with_scheme(&q, isa, want_int8).unwrap();
+                        let int8 = m.int8();
+                        assert_eq!(int8, want_int8 && int8_supported(isa), "{dtype:?} {isa:?}: int8 scheme");
+                        // Values per activation scale: runs of 8, or Q8_K's blocks of 256.
+                        let run = if m.kint8 { 256 } else { 8 };
                         for rpt in [None, Some(8), Some(rows)] {
                             let mut got = vec![f32::NAN; n * rows];
                             m.matmul_with(&xs, n, &mut got, rpt);
@@ -1474,11 +1608,11 @@ mod tests {
                                 for r in 0..rows {
                                     let wn = wv[r].iter().map(|v| v * v).sum::<f32>().sqrt();
                                     // Rounding x to 8 bits moves each value by at
-                                    // most max|x of its run of 8| / 254.
+                                    // most max|x of its run| / 254.
                                     let bound = if int8 {
                                         wv[r]
-                                            .chunks(8)
-                                            .zip(xv[t].chunks(8))
+                                            .chunks(run)
+                                            .zip(xv[t].chunks(run))
                                             .map(|(w, x)| {
                                                 let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
                                                 w.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
@@ -1518,11 +1652,18 @@ mod tests {
     /// beside a prompt) gives the bits it gives alone.
     #[test]
     fn int8_rows_do_not_depend_on_their_batch() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (rows, cols) = (100, 576);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let (rows, cols) = (100, if dtype.block_size() == 256 { 512 } else { 576 });
             let q = quantized(rows, cols, dtype, 5);
             let m = QMatrix::with_scheme(&q, Isa::detect(), true).unwrap();
-            if !matches!(m.blocks, Blocks::Int8(_)) {
+            if !m.int8() {
                 continue; // no AVX-512 VNNI here
             }
             assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &format!("{dtype:?}"));

@@ -1161,3 +1161,199 @@ pub(super) unsafe fn attention_values_512<T: KvLane>(p: &[f32], v: &[T], hd: usi
         }
     }
 }
+
+// ------------------------------------------- AVX-512 VNNI, int8 K-quants ----
+
+/// `int8_kquant_512`'s block kinds.
+pub(super) const KQ4: u8 = 0;
+pub(super) const KQ5: u8 = 1;
+pub(super) const KQ6: u8 = 2;
+
+/// 16 × i16 lane indices of `vpermw` picking, for the 32 i16 lanes of a product,
+/// scale `a` for lanes `0..16` and `b` for lanes `16..32` (Q4_K / Q5_K: one scale
+/// per 32 values) or scales `a, a+1, a+2, a+3` per 8 lanes (Q6_K: one per 16).
+#[inline(always)]
+unsafe fn scale_index(kq: u8, a: i16, b: i16) -> __m512i {
+    let mut idx = [0i16; 32];
+    for (i, v) in idx.iter_mut().enumerate() {
+        *v = if kq == KQ6 {
+            a + (i / 8) as i16
+        } else if i < 16 {
+            a
+        } else {
+            b
+        };
+    }
+    _mm512_loadu_si512(idx.as_ptr() as *const __m512i)
+}
+
+/// ggml's packed 6-bit scales and mins of a Q4_K / Q5_K block (12 bytes at `p`)
+/// as 8 + 8 bytes: `(scales, mins)`, each value in its own byte.
+#[inline(always)]
+unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
+    let u = |i: usize| (p.add(4 * i) as *const u32).read_unaligned();
+    let (a, b, c) = (u(0), u(1), u(2));
+    const M6: u32 = 0x3f3f_3f3f;
+    const M4: u32 = 0x0f0f_0f0f;
+    const M2: u32 = 0x0303_0303;
+    let sc_lo = a & M6;
+    let sc_hi = (c & M4) | (((a >> 6) & M2) << 4);
+    let m_lo = b & M6;
+    let m_hi = ((c >> 4) & M4) | (((b >> 6) & M2) << 4);
+    (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
+}
+
+/// `out[t] = dot(weight row, activation row t)` for one ggml row of
+/// Q4_K / Q5_K / Q6_K (`KQ`) and `T` activation rows rounded to 8 bits per
+/// block of 256 (llama.cpp's Q8_K): `xq` (`cols` each; for Q4_K / Q5_K each
+/// block's 32-value runs in the order 0, 2, 1, 3, 4, 6, 5, 7, the order in which
+/// the weights' nibbles come out of a 64-byte load), `xd[t·nb + b]` the block's
+/// scale, `xs[16(t·nb + b) ..]` its sums of `q` (Q4_K / Q5_K: 8 sums over the
+/// 32-value runs in natural order; Q6_K: 16 sums over runs of 16).
+///
+/// Per block: `vpmaddubsw` multiplies the unsigned weight values (0..15, 0..31,
+/// 0..63) by the signed activations into i16 pairs, `vpdpwssd` weights those
+/// by each run's scale into i32 lanes; the mins (Q4_K / Q5_K) or the −32 offset
+/// (Q6_K) meet the activation sums. The integer sums are exact, so a result
+/// does not depend on `T` or the other rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and VNNI.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
+    row: &[u8],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[i16],
+    cols: usize,
+) -> [f32; T] {
+    let bb = match KQ {
+        KQ4 => 144,
+        KQ5 => 176,
+        _ => 210,
+    };
+    let nb = cols / 256;
+    assert!(cols.is_multiple_of(256) && xq.len() >= T * cols && xd.len() >= T * nb && xs.len() >= 16 * T * nb);
+    assert!(row.len() >= nb * bb);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let xp = xq.as_ptr();
+    // Q4_K / Q5_K: the products' scales (see `scale_index`); Q6_K: per half.
+    let (i0, i1, i2, i3) = if KQ == KQ6 {
+        (
+            scale_index(KQ, 0, 0),
+            scale_index(KQ, 4, 0),
+            scale_index(KQ, 8, 0),
+            scale_index(KQ, 12, 0),
+        )
+    } else {
+        (
+            scale_index(KQ, 0, 2),
+            scale_index(KQ, 1, 3),
+            scale_index(KQ, 4, 6),
+            scale_index(KQ, 5, 7),
+        )
+    };
+    // Per-half shift counts (i16 lanes 0..16, 16..32) for the high bits.
+    let halves = |a: i16, b: i16| {
+        let mut v = [a; 32];
+        v[16..].fill(b);
+        _mm512_loadu_si512(v.as_ptr() as *const __m512i)
+    };
+    // One weight row per call: with several rows' accumulators LLVM kept them on
+    // the stack.
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * bb);
+        // The four 64-value weight vectors (unsigned bytes) and their scales.
+        let (w, s, fix, d) = match KQ {
+            KQ4 | KQ5 => {
+                let d = f16_at(std::slice::from_raw_parts(blk, 4), 0);
+                let dmin = f16_at(std::slice::from_raw_parts(blk, 4), 2);
+                let (sc, mn) = k4_scales(blk.add(4));
+                let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+                let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
+                let q0 = _mm512_loadu_si512(qs as *const __m512i);
+                let q1 = _mm512_loadu_si512(qs.add(64) as *const __m512i);
+                let mut w = [
+                    _mm512_and_si512(q0, m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+                    _mm512_and_si512(q1, m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+                ];
+                if KQ == KQ5 {
+                    // qh bit 2c (low nibbles of 32-byte chunk c) or 2c + 1
+                    // (high nibbles) adds 16.
+                    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16) as *const __m256i));
+                    let h16 = _mm512_set1_epi8(0x10);
+                    let hb = [
+                        _mm512_sllv_epi16(qh, halves(4, 2)),
+                        _mm512_sllv_epi16(qh, halves(3, 1)),
+                        _mm512_srlv_epi16(qh, halves(0, 2)),
+                        _mm512_srlv_epi16(qh, halves(1, 3)),
+                    ];
+                    for k in 0..4 {
+                        w[k] = _mm512_or_si512(w[k], _mm512_and_si512(hb[k], h16));
+                    }
+                }
+                let s = [
+                    _mm512_permutexvar_epi16(i0, sc16),
+                    _mm512_permutexvar_epi16(i1, sc16),
+                    _mm512_permutexvar_epi16(i2, sc16),
+                    _mm512_permutexvar_epi16(i3, sc16),
+                ];
+                (w, s, (_mm256_zextsi128_si256(mn16), -dmin), d)
+            }
+            _ => {
+                let ql = blk;
+                let qh = blk.add(128);
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
+                let d6 = f16_at(std::slice::from_raw_parts(blk.add(208), 2), 0);
+                let h30 = _mm512_set1_epi8(0x30);
+                let mut w = [_mm512_setzero_si512(); 4];
+                for h in 0..2 {
+                    let l = _mm512_loadu_si512(ql.add(64 * h) as *const __m512i);
+                    let hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(qh.add(32 * h) as *const __m256i));
+                    let ha = _mm512_and_si512(_mm512_sllv_epi16(hh, halves(4, 2)), h30);
+                    let hb = _mm512_and_si512(_mm512_srlv_epi16(hh, halves(0, 2)), h30);
+                    w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
+                    w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(l), m4), hb);
+                }
+                let sc512 = _mm512_zextsi256_si512(sc);
+                let s = [
+                    _mm512_permutexvar_epi16(i0, sc512),
+                    _mm512_permutexvar_epi16(i1, sc512),
+                    _mm512_permutexvar_epi16(i2, sc512),
+                    _mm512_permutexvar_epi16(i3, sc512),
+                ];
+                // The −32 of every value, through the runs' sums: −32·Σ sc·Σq.
+                (w, s, (sc, 0.0), d6)
+            }
+        };
+        let vd = _mm512_set1_ps(d);
+        for t in 0..T {
+            let x = xp.add(t * cols + 256 * b);
+            let at = t * nb + b;
+            let mut i = _mm512_setzero_si512();
+            for k in 0..4 {
+                let p = _mm512_maddubs_epi16(w[k], _mm512_loadu_si512(x.add(64 * k) as *const __m512i));
+                i = _mm512_dpwssd_epi32(i, p, s[k]);
+            }
+            let sums = _mm256_loadu_si256(xs.as_ptr().add(16 * at) as *const __m256i);
+            let dx = _mm512_set1_ps(*xd.get_unchecked(at));
+            if KQ == KQ6 {
+                // Σ_k sc_k·sums_k (8 i32 lanes), times 32, out of the integer sum.
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(fix.0, sums));
+                i = _mm512_sub_epi32(i, _mm512_zextsi256_si512(off));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i), vd), dx, acc[t]);
+            } else {
+                // The mins: −dmin·Σ_j m_j·sums_j, in the first 8 lanes.
+                let mins = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(_mm256_madd_epi16(fix.0, sums)));
+                let v = _mm512_fmadd_ps(mins, _mm512_set1_ps(fix.1), _mm512_mul_ps(_mm512_cvtepi32_ps(i), vd));
+                acc[t] = _mm512_fmadd_ps(v, dx, acc[t]);
+            }
+        }
+    }
+    acc.map(|a| _mm512_reduce_add_ps(a))
+}
