@@ -50,19 +50,8 @@ if [[ "$SKIP_VICUGNA" != 1 ]]; then
 fi
 
 # --- llama-cpp-python in a cached venv ------------------------------------------------
-# Built for this CPU's vector extensions, as GGML_NATIVE would, but without AMX:
-# where the hypervisor does not enable AMX state (as on these VMs) llama.cpp's AMX
-# path dies in `ldtilecfg` with a protection fault; vicugna does not use AMX either.
-LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
-for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
-            avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
-    if [[ "$CPU_FLAGS" == *" ${pair%%:*} "* ]]; then
-        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=ON"
-    else
-        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=OFF"
-    fi
-done
+# Built for this CPU's vector extensions without AMX (see bench/llamacpp-cmake-args.sh).
+LLAMACPP_CMAKE_ARGS="$("$ROOT/bench/llamacpp-cmake-args.sh")"
 BUILT_WITH="$LLAMACPP_VERSION $LLAMACPP_CMAKE_ARGS"
 if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null \
         || [[ "$(cat "$VENV/.built-with" 2>/dev/null)" != "$BUILT_WITH" ]]; then
