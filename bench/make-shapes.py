@@ -31,7 +31,8 @@ last eighth, every third between), the rest of the embedding Q4_K; q8_0 is
 Q8_0 throughout. Norms are f32 ones, the router (ffn_gate_inp) f32, and each
 block's f16 scales are small (1e-4 .. 2e-4) with random quants, so weights are
 |w| < 0.1 and activations stay finite. The tokenizer is SmolLM2's, padded with
-[PADn] tokens to the vocabulary as `vicugna convert` does.
+[PADn] tokens to the vocabulary as `vicugna convert` does (cut to its first
+32000 tokens and their merges for mixtral-1b, whose vocabulary is smaller).
 """
 import json, os, random, shutil, struct, sys, time
 
@@ -215,6 +216,12 @@ def tokenizer_metadata(n_vocab):
     tokens = [by_id[i][0] if i in by_id else f"[PAD{i}]" for i in range(n_vocab)]
     types = [by_id[i][1] if i in by_id else 5 for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in tj["model"]["merges"]]
+    if len(by_id) > n_vocab:
+        # A smaller vocabulary (mixtral-1b's 32000): SmolLM2's first n_vocab
+        # tokens, and the merges among them.
+        kept = set(tokens)
+        merges = [m for m in merges if m.split(" ")[0] in kept and m.split(" ")[1] in kept
+                  and m.replace(" ", "") in kept]
     pre = "gpt-2" if tj["pre_tokenizer"].get("type") == "ByteLevel" else "smollm"
     md = [("tokenizer.ggml.model", "str", "gpt2"), ("tokenizer.ggml.pre", "str", pre),
           ("tokenizer.ggml.tokens", "strs", tokens), ("tokenizer.ggml.token_type", "i32s", types),
