@@ -39,8 +39,11 @@ def prompt_tokens(llm, n):
 
 
 def greedy(llm):
-    # Logits of the last evaluated position (llama-cpp-python keeps them in scores).
-    return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    # Logits of the last evaluated position, read from the context: without
+    # logits_all, llama-cpp-python 0.3.x leaves `scores` at zero (argmax was
+    # then always token 0; the same cost per step, but not greedy decoding).
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
 
 
 def main():

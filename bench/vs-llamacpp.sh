@@ -7,6 +7,10 @@
 # fetched with pip if missing). Settings (environment):
 #   PROMPT_TOKENS=128 GEN_TOKENS=128 THREADS=2 RUNS=5 BATCH=8
 #   LONG_CONTEXT=2048         one more vicugna run at this context, for peak RSS vs its bound
+#                             (0: skip it)
+#   KERNEL_COST=1             time the kernels at 1 and BATCH rows (cargo run --example
+#                             qmatmul_bench; builds it if needed); 0: skip
+#   INT8=1                    also the vicugna --int8 runs; 0: skip them
 #   LLAMACPP_VERSION=0.3.36   llama-cpp-python version installed into bench/.venv-llamacpp
 #   VICUGNA_BIN=target/release/vicugna
 #   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
@@ -17,7 +21,12 @@
 # over 1 GiB and over the model file's size), the decode limit bandwidth /
 # weight_bytes_per_token, batch/single decode ratio, and
 # the arithmetic peak (bench/peak.c) with the batch's floor for the linear layers.
-# Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/.
+# The weight bytes read per token are also taken from the GGUF's tensor table
+# (bench/gguf_info.py): for a mixture of experts, the non-expert weights and
+# expert_used_count/expert_count of the stacked expert tensors, printed with the
+# bandwidth each engine's decode speed implies.
+# Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/, with summary.json
+# (the numbers bench/readme-table.sh puts in one table).
 set -euo pipefail
 
 die() { echo "vs-llamacpp: $*" >&2; exit 1; }
@@ -34,13 +43,17 @@ LONG_CONTEXT="${LONG_CONTEXT:-2048}"
 LLAMACPP_VERSION="${LLAMACPP_VERSION:-0.3.36}"
 VICUGNA_BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
 SKIP_VICUGNA="${SKIP_VICUGNA:-0}"
+KERNEL_COST="${KERNEL_COST:-1}"
+INT8="${INT8:-1}"
 VENV="$ROOT/bench/.venv-llamacpp"
 HOME_DIR="${VICUGNA_HOME:-${HOME:-/tmp}/.cache/vicugna}"
 MODEL="${1:-$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 
-for v in PROMPT_TOKENS GEN_TOKENS THREADS RUNS BATCH LONG_CONTEXT; do
+for v in PROMPT_TOKENS GEN_TOKENS THREADS RUNS BATCH; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
+[[ "$LONG_CONTEXT" =~ ^[0-9]+$ ]] && { (( LONG_CONTEXT == 0 || LONG_CONTEXT > 256 )); } \
+    || die "LONG_CONTEXT must be 0 (skip) or more than 256 (got '$LONG_CONTEXT')"
 command -v python3 >/dev/null || die "python3 is required"
 
 # --- vicugna binary ---------------------------------------------------------------
@@ -50,19 +63,8 @@ if [[ "$SKIP_VICUGNA" != 1 ]]; then
 fi
 
 # --- llama-cpp-python in a cached venv ------------------------------------------------
-# Built for this CPU's vector extensions, as GGML_NATIVE would, but without AMX:
-# where the hypervisor does not enable AMX state (as on these VMs) llama.cpp's AMX
-# path dies in `ldtilecfg` with a protection fault; vicugna does not use AMX either.
-LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
-for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
-            avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
-    if [[ "$CPU_FLAGS" == *" ${pair%%:*} "* ]]; then
-        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=ON"
-    else
-        LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair#*:}=OFF"
-    fi
-done
+# Built for this CPU's vector extensions without AMX (see bench/llamacpp-cmake-args.sh).
+LLAMACPP_CMAKE_ARGS="$("$ROOT/bench/llamacpp-cmake-args.sh")"
 BUILT_WITH="$LLAMACPP_VERSION $LLAMACPP_CMAKE_ARGS"
 if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null \
         || [[ "$(cat "$VENV/.built-with" 2>/dev/null)" != "$BUILT_WITH" ]]; then
@@ -143,7 +145,7 @@ fi
 # row but more than the bare multiply-adds; where a single stream is bound by this
 # arithmetic rather than by memory, their ratio bounds what batching can gain.
 KERNEL_OUT="$(mktemp -d)"
-if [[ "$SKIP_VICUGNA" != 1 ]] && command -v cargo >/dev/null; then
+if [[ "$SKIP_VICUGNA" != 1 && "$KERNEL_COST" == 1 ]] && command -v cargo >/dev/null; then
     echo "== kernel cost, 1 and $BATCH rows (cargo run --example qmatmul_bench)" >&2
     for rows in 1 "$BATCH"; do
         RAYON_NUM_THREADS=1 cargo run -q --release -p vicugna-engine --example qmatmul_bench -- \
@@ -188,6 +190,7 @@ for ((r = 1; r <= RUNS; r++)); do
             --batch "$BATCH" --json \
             | tee -a "$OUT/vicugna-batch.jsonl" >&2
         # 8-bit activations (`--int8`; only where the CPU has AVX-512 VNNI).
+        [[ "$INT8" == 1 ]] || continue
         json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 --json \
             | tee -a "$OUT/vicugna-int8.jsonl" >&2
@@ -200,7 +203,7 @@ done
 
 # --- memory at a long context -----------------------------------------------------
 : > "$OUT/vicugna-long.jsonl"
-if [[ "$SKIP_VICUGNA" != 1 ]]; then
+if [[ "$SKIP_VICUGNA" != 1 && "$LONG_CONTEXT" != 0 ]]; then
     echo "== long context: $((LONG_CONTEXT - 128)) prompt + 128 generated tokens" >&2
     json_line "vicugna long context" "$VICUGNA_BIN" bench --model "$MODEL" \
         --prompt-tokens "$((LONG_CONTEXT - 128))" --gen-tokens 128 --threads "$THREADS" --json \
@@ -210,6 +213,8 @@ fi
 # --- table ------------------------------------------------------------------------
 cp "$KERNEL_OUT"/*.txt "$OUT/" 2>/dev/null || true
 rm -rf "$KERNEL_OUT"
+python3 "$ROOT/bench/gguf_info.py" "$MODEL" --json > "$OUT/gguf.json" 2>/dev/null \
+    || { echo "vs-llamacpp: warning: could not read the GGUF header of $MODEL" >&2; echo '{}' > "$OUT/gguf.json"; }
 python3 - "$OUT" "$BW" "$BW_MODEL" "$MODEL_MIB" "$BATCH" "$MODEL" "$PROMPT_TOKENS" "$GEN_TOKENS" "$THREADS" "$RUNS" $PEAK <<'EOF'
 import json, math, os, statistics, sys
 
@@ -252,6 +257,22 @@ for key, label, nd in [("load_s", "load (s)", 3), ("prefill_tok_s", "prefill (to
           + (f"{fmt(ratio, 2):>20}{extra}" if key in ("prefill_tok_s", "decode_tok_s") else ""))
 
 wbt = med(vi, "weight_bytes_per_token")
+with open(os.path.join(out, "gguf.json")) as f:
+    gguf = json.load(f)
+gbt = float(gguf.get("weight_bytes_per_token") or math.nan)
+if not math.isnan(gbt):
+    # From the file itself, so it holds for llama.cpp too (and without vicugna's run).
+    line = f"\nweight bytes read per token (GGUF tensor table): {gbt / 1e6:.1f} MB"
+    if gguf.get("expert_bytes_total"):
+        e = float(gguf["expert_bytes_per_token"])
+        line += (f" = non-expert {(gbt - e) / 1e6:.1f} MB + experts {e / 1e6:.1f} MB "
+                 f"({gguf['expert_used_count']}/{gguf['expert_count']} of {gguf['expert_bytes_total'] / 1e6:.1f} MB)")
+    print(line)
+    for label, rows in [cols[0], cols[1]] + ([cols[3]] if int8 else []):
+        d = med(rows, "decode_tok_s")
+        print(f"  {label:12} {fmt(d, 1):>7} tok/s x {gbt / 1e6:.1f} MB = {fmt(d * gbt / 1e9, 1)} GB/s of weights")
+    if math.isnan(wbt):
+        wbt = gbt
 print(f"\nmemory read bandwidth ({t} threads): {fmt(bw_mem)} GB/s over 1 GiB, "
       f"{fmt(bw_model)} GB/s over {model_mib} MiB (the model file's size)")
 if bw_model > 1.3 * bw_mem:
@@ -313,5 +334,23 @@ if long:
     print(f"\npeak RSS at a {ctx}-token context: {r['peak_rss_mib']:.0f} MiB; bound (file {r['model_file_mib']:.0f} "
           f"+ KV cache {r['kv_cache_mib']:.0f} + 64) = {r['rss_bound_mib']:.0f} MiB; "
           f"decode there {r['decode_tok_s']:.1f} tok/s")
+lc_pf, vi_pf = med(lc, "prefill_tok_s"), med(vi, "prefill_tok_s")
+lc_d, vi_d = med(lc, "decode_tok_s"), med(vi, "decode_tok_s")
+limit_tok_s = bw * 1e9 / wbt if wbt and not math.isnan(wbt) and not math.isnan(bw) else math.nan
+nan = lambda x: None if isinstance(x, float) and math.isnan(x) else x
+summary = {
+    "model": model, "file_bytes": os.path.getsize(model), "weight_bytes_per_token": nan(wbt),
+    "gguf_bytes_per_token": nan(gbt), "expert_bytes_per_token": gguf.get("expert_bytes_per_token"),
+    "bandwidth_gb_s": nan(bw), "decode_limit_tok_s": nan(limit_tok_s),
+    "prompt_tokens": int(n), "gen_tokens": int(m), "threads": int(t), "runs": int(runs),
+    "llamacpp_decode_tok_s": nan(lc_d), "vicugna_decode_tok_s": nan(vi_d),
+    "vicugna_int8_decode_tok_s": nan(med(v8, "decode_tok_s")) if int8 else None,
+    "llamacpp_prefill_tok_s": nan(lc_pf), "vicugna_prefill_tok_s": nan(vi_pf),
+    "vicugna_int8_prefill_tok_s": nan(med(v8, "prefill_tok_s")) if int8 else None,
+    "vicugna_peak_rss_mib": nan(med(vi, "peak_rss_mib")), "llamacpp_peak_rss_mib": nan(med(lc, "peak_rss_mib")),
+    "vicugna_batch": int(batch), "vicugna_batch_decode_tok_s": nan(med(vb, "decode_tok_s")),
+}
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
 print(f"\nraw results: {out}")
 EOF
