@@ -13,12 +13,15 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::model::names;
+use crate::kernels::MappedBlocks;
 
 /// A weight as stored: plain values, or ggml-quantized blocks.
 #[derive(Clone)]
 pub enum Weight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    /// ggml blocks left where the GGUF file is mapped.
+    Mapped(Arc<MappedBlocks>),
 }
 
 impl Weight {
@@ -27,6 +30,15 @@ impl Weight {
         Ok(match self {
             Weight::Dense(t) => t.to_dtype(dtype)?,
             Weight::Quantized(q) => q.dequantize(device)?.to_dtype(dtype)?,
+            Weight::Mapped(m) => m.to_qtensor()?.dequantize(device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Mapped blocks as an owned `QTensor` (a copy); other weights as they are.
+    pub fn owned(self) -> Result<Weight> {
+        Ok(match self {
+            Weight::Mapped(m) => Weight::Quantized(m.to_qtensor()?),
+            w => w,
         })
     }
 
@@ -53,6 +65,9 @@ impl Weight {
                 let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, q.dtype())?;
                 Ok(Weight::Quantized(Arc::new(QTensor::new(storage, (len, cols))?)))
             }
+            Weight::Mapped(m) => m.rows(start, len).map(|m| Weight::Mapped(Arc::new(m))).ok_or_else(|| {
+                candle_core::Error::Msg(format!("rows {start}..{} outside a {:?} weight", start + len, m.dims())).into()
+            }),
         }
     }
 }
@@ -197,7 +212,7 @@ impl WeightSource for SafetensorsSource {
 pub struct GgufSource {
     path: PathBuf,
     pub content: gguf_file::Content,
-    mmap: memmap2::Mmap,
+    mmap: Arc<memmap2::Mmap>,
     device: Device,
     /// The family and its q and kv heads, once `config` has read them: the
     /// tensor names and llama.cpp's q/k row order depend on them.
@@ -218,7 +233,7 @@ impl GgufSource {
         Ok(GgufSource {
             path: path.into(),
             content,
-            mmap,
+            mmap: Arc::new(mmap),
             device: device.clone(),
             arch: None,
         })
@@ -309,6 +324,13 @@ impl WeightSource for GgufSource {
         let heads = self
             .arch
             .and_then(|(arch, h, kv)| names::permuted_heads(arch, name, h, kv));
+        let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if quantized && heads.is_none() && self.device.is_cpu() {
+            // Left in the file: the model reads these blocks where they are mapped.
+            if let Some(m) = MappedBlocks::new(self.mmap.clone(), start, size, dtype, dims) {
+                return Ok(Weight::Mapped(Arc::new(m)));
+            }
+        }
         let bytes = match heads {
             Some(h) => {
                 permuted = names::unpermute_rows(bytes, dims[0], h);

@@ -190,6 +190,8 @@ pub struct QMatrix {
 enum Blocks {
     /// ggml's layout, row after row, inside the `QTensor` it came from (no copy).
     Ggml(Arc<QTensor>),
+    /// ggml's layout, row after row, where the model file is mapped (no copy).
+    Mapped(Arc<MappedBlocks>),
     /// Q4_0 / Q4_1 / Q8_0 on the AVX-512 path, repacked in tiles of `R` rows.
     /// A tile takes the bytes of its `R` ggml rows: first the f16 scales, block
     /// column by block column (the rows' `d`, then for Q4_1 their `m`), then the
@@ -499,6 +501,72 @@ fn untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
     }
 }
 
+/// ggml blocks of one tensor inside a mapped model file: the weights are read
+/// where the file lies, so a model takes its file's pages and no copy of them.
+#[derive(Clone)]
+pub struct MappedBlocks {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    len: usize,
+    dtype: GgmlDType,
+    dims: Vec<usize>,
+}
+
+impl MappedBlocks {
+    /// `len` bytes of `dtype` blocks at `start` of `map`, a tensor of shape `dims`;
+    /// `None` unless the range is inside the map and holds exactly that tensor.
+    pub fn new(map: Arc<memmap2::Mmap>, start: usize, len: usize, dtype: GgmlDType, dims: &[usize]) -> Option<Self> {
+        let elems: usize = dims.iter().product();
+        let fits = start.checked_add(len).is_some_and(|end| end <= map.len());
+        let whole = elems.is_multiple_of(dtype.block_size()) && elems / dtype.block_size() * dtype.type_size() == len;
+        (fits && whole).then(|| MappedBlocks {
+            map,
+            start,
+            len,
+            dtype,
+            dims: dims.to_vec(),
+        })
+    }
+
+    /// The blocks.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Rows `start .. start + len` of the tensor seen as `[rows, cols]` (leading
+    /// dimensions flattened), still in place.
+    pub fn rows(&self, start: usize, len: usize) -> Option<Self> {
+        let cols = *self.dims.last()?;
+        let rows = self.dims.iter().product::<usize>() / cols.max(1);
+        let row_bytes = self.len / rows.max(1);
+        (start + len <= rows).then(|| MappedBlocks {
+            map: self.map.clone(),
+            start: self.start + start * row_bytes,
+            len: len * row_bytes,
+            dtype: self.dtype,
+            dims: vec![len, cols],
+        })
+    }
+
+    /// A copy as a candle `QTensor` (for paths without our kernels).
+    pub fn to_qtensor(&self) -> candle_core::Result<Arc<QTensor>> {
+        let storage = candle_core::quantized::QStorage::from_data(
+            Cow::Borrowed(self.bytes()),
+            &candle_core::Device::Cpu,
+            self.dtype,
+        )?;
+        Ok(Arc::new(QTensor::new(storage, self.dims.as_slice())?))
+    }
+}
+
 impl QMatrix {
     /// Wraps a 2-D CPU `QTensor` of a supported block type; `None` otherwise.
     pub fn from_qtensor(tensor: &Arc<QTensor>) -> Option<Self> {
@@ -510,37 +578,65 @@ impl QMatrix {
         Self::with_scheme(tensor, isa, int8_default(isa))
     }
 
-    /// Like [`Self::with_isa`], choosing whether Q4_0 / Q4_1 / Q8_0 use the int8 scheme
-    /// (where this CPU supports it; ignored otherwise).
+    /// Like [`Self::with_isa`], choosing whether to use the int8 scheme (where this
+    /// CPU supports it; ignored otherwise).
     pub fn with_scheme(tensor: &Arc<QTensor>, isa: Isa, int8: bool) -> Option<Self> {
-        let kind = Kind::from_dtype(tensor.dtype())?;
         let &[rows, cols] = tensor.shape().dims() else {
             return None;
         };
-        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) || !tensor.device().is_cpu() || !isa.supported() {
+        if !tensor.device().is_cpu() {
+            return None;
+        }
+        // CPU storage hands out a borrowed view of its blocks; `bytes` relies on it.
+        let Ok(Cow::Borrowed(bytes)) = tensor.data() else {
+            return None;
+        };
+        Self::build(tensor.dtype(), rows, cols, bytes, isa, int8, || Blocks::Ggml(tensor.clone()))
+    }
+
+    /// A matrix over ggml blocks in a mapped file: K-quants are used where they
+    /// lie (the file's pages are the only copy), other kinds are repacked as
+    /// [`Self::from_qtensor`] does. `None` for a block type without kernels here.
+    pub fn from_mapped(blocks: &Arc<MappedBlocks>) -> Option<Self> {
+        let isa = Isa::detect();
+        let &[rows, cols] = &blocks.dims[..] else {
+            return None;
+        };
+        Self::build(blocks.dtype, rows, cols, blocks.bytes(), isa, int8_default(isa), || {
+            Blocks::Mapped(blocks.clone())
+        })
+    }
+
+    fn build(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        isa: Isa,
+        int8: bool,
+        in_place: impl FnOnce() -> Blocks,
+    ) -> Option<Self> {
+        let kind = Kind::from_dtype(dtype)?;
+        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) || !isa.supported() {
             return None;
         }
         let row_bytes = cols / kind.block_elems() * kind.block_bytes();
-        // CPU storage hands out a borrowed view of its blocks; `bytes` relies on it.
-        let blocks = match tensor.data() {
-            Ok(Cow::Borrowed(b)) if b.len() == rows * row_bytes => match tiled_kind(kind) {
-                Some(_) if int8 && int8_supported(isa) => {
-                    Blocks::Int8(Arc::new(int8_tile_rows(kind, b, rows, cols / kind.block_elems())))
-                }
-                Some(_) if isa == Isa::Avx512 => {
-                    Blocks::Tiled(Arc::new(tile_rows(kind, b, rows, cols / kind.block_elems())))
-                }
-                _ => Blocks::Ggml(tensor.clone()),
-            },
-            _ => return None,
+        if bytes.len() != rows * row_bytes {
+            return None;
+        }
+        let nb = cols / kind.block_elems();
+        let blocks = match tiled_kind(kind) {
+            Some(_) if int8 && int8_supported(isa) => Blocks::Int8(Arc::new(int8_tile_rows(kind, bytes, rows, nb))),
+            Some(_) if isa == Isa::Avx512 => Blocks::Tiled(Arc::new(tile_rows(kind, bytes, rows, nb))),
+            _ => in_place(),
         };
-        let kint8 = matches!(blocks, Blocks::Ggml(_))
+        let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
             && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K)
             && int8
             && int8_supported(isa);
         Some(QMatrix {
             kind,
-            dtype: tensor.dtype(),
+            dtype,
             rows,
             cols,
             row_bytes,
@@ -602,7 +698,7 @@ impl QMatrix {
         assert!(r < self.rows && dst.len() == self.cols, "row {r} of {:?}", self);
         let nb = self.cols / self.kind.block_elems();
         match &self.blocks {
-            Blocks::Ggml(_) => {
+            Blocks::Ggml(_) | Blocks::Mapped(_) => {
                 let rb = self.row_bytes;
                 scalar::dequant_row(self.kind, &self.ggml_bytes()[r * rb..(r + 1) * rb], dst)
             }
@@ -652,14 +748,16 @@ impl QMatrix {
 
     /// The ggml rows of an untiled matrix.
     fn ggml_bytes(&self) -> &[u8] {
-        let Blocks::Ggml(tensor) = &self.blocks else {
-            unreachable!("ggml_bytes of a tiled matrix")
+        let all = match &self.blocks {
+            Blocks::Ggml(tensor) => match tensor.data() {
+                Ok(Cow::Borrowed(b)) => b,
+                // `with_scheme` checked that this CPU tensor lends its bytes.
+                _ => unreachable!("CPU QTensor storage is borrowed"),
+            },
+            Blocks::Mapped(m) => m.bytes(),
+            _ => unreachable!("ggml_bytes of a tiled matrix"),
         };
-        match tensor.data() {
-            Ok(Cow::Borrowed(b)) => &b[self.row0 * self.row_bytes..(self.row0 + self.rows) * self.row_bytes],
-            // `with_isa` checked that this CPU tensor lends its bytes.
-            _ => unreachable!("CPU QTensor storage is borrowed"),
-        }
+        &all[self.row0 * self.row_bytes..(self.row0 + self.rows) * self.row_bytes]
     }
 
     /// `out[n × rows] = x[n × cols] · Wᵀ`, all row-major f32.

@@ -62,6 +62,10 @@ impl Linear {
     /// for plain values of that dtype.
     pub fn new(weight: Weight, bias: Option<Tensor>, dense: Option<DType>, device: &Device) -> Result<Self> {
         let weight = match (weight, dense) {
+            (Weight::Mapped(m), None) => match QMatrix::from_mapped(&m) {
+                Some(k) => LinearWeight::Kernel(k),
+                None => LinearWeight::Quantized(QMatMul::from_arc(m.to_qtensor()?)?),
+            },
             (Weight::Quantized(q), None) => match QMatrix::from_qtensor(&q) {
                 Some(m) => LinearWeight::Kernel(m),
                 None => LinearWeight::Quantized(QMatMul::from_arc(q)?),

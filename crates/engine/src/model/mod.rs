@@ -156,7 +156,13 @@ impl Model {
             linear("lm_head", cfg.vocab_size, h, false)?
         };
         let embed = match (embed_w, dense, &lm_head.weight) {
-            (Weight::Quantized(_), None, LinearWeight::Kernel(m)) if tied => Embedding::Kernel(m.clone()),
+            (Weight::Quantized(_) | Weight::Mapped(_), None, LinearWeight::Kernel(m)) if tied => {
+                Embedding::Kernel(m.clone())
+            }
+            (Weight::Mapped(m), None, _) => match QMatrix::from_mapped(&m) {
+                Some(k) => Embedding::Kernel(k),
+                None => Embedding::Quantized(QMatMul::from_arc(m.to_qtensor()?)?),
+            },
             (Weight::Quantized(q), None, _) => match QMatrix::from_qtensor(&q) {
                 Some(m) => Embedding::Kernel(m),
                 None => Embedding::Quantized(QMatMul::from_arc(q)?),
