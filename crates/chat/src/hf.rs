@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::conversation::ChatMessage;
 use crate::error::ChatError;
+use crate::tools::ToolSyntax;
 
 /// Name under which the single template is stored in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
@@ -34,6 +35,8 @@ pub struct HfChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// How the template writes tool calls, when it renders `tools`.
+    tool_syntax: Option<ToolSyntax>,
 }
 
 impl std::fmt::Debug for HfChatTemplate {
@@ -78,7 +81,13 @@ impl HfChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            tool_syntax: ToolSyntax::detect(source),
         })
+    }
+
+    /// How this template writes tool calls (`None`: it does not render `tools`).
+    pub fn tool_syntax(&self) -> Option<ToolSyntax> {
+        self.tool_syntax
     }
 
     /// Builds the template from a parsed `tokenizer_config.json`: its
