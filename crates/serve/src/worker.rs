@@ -946,8 +946,10 @@ async fn get_conv_template(State(w): State<Arc<Worker>>) -> Json<Value> {
     // model's own format; FastChat gateways use `conv` as usual.
     // `tool_syntax` (vicugna): the model's template renders `tools` and writes
     // calls this way, so the gateway sends tools and tool messages as they are.
-    Json(json!({"conv": w.conv, "renders_messages": true, "format": w.format.name(),
-        "tool_syntax": w.format.tool_syntax().map(|s| s.name())}))
+    Json(
+        json!({"conv": w.conv, "renders_messages": true, "format": w.format.name(),
+        "tool_syntax": w.format.tool_syntax().map(|s| s.name())}),
+    )
 }
 
 async fn model_details(State(w): State<Arc<Worker>>) -> Json<ModelDetails> {

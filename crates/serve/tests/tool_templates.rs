@@ -87,18 +87,26 @@ async fn model_template_renders_tools_and_calls_parse_back() {
     let user = json!({"role": "user", "content": "Weather in Paris?"});
 
     // The worker says how its template writes calls.
-    let (s, v) = ctl_post(&format!("{}/worker_get_conv_template", c.worker), &json!({"model": c.model})).await;
+    let (s, v) = ctl_post(
+        &format!("{}/worker_get_conv_template", c.worker),
+        &json!({"model": c.model}),
+    )
+    .await;
     assert_eq!((s, v["tool_syntax"].as_str()), (200, Some("hermes")), "{v}");
 
     // The template's own tool section, not the generic prompt.
     let (prompt, n) = worker_prompt(&c.worker, json!({"model": c.model, "messages": [user], "tools": tools})).await;
     assert!(
-        prompt.starts_with("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"),
+        prompt.starts_with(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"
+        ),
         "{prompt}"
     );
     assert!(
-        prompt.contains(r#"<tools>
-{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": "#),
+        prompt.contains(
+            r#"<tools>
+{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": "#
+        ),
         "{prompt}"
     );
     assert!(!prompt.contains("You are a function calling AI model"), "{prompt}");
@@ -122,7 +130,8 @@ async fn model_template_renders_tools_and_calls_parse_back() {
         )),
         "{prompt}"
     );
-    let body = json!({"model": c.model, "messages": [user, call, result], "tools": tools, "max_tokens": 1, "temperature": 0});
+    let body =
+        json!({"model": c.model, "messages": [user, call, result], "tools": tools, "max_tokens": 1, "temperature": 0});
     let (s, v) = post(&c.url("/v1/chat/completions"), &body).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some(n), "{v}");

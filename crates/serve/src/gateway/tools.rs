@@ -544,14 +544,19 @@ pub fn visible_prefix_in(syntax: ToolSyntax, text: &str) -> &str {
     match syntax {
         ToolSyntax::Hermes => visible_prefix(text),
         ToolSyntax::Llama3Json => {
-            if start.is_empty() || start.starts_with('{') || start.starts_with(PYTHON_TAG) || PYTHON_TAG.starts_with(start)
+            if start.is_empty()
+                || start.starts_with('{')
+                || start.starts_with(PYTHON_TAG)
+                || PYTHON_TAG.starts_with(start)
             {
                 ""
             } else {
                 text
             }
         }
-        ToolSyntax::Mistral if start.starts_with('[') && !text.contains(TOOL_CALLS) && !TOOL_CALLS.starts_with(start) => {
+        ToolSyntax::Mistral
+            if start.starts_with('[') && !text.contains(TOOL_CALLS) && !TOOL_CALLS.starts_with(start) =>
+        {
             ""
         }
         ToolSyntax::Mistral => before_tag(text, TOOL_CALLS),
@@ -680,9 +685,12 @@ mod tests {
             .unwrap();
         for s in [ToolSyntax::Hermes, ToolSyntax::Llama3Json, ToolSyntax::Mistral] {
             let re = t.constraint_regex_for(s).unwrap();
-            let mut state = vicugna_engine::constraint::ConstraintState::new(Constraint::Regex(re.clone()).compile().unwrap());
+            let mut state =
+                vicugna_engine::constraint::ConstraintState::new(Constraint::Regex(re.clone()).compile().unwrap());
             let sample = match s {
-                ToolSyntax::Hermes => "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+                ToolSyntax::Hermes => {
+                    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+                }
                 ToolSyntax::Llama3Json => r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#,
                 ToolSyntax::Mistral => r#"[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]"#,
             };
@@ -692,7 +700,14 @@ mod tests {
             assert!(state.allowed(&vocab).complete, "{s:?}: {sample} does not match {re}");
             let (_, calls) = parse_reply_in(s, sample);
             assert_eq!(calls.len(), 1, "{s:?}");
-            assert!(re.contains(if s == ToolSyntax::Llama3Json { "parameters" } else { "arguments" }), "{re}");
+            assert!(
+                re.contains(if s == ToolSyntax::Llama3Json {
+                    "parameters"
+                } else {
+                    "arguments"
+                }),
+                "{re}"
+            );
         }
     }
 
