@@ -75,3 +75,37 @@ fn tool_messages_need_a_template_that_knows_tools() {
     assert!(err.to_string().contains("tool"), "{err}");
     assert_eq!(ChatFormat::named("vicuna_v1.1").unwrap().tool_syntax(), None);
 }
+
+/// The constructs Llama 3.1's and Mistral's templates use on calls and
+/// results: `'tool_calls' in message` (absent, not null, on other messages),
+/// `tool_calls[0].function`, the function printed with `tojson` (name before
+/// arguments) and cut with `[:-1]`, the call id, and `tool.items()`.
+#[test]
+fn calls_have_the_shape_llama_and_mistral_templates_read() {
+    let template = concat!(
+        "{%- for t in tools %}{% for k, v in t.function.items() %}{{ k }};{% endfor %}{% endfor %}|",
+        "{%- for m in messages %}",
+        "{%- if 'tool_calls' in m %}{% set out = m.tool_calls[0].function|tojson %}[TOOL_CALLS] [{{ out[:-1] }}, \"id\": \"{{ m.tool_calls[0].id }}\"}]",
+        "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}@{{ m.tool_call_id }}",
+        "{%- else %}[INST]{{ m.content }}{% endif %}{% endfor %}",
+    );
+    let format = ChatFormat::select(None, Some((template, "", "")), "m").unwrap();
+    assert_eq!(format.tool_syntax(), Some(ToolSyntax::Mistral));
+    let mut call = ChatMessage::new("assistant", "");
+    call.tool_calls = Some(vec![ToolCall {
+        id: "abcdef123".into(),
+        kind: "function".into(),
+        function: FunctionCall {
+            name: "get_weather".into(),
+            arguments: json!({"city": "Paris"}),
+        },
+    }]);
+    let mut result = ChatMessage::new("tool", "22 C");
+    result.tool_call_id = Some("abcdef123".into());
+    let messages = vec![ChatMessage::new("user", "Weather?"), call, result];
+    let prompt = format.render_tools(&messages, None, Some(&[weather_tool()])).unwrap();
+    assert_eq!(
+        prompt,
+        r#"name;description;parameters;|[INST]Weather?[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdef123"}][TOOL_RESULTS]22 C@abcdef123"#
+    );
+}
