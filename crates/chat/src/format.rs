@@ -188,8 +188,9 @@ impl ChatFormat {
     }
 
     /// [`Self::render_with_spans`] with `tools` (see [`Self::render_tools`]).
-    /// The spans cover message contents (tool results included), not the
-    /// tools' schemas or the calls' arguments.
+    /// The spans cover message contents (tool results included) and the
+    /// calls' arguments and the tools where the template prints them as HF
+    /// templates do (see `tool_spans`).
     pub fn render_with_spans_tools(
         &self,
         messages: &[ChatMessage],
@@ -199,8 +200,10 @@ impl ChatFormat {
         let prompt = self.render_tools(messages, system, tools)?;
         let mut contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         contents.extend(system);
-        let spans =
+        let mut spans =
             marker_spans(self, &prompt, messages, system, tools).unwrap_or_else(|| searched_spans(&prompt, &contents));
+        spans.extend(call_argument_spans(&prompt, messages));
+        spans.extend(tool_spans(&prompt, tools.unwrap_or_default()));
         Ok((prompt, spans))
     }
 
@@ -361,6 +364,54 @@ fn marker_spans(
     }
     out.push_str(rest);
     (out == prompt).then(|| spans.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// Where a template printed the arguments of the messages' tool calls (as
+/// `tojson` writes them), in order: the caller's text too. Arguments printed
+/// some other way are not found.
+fn call_argument_spans(prompt: &str, messages: &[ChatMessage]) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    let mut from = 0;
+    for call in messages.iter().filter_map(|m| m.tool_calls.as_ref()).flatten() {
+        let Some(text) = crate::hf::py_json(&call.function.arguments) else {
+            continue;
+        };
+        if let Some(at) = prompt[from..].find(&text).map(|i| from + i) {
+            spans.push(at..at + text.len());
+            from = at + text.len();
+        }
+    }
+    spans
+}
+
+/// Where a template printed the tools (the caller's text as well): each tool
+/// as `tojson` writes it (Qwen), else its schema and description, as JSON or
+/// as they are (Llama 3.1 indents, Mistral writes fields one by one).
+fn tool_spans(prompt: &str, tools: &[ToolSpec]) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    for t in tools {
+        let whole = crate::hf::py_json(t);
+        let mut found = |needle: &str| match prompt.find(needle) {
+            Some(at) if !needle.is_empty() => {
+                spans.push(at..at + needle.len());
+                true
+            }
+            _ => false,
+        };
+        if whole.as_deref().is_some_and(&mut found) {
+            continue;
+        }
+        if let Some(schema) = crate::hf::py_json(&t.function.parameters) {
+            found(&schema);
+        }
+        if let Some(d) = &t.function.description {
+            let quoted = crate::hf::py_json(d).unwrap_or_default();
+            if !found(d) {
+                found(quoted.trim_matches('"'));
+            }
+        }
+    }
+    spans
 }
 
 /// The content spans of `prompt` found by searching each content (or, failing

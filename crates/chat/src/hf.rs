@@ -359,6 +359,21 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<V
     Ok(Value::from(out))
 }
 
+/// `value` as HF's `tojson` prints it with no options (`json.dumps` defaults,
+/// `ensure_ascii` off): how templates write a tool call's arguments.
+pub(crate) fn py_json<T: Serialize + ?Sized>(value: &T) -> Option<String> {
+    let opts = JsonOpts {
+        ensure_ascii: false,
+        indent: None,
+        item_sep: ", ".to_string(),
+        key_sep: ": ".to_string(),
+        sort_keys: false,
+    };
+    let mut out = String::new();
+    write_json(&mut out, &Value::from_serialize(value), &opts, 0).ok()?;
+    Some(out)
+}
+
 /// `json.dumps` options.
 struct JsonOpts {
     ensure_ascii: bool,

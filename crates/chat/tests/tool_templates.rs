@@ -56,9 +56,14 @@ fn qwen_template_renders_its_own_tool_section_calls_and_results() {
         "<|im_start|>assistant\n",
     );
     assert_eq!(prompt, expected);
-    // The user's text and the tool's result are the caller's text.
+    // The user's text, the tool's result, the call's arguments and the tools
+    // are the caller's text.
     let spanned: Vec<&str> = spans.iter().map(|r| &prompt[r.clone()]).collect();
-    assert_eq!(spanned, ["Weather in Paris?", "22 C"]);
+    assert_eq!(spanned[..3], ["Weather in Paris?", "22 C", r#"{"city": "Paris"}"#]);
+    assert!(
+        spanned[3].starts_with(r#"{"type": "function", "function": {"name": "get_weather""#),
+        "{spanned:?}"
+    );
 
     // Without tools the template's plain system prompt comes back.
     let plain = format.render(&[ChatMessage::new("user", "Hi")], None).unwrap();
