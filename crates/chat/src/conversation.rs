@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ChatError;
 use crate::style::SeparatorStyle;
+use crate::tools::ToolCall;
 
 /// The template table. Data, not code: each entry is one FastChat
 /// `register_conv_template(...)` call, in FastChat's registration order.
@@ -34,7 +35,8 @@ impl StopStr {
     }
 }
 
-/// One OpenAI-style chat message: `role` is `system`, `user` or `assistant`.
+/// One OpenAI-style chat message: `role` is `system`, `user`, `assistant`
+/// or (for templates that render tools) `tool`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `"system"`, `"user"` or `"assistant"`; kept as text so that a bad role
@@ -42,6 +44,13 @@ pub struct ChatMessage {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's tool calls, for templates that render them
+    /// (absent, not null, on other messages: templates test `is defined`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -50,6 +59,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }

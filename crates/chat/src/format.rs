@@ -18,6 +18,7 @@ use crate::conversation::{ChatMessage, Conversation, SavedConversation};
 use crate::error::ChatError;
 use crate::hf::HfChatTemplate;
 use crate::matching::{match_template, DEFAULT_TEMPLATE};
+use crate::tools::{ToolSpec, ToolSyntax};
 
 /// What [`ChatFormat::name`] reports for a model's own Jinja template.
 pub const MODEL_TEMPLATE_NAME: &str = "model's chat template";
@@ -105,7 +106,22 @@ impl ChatFormat {
     /// When the last message is the user's, the assistant turn is left open
     /// for the model to complete.
     pub fn render(&self, messages: &[ChatMessage], system: Option<&str>) -> Result<String, ChatError> {
-        let open = messages.last().is_some_and(|m| m.role == "user");
+        self.render_tools(messages, system, None)
+    }
+
+    /// [`Self::render`] with the request's `tools` passed to a Jinja template
+    /// (as HF's `apply_chat_template(tools=…)`), and `tool` messages and
+    /// assistant `tool_calls` rendered by it. Only a template with a
+    /// [`Self::tool_syntax`] takes `tool` messages; FastChat templates ignore
+    /// `tools`.
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        system: Option<&str>,
+        tools: Option<&[ToolSpec]>,
+    ) -> Result<String, ChatError> {
+        // After tool results the assistant speaks next, as after a user turn.
+        let open = messages.last().is_some_and(|m| m.role == "user" || m.role == "tool");
         match self {
             ChatFormat::Named(template) => {
                 let mut conv = with_messages(template, messages, system)?;
@@ -115,23 +131,40 @@ impl ChatFormat {
                 Ok(conv.get_prompt())
             }
             ChatFormat::Hf { template } => {
-                if let Some(bad) = messages
-                    .iter()
-                    .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-                {
+                let tool_role_ok = template.tool_syntax().is_some();
+                if let Some(bad) = messages.iter().find(|m| match m.role.as_str() {
+                    "system" | "user" | "assistant" => false,
+                    "tool" => !tool_role_ok,
+                    _ => true,
+                }) {
                     return Err(ChatError::BadRole { role: bad.role.clone() });
                 }
+                #[derive(serde::Serialize)]
+                struct Extra<'a> {
+                    tools: Option<&'a [ToolSpec]>,
+                }
+                let extra = Extra { tools };
                 let has_system = messages.first().is_some_and(|m| m.role == "system");
                 match system {
                     Some(system) if !has_system => {
                         let mut all = Vec::with_capacity(messages.len() + 1);
                         all.push(ChatMessage::new("system", system));
                         all.extend_from_slice(messages);
-                        template.render(&all, open)
+                        template.render_with(&all, open, &extra)
                     }
-                    _ => template.render(messages, open),
+                    _ => template.render_with(messages, open, &extra),
                 }
             }
+        }
+    }
+
+    /// How the format's template writes tool calls: the model's own Jinja
+    /// template when it renders `tools`, else `None` (tools then go in a
+    /// generic system prompt).
+    pub fn tool_syntax(&self) -> Option<ToolSyntax> {
+        match self {
+            ChatFormat::Named(_) => None,
+            ChatFormat::Hf { template } => template.tool_syntax(),
         }
     }
 
@@ -151,10 +184,26 @@ impl ChatFormat {
         messages: &[ChatMessage],
         system: Option<&str>,
     ) -> Result<(String, Vec<Range<usize>>), ChatError> {
-        let prompt = self.render(messages, system)?;
+        self.render_with_spans_tools(messages, system, None)
+    }
+
+    /// [`Self::render_with_spans`] with `tools` (see [`Self::render_tools`]).
+    /// The spans cover message contents (tool results included) and the
+    /// calls' arguments and the tools where the template prints them as HF
+    /// templates do (see `tool_spans`).
+    pub fn render_with_spans_tools(
+        &self,
+        messages: &[ChatMessage],
+        system: Option<&str>,
+        tools: Option<&[ToolSpec]>,
+    ) -> Result<(String, Vec<Range<usize>>), ChatError> {
+        let prompt = self.render_tools(messages, system, tools)?;
         let mut contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         contents.extend(system);
-        let spans = marker_spans(self, &prompt, messages, system).unwrap_or_else(|| searched_spans(&prompt, &contents));
+        let mut spans =
+            marker_spans(self, &prompt, messages, system, tools).unwrap_or_else(|| searched_spans(&prompt, &contents));
+        spans.extend(call_argument_spans(&prompt, messages));
+        spans.extend(tool_spans(&prompt, tools.unwrap_or_default()));
         Ok((prompt, spans))
     }
 
@@ -280,6 +329,7 @@ fn marker_spans(
     prompt: &str,
     messages: &[ChatMessage],
     system: Option<&str>,
+    tools: Option<&[ToolSpec]>,
 ) -> Option<Vec<Range<usize>>> {
     // Private-use characters around a number: no template treats them specially,
     // and a nonce keeps them apart from anything in the contents.
@@ -291,10 +341,13 @@ fn marker_spans(
     let marked: Vec<ChatMessage> = messages
         .iter()
         .enumerate()
-        .map(|(i, m)| ChatMessage::new(m.role.clone(), marker(i, nonce)))
+        .map(|(i, m)| ChatMessage {
+            content: marker(i, nonce),
+            ..m.clone()
+        })
         .collect();
     let system_marker = system.map(|_| marker(messages.len(), nonce));
-    let skeleton = format.render(&marked, system_marker.as_deref()).ok()?;
+    let skeleton = format.render_tools(&marked, system_marker.as_deref(), tools).ok()?;
     let mut contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
     contents.extend(system);
     let open = format!("\u{F8F0}{nonce}:");
@@ -311,6 +364,54 @@ fn marker_spans(
     }
     out.push_str(rest);
     (out == prompt).then(|| spans.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// Where a template printed the arguments of the messages' tool calls (as
+/// `tojson` writes them), in order: the caller's text too. Arguments printed
+/// some other way are not found.
+fn call_argument_spans(prompt: &str, messages: &[ChatMessage]) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    let mut from = 0;
+    for call in messages.iter().filter_map(|m| m.tool_calls.as_ref()).flatten() {
+        let Some(text) = crate::hf::py_json(&call.function.arguments) else {
+            continue;
+        };
+        if let Some(at) = prompt[from..].find(&text).map(|i| from + i) {
+            spans.push(at..at + text.len());
+            from = at + text.len();
+        }
+    }
+    spans
+}
+
+/// Where a template printed the tools (the caller's text as well): each tool
+/// as `tojson` writes it (Qwen), else its schema and description, as JSON or
+/// as they are (Llama 3.1 indents, Mistral writes fields one by one).
+fn tool_spans(prompt: &str, tools: &[ToolSpec]) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    for t in tools {
+        let whole = crate::hf::py_json(t);
+        let mut found = |needle: &str| match prompt.find(needle) {
+            Some(at) if !needle.is_empty() => {
+                spans.push(at..at + needle.len());
+                true
+            }
+            _ => false,
+        };
+        if whole.as_deref().is_some_and(&mut found) {
+            continue;
+        }
+        if let Some(schema) = crate::hf::py_json(&t.function.parameters) {
+            found(&schema);
+        }
+        if let Some(d) = &t.function.description {
+            let quoted = crate::hf::py_json(d).unwrap_or_default();
+            if !found(d) {
+                found(quoted.trim_matches('"'));
+            }
+        }
+    }
+    spans
 }
 
 /// The content spans of `prompt` found by searching each content (or, failing

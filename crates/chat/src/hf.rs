@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::conversation::ChatMessage;
 use crate::error::ChatError;
+use crate::tools::ToolSyntax;
 
 /// Name under which the single template is stored in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
@@ -34,6 +35,8 @@ pub struct HfChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// How the template writes tool calls, when it renders `tools`.
+    tool_syntax: Option<ToolSyntax>,
 }
 
 impl std::fmt::Debug for HfChatTemplate {
@@ -78,7 +81,13 @@ impl HfChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            tool_syntax: ToolSyntax::detect(source),
         })
+    }
+
+    /// How this template writes tool calls (`None`: it does not render `tools`).
+    pub fn tool_syntax(&self) -> Option<ToolSyntax> {
+        self.tool_syntax
     }
 
     /// Builds the template from a parsed `tokenizer_config.json`: its
@@ -348,6 +357,21 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<V
     // Python returns a plain str: jinja2 would escape it under autoescape,
     // which chat templates never enable.
     Ok(Value::from(out))
+}
+
+/// `value` as HF's `tojson` prints it with no options (`json.dumps` defaults,
+/// `ensure_ascii` off): how templates write a tool call's arguments.
+pub(crate) fn py_json<T: Serialize + ?Sized>(value: &T) -> Option<String> {
+    let opts = JsonOpts {
+        ensure_ascii: false,
+        indent: None,
+        item_sep: ", ".to_string(),
+        key_sep: ": ".to_string(),
+        sort_keys: false,
+    };
+    let mut out = String::new();
+    write_json(&mut out, &Value::from_serialize(value), &opts, 0).ok()?;
+    Some(out)
 }
 
 /// `json.dumps` options.

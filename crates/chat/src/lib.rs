@@ -30,6 +30,7 @@ mod format;
 mod hf;
 mod matching;
 mod style;
+mod tools;
 
 pub use conversation::{
     get_template, render_messages, template_names, ChatMessage, Conversation, SavedConversation, StopStr,
@@ -39,3 +40,4 @@ pub use format::{ChatFormat, FormatSource, MODEL_TEMPLATE_NAME};
 pub use hf::HfChatTemplate;
 pub use matching::{match_template, DEFAULT_TEMPLATE};
 pub use style::SeparatorStyle;
+pub use tools::{FunctionCall, FunctionSpec, ToolCall, ToolSpec, ToolSyntax};

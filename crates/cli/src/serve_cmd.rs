@@ -27,6 +27,10 @@ pub struct WorkerPartArgs {
     /// A FastChat conversation template to use instead of the model's own chat template.
     #[arg(long)]
     conv_template: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own (as vLLM's
+    /// `--chat-template`), e.g. one that renders `tools`.
+    #[arg(long, value_name = "FILE", conflicts_with = "conv_template")]
+    chat_template: Option<std::path::PathBuf>,
     /// Requests decoded together in the engine's batch.
     #[arg(long, default_value_t = 16)]
     limit_worker_concurrency: usize,
@@ -415,6 +419,11 @@ impl WorkerPartArgs {
             .unwrap_or_else(|| vec![vicugna_serve::worker::default_model_name(engine)]);
         let mut o = WorkerOptions::new(worker_address, controller_address, names);
         o.conv_template = self.conv_template.clone();
+        if let Some(path) = &self.chat_template {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--chat-template: cannot read {}", path.display()))?;
+            o.chat_template = Some(text);
+        }
         o.limit_worker_concurrency = self.limit_worker_concurrency.max(1);
         o.max_queue = self.max_queue;
         o.stream_interval = self.stream_interval.max(1);

@@ -173,6 +173,10 @@ pub struct GenerateParams {
     /// Chat messages the worker renders with its own template (vicugna).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// Tools passed to the model's own chat template with `messages`
+    /// (vicugna; sent only to a worker reporting a `tool_syntax`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<vicugna_chat::ToolSpec>>,
     #[serde(default)]
     pub temperature: Option<f32>,
     #[serde(default)]

@@ -57,6 +57,9 @@ pub struct WorkerOptions {
     pub model_names: Vec<String>,
     /// A FastChat template name that overrides the model's own format.
     pub conv_template: Option<String>,
+    /// A Jinja chat template that replaces the model's own (vLLM's
+    /// `--chat-template`); rendered with the model's BOS/EOS strings.
+    pub chat_template: Option<String>,
     /// Requests in the engine's batch at once.
     pub limit_worker_concurrency: usize,
     /// Requests allowed to wait for a batch slot; more are refused (429 at the gateway).
@@ -84,6 +87,7 @@ impl WorkerOptions {
             controller_address: controller_address.trim_end_matches('/').to_string(),
             model_names,
             conv_template: None,
+            chat_template: None,
             limit_worker_concurrency: 16,
             max_queue: 256,
             stream_interval: 1,
@@ -156,10 +160,12 @@ impl Worker {
     /// A worker over `engine`; fails if `conv_template` names no template.
     pub fn new(engine: EngineHandle, opts: WorkerOptions) -> anyhow::Result<Arc<Self>> {
         let path = engine.info().path.display().to_string();
-        let model_template = engine.tokenizer().and_then(|t| {
-            t.chat_template()
-                .map(|src| (src, t.bos_token().unwrap_or(""), t.eos_token().unwrap_or("")))
-        });
+        let tok = engine.tokenizer();
+        let (bos, eos) = tok.map_or(("", ""), |t| (t.bos_token().unwrap_or(""), t.eos_token().unwrap_or("")));
+        let model_template = match &opts.chat_template {
+            Some(src) => Some((src.as_str(), bos, eos)),
+            None => tok.and_then(|t| t.chat_template()).map(|src| (src, bos, eos)),
+        };
         let format = ChatFormat::select(opts.conv_template.as_deref(), model_template, &path)?;
         let conv = match &format {
             ChatFormat::Named(c) => c.clone(),
@@ -304,7 +310,7 @@ impl Worker {
             // are encoded as text unless the caller opted into FastChat's parsing.
             let (text, spans) = self
                 .format
-                .render_with_spans(messages, None)
+                .render_with_spans_tools(messages, None, p.tools.as_deref())
                 .map_err(|e| (code::PARAM_OUT_OF_RANGE, e.to_string()))?;
             // Under a constraint the answer ends where the constraint completes;
             // the template's stop strings (text such as `<|im_end|>` that a
@@ -938,7 +944,12 @@ async fn count_token(State(w): State<Arc<Worker>>, body: Bytes) -> Json<Value> {
 async fn get_conv_template(State(w): State<Arc<Worker>>) -> Json<Value> {
     // `renders_messages` (vicugna): send `messages` and this worker applies the
     // model's own format; FastChat gateways use `conv` as usual.
-    Json(json!({"conv": w.conv, "renders_messages": true, "format": w.format.name()}))
+    // `tool_syntax` (vicugna): the model's template renders `tools` and writes
+    // calls this way, so the gateway sends tools and tool messages as they are.
+    Json(
+        json!({"conv": w.conv, "renders_messages": true, "format": w.format.name(),
+        "tool_syntax": w.format.tool_syntax().map(|s| s.name())}),
+    )
 }
 
 async fn model_details(State(w): State<Arc<Worker>>) -> Json<ModelDetails> {

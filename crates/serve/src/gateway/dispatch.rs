@@ -29,6 +29,9 @@ pub struct WorkerModel {
     /// The FastChat template, to build the prompt for other workers.
     pub conv: Option<Conversation>,
     pub context_length: usize,
+    /// How the model's own template writes tool calls, when it renders tools
+    /// (vicugna workers); otherwise tools go in a generic system prompt.
+    pub tool_syntax: Option<vicugna_chat::ToolSyntax>,
 }
 
 /// Caches and blacklists shared by requests.
@@ -214,6 +217,11 @@ impl Gateway {
             .worker_post(worker, "/model_details", &json!({"model": model}))
             .await?;
         let renders_messages = conv.get("renders_messages").and_then(Value::as_bool) == Some(true);
+        let tool_syntax = conv
+            .get("tool_syntax")
+            .and_then(Value::as_str)
+            .and_then(vicugna_chat::ToolSyntax::from_name)
+            .filter(|_| renders_messages);
         // A template that does not parse, or cannot render a plain user turn,
         // is no template: this worker cannot take chats until it sends a good one.
         let conv: Option<Conversation> = conv
@@ -228,6 +236,7 @@ impl Gateway {
             renders_messages,
             conv,
             context_length: details.get("context_length").and_then(Value::as_u64).unwrap_or(2048) as usize,
+            tool_syntax,
         });
         // Not cached when the template is unusable: a later request asks again
         // (the worker may have been fixed or replaced at the same address).

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use vicugna_chat::{ChatFormat, ChatMessage};
+use vicugna_chat::{ChatFormat, ChatMessage, ToolSyntax};
 
 use super::dispatch::{WorkerModel, WorkerStream};
 use super::error::ApiError;
@@ -164,7 +164,24 @@ impl Gateway {
         }
         let prompt_text = match &job.input {
             JobInput::Chat(messages) if info.renders_messages => {
-                p["messages"] = json!(messages);
+                match (info.tool_syntax, &req.tool_messages) {
+                    // The model's own template shows the tools, calls and
+                    // results; a constraint spells the call its way.
+                    (Some(syntax), Some(native)) => {
+                        let mut native = native.clone();
+                        if syntax == ToolSyntax::Mistral {
+                            tools::mistral_ids(&mut native);
+                        }
+                        p["messages"] = json!(native);
+                        if let Some(t) = &req.tools {
+                            p["tools"] = json!(t.specs());
+                            if let Some(re) = t.constraint_regex_for(syntax) {
+                                p["guided_regex"] = json!(re);
+                            }
+                        }
+                    }
+                    _ => p["messages"] = json!(messages),
+                }
                 p["prompt"] = json!("");
                 // The worker encodes special-token strings in contents as text
                 // unless the operator opted into FastChat's parsing.
@@ -284,10 +301,11 @@ impl Gateway {
         jobs: &[Job],
         streams: Vec<WorkerStream>,
     ) -> Result<Response, ApiError> {
+        let syntaxes: Vec<ToolSyntax> = streams.iter().map(|s| reply_syntax(req, &s.info)).collect();
         let finals = futures::future::join_all(streams.into_iter().map(drain)).await;
         let mut choices = Vec::with_capacity(jobs.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        for (job, fin) in jobs.iter().zip(finals) {
+        for ((job, fin), syntax) in jobs.iter().zip(finals).zip(syntaxes) {
             let c = fin?;
             let usage = c.usage.unwrap_or_default();
             self.count_usage(&usage, job.counts_prompt);
@@ -298,7 +316,7 @@ impl Gateway {
             let lp = c.logprobs.as_ref();
             choices.push(match kind {
                 Kind::Chat if req.tools.is_some() => {
-                    let (text, calls) = tools::parse_reply(&c.text);
+                    let (text, calls) = tools::parse_reply_in(syntax, &c.text);
                     let mut message = json!({"role": "assistant", "content": (!text.is_empty()).then_some(text)});
                     let mut finish = c.finish_reason.clone();
                     if !calls.is_empty() {
@@ -402,6 +420,7 @@ impl Gateway {
                 }
             }
         }
+        let syntaxes: Vec<ToolSyntax> = streams.iter().map(|s| reply_syntax(&req, &s.info)).collect();
         let merged = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
             futures::stream::unfold(Some(s), move |state| async move {
                 let mut s = state?;
@@ -451,7 +470,7 @@ impl Gateway {
             let mut text = c.text.replace('\u{FFFD}', "");
             if req.tools.is_some() {
                 // Text up to a tool call streams as content; calls come at the end.
-                text.truncate(tools::visible_prefix(&text).len());
+                text.truncate(tools::visible_prefix_in(syntaxes[i], &text).len());
             }
             let delta = if text.len() > prev[i].len() && text.is_char_boundary(prev[i].len()) {
                 let d = text[prev[i].len()..].to_string();
@@ -486,9 +505,16 @@ impl Gateway {
             if let Some(reason) = &c.finish_reason {
                 let mut reason = reason.clone();
                 if req.tools.is_some() {
-                    let (_, calls) = tools::parse_reply(&c.text);
+                    let (content, calls) = tools::parse_reply_in(syntaxes[i], &c.text.replace('\u{FFFD}', ""));
                     if !calls.is_empty() {
                         reason = "tool_calls".into();
+                    }
+                    // Text held back in case it began a call, and was not one.
+                    if let Some(rest) = content.strip_prefix(prev[i].as_str()).filter(|r| !r.is_empty()) {
+                        let choice = json!({"index": job.index, "delta": {"content": rest}, "logprobs": null, "finish_reason": null});
+                        if tx.send(event(choice)).await.is_err() {
+                            return;
+                        }
                     }
                     // As OpenAI streams them: id, type and name with empty
                     // arguments first, then the arguments.
@@ -609,4 +635,13 @@ pub async fn chat_completions(State(g): State<Arc<Gateway>>, body: Body) -> Resp
 /// `POST /v1/completions`.
 pub async fn completions(State(g): State<Arc<Gateway>>, body: Body) -> Response {
     g.handle_gen(body, Kind::Completion).await
+}
+
+/// The syntax a tool-using reply is written in: the model template's own
+/// when the chat went to it natively, else the generic (Hermes) one.
+fn reply_syntax(req: &GenRequest, info: &WorkerModel) -> ToolSyntax {
+    match (info.tool_syntax, &req.tool_messages) {
+        (Some(syntax), Some(_)) if info.renders_messages => syntax,
+        _ => ToolSyntax::Hermes,
+    }
 }

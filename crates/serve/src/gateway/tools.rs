@@ -10,9 +10,15 @@
 //! named function the reply is decoded under a constraint built from the
 //! functions' JSON schemas, so a call always names a listed function and its
 //! arguments always validate.
+//!
+//! A model whose own chat template renders `tools` (Qwen 2.5 / Hermes,
+//! Llama 3.1, Mistral) gets them through that template instead, with its
+//! assistant `tool_calls` and `tool` messages as HF passes them; the
+//! constraint then spells calls in the template's syntax
+//! ([`ToolSyntax`]), and replies are parsed in it.
 
 use serde_json::{json, Map, Value};
-use vicugna_chat::ChatMessage;
+use vicugna_chat::{ChatMessage, FunctionCall, FunctionSpec, ToolCall, ToolSpec, ToolSyntax};
 use vicugna_engine::json_schema::{any_object_regex, literal, schema_to_regex};
 use vicugna_engine::Constraint;
 
@@ -23,6 +29,10 @@ pub const MAX_TOOLS: usize = 128;
 
 const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
+/// Llama 3.1's tag before a (built-in) tool call.
+const PYTHON_TAG: &str = "<|python_tag|>";
+/// Mistral's tag before its list of calls.
+const TOOL_CALLS: &str = "[TOOL_CALLS]";
 
 /// One function the model may call.
 #[derive(Debug, Clone)]
@@ -203,8 +213,15 @@ impl ToolSet {
         self.choice != Choice::None
     }
 
-    /// The constraint the reply is decoded under (`required` or a named function).
+    /// The constraint the reply is decoded under (`required` or a named
+    /// function), in the generic (Hermes) syntax.
     pub fn constraint_regex(&self) -> Option<String> {
+        self.constraint_regex_for(ToolSyntax::Hermes)
+    }
+
+    /// The constraint for a model whose template writes calls in `syntax`, so
+    /// that what it decodes parses back with [`parse_reply_in`].
+    pub fn constraint_regex_for(&self, syntax: ToolSyntax) -> Option<String> {
         let calls: Vec<String> = self
             .functions
             .iter()
@@ -215,14 +232,42 @@ impl ToolSet {
             })
             .map(|f| {
                 let name = literal(&Value::String(f.name.clone()));
-                format!(r#"\{{"name": {name}, "arguments": {}\}}"#, f.args_regex)
+                // Llama 3.1's template asks for "parameters".
+                let key = if syntax == ToolSyntax::Llama3Json {
+                    "parameters"
+                } else {
+                    "arguments"
+                };
+                format!(r#"\{{"name": {name}, "{key}": {}\}}"#, f.args_regex)
             })
             .collect();
         if calls.is_empty() {
             return None;
         }
-        // The tags hold no regex metacharacters.
-        Some(format!("{CALL_OPEN}\n(?:{})\n{CALL_CLOSE}", calls.join("|")))
+        let calls = calls.join("|");
+        Some(match syntax {
+            // The tags hold no regex metacharacters.
+            ToolSyntax::Hermes => format!("{CALL_OPEN}\n(?:{calls})\n{CALL_CLOSE}"),
+            ToolSyntax::Llama3Json => format!("(?:{calls})"),
+            // Written out in plain tokens: a constraint never admits special
+            // tokens, and the text parses the same.
+            ToolSyntax::Mistral => format!(r"\[TOOL_CALLS\] \[(?:{calls})\]"),
+        })
+    }
+
+    /// The tools as HF's `apply_chat_template(tools=…)` takes them.
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        self.functions
+            .iter()
+            .map(|f| ToolSpec {
+                kind: "function".into(),
+                function: FunctionSpec {
+                    name: f.name.clone(),
+                    description: f.description.clone(),
+                    parameters: f.parameters.clone(),
+                },
+            })
+            .collect()
     }
 
     /// Checks now that the constraint compiles within the engine's limits, so a
@@ -287,6 +332,40 @@ pub fn render_calls(calls: &[Call]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A call as an assistant message's `tool_calls` entry for a chat template:
+/// the arguments as a JSON value (templates print them with `tojson`).
+pub fn template_call(id: &str, c: &Call) -> ToolCall {
+    ToolCall {
+        id: id.to_string(),
+        kind: "function".into(),
+        function: FunctionCall {
+            name: c.name.clone(),
+            arguments: serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!(c.arguments)),
+        },
+    }
+}
+
+/// Mistral's templates refuse call ids other than 9 letters or digits:
+/// each id becomes the last 9 of its letters and digits (zero-padded), in
+/// calls and tool messages alike, as vLLM does.
+pub fn mistral_ids(messages: &mut [ChatMessage]) {
+    fn nine(id: &str) -> String {
+        let alnum: Vec<char> = id.chars().filter(char::is_ascii_alphanumeric).collect();
+        let tail: String = alnum[alnum.len().saturating_sub(9)..].iter().collect();
+        format!("{tail:0>9}")
+    }
+    for m in messages {
+        if let Some(calls) = &mut m.tool_calls {
+            for c in calls {
+                c.id = nine(&c.id);
+            }
+        }
+        if let Some(id) = &mut m.tool_call_id {
+            *id = nine(id);
+        }
+    }
 }
 
 /// How tool results read in the conversation (one user turn for consecutive ones).
@@ -366,7 +445,11 @@ pub fn parse_reply(text: &str) -> (String, Vec<Call>) {
 }
 
 fn parse_call(inner: &str) -> Option<Call> {
-    let v: Value = serde_json::from_str(inner.trim()).ok()?;
+    call_from_value(serde_json::from_str(inner.trim()).ok()?)
+}
+
+/// A call from `{"name": …, "arguments" or "parameters": …}`.
+fn call_from_value(v: Value) -> Option<Call> {
     let name = v.get("name")?.as_str()?.to_string();
     let args = v
         .get("arguments")
@@ -381,18 +464,103 @@ fn parse_call(inner: &str) -> Option<Call> {
     Some(Call { name, arguments })
 }
 
+/// Splits a reply written in `syntax` into its text and the calls in it.
+/// Text that does not parse as calls stays text.
+///
+/// Llama 3.1 and Mistral tags are special tokens that the decoded text may
+/// leave out, so a reply that is nothing but calls (a JSON object, or a JSON
+/// list for Mistral) counts as calls without them.
+pub fn parse_reply_in(syntax: ToolSyntax, text: &str) -> (String, Vec<Call>) {
+    let plain = || (text.trim().to_string(), Vec::new());
+    match syntax {
+        ToolSyntax::Hermes => parse_reply(text),
+        ToolSyntax::Llama3Json => {
+            let body = text.trim_start();
+            let body = body.strip_prefix(PYTHON_TAG).unwrap_or(body).trim();
+            match body.starts_with('{').then(|| llama_calls(body)).flatten() {
+                Some(calls) => (String::new(), calls),
+                None => plain(),
+            }
+        }
+        ToolSyntax::Mistral => {
+            let (before, after) = match text.find(TOOL_CALLS) {
+                Some(i) => (&text[..i], &text[i + TOOL_CALLS.len()..]),
+                None if text.trim_start().starts_with('[') => ("", text),
+                None => return plain(),
+            };
+            let mut items = serde_json::Deserializer::from_str(after.trim()).into_iter::<Value>();
+            let calls: Option<Vec<Call>> = match items.next() {
+                Some(Ok(Value::Array(list))) if !list.is_empty() => list.into_iter().map(call_from_value).collect(),
+                _ => None,
+            };
+            match calls {
+                Some(calls) => (before.trim().to_string(), calls),
+                None => plain(),
+            }
+        }
+    }
+}
+
+/// Llama 3.1 calls: JSON objects, one or more, separated by `;` or spaces.
+fn llama_calls(body: &str) -> Option<Vec<Call>> {
+    let mut calls = Vec::new();
+    let mut rest = body;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if rest.is_empty() {
+            return (!calls.is_empty()).then_some(calls);
+        }
+        let mut items = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let v = items.next()?.ok()?;
+        calls.push(call_from_value(v)?);
+        rest = &rest[items.byte_offset()..];
+    }
+}
+
 /// How much of a streamed reply is plain text that can be sent already: up to
 /// a tool call's opening tag, or a partial one at the end.
 pub fn visible_prefix(text: &str) -> &str {
-    if let Some(i) = text.find(CALL_OPEN) {
+    before_tag(text, CALL_OPEN)
+}
+
+/// Text up to `tag`, or up to a partial `tag` at its end.
+fn before_tag<'a>(text: &'a str, tag: &str) -> &'a str {
+    if let Some(i) = text.find(tag) {
         return &text[..i];
     }
-    for k in (1..CALL_OPEN.len()).rev() {
-        if text.ends_with(&CALL_OPEN[..k]) {
+    for k in (1..tag.len()).rev() {
+        if text.ends_with(&tag[..k]) {
             return &text[..text.len() - k];
         }
     }
     text
+}
+
+/// [`visible_prefix`] for a reply written in `syntax`. A reply that may be
+/// nothing but calls (a JSON object for Llama 3.1, a list for Mistral) is
+/// held back whole until it ends.
+pub fn visible_prefix_in(syntax: ToolSyntax, text: &str) -> &str {
+    let start = text.trim_start();
+    match syntax {
+        ToolSyntax::Hermes => visible_prefix(text),
+        ToolSyntax::Llama3Json => {
+            if start.is_empty()
+                || start.starts_with('{')
+                || start.starts_with(PYTHON_TAG)
+                || PYTHON_TAG.starts_with(start)
+            {
+                ""
+            } else {
+                text
+            }
+        }
+        ToolSyntax::Mistral
+            if start.starts_with('[') && !text.contains(TOOL_CALLS) && !TOOL_CALLS.starts_with(start) =>
+        {
+            ""
+        }
+        ToolSyntax::Mistral => before_tag(text, TOOL_CALLS),
+    }
 }
 
 /// A new call id in OpenAI's style.
@@ -451,6 +619,96 @@ mod tests {
         assert_eq!(visible_prefix("Hello <tool"), "Hello ");
         assert_eq!(visible_prefix("Hello <tool_call>{"), "Hello ");
         assert_eq!(visible_prefix("a < b"), "a < b");
+    }
+
+    #[test]
+    fn llama3_replies_parse_into_calls() {
+        let s = ToolSyntax::Llama3Json;
+        let call = |args: &str| Call {
+            name: "get_weather".into(),
+            arguments: args.into(),
+        };
+        let (text, calls) = parse_reply_in(s, r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#);
+        assert_eq!((text.as_str(), calls), ("", vec![call(r#"{"city":"Paris"}"#)]));
+        // With the tag, and two calls separated by `;`.
+        let (_, calls) = parse_reply_in(
+            s,
+            r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "parameters": {"city": "Rome"}}"#,
+        );
+        assert_eq!(calls, vec![call(r#"{"city":"Paris"}"#), call(r#"{"city":"Rome"}"#)]);
+        // Plain answers, JSON or not, stay text.
+        assert_eq!(parse_reply_in(s, "It is sunny.").1, vec![]);
+        let (text, calls) = parse_reply_in(s, r#"{"answer": 42}"#);
+        assert_eq!((text.as_str(), calls.len()), (r#"{"answer": 42}"#, 0));
+        assert_eq!(visible_prefix_in(s, "{\"name"), "");
+        assert_eq!(visible_prefix_in(s, "<|pyth"), "");
+        assert_eq!(visible_prefix_in(s, "Sunny {"), "Sunny {");
+    }
+
+    #[test]
+    fn mistral_replies_parse_into_calls() {
+        let s = ToolSyntax::Mistral;
+        let (text, calls) = parse_reply_in(
+            s,
+            r#"Checking. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]"#,
+        );
+        assert_eq!(text, "Checking.");
+        assert_eq!(
+            calls,
+            vec![
+                Call {
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into()
+                },
+                Call {
+                    name: "get_time".into(),
+                    arguments: "{}".into()
+                }
+            ]
+        );
+        // The tag is a special token that decoding may drop.
+        let (_, calls) = parse_reply_in(s, r#"[{"name": "get_time", "arguments": {}}]"#);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(parse_reply_in(s, "[1, 2]"), ("[1, 2]".to_string(), vec![]));
+        assert_eq!(visible_prefix_in(s, "Checking. [TOOL_CA"), "Checking. ");
+        assert_eq!(visible_prefix_in(s, "[{\"name"), "");
+        let mut m = vec![ChatMessage::new("tool", "1")];
+        m[0].tool_call_id = Some("call_0123456789abcdef".into());
+        mistral_ids(&mut m);
+        assert_eq!(m[0].tool_call_id.as_deref(), Some("789abcdef"));
+    }
+
+    #[test]
+    fn constraints_spell_calls_in_the_template_syntax() {
+        let t = set(json!({"tools": weather(), "tool_choice": "required"}))
+            .unwrap()
+            .unwrap();
+        for s in [ToolSyntax::Hermes, ToolSyntax::Llama3Json, ToolSyntax::Mistral] {
+            let re = t.constraint_regex_for(s).unwrap();
+            let mut state =
+                vicugna_engine::constraint::ConstraintState::new(Constraint::Regex(re.clone()).compile().unwrap());
+            let sample = match s {
+                ToolSyntax::Hermes => {
+                    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+                }
+                ToolSyntax::Llama3Json => r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#,
+                ToolSyntax::Mistral => r#"[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]"#,
+            };
+            // The constraint admits the template's syntax, which parses back.
+            state.advance(sample.as_bytes());
+            let vocab = vicugna_engine::constraint::Vocab::new(Vec::new());
+            assert!(state.allowed(&vocab).complete, "{s:?}: {sample} does not match {re}");
+            let (_, calls) = parse_reply_in(s, sample);
+            assert_eq!(calls.len(), 1, "{s:?}");
+            assert!(
+                re.contains(if s == ToolSyntax::Llama3Json {
+                    "parameters"
+                } else {
+                    "arguments"
+                }),
+                "{re}"
+            );
+        }
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct GenRequest {
     pub logit_bias: Vec<(u32, f32)>,
     /// The request's tools (chat only), when it has any.
     pub tools: Option<ToolSet>,
+    /// The chat as HF templates take it (assistant `tool_calls`, `tool`
+    /// messages, no generic tool prompt), when it has tools or tool calls:
+    /// sent instead of `input` to a worker whose template renders tools.
+    pub tool_messages: Option<Vec<ChatMessage>>,
     /// Shared by this request's choices, so a worker keeps them to a share of its batch.
     pub group: u64,
 }
@@ -374,6 +378,7 @@ impl Fields<'_> {
             },
             logit_bias: self.logit_bias()?,
             tools: None,
+            tool_messages: None,
             group: uuid::Uuid::new_v4().as_u64_pair().0,
         })
     }
@@ -602,10 +607,16 @@ fn message_content(i: usize, m: &Map<String, Value>) -> Result<String, ApiError>
 pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
     let f = Fields(body);
     let model = f.model()?;
+    // The same chat for templates that render tool calls and results themselves.
+    let mut native: Vec<ChatMessage> = Vec::new();
+    let mut has_calls = false;
     let messages = match f.get("messages") {
         None => return Err(ApiError::bad_field("messages", "is required")),
         // FastChat accepts a bare string as one user message.
-        Some(Value::String(s)) => vec![ChatMessage::new("user", s.clone())],
+        Some(Value::String(s)) => {
+            native.push(ChatMessage::new("user", s.clone()));
+            vec![ChatMessage::new("user", s.clone())]
+        }
         Some(Value::Array(items)) => {
             if items.is_empty() {
                 return Err(ApiError::bad_field("messages", "must contain at least one message"));
@@ -675,7 +686,11 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
                         ));
                     };
                     pending.remove(k);
-                    results.push(message_content(i, m)?);
+                    let result = message_content(i, m)?;
+                    let mut tool = ChatMessage::new("tool", result.clone());
+                    tool.tool_call_id = Some(id.clone());
+                    native.push(tool);
+                    results.push(result);
                     continue;
                 }
                 if !pending.is_empty() {
@@ -703,7 +718,9 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
                     None => vec![],
                 };
                 if calls.is_empty() {
-                    out.push(ChatMessage::new(role, message_content(i, m)?));
+                    let content = message_content(i, m)?;
+                    native.push(ChatMessage::new(role, content.clone()));
+                    out.push(ChatMessage::new(role, content));
                     continue;
                 }
                 let text = match m.get("content") {
@@ -717,6 +734,10 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
                     format!("{text}\n{rendered}")
                 };
                 out.push(ChatMessage::new("assistant", content));
+                let mut assistant = ChatMessage::new("assistant", text);
+                assistant.tool_calls = Some(calls.iter().map(|(id, c)| tools::template_call(id, c)).collect());
+                native.push(assistant);
+                has_calls = true;
                 pending = calls.into_iter().map(|(id, _)| id).collect();
                 after_calls = true;
             }
@@ -754,6 +775,9 @@ pub fn chat(body: &Map<String, Value>) -> Result<GenRequest, ApiError> {
             }
             req.guided_regex = Some(re);
         }
+    }
+    if tool_set.is_some() || has_calls {
+        req.tool_messages = Some(native);
     }
     req.tools = tool_set.filter(|t| t.active());
     let want = f.bool("logprobs", false)?;
