@@ -1566,7 +1566,7 @@ mod tests {
         let (rows, cols, rb) = (m.rows, m.cols, m.row_bytes);
         let mut got = vec![0f32; rows.next_multiple_of(R) * cols];
         match &m.blocks {
-            Blocks::Ggml(_) => {
+            Blocks::Ggml(_) | Blocks::Mapped(_) => {
                 for r in 0..rows {
                     let src = &m.ggml_bytes()[r * rb..(r + 1) * rb];
                     dequant_row(m.isa, m.kind, src, &mut got[r * cols..(r + 1) * cols]);
