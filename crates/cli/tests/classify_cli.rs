@@ -424,7 +424,11 @@ fn api_path_through_vicugna_serve_parses_answers() {
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     assert_eq!(s["metrics"]["parse_failures"].as_u64(), Some(0), "{s}");
     assert_eq!(s["parse_failures"].as_u64(), Some(0), "{s}");
-    assert!(!String::from_utf8_lossy(&o.stderr).contains("refused response_format"), "{}", show(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("refused response_format"),
+        "{}",
+        show(&o)
+    );
 }
 
 /// An OpenAI-compatible server without `response_format`: it answers 400 to a
@@ -453,7 +457,11 @@ fn server_without_response_format() -> (String, std::sync::Arc<std::sync::atomic
                 if let Some(end) = text.find("\r\n\r\n") {
                     let len = text[..end]
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     if buf.len() >= end + 4 + len {
                         break Some(String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string());
@@ -463,7 +471,10 @@ fn server_without_response_format() -> (String, std::sync::Arc<std::sync::atomic
             let Some(body) = body else { continue };
             let (status, reply) = if body.contains("response_format") {
                 count.fetch_add(1, Ordering::SeqCst);
-                ("400 Bad Request", r#"{"error": {"message": "Unrecognized request argument supplied: response_format"}}"#.to_string())
+                (
+                    "400 Bad Request",
+                    r#"{"error": {"message": "Unrecognized request argument supplied: response_format"}}"#.to_string(),
+                )
             } else {
                 ("200 OK", serde_json::json!({
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "The review is unhappy.\nLABEL: negative"}, "finish_reason": "stop"}],
@@ -491,14 +502,25 @@ fn api_path_falls_back_to_free_text_when_response_format_is_refused() {
         .arg(data("en.jsonl"))
         .arg("--output")
         .arg(&out)
-        .args(["--api-base", &api, "--model", "m", "--method", "vanilla", "--summary-json"])
+        .args([
+            "--api-base",
+            &api,
+            "--model",
+            "m",
+            "--method",
+            "vanilla",
+            "--summary-json",
+        ])
         .arg(&summary)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("refused response_format").count(), 1, "one warning:\n{err}");
-    assert!(err.contains("Unrecognized request argument"), "the server's reason is shown:\n{err}");
+    assert!(
+        err.contains("Unrecognized request argument"),
+        "the server's reason is shown:\n{err}"
+    );
     assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     let recs = records(&out);
     assert_eq!(recs.len(), 4);

@@ -177,12 +177,30 @@ fn serve_answers_judges_and_shows() {
     // and written as FastChat's judges write theirs.
     let judge_args = |mode: &str, answers: &Path, out: &Path| -> Vec<String> {
         [
-            "eval", "judge", "--mode", mode, "--judge-model", &model, "--judge-api-base", &base,
-            "--judge-prompts", data("judge_prompts.jsonl").to_str().unwrap(),
-            "--questions", q.to_str().unwrap(), "--answers", answers.to_str().unwrap(),
-            "--ref-answers", data("reference_answers.jsonl").to_str().unwrap(),
-            "--output", out.to_str().unwrap(), "--max-tokens", "40", "--parallel", "5",
-            "--schema-verdicts", "--yes",
+            "eval",
+            "judge",
+            "--mode",
+            mode,
+            "--judge-model",
+            &model,
+            "--judge-api-base",
+            &base,
+            "--judge-prompts",
+            data("judge_prompts.jsonl").to_str().unwrap(),
+            "--questions",
+            q.to_str().unwrap(),
+            "--answers",
+            answers.to_str().unwrap(),
+            "--ref-answers",
+            data("reference_answers.jsonl").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-tokens",
+            "40",
+            "--parallel",
+            "5",
+            "--schema-verdicts",
+            "--yes",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -191,7 +209,10 @@ fn serve_answers_judges_and_shows() {
     let schema_single = dir.path().join("schema_single.jsonl");
     let args = judge_args("single", &answers, &schema_single);
     let s = ok(&vicugna(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(s.contains("5 judged now, 0 failed, 0 verdicts unreadable, 0 forced"), "{s}");
+    assert!(
+        s.contains("5 judged now, 0 failed, 0 verdicts unreadable, 0 forced"),
+        "{s}"
+    );
     for r in read_jsonl(&schema_single) {
         let score = r["score"].as_i64().unwrap_or_else(|| panic!("an integer score: {r}"));
         assert!((1..=10).contains(&score), "{r}");
@@ -208,7 +229,10 @@ fn serve_answers_judges_and_shows() {
     let schema_pair = dir.path().join("schema_pair.jsonl");
     let args = judge_args("pairwise-all", &pair_answers, &schema_pair);
     let s = ok(&vicugna(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(s.contains("judged now, 0 failed, 0 verdicts unreadable, 0 forced"), "{s}");
+    assert!(
+        s.contains("judged now, 0 failed, 0 verdicts unreadable, 0 forced"),
+        "{s}"
+    );
     let rows = read_jsonl(&schema_pair);
     assert!(!rows.is_empty());
     for r in &rows {

@@ -709,10 +709,7 @@ fn ask(
     let schema = opts
         .schema_verdicts
         .then(|| verdict_schema(output_format, opts.max_tokens));
-    let user = match &schema {
-        Some((_, ask)) => format!("{user}\n\n{ask}"),
-        None => user.to_string(),
-    };
+    let user = sent_prompt(user, output_format, opts);
     let mut messages = vec![Message::new("system", system), Message::new("user", user)];
     let req = ChatRequest {
         messages: messages.clone(),
@@ -754,6 +751,17 @@ fn ask(
         }
         // The first reply stands (unreadable, as FastChat would record it).
         Err(_) => (text, false, None),
+    }
+}
+
+/// The user message sent to the judge: FastChat's prompt, and with
+/// `--schema-verdicts` the sentence asking for the JSON verdict.
+fn sent_prompt(user: &str, output_format: &str, opts: &JudgeOptions) -> String {
+    if opts.schema_verdicts {
+        let (_, ask) = verdict_schema(output_format, opts.max_tokens);
+        format!("{user}\n\n{ask}")
+    } else {
+        user.to_string()
     }
 }
 
@@ -844,7 +852,7 @@ fn judge_match(judge: &dyn ChatModel, m: &Match, opts: &JudgeOptions) -> Row {
                 question_id: m.question_id.clone(),
                 model: m.model_1.clone(),
                 judge: judge_field,
-                user_prompt: m.user_prompts[0].clone(),
+                user_prompt: sent_prompt(&m.user_prompts[0], &m.output_format, opts),
                 judgment,
                 score,
                 turn: m.turn,
@@ -874,9 +882,9 @@ fn judge_match(judge: &dyn ChatModel, m: &Match, opts: &JudgeOptions) -> Row {
                 g1_winner: g1.to_string(),
                 g2_winner: g2.to_string(),
                 judge: judge_field,
-                g1_user_prompt: m.user_prompts[0].clone(),
+                g1_user_prompt: sent_prompt(&m.user_prompts[0], &m.output_format, opts),
                 g1_judgment: j1,
-                g2_user_prompt: m.user_prompts[1].clone(),
+                g2_user_prompt: sent_prompt(&m.user_prompts[1], &m.output_format, opts),
                 g2_judgment: j2,
                 turn: m.turn,
                 tstamp: now(),
@@ -922,7 +930,11 @@ mod tests {
             let text = render_verdict(&reply, "[[A]]").unwrap();
             assert_eq!(parse_winner(&text, "[[A]]"), winner, "{text}");
         }
-        let pair = render_verdict(r#"{"explanation": "x", "rating_a": 4, "rating_b": 9}"#, "[[rating_a,rating_b]]").unwrap();
+        let pair = render_verdict(
+            r#"{"explanation": "x", "rating_a": 4, "rating_b": 9}"#,
+            "[[rating_a,rating_b]]",
+        )
+        .unwrap();
         assert_eq!(parse_winner(&pair, "[[rating_a,rating_b]]"), "B");
         // Cut off, out of range, or not JSON: not a verdict.
         assert_eq!(render_verdict(r#"{"explanation": "Accur"#, "[[rating]]"), None);

@@ -364,7 +364,11 @@ mod tests {
         assert_eq!(schema["required"], json!(["label"]));
         assert_eq!(schema["additionalProperties"], json!(false));
         let carp = label_format(&prompts(), Method::Carp);
-        let keys: Vec<&String> = carp["json_schema"]["schema"]["properties"].as_object().unwrap().keys().collect();
+        let keys: Vec<&String> = carp["json_schema"]["schema"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
         assert_eq!(keys, ["clues", "explanation", "label"]);
     }
 
