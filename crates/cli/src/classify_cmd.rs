@@ -54,6 +54,12 @@ pub struct ClassifyArgs {
     /// Bearer key for --api-base (default: $OPENAI_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
+    /// --api-base: parse the label out of free text instead of asking for
+    /// `{"label": one of --labels}` as a JSON schema (`response_format`), which
+    /// vicugna's server enforces while decoding. A server that answers 400 to
+    /// response_format is asked in free text anyway, with one warning.
+    #[arg(long)]
+    free_text: bool,
     /// carp, cot and vanilla generate an answer; score reads each label's
     /// probability after the prompt (local model, zero-shot; see --calibrate);
     /// baseline trains character n-gram TF-IDF + logistic regression on --demos
@@ -253,6 +259,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
             let key = a.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
             let opts = ApiOptions {
                 temperature: a.temperature,
+                schema: !a.free_text,
                 ..ApiOptions::default()
             };
             Box::new(ApiBackend::new(base, &a.model.model, key, opts)?)

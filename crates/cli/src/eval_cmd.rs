@@ -153,6 +153,15 @@ pub struct JudgeArgs {
     /// Force a readable verdict with constrained decoding when the judge's reply has none.
     #[arg(long, value_enum, default_value = "auto")]
     constrain: Constrain,
+    /// Ask for each verdict as JSON under a schema (`response_format`):
+    /// single {"explanation", "rating": integer 1..10}, pairwise {"explanation",
+    /// "verdict": "A" | "B" | "tie"}. A vicugna server or local model enforces
+    /// it, so every verdict is readable on the first ask; it is written into
+    /// the judgment as FastChat's judges write theirs (`Rating: [[7]]`, `[[A]]`),
+    /// so score and winner are read alike. Off by default: FastChat's prompts
+    /// ask for free text, and published MT-bench scores were judged that way.
+    #[arg(long)]
+    schema_verdicts: bool,
     /// Do not ask for confirmation.
     #[arg(long, short)]
     yes: bool,
@@ -496,6 +505,7 @@ fn run_judge(a: JudgeArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         parallel: a.api.parallel,
         force_verdict,
+        schema_verdicts: a.schema_verdicts,
     };
     let s = judge::run_judge(judge_model.as_ref(), &matches, &output, &opts, &mut Bar::new("judge"))?;
     println!(

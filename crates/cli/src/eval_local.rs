@@ -74,6 +74,7 @@ impl ChatModel for LocalChat {
         g.constraint = req.guide.as_ref().map(|guide| match guide {
             Guide::Choice(c) => Constraint::Choice(c.clone()),
             Guide::Regex(r) => Constraint::Regex(r.clone()),
+            Guide::JsonSchema(s) => Constraint::JsonSchema(s.clone()),
         });
         let out = self
             .engine

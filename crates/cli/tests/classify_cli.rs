@@ -415,21 +415,118 @@ fn api_path_through_vicugna_serve_parses_answers() {
     assert!(o.status.success(), "{}", show(&o));
     let recs = records(&out);
     assert_eq!(recs.len(), 4);
-    let unparsed = recs.iter().filter(|r| r["label"].is_null()).count();
+    // The label is asked for as `{"label": enum}` and the server's engine
+    // enforces it: every answer names one of the labels.
     for r in &recs {
-        assert!(
-            r["label"].is_null() || ["positive", "negative"].contains(&r["label"].as_str().unwrap()),
-            "{r}"
-        );
+        let label = r["label"].as_str().unwrap_or_else(|| panic!("no label: {r}"));
+        assert!(["positive", "negative"].contains(&label), "{r}");
     }
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-    assert_eq!(
-        s["metrics"]["parse_failures"].as_u64().unwrap() as usize,
-        unparsed,
-        "{s}"
+    assert_eq!(s["metrics"]["parse_failures"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["parse_failures"].as_u64(), Some(0), "{s}");
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("refused response_format"),
+        "{}",
+        show(&o)
     );
-    // Each unparsed input was tried 1 + 2 retries times, each failure counted.
-    assert!(s["parse_failures"].as_u64().unwrap() as usize >= 3 * unparsed, "{s}");
+}
+
+/// An OpenAI-compatible server without `response_format`: it answers 400 to a
+/// request that carries one, and free text (`LABEL: negative`) otherwise.
+/// Returns its `/v1` URL and how many requests carried `response_format`.
+fn server_without_response_format() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let body = loop {
+                let Ok(n) = stream.read(&mut chunk) else { break None };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string());
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            let (status, reply) = if body.contains("response_format") {
+                count.fetch_add(1, Ordering::SeqCst);
+                (
+                    "400 Bad Request",
+                    r#"{"error": {"message": "Unrecognized request argument supplied: response_format"}}"#.to_string(),
+                )
+            } else {
+                ("200 OK", serde_json::json!({
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "The review is unhappy.\nLABEL: negative"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                }).to_string())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, refused)
+}
+
+#[test]
+fn api_path_falls_back_to_free_text_when_response_format_is_refused() {
+    let (api, refused) = server_without_response_format();
+    let dir = scratch("api-fallback");
+    let out = dir.join("out.jsonl");
+    let summary = dir.join("summary.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_vicugna"))
+        .args(["classify", "--labels", "positive,negative", "--input"])
+        .arg(data("en.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--api-base",
+            &api,
+            "--model",
+            "m",
+            "--method",
+            "vanilla",
+            "--summary-json",
+        ])
+        .arg(&summary)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("refused response_format").count(), 1, "one warning:\n{err}");
+    assert!(
+        err.contains("Unrecognized request argument"),
+        "the server's reason is shown:\n{err}"
+    );
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 4);
+    assert!(recs.iter().all(|r| r["label"] == "negative"), "{recs:?}");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["parse_failures"].as_u64(), Some(0), "{s}");
 }
 
 fn expect_error(args: &[&str], needles: &[&str]) {

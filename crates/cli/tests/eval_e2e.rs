@@ -173,6 +173,86 @@ fn serve_answers_judges_and_shows() {
         assert!((1.0..=10.0).contains(&score), "{r}");
     }
 
+    // Verdicts as a schema: every rating and winner is read on the first ask
+    // and written as FastChat's judges write theirs.
+    let judge_args = |mode: &str, answers: &Path, out: &Path| -> Vec<String> {
+        [
+            "eval",
+            "judge",
+            "--mode",
+            mode,
+            "--judge-model",
+            &model,
+            "--judge-api-base",
+            &base,
+            "--judge-prompts",
+            data("judge_prompts.jsonl").to_str().unwrap(),
+            "--questions",
+            q.to_str().unwrap(),
+            "--answers",
+            answers.to_str().unwrap(),
+            "--ref-answers",
+            data("reference_answers.jsonl").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-tokens",
+            "40",
+            "--parallel",
+            "5",
+            "--schema-verdicts",
+            "--yes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let schema_single = dir.path().join("schema_single.jsonl");
+    let args = judge_args("single", &answers, &schema_single);
+    let s = ok(&vicugna(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(
+        s.contains("5 judged now, 0 failed, 0 verdicts unreadable, 0 forced"),
+        "{s}"
+    );
+    for r in read_jsonl(&schema_single) {
+        let score = r["score"].as_i64().unwrap_or_else(|| panic!("an integer score: {r}"));
+        assert!((1..=10).contains(&score), "{r}");
+        let judgment = r["judgment"].as_str().unwrap();
+        assert!(judgment.ends_with(&format!("Rating: [[{score}]]")), "{r}");
+        assert!(r["user_prompt"].as_str().unwrap().contains("JSON object"), "{r}");
+    }
+    // Pairwise: the same answers under a second name.
+    let pair_answers = dir.path().join("pair_answers");
+    std::fs::create_dir_all(&pair_answers).unwrap();
+    let text = std::fs::read_to_string(&answer_file).unwrap();
+    std::fs::write(pair_answers.join("smol.jsonl"), &text).unwrap();
+    std::fs::write(pair_answers.join("twin.jsonl"), text.replace("\"smol\"", "\"twin\"")).unwrap();
+    let schema_pair = dir.path().join("schema_pair.jsonl");
+    let args = judge_args("pairwise-all", &pair_answers, &schema_pair);
+    let s = ok(&vicugna(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(
+        s.contains("judged now, 0 failed, 0 verdicts unreadable, 0 forced"),
+        "{s}"
+    );
+    let rows = read_jsonl(&schema_pair);
+    assert!(!rows.is_empty());
+    for r in &rows {
+        // [[A]] in g1 means model_1, in g2 (positions swapped) model_2.
+        for (g, a_is) in [("g1", "model_1"), ("g2", "model_2")] {
+            let judgment = r[format!("{g}_judgment")].as_str().unwrap();
+            let winner = r[format!("{g}_winner")].as_str().unwrap();
+            let b_is = if a_is == "model_1" { "model_2" } else { "model_1" };
+            let want = if judgment.ends_with("[[A]]") {
+                a_is
+            } else if judgment.ends_with("[[B]]") {
+                b_is
+            } else {
+                assert!(judgment.ends_with("[[C]]"), "{r}");
+                "tie"
+            };
+            assert_eq!(winner, want, "{r}");
+        }
+    }
+
     let chart = dir.path().join("chart.png");
     let s = ok(&vicugna(&[
         "eval",

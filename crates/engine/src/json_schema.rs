@@ -278,24 +278,20 @@ impl Converter<'_> {
                 Ok(string_re(min, max))
             }
             "integer" | "number" => {
-                let min = obj
-                    .get("minimum")
-                    .map(|v| v.as_f64().ok_or_else(|| format!("{at}/minimum: expected a number")))
-                    .transpose()?;
-                if let Some(k) = ["maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"]
-                    .iter()
-                    .find(|k| obj.contains_key(**k))
-                {
-                    return Err(format!(
-                        "{at}: unsupported keyword `{k}` (numeric bounds other than minimum: 0 are not enforced)"
-                    ));
+                if obj.contains_key("multipleOf") {
+                    return Err(format!("{at}: unsupported keyword `multipleOf`"));
                 }
-                let base = if t == "integer" { INTEGER } else { NUMBER };
-                match min {
-                    None => Ok(format!("(?:{base})")),
-                    Some(0.0) => Ok(format!("(?:{})", base.trim_start_matches("-?"))),
-                    Some(m) => Err(format!("{at}/minimum: only minimum 0 is supported, got {m}")),
+                let lower = bound(obj, at, "minimum", "exclusiveMinimum", true)?;
+                let upper = bound(obj, at, "maximum", "exclusiveMaximum", false)?;
+                if lower.is_none() && upper.is_none() {
+                    return Ok(format!("(?:{})", if t == "integer" { INTEGER } else { NUMBER }));
                 }
+                let re = if t == "integer" {
+                    integer_range(lower, upper)
+                } else {
+                    number_range(at, lower, upper)?
+                };
+                re.ok_or_else(|| format!("{at}: no {t} lies between the minimum and the maximum"))
             }
             "boolean" => Ok("(?:true|false)".into()),
             "null" => Ok("null".into()),
@@ -393,11 +389,276 @@ fn members(items: &[(String, bool)]) -> String {
     }
 }
 
+/// Largest magnitude of an integer part the JSON layout writes (16 digits,
+/// as [`INTEGER`] and [`NUMBER`] allow).
+const MAX_DIGITS_VALUE: i128 = 9_999_999_999_999_999;
+
+/// A numeric bound as `(value, exclusive)`; values past what the layout can
+/// write are clamped just outside it so arithmetic cannot overflow.
+type Bound = (BoundValue, bool);
+
+/// A bound's value: exact when the schema gave an integer.
+#[derive(Clone, Copy, Debug)]
+enum BoundValue {
+    Int(i128),
+    Float(f64),
+}
+
+impl BoundValue {
+    fn of(n: &serde_json::Number) -> Option<BoundValue> {
+        let limit = MAX_DIGITS_VALUE + 1;
+        if let Some(i) = n.as_i64() {
+            return Some(BoundValue::Int((i as i128).clamp(-limit, limit)));
+        }
+        if let Some(u) = n.as_u64() {
+            return Some(BoundValue::Int((u as i128).min(limit)));
+        }
+        let f = n.as_f64()?;
+        if f.fract() == 0.0 || f.abs() > limit as f64 {
+            // `as` saturates; the clamp keeps negation and +1 in range.
+            Some(BoundValue::Int((f as i128).clamp(-limit, limit)))
+        } else {
+            Some(BoundValue::Float(f))
+        }
+    }
+
+    /// The smallest integer at or above this value.
+    fn ceil(self) -> i128 {
+        match self {
+            BoundValue::Int(i) => i,
+            BoundValue::Float(f) => f.ceil() as i128,
+        }
+    }
+
+    /// The largest integer at or below this value.
+    fn floor(self) -> i128 {
+        match self {
+            BoundValue::Int(i) => i,
+            BoundValue::Float(f) => f.floor() as i128,
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            BoundValue::Int(i) => i as f64,
+            BoundValue::Float(f) => f,
+        }
+    }
+}
+
+/// The tightest of `incl` (e.g. `minimum`) and `excl` (`exclusiveMinimum`,
+/// a number, or draft 4's boolean that makes `minimum` exclusive).
+fn bound(
+    obj: &Map<String, Value>,
+    at: &str,
+    incl: &'static str,
+    excl: &'static str,
+    is_lower: bool,
+) -> Result<Option<(Bound, &'static str)>, String> {
+    let num = |k: &str| -> Result<Option<BoundValue>, String> {
+        match obj.get(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(BoundValue::of(n)),
+            Some(other) => Err(format!("{at}/{k}: expected a number, got {other}")),
+        }
+    };
+    let mut inclusive = num(incl)?.map(|v| (v, false));
+    let exclusive = match obj.get(excl) {
+        Some(Value::Bool(b)) => {
+            if let Some((_, x)) = inclusive.as_mut() {
+                *x = *b;
+            }
+            None
+        }
+        _ => num(excl)?.map(|v| (v, true)),
+    };
+    let keyword = |b: &Bound| if b.1 { excl } else { incl };
+    let tighter = match (inclusive, exclusive) {
+        (Some(a), Some(b)) => {
+            let (fa, fb) = (a.0.as_f64(), b.0.as_f64());
+            // At an equal value the exclusive bound is the tighter one.
+            let b_wins = if is_lower { fb >= fa } else { fb <= fa };
+            Some(if b_wins { b } else { a })
+        }
+        (a, b) => a.or(b),
+    };
+    Ok(tighter.map(|b| (b, keyword(&b))))
+}
+
+/// The integers between the bounds, exactly, as `json.dumps` writes them
+/// (no leading zeros, no `-0`); `None` when there are none.
+fn integer_range(lower: Option<(Bound, &str)>, upper: Option<(Bound, &str)>) -> Option<String> {
+    let lo = lower.map_or(
+        -MAX_DIGITS_VALUE,
+        |((v, x), _)| if x { v.floor() + 1 } else { v.ceil() },
+    );
+    let hi = upper.map_or(MAX_DIGITS_VALUE, |((v, x), _)| if x { v.ceil() - 1 } else { v.floor() });
+    let (lo, hi) = (lo.max(-MAX_DIGITS_VALUE), hi.min(MAX_DIGITS_VALUE));
+    let mut alts = Vec::new();
+    if hi >= lo.max(0) {
+        alts.push(digits_range(lo.max(0) as u64, hi as u64));
+    }
+    if lo < 0 && hi.min(-1) >= lo {
+        alts.push(format!("-(?:{})", digits_range((-hi.min(-1)) as u64, (-lo) as u64)));
+    }
+    (!alts.is_empty()).then(|| format!("(?:{})", alts.join("|")))
+}
+
+/// The numbers between the bounds, written without an exponent (with one, a
+/// bound is not a regular property of the digits). Only whole-number bounds
+/// are expressible; others are refused naming the keyword.
+fn number_range(
+    at: &str,
+    lower: Option<(Bound, &str)>,
+    upper: Option<(Bound, &str)>,
+) -> Result<Option<String>, String> {
+    let whole = |b: Option<(Bound, &str)>| -> Result<Option<(i128, bool)>, String> {
+        match b {
+            None => Ok(None),
+            Some(((BoundValue::Int(i), x), _)) => Ok(Some((i, x))),
+            Some(((BoundValue::Float(f), _), k)) => Err(format!(
+                "{at}/{k}: only whole-number bounds are supported for type number, got {f}"
+            )),
+        }
+    };
+    let (lo, hi) = (whole(lower)?, whole(upper)?);
+    let mut alts = Vec::new();
+    // x >= 0, written as its magnitude.
+    if hi.is_none_or(|(h, x)| h > 0 || (h == 0 && !x)) {
+        let from = lo.filter(|(l, _)| *l >= 0).unwrap_or((0, false));
+        alts.extend(magnitude_range(from, hi));
+    }
+    // x < 0, written as "-" and a magnitude between -hi and -lo.
+    if lo.is_none_or(|(l, _)| l < 0) {
+        let from = hi.filter(|(h, _)| *h <= 0).map_or((0, false), |(h, x)| (-h, x));
+        if let Some(m) = magnitude_range(from, lo.map(|(l, x)| (-l, x))) {
+            alts.push(format!("-{m}"));
+        }
+    }
+    Ok((!alts.is_empty()).then(|| format!("(?:{})", alts.join("|"))))
+}
+
+/// Non-negative decimals `m` (integer part and optional fraction) with
+/// `from.0 <= m` (`<` when `from.1`) and `m <= to.0` (`<` when `to.1`).
+fn magnitude_range(from: (i128, bool), to: Option<(i128, bool)>) -> Option<String> {
+    const ANY: &str = r"(?:\.[0-9]{1,15})?";
+    const ZERO: &str = r"(?:\.0{1,15})?";
+    const NONZERO: &str = r"\.0{0,14}[1-9][0-9]{0,14}";
+    let (l, lx) = from;
+    if l > MAX_DIGITS_VALUE {
+        return None;
+    }
+    // An upper bound the layout cannot reach bounds nothing.
+    let to = to.filter(|(h, _)| *h <= MAX_DIGITS_VALUE);
+    let mut alts = Vec::new();
+    match to {
+        Some((h, hx)) if h < l || (h == l && (lx || hx)) => return None,
+        Some((h, _)) if h == l => return Some(format!("(?:{l}{ZERO})")),
+        Some((h, hx)) => {
+            let first = l + i128::from(lx);
+            if first < h {
+                alts.push(format!("(?:{}){ANY}", digits_range(first as u64, (h - 1) as u64)));
+            }
+            if !hx {
+                alts.push(format!("{h}{ZERO}"));
+            }
+        }
+        None => {
+            let first = l + i128::from(lx);
+            if first <= MAX_DIGITS_VALUE {
+                alts.push(format!(
+                    "(?:{}){ANY}",
+                    digits_range(first as u64, MAX_DIGITS_VALUE as u64)
+                ));
+            }
+        }
+    }
+    if lx {
+        alts.push(format!("{l}{NONZERO}"));
+    }
+    Some(format!("(?:{})", alts.join("|")))
+}
+
+/// A regex for the decimal integers `a..=b` (`a <= b`) written without
+/// leading zeros, as alternatives by number of digits.
+fn digits_range(a: u64, b: u64) -> String {
+    let len = |x: u64| x.to_string().len();
+    let mut alts = Vec::new();
+    // Runs of lengths whose whole span is inside the range: "[1-9][0-9]{m,n}".
+    let mut full: Option<(usize, usize)> = None;
+    let flush = |full: &mut Option<(usize, usize)>, alts: &mut Vec<String>| {
+        if let Some((f, t)) = full.take() {
+            alts.push(match (f - 1, t - 1) {
+                (0, 0) => "[1-9]".into(),
+                (m, n) if m == n => format!("[1-9][0-9]{{{m}}}"),
+                (m, n) => format!("[1-9][0-9]{{{m},{n}}}"),
+            });
+        }
+    };
+    for n in len(a)..=len(b) {
+        let first = if n == 1 { 0 } else { 10u64.pow(n as u32 - 1) };
+        let last = 10u64.pow(n as u32) - 1;
+        let (lo, hi) = (a.max(first), b.min(last));
+        if n > 1 && lo == first && hi == last {
+            full = Some(full.map_or((n, n), |(f, _)| (f, n)));
+            continue;
+        }
+        flush(&mut full, &mut alts);
+        alts.push(same_length(&lo.to_string(), &hi.to_string()));
+    }
+    flush(&mut full, &mut alts);
+    alts.join("|")
+}
+
+/// A regex for the digit strings from `a` to `b`, both of the same length.
+fn same_length(a: &str, b: &str) -> String {
+    let n = a.len();
+    if n == 0 || a == b {
+        return a.to_string();
+    }
+    let (a0, b0) = (a.as_bytes()[0], b.as_bytes()[0]);
+    if a0 == b0 {
+        return format!("{}{}", a0 as char, same_length(&a[1..], &b[1..]));
+    }
+    let class = |x: u8, y: u8| {
+        if x == y {
+            (x as char).to_string()
+        } else {
+            format!("[{}-{}]", x as char, y as char)
+        }
+    };
+    let tail = |k: usize| if k == 0 { String::new() } else { format!("[0-9]{{{k}}}") };
+    let (rest_low, rest_high) = (&a[1..], &b[1..]);
+    let mut alts = Vec::new();
+    let mut mid_from = a0;
+    if !rest_low.bytes().all(|c| c == b'0') {
+        alts.push(format!(
+            "{}(?:{})",
+            a0 as char,
+            same_length(rest_low, &"9".repeat(n - 1))
+        ));
+        mid_from = a0 + 1;
+    }
+    let high_whole = rest_high.bytes().all(|c| c == b'9');
+    let mid_to = if high_whole { b0 } else { b0 - 1 };
+    if mid_from <= mid_to {
+        alts.push(format!("{}{}", class(mid_from, mid_to), tail(n - 1)));
+    }
+    if !high_whole {
+        alts.push(format!(
+            "{}(?:{})",
+            b0 as char,
+            same_length(&"0".repeat(n - 1), rest_high)
+        ));
+    }
+    format!("(?:{})", alts.join("|"))
+}
+
 /// The keywords this converter understands for each type.
 fn type_keywords(t: &str) -> &'static [&'static str] {
     match t {
         "string" => &["minLength", "maxLength", "pattern", "format"],
-        // `maximum` and the others are listed so that `typed` names them precisely.
+        // `multipleOf` is listed so that `typed` names it precisely.
         "integer" | "number" => &[
             "minimum",
             "maximum",
@@ -519,9 +780,125 @@ mod tests {
         let e = schema_to_regex(&json!({"$defs": {"N": {"type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}))
             .unwrap_err();
         assert!(e.contains("recursive"), "{e}");
-        let e = schema_to_regex(&json!({"type": "integer", "maximum": 5})).unwrap_err();
-        assert!(e.contains("maximum"), "{e}");
+        let e = schema_to_regex(&json!({"type": "integer", "multipleOf": 5})).unwrap_err();
+        assert!(e.contains("multipleOf"), "{e}");
         let e = schema_to_regex(&json!({"type": "string", "format": "hostname"})).unwrap_err();
         assert!(e.contains("hostname"), "{e}");
+    }
+
+    /// A DFA for the whole-text match of `schema`'s regex.
+    fn acceptor(schema: &Value) -> impl Fn(&str) -> bool {
+        use regex_automata::dfa::{dense, Automaton};
+        let re = schema_to_regex(schema).unwrap();
+        let dfa = dense::DFA::new(&format!("^(?:{re})$")).unwrap();
+        move |s: &str| dfa.try_search_fwd(&regex_automata::Input::new(s)).unwrap().is_some()
+    }
+
+    #[test]
+    fn integer_bounds_match_exactly_the_integers_in_range() {
+        // (schema bounds, inclusive range they mean)
+        let cases: &[(Value, i64, i64)] = &[
+            (json!({"minimum": 1, "maximum": 10}), 1, 10),
+            (json!({"minimum": -7, "maximum": 123}), -7, 123),
+            (json!({"minimum": -250, "maximum": -19}), -250, -19),
+            (json!({"exclusiveMinimum": 0, "exclusiveMaximum": 100}), 1, 99),
+            (json!({"minimum": 1.5, "maximum": 9.5}), 2, 9),
+            (json!({"exclusiveMinimum": -1.5, "exclusiveMaximum": 2.0}), -1, 1),
+            (json!({"minimum": 0, "exclusiveMinimum": 3, "maximum": 1000}), 4, 1000),
+            (json!({"minimum": 5, "exclusiveMinimum": true, "maximum": 20}), 6, 20),
+            (json!({"minimum": 99, "maximum": 99}), 99, 99),
+            (json!({"minimum": 17, "maximum": 4321}), 17, 4321),
+        ];
+        for (bounds, lo, hi) in cases {
+            let mut schema = bounds.clone();
+            schema["type"] = json!("integer");
+            let accepts = acceptor(&schema);
+            for n in (lo - 150)..=(hi + 150) {
+                let want = (*lo..=*hi).contains(&n);
+                assert_eq!(accepts(&n.to_string()), want, "{schema} on {n}");
+            }
+            for bad in ["01", "-0", "1.0", "1e2", "+1", ""] {
+                assert!(!accepts(bad), "{schema} should refuse {bad:?}");
+            }
+        }
+        // Open-ended sides reach the layout's 16 digits and no further.
+        let accepts = acceptor(&json!({"type": "integer", "minimum": -3}));
+        for (s, want) in [
+            ("-3", true),
+            ("-4", false),
+            ("0", true),
+            ("9999999999999999", true),
+            ("10000000000000000", false),
+        ] {
+            assert_eq!(accepts(s), want, "minimum -3 on {s}");
+        }
+        let accepts = acceptor(&json!({"type": "integer", "exclusiveMaximum": 10}));
+        for (s, want) in [("9", true), ("10", false), ("-9999999999999999", true), ("0", true)] {
+            assert_eq!(accepts(s), want, "exclusiveMaximum 10 on {s}");
+        }
+        // Bounds beyond what 16 digits can write bound nothing.
+        let accepts = acceptor(&json!({"type": "integer", "minimum": -1e30, "maximum": 1e30}));
+        assert!(accepts("-42") && accepts("42"));
+        let e = schema_to_regex(&json!({"type": "integer", "minimum": 3, "maximum": 2})).unwrap_err();
+        assert!(e.contains("no integer"), "{e}");
+        let e = schema_to_regex(&json!({"type": "integer", "exclusiveMinimum": 2, "exclusiveMaximum": 3})).unwrap_err();
+        assert!(e.contains("no integer"), "{e}");
+    }
+
+    #[test]
+    fn number_bounds_match_the_decimals_in_range() {
+        let accepts = acceptor(&json!({"type": "number", "minimum": 0, "maximum": 1}));
+        for s in ["0", "0.5", "0.999", "1", "1.0", "1.000"] {
+            assert!(accepts(s), "[0, 1] should accept {s}");
+        }
+        for s in ["1.01", "2", "-0.1", "-1", "1e0", ".5", "10"] {
+            assert!(!accepts(s), "[0, 1] should refuse {s}");
+        }
+        let accepts = acceptor(&json!({"type": "number", "exclusiveMinimum": -2, "exclusiveMaximum": 3}));
+        for s in ["-1.999", "-1", "0", "2.5", "2.999", "-0.25"] {
+            assert!(accepts(s), "(-2, 3) should accept {s}");
+        }
+        for s in ["-2", "-2.0", "-2.5", "3", "3.0", "3.1", "-3"] {
+            assert!(!accepts(s), "(-2, 3) should refuse {s}");
+        }
+        let accepts = acceptor(&json!({"type": "number", "exclusiveMinimum": 5}));
+        for (s, want) in [
+            ("5.01", true),
+            ("6", true),
+            ("5", false),
+            ("5.0", false),
+            ("4.9", false),
+            ("-6", false),
+        ] {
+            assert_eq!(accepts(s), want, "> 5 on {s}");
+        }
+        let accepts = acceptor(&json!({"type": "number", "maximum": -10}));
+        for (s, want) in [
+            ("-10", true),
+            ("-10.5", true),
+            ("-9.9", false),
+            ("0", false),
+            ("-10.0", true),
+        ] {
+            assert_eq!(accepts(s), want, "<= -10 on {s}");
+        }
+        // A bound between whole numbers is refused, naming keyword and place.
+        let e = schema_to_regex(&json!({"type": "object", "properties": {"p": {"type": "number", "maximum": 0.5}}}))
+            .unwrap_err();
+        assert!(e.contains("#/properties/p/maximum") && e.contains("0.5"), "{e}");
+        let e = schema_to_regex(&json!({"type": "number", "minimum": 2, "exclusiveMaximum": 2})).unwrap_err();
+        assert!(e.contains("no number"), "{e}");
+        let e = schema_to_regex(&json!({"type": "number", "minimum": "1"})).unwrap_err();
+        assert!(e.contains("#/minimum"), "{e}");
+    }
+
+    #[test]
+    fn bounded_schemas_compile_within_the_constraint_limits() {
+        crate::Constraint::JsonSchema(json!({"type": "object", "properties": {
+            "rating": {"type": "integer", "minimum": 1, "maximum": 10},
+            "score": {"type": "number", "minimum": -100, "maximum": 100},
+            "n": {"type": "integer", "exclusiveMinimum": 0}}, "required": ["rating"]}))
+        .compile()
+        .unwrap();
     }
 }

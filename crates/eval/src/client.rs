@@ -162,12 +162,17 @@ impl OpenAiChat {
         if let Some(seed) = req.seed {
             body["seed"] = json!(seed);
         }
-        if self.guided {
-            match &req.guide {
-                Some(Guide::Choice(c)) => body["guided_choice"] = json!(c),
-                Some(Guide::Regex(r)) => body["guided_regex"] = json!(r),
-                None => {}
+        match &req.guide {
+            Some(Guide::Choice(c)) if self.guided => body["guided_choice"] = json!(c),
+            Some(Guide::Regex(r)) if self.guided => body["guided_regex"] = json!(r),
+            // OpenAI's own field: every compatible server is asked.
+            Some(Guide::JsonSchema(schema)) => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": "verdict", "strict": true, "schema": schema},
+                })
             }
+            _ => {}
         }
         body
     }

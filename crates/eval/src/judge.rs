@@ -501,6 +501,9 @@ pub struct JudgeOptions {
     /// When a verdict cannot be read and the judge supports constrained
     /// decoding, ask once more with the verdict forced to a valid one.
     pub force_verdict: bool,
+    /// Ask for the verdict as JSON under a schema ([`verdict_schema`]) and
+    /// write it into the judgment the way FastChat's judges write it.
+    pub schema_verdicts: bool,
 }
 
 /// What a dry run would spend.
@@ -703,15 +706,20 @@ fn ask(
     output_format: &str,
     opts: &JudgeOptions,
 ) -> (String, bool, Option<String>) {
+    let schema = opts
+        .schema_verdicts
+        .then(|| verdict_schema(output_format, opts.max_tokens));
+    let user = sent_prompt(user, output_format, opts);
     let mut messages = vec![Message::new("system", system), Message::new("user", user)];
     let req = ChatRequest {
         messages: messages.clone(),
         temperature: 0.0,
         max_tokens: opts.max_tokens,
         seed: None,
-        guide: None,
+        guide: schema.map(|(s, _)| Guide::JsonSchema(s)),
     };
     let text = match judge.chat(&req) {
+        Ok(r) if opts.schema_verdicts => render_verdict(&r.text, output_format).unwrap_or(r.text),
         Ok(r) => r.text,
         Err(e) => return (ERROR_OUTPUT.to_string(), false, Some(e.to_string())),
     };
@@ -746,6 +754,76 @@ fn ask(
     }
 }
 
+/// The user message sent to the judge: FastChat's prompt, and with
+/// `--schema-verdicts` the sentence asking for the JSON verdict.
+fn sent_prompt(user: &str, output_format: &str, opts: &JudgeOptions) -> String {
+    if opts.schema_verdicts {
+        let (_, ask) = verdict_schema(output_format, opts.max_tokens);
+        format!("{user}\n\n{ask}")
+    } else {
+        user.to_string()
+    }
+}
+
+/// The JSON schema of a verdict in `output_format`, with the sentence that
+/// asks for it. The explanation comes first (properties are written in key
+/// order, and `explanation` sorts before `rating`/`verdict`), so the judge
+/// reasons before it rates, as FastChat's prompts ask; its length is bounded
+/// so the verdict still fits in `max_tokens`.
+pub fn verdict_schema(output_format: &str, max_tokens: usize) -> (Value, &'static str) {
+    // About 2 characters a token at worst, and room for the keys and the verdict.
+    let explanation = serde_json::json!({"type": "string", "maxLength": max_tokens.saturating_sub(24) / 2});
+    let rating = serde_json::json!({"type": "integer", "minimum": 1, "maximum": 10});
+    let (props, ask) = match output_format {
+        "[[rating]]" => (
+            serde_json::json!({"explanation": explanation, "rating": rating}),
+            "Write your evaluation as a JSON object: {\"explanation\": \"...\", \"rating\": an integer from 1 to 10}.",
+        ),
+        "[[rating_a,rating_b]]" => (
+            serde_json::json!({"explanation": explanation, "rating_a": rating, "rating_b": rating}),
+            "Write your evaluation as a JSON object: {\"explanation\": \"...\", \"rating_a\": an integer from 1 to 10, \"rating_b\": an integer from 1 to 10}.",
+        ),
+        _ => (
+            serde_json::json!({"explanation": explanation, "verdict": {"enum": ["A", "B", "tie"]}}),
+            "Write your evaluation as a JSON object: {\"explanation\": \"...\", \"verdict\": \"A\", \"B\" or \"tie\"}.",
+        ),
+    };
+    let required: Vec<&String> = props.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": false,
+    });
+    (schema, ask)
+}
+
+/// A schema-shaped verdict written as FastChat's judges write theirs: the
+/// explanation, then `Rating: [[7]]`, `[[A]]`/`[[B]]`/`[[C]]` (tie) or
+/// `[[7,5]]`, so [`parse_rating`] and [`parse_winner`] read it as they read
+/// free text. `None` when `reply` is not such a verdict (cut off by
+/// `max_tokens`, or a server that ignored the schema).
+pub fn render_verdict(reply: &str, output_format: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(reply.trim()).ok()?;
+    let explanation = v["explanation"].as_str().unwrap_or_default().trim();
+    let rating = |k: &str| v[k].as_u64().filter(|r| (1..=10).contains(r));
+    let verdict = match output_format {
+        "[[rating]]" => format!("Rating: [[{}]]", rating("rating")?),
+        "[[rating_a,rating_b]]" => format!("[[{},{}]]", rating("rating_a")?, rating("rating_b")?),
+        _ => match v["verdict"].as_str()? {
+            "A" => "[[A]]".to_string(),
+            "B" => "[[B]]".to_string(),
+            "tie" => "[[C]]".to_string(),
+            _ => return None,
+        },
+    };
+    Some(if explanation.is_empty() {
+        verdict
+    } else {
+        format!("{explanation}\n\n{verdict}")
+    })
+}
+
 /// The follow-up question and the constraint that make a verdict readable.
 pub fn verdict_guide(output_format: &str) -> (&'static str, Guide) {
     match output_format {
@@ -774,7 +852,7 @@ fn judge_match(judge: &dyn ChatModel, m: &Match, opts: &JudgeOptions) -> Row {
                 question_id: m.question_id.clone(),
                 model: m.model_1.clone(),
                 judge: judge_field,
-                user_prompt: m.user_prompts[0].clone(),
+                user_prompt: sent_prompt(&m.user_prompts[0], &m.output_format, opts),
                 judgment,
                 score,
                 turn: m.turn,
@@ -804,9 +882,9 @@ fn judge_match(judge: &dyn ChatModel, m: &Match, opts: &JudgeOptions) -> Row {
                 g1_winner: g1.to_string(),
                 g2_winner: g2.to_string(),
                 judge: judge_field,
-                g1_user_prompt: m.user_prompts[0].clone(),
+                g1_user_prompt: sent_prompt(&m.user_prompts[0], &m.output_format, opts),
                 g1_judgment: j1,
-                g2_user_prompt: m.user_prompts[1].clone(),
+                g2_user_prompt: sent_prompt(&m.user_prompts[1], &m.output_format, opts),
                 g2_judgment: j2,
                 turn: m.turn,
                 tstamp: now(),
@@ -840,5 +918,31 @@ mod tests {
         assert_eq!(parse_winner("[[7, 7.05]]", "[[rating_a,rating_b]]"), "tie");
         assert_eq!(parse_winner("[6,8]", "[[rating_a,rating_b]]"), "B");
         assert_eq!(parse_winner("none", "[[rating_a,rating_b]]"), "error");
+    }
+
+    #[test]
+    fn schema_verdicts_read_as_fastchat_text_verdicts() {
+        let single = render_verdict(r#"{"explanation": "Accurate.", "rating": 7}"#, "[[rating]]").unwrap();
+        assert_eq!(single, "Accurate.\n\nRating: [[7]]");
+        assert_eq!(parse_rating(&single), Some(Number::from(7)));
+        for (verdict, winner) in [("A", "A"), ("B", "B"), ("tie", "tie")] {
+            let reply = format!(r#"{{"explanation": "", "verdict": "{verdict}"}}"#);
+            let text = render_verdict(&reply, "[[A]]").unwrap();
+            assert_eq!(parse_winner(&text, "[[A]]"), winner, "{text}");
+        }
+        let pair = render_verdict(
+            r#"{"explanation": "x", "rating_a": 4, "rating_b": 9}"#,
+            "[[rating_a,rating_b]]",
+        )
+        .unwrap();
+        assert_eq!(parse_winner(&pair, "[[rating_a,rating_b]]"), "B");
+        // Cut off, out of range, or not JSON: not a verdict.
+        assert_eq!(render_verdict(r#"{"explanation": "Accur"#, "[[rating]]"), None);
+        assert_eq!(render_verdict(r#"{"rating": 11}"#, "[[rating]]"), None);
+        assert_eq!(render_verdict("Rating: [[7]]", "[[rating]]"), None);
+        let (schema, ask) = verdict_schema("[[rating]]", 64);
+        assert_eq!(schema["properties"]["rating"]["maximum"], 10);
+        assert_eq!(schema["required"], serde_json::json!(["explanation", "rating"]));
+        assert!(ask.contains("JSON"));
     }
 }

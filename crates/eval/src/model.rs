@@ -32,6 +32,9 @@ pub enum Guide {
     Choice(Vec<String>),
     /// The reply matches this regular expression.
     Regex(String),
+    /// The reply is JSON valid under this schema: the standard
+    /// `response_format: json_schema`, sent to any OpenAI-compatible server.
+    JsonSchema(serde_json::Value),
 }
 
 /// One chat call.

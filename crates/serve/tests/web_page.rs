@@ -278,6 +278,11 @@ fn chat_arena_vote_and_leaderboard_in_chromium() {
     assert!(html.contains("<strong>bold</strong>"), "{html}");
     assert!(!html.contains("<img") && html.contains("&lt;img"), "{html}");
     assert!(!html.contains("javascript:"), "{html}");
+    let tc = &seen["rendered_tool_calls"];
+    assert!(tc["head"].as_str().unwrap().contains("get_weather"), "{tc}");
+    assert_eq!(tc["args"], "{\n  \"city\": \"<b>Paris</b>\",\n  \"days\": 2\n}", "{tc}");
+    assert!(!tc["html"].as_str().unwrap().contains("<b>"), "{tc}");
+    assert!(tc["tool"].as_str().unwrap().contains("\"temp_c\": 21"), "{tc}");
 
     // Chat: the answer arrived in pieces and was rendered as markdown.
     assert_eq!(seen["models"], json!(["smol-a", "smol-b"]));

@@ -1,9 +1,13 @@
 //! Classification through an OpenAI-compatible chat completions API (vicugna's
-//! own gateway, FastChat, or a hosted service). No constraint applies there, so
-//! the answer is parsed ([`super::parse::parse_label`]); an answer with no
-//! single label is retried with sampling, and counted as a parse failure.
+//! own gateway, FastChat, or a hosted service). The answer is asked for as
+//! JSON under a schema whose `label` is an enum of the labels
+//! (`response_format: json_schema`), which vicugna's engine enforces, so it
+//! always names exactly one label. A server that refuses `response_format`
+//! with a 400 is asked again in free text (with one warning), and free text is
+//! parsed ([`super::parse::parse_label`]); an answer with no single label is
+//! retried with sampling, and counted as a parse failure.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -24,6 +28,8 @@ pub struct ApiOptions {
     pub retries: usize,
     /// Seconds before a request is abandoned.
     pub timeout_s: u64,
+    /// Ask for a schema-shaped answer (`{"label": enum}`) rather than free text.
+    pub schema: bool,
 }
 
 impl Default for ApiOptions {
@@ -33,6 +39,7 @@ impl Default for ApiOptions {
             max_tokens: 256,
             retries: 2,
             timeout_s: 300,
+            schema: true,
         }
     }
 }
@@ -47,6 +54,8 @@ pub struct ApiBackend {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     parse_failures: AtomicU64,
+    /// Cleared (once, with a warning) when the server refuses `response_format`.
+    schema: AtomicBool,
 }
 
 impl ApiBackend {
@@ -60,6 +69,7 @@ impl ApiBackend {
                 message: e.to_string(),
             })?;
         Ok(ApiBackend {
+            schema: AtomicBool::new(opts.schema),
             client,
             base: base.trim_end_matches('/').to_string(),
             model: model.to_string(),
@@ -72,6 +82,14 @@ impl ApiBackend {
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        match self.send(path, body)? {
+            Ok(v) => Ok(v),
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// Posts `body`; an HTTP error comes back as its status and the error to report.
+    fn send(&self, path: &str, body: &Value) -> Result<std::result::Result<Value, (u16, ClassifyError)>> {
         let url = format!("{}{path}", self.base);
         let err = |message: String| ClassifyError::Api {
             url: url.clone(),
@@ -84,24 +102,36 @@ impl ApiBackend {
         let resp = req.send().map_err(|e| err(format!("request failed: {e}")))?;
         let status = resp.status();
         let text = resp.text().map_err(|e| err(format!("reading the response: {e}")))?;
-        let v: Value = serde_json::from_str(&text).map_err(|_| {
-            err(format!(
-                "HTTP {status}, not JSON: {}",
-                text.chars().take(200).collect::<String>()
-            ))
-        })?;
+        let v: Value = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(_) if !status.is_success() => Value::String(text.chars().take(200).collect()),
+            Err(_) => {
+                return Err(err(format!(
+                    "HTTP {status}, not JSON: {}",
+                    text.chars().take(200).collect::<String>()
+                )))
+            }
+        };
         if !status.is_success() {
             let msg = v["error"]["message"]
                 .as_str()
+                .or(v["detail"].as_str())
+                .or(v.as_str())
                 .map(str::to_string)
                 .unwrap_or_else(|| v.to_string());
-            return Err(err(format!("HTTP {status}: {msg}")));
+            return Ok(Err((status.as_u16(), err(format!("HTTP {status}: {msg}")))));
         }
-        Ok(v)
+        Ok(Ok(v))
     }
 
-    /// One chat completion of a single user turn.
+    /// One chat completion of a single user turn, in free text.
     fn chat(&self, user: &str, seed: Option<u64>) -> Result<String> {
+        self.chat_as(user, seed, None)
+    }
+
+    /// One chat completion, asked to follow `format` (a `response_format`)
+    /// when given and the server has not refused one before.
+    fn chat_as(&self, user: &str, seed: Option<u64>, format: Option<&Value>) -> Result<String> {
         let mut body = json!({
             "model": self.model,
             "messages": [{"role": "user", "content": user}],
@@ -111,7 +141,29 @@ impl ApiBackend {
         if let Some(s) = seed {
             body["seed"] = json!(s);
         }
-        let v = self.post("/chat/completions", &body)?;
+        let v = match format.filter(|_| self.schema.load(Ordering::Relaxed)) {
+            None => self.post("/chat/completions", &body)?,
+            Some(f) => {
+                let mut with = body.clone();
+                with["response_format"] = f.clone();
+                match self.send("/chat/completions", &with)? {
+                    Ok(v) => v,
+                    // 400/422: perhaps a server without response_format. If the
+                    // same request without it succeeds, that was the reason.
+                    Err((400 | 422, refusal)) => {
+                        let v = self.post("/chat/completions", &body)?;
+                        if self.schema.swap(false, Ordering::Relaxed) {
+                            eprintln!(
+                                "warning: {} refused response_format ({refusal}); asking for free text and parsing the label out of it",
+                                self.base
+                            );
+                        }
+                        v
+                    }
+                    Err((_, e)) => return Err(e),
+                }
+            }
+        };
         self.prompt_tokens
             .fetch_add(v["usage"]["prompt_tokens"].as_u64().unwrap_or(0), Ordering::Relaxed);
         self.completion_tokens
@@ -127,6 +179,51 @@ impl ApiBackend {
                 ),
             })
     }
+}
+
+/// Longest clues and reasoning asked for in a schema-shaped answer, in
+/// characters, so that the label still fits in `max_tokens`.
+const SCHEMA_CLUES_CHARS: usize = 300;
+const SCHEMA_REASONING_CHARS: usize = 500;
+
+/// The `response_format` asking for `{"label": one of the labels}`, after the
+/// clues and reasoning that `method` writes first.
+pub fn label_format(prompts: &Prompts, method: Method) -> Value {
+    // The answer's properties come in the schema's order, and JSON maps here
+    // (and in vicugna's server) keep keys sorted: `clues` < `explanation` <
+    // `label` puts the reasoning before the label it leads to.
+    let mut props = serde_json::Map::new();
+    let text = |max: usize| json!({"type": "string", "maxLength": max});
+    if method == Method::Carp {
+        props.insert("clues".into(), text(SCHEMA_CLUES_CHARS));
+    }
+    if method != Method::Vanilla {
+        props.insert("explanation".into(), text(SCHEMA_REASONING_CHARS));
+    }
+    props.insert("label".into(), json!({"enum": prompts.labels.names()}));
+    let required: Vec<&String> = props.keys().collect();
+    json!({
+        "type": "json_schema",
+        "json_schema": {
+            "name": "label",
+            "strict": true,
+            "schema": {
+                "type": "object",
+                "properties": props,
+                "required": required,
+                "additionalProperties": false,
+            },
+        },
+    })
+}
+
+/// The label, clues and reasoning of a schema-shaped answer; `None` when the
+/// answer is not such JSON (a server that ignored `response_format`).
+fn read_json_answer(answer: &str, prompts: &Prompts) -> Option<(usize, String, String)> {
+    let v: Value = serde_json::from_str(answer.trim()).ok()?;
+    let label = prompts.labels.index(v["label"].as_str()?)?;
+    let field = |k: &str| v[k].as_str().unwrap_or_default().trim().to_string();
+    Some((label, field("clues"), field("explanation")))
 }
 
 /// Markers that may introduce the answer in free text.
@@ -156,6 +253,7 @@ impl Backend for ApiBackend {
             user.push_str(&format!("\n\n{}", prompts.cot_trigger()));
         }
         let markers = answer_markers(prompts);
+        let format = self.opts.schema.then(|| label_format(prompts, method));
         let mut last = String::new();
         for attempt in 0..=self.opts.retries {
             // Retries sample, so that they can differ from the failed answer.
@@ -163,7 +261,15 @@ impl Backend for ApiBackend {
                 (s, 0) => s,
                 (s, a) => Some(s.unwrap_or(0).wrapping_add(1000 + a as u64)),
             };
-            let answer = self.chat(&user, s)?;
+            let answer = self.chat_as(&user, s, format.as_ref())?;
+            if let Some((label, clues, reasoning)) = read_json_answer(&answer, prompts) {
+                return Ok(Vote {
+                    label: Some(label),
+                    probs: None,
+                    clues,
+                    reasoning,
+                });
+            }
             let (clues, reasoning) = match method {
                 Method::Carp => split_sections(&answer, prompts),
                 Method::Cot => (String::new(), answer.trim().to_string()),
@@ -236,5 +342,46 @@ impl Backend for ApiBackend {
             reused_tokens: 0,
             parse_failures: self.parse_failures.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::labels::LabelSet;
+    use crate::classify::prompt::Lang;
+
+    fn prompts() -> Prompts {
+        Prompts::new(LabelSet::from_list("positive,negative").unwrap(), Lang::En, None, 100)
+    }
+
+    #[test]
+    fn the_schema_names_the_labels_after_the_reasoning() {
+        let f = label_format(&prompts(), Method::Vanilla);
+        let schema = &f["json_schema"]["schema"];
+        assert_eq!(f["type"], "json_schema");
+        assert_eq!(schema["properties"]["label"]["enum"], json!(["positive", "negative"]));
+        assert_eq!(schema["required"], json!(["label"]));
+        assert_eq!(schema["additionalProperties"], json!(false));
+        let carp = label_format(&prompts(), Method::Carp);
+        let keys: Vec<&String> = carp["json_schema"]["schema"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(keys, ["clues", "explanation", "label"]);
+    }
+
+    #[test]
+    fn json_answers_are_read_and_others_left_to_the_text_parser() {
+        let p = prompts();
+        assert_eq!(
+            read_json_answer(r#"{"clues": "love", "explanation": "happy", "label": "positive"}"#, &p),
+            Some((0, "love".into(), "happy".into()))
+        );
+        assert_eq!(read_json_answer(r#"{"label": "negative"}"#, &p).map(|a| a.0), Some(1));
+        assert_eq!(read_json_answer(r#"{"label": "neutral"}"#, &p), None);
+        assert_eq!(read_json_answer("LABEL: positive", &p), None);
+        assert_eq!(read_json_answer(r#"{"explanation": "cut of"#, &p), None);
     }
 }

@@ -86,6 +86,18 @@ try {
     return d.innerHTML;
   });
 
+  // A reply's streamed tool calls and a tool result: name and indented
+  // arguments in a block, shown as text.
+  seen.rendered_tool_calls = await page.evaluate(() => {
+    const calls = applyToolCallDeltas([], [{ index: 0, id: "call_1", type: "function", function: { name: "get_weather", arguments: "" } }]);
+    applyToolCallDeltas(calls, [{ index: 0, function: { arguments: '{"city": "<b>Paris</b>",' } }]);
+    applyToolCallDeltas(calls, [{ index: 0, function: { arguments: ' "days": 2}' } }]);
+    const d = document.createElement("div");
+    renderAssistant(d, "", calls);
+    const tool = addBubble(document.createElement("div"), "tool", '{"temp_c": 21}');
+    return { head: d.querySelector(".tool-head").textContent, args: d.querySelector(".tool-calls pre").textContent, html: d.innerHTML, tool: tool.textContent };
+  });
+
   // ---- chat: a streamed answer ----
   await page.click(".params summary");
   await page.$eval("#p-max-tokens", (el) => { el.value = "48"; el.dispatchEvent(new Event("input")); });

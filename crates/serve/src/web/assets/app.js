@@ -27,6 +27,62 @@ function renderMarkdown(el, text) {
   });
 }
 
+// ---------- tool calls ----------
+// A reply may call functions (`tool_calls`) instead of, or besides, writing
+// text, and a `role: "tool"` message carries a function's result. Both are
+// shown as blocks: the function's name, then its arguments as indented JSON.
+
+// Arguments as indented JSON; text that is not (yet) whole JSON, as it is.
+function prettyJson(text) {
+  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (_) { return text || ""; }
+}
+
+// Adds one streamed `delta.tool_calls` list to `calls`: the first fragment
+// of a call brings its index, id and name, later ones pieces of the arguments.
+function applyToolCallDeltas(calls, deltas) {
+  for (const d of deltas || []) {
+    const i = Number.isInteger(d.index) ? d.index : calls.length;
+    const c = calls[i] || (calls[i] = { id: "", name: "", arguments: "" });
+    if (d.id) c.id = d.id;
+    const f = d.function || {};
+    if (f.name) c.name = f.name;
+    if (typeof f.arguments === "string") c.arguments += f.arguments;
+  }
+  return calls;
+}
+
+function toolBlock(kind, title, body) {
+  const block = document.createElement("div");
+  block.className = "tool-block " + kind;
+  const head = document.createElement("div");
+  head.className = "tool-head";
+  head.textContent = title;
+  const pre = document.createElement("pre");
+  pre.textContent = body;
+  block.append(head, pre);
+  return block;
+}
+
+// Shows `calls` ({id, name, arguments} or the API's {id, function: {name,
+// arguments}}) at the end of an assistant bubble, replacing earlier ones.
+function renderToolCalls(el, calls) {
+  el.querySelectorAll(".tool-calls").forEach((n) => n.remove());
+  if (!calls || !calls.length) return;
+  const box = document.createElement("div");
+  box.className = "tool-calls";
+  for (const c of calls.filter(Boolean)) {
+    const f = c.function || c;
+    box.appendChild(toolBlock("tool-call", `Calls ${f.name || "(unnamed)"}${c.id ? "  · " + c.id : ""}`, prettyJson(f.arguments)));
+  }
+  el.appendChild(box);
+}
+
+// An assistant reply: markdown text, then its tool calls if any.
+function renderAssistant(el, text, calls) {
+  renderMarkdown(el, text);
+  renderToolCalls(el, calls);
+}
+
 // ---------- API key ----------
 // A server started with --api-keys wants `Authorization: Bearer <key>` on
 // /api/* too. The key is asked for when the server answers 401, and kept in
@@ -84,7 +140,8 @@ async function postJson(path, body) {
   return resp.json();
 }
 
-// Streams one answer from /api/chat (OpenAI SSE); calls onText with the text so far.
+// Streams one answer from /api/chat (OpenAI SSE); calls onText with the text
+// and the tool calls so far.
 async function streamAnswer(body, signal, onText) {
   let resp;
   try {
@@ -102,6 +159,7 @@ async function streamAnswer(body, signal, onText) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   let pending = "", text = "", finish = null, error = null;
+  const toolCalls = [];
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -120,17 +178,21 @@ async function streamAnswer(body, signal, onText) {
         const choice = v.choices && v.choices[0];
         if (choice && choice.delta && choice.delta.content) {
           text += choice.delta.content;
-          onText(text);
+          onText(text, toolCalls);
+        }
+        if (choice && choice.delta && choice.delta.tool_calls) {
+          applyToolCallDeltas(toolCalls, choice.delta.tool_calls);
+          onText(text, toolCalls);
         }
         if (choice && choice.finish_reason) finish = choice.finish_reason;
       }
     }
   } catch (e) {
-    if (e.name === "AbortError") return { ok: true, text, finish: "stopped" };
-    return { ok: false, error: `The connection broke: ${e.message}`, text };
+    if (e.name === "AbortError") return { ok: true, text, toolCalls, finish: "stopped" };
+    return { ok: false, error: `The connection broke: ${e.message}`, text, toolCalls };
   }
-  if (error) return { ok: false, error, text };
-  return { ok: true, text, finish };
+  if (error) return { ok: false, error, text, toolCalls };
+  return { ok: true, text, toolCalls, finish };
 }
 
 function showNotice(el, message, kind) {
@@ -146,7 +208,9 @@ function addBubble(container, role, text) {
   const el = document.createElement("div");
   el.className = "msg " + role;
   el.dataset.role = role;
-  if (role === "assistant") renderMarkdown(el, text); else el.textContent = text;
+  if (role === "assistant") renderMarkdown(el, text);
+  else if (role === "tool") el.appendChild(toolBlock("tool-result", "Tool result", prettyJson(text)));
+  else el.textContent = text;
   container.appendChild(el);
   container.scrollTop = container.scrollHeight;
   return el;
@@ -226,17 +290,17 @@ async function chatAnswer() {
   const r = await streamAnswer(
     { session_id: chat.session, side: 0, messages: chat.messages, ...params() },
     chat.abort.signal,
-    (text) => { renderMarkdown(bubble, text); box.scrollTop = box.scrollHeight; },
+    (text, calls) => { renderAssistant(bubble, text, calls); box.scrollTop = box.scrollHeight; },
   );
   bubble.classList.remove("streaming");
   chat.abort = null;
-  if (!r.ok && !r.text) {
+  if (!r.ok && !r.text && !(r.toolCalls && r.toolCalls.length)) {
     bubble.remove();
     showNotice($("chat-notice"), r.error);
     chatSetBusy(false);
     return false;
   }
-  renderMarkdown(bubble, r.text);
+  renderAssistant(bubble, r.text, r.toolCalls);
   markStopped(bubble, r);
   if (!r.ok) showNotice($("chat-notice"), r.error);
   else if (r.finish === "length") showNotice($("chat-notice"), "The answer reached the max output tokens; raise it under Parameters for longer answers.", "info");
@@ -358,11 +422,11 @@ async function arenaSide(side) {
   const r = await streamAnswer(
     { session_id: arena.session, side, messages: arena.messages[side], ...params() },
     abort.signal,
-    (text) => { renderMarkdown(bubble, text); box.scrollTop = box.scrollHeight; },
+    (text, calls) => { renderAssistant(bubble, text, calls); box.scrollTop = box.scrollHeight; },
   );
   bubble.classList.remove("streaming");
-  if (!r.ok && !r.text) { bubble.remove(); return r; }
-  renderMarkdown(bubble, r.text);
+  if (!r.ok && !r.text && !(r.toolCalls && r.toolCalls.length)) { bubble.remove(); return r; }
+  renderAssistant(bubble, r.text, r.toolCalls);
   markStopped(bubble, r);
   arena.messages[side].push({ role: "assistant", content: r.text });
   return r;
