@@ -11,6 +11,8 @@
 #   KERNEL_COST=1             time the kernels at 1 and BATCH rows (cargo run --example
 #                             qmatmul_bench; builds it if needed); 0: skip
 #   INT8=1                    also the vicugna --int8 runs; 0: skip them
+#   SKIP_BATCH=1              skip the --batch runs (an 8B batch prefill takes many minutes;
+#                             bench/batched-vs-llamacpp.sh measures batching)
 #   LLAMACPP_VERSION=0.3.36   llama-cpp-python version installed into bench/.venv-llamacpp
 #   VICUGNA_BIN=target/release/vicugna
 #   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
@@ -45,6 +47,7 @@ VICUGNA_BIN="${VICUGNA_BIN:-$ROOT/target/release/vicugna}"
 SKIP_VICUGNA="${SKIP_VICUGNA:-0}"
 KERNEL_COST="${KERNEL_COST:-1}"
 INT8="${INT8:-1}"
+SKIP_BATCH="${SKIP_BATCH:-0}"
 VENV="$ROOT/bench/.venv-llamacpp"
 HOME_DIR="${VICUGNA_HOME:-${HOME:-/tmp}/.cache/vicugna}"
 MODEL="${1:-$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -185,7 +188,8 @@ for ((r = 1; r <= RUNS; r++)); do
         json_line vicugna "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --json \
             | tee -a "$OUT/vicugna.jsonl" >&2
-        json_line "vicugna --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
+        touch "$OUT/vicugna-batch.jsonl" "$OUT/vicugna-int8-batch.jsonl"
+        [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
             --batch "$BATCH" --json \
             | tee -a "$OUT/vicugna-batch.jsonl" >&2
@@ -194,7 +198,7 @@ for ((r = 1; r <= RUNS; r++)); do
         json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 --json \
             | tee -a "$OUT/vicugna-int8.jsonl" >&2
-        json_line "vicugna --int8 --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
+        [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --int8 --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
             --batch "$BATCH" --int8 --json \
             | tee -a "$OUT/vicugna-int8-batch.jsonl" >&2
