@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::model::names;
 use crate::kernels::MappedBlocks;
+use crate::model::names;
 
 /// A weight as stored: plain values, or ggml-quantized blocks.
 #[derive(Clone)]

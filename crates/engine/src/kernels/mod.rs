@@ -14,7 +14,13 @@
 //! layout, where they were loaded: their activations are rounded per block of
 //! 256 as llama.cpp's Q8_K, and `x86::int8_kquant_512` multiplies with
 //! `vpmaddubsw` + `vpdpwssd` (the runs' 6- or 8-bit scales folded into the
-//! integer sums). Every activation row is rounded on its own and every output
+//! integer sums). Prompt-sized products (`KTILE_MIN_N` rows or more) repack 16
+//! weight rows at a time into an int8 tile in L2 (`x86::kq_tile_512`) and sum
+//! each run with `vpdpbusd` in one lane per row (`x86::int8_ktile_512`), about
+//! twice the products per instruction. The two K-quant kernels round
+//! differently, so there a row's bits depend on whether its product had fewer
+//! than `KTILE_MIN_N` rows (as llama.cpp's do); within each size class they do
+//! not depend on the batch (tested). Every activation row is rounded on its own and every output
 //! element is computed by the same instructions whatever `n` is, so a row's
 //! result does not depend on the rows batched with it (prompt or decode, alone
 //! or batched: the same bits). Its error against the dequantized-f32 product is
@@ -443,6 +449,8 @@ struct Int8KRows {
     d: Vec<f32>,
     /// `[n, nb, 16]`: Σq per run (Q4_K / Q5_K: 8 runs of 32; Q6_K: 16 of 16).
     sums: Vec<i16>,
+    /// `[n, nb, 16]`: `d·Σq` per run, in the order of `q` (the prompt kernel's).
+    sums_d: Vec<f32>,
 }
 
 impl Int8KRows {
@@ -452,6 +460,7 @@ impl Int8KRows {
             q: vec![0; n * cols],
             d: vec![0.0; n * nb],
             sums: vec![0; 16 * n * nb],
+            sums_d: vec![0.0; 16 * n * nb],
         };
         // Q4_K / Q5_K: a 64-byte weight load holds runs 0 and 2 (low nibbles),
         // 1 and 3 (high nibbles), then 4, 6 and 5, 7.
@@ -465,7 +474,8 @@ impl Int8KRows {
             r.q.chunks_exact_mut(256)
                 .zip(r.d.iter_mut())
                 .zip(r.sums.chunks_exact_mut(16));
-        for (xb, ((q, d), sums)) in x.chunks_exact(256).zip(blocks) {
+        let blocks = blocks.zip(r.sums_d.chunks_exact_mut(16));
+        for (xb, (((q, d), sums), sums_d)) in x.chunks_exact(256).zip(blocks) {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -478,6 +488,11 @@ impl Int8KRows {
             }
             for (slot, &run) in order.iter().enumerate() {
                 q[32 * slot..32 * slot + 32].copy_from_slice(&qn[32 * run..32 * run + 32]);
+            }
+            let runs = 256 / per_sum;
+            for (slot, sd) in sums_d.iter_mut().take(runs).enumerate() {
+                let run = if runs == 8 { order[slot] } else { slot };
+                *sd = *d * sums[run] as f32;
             }
         }
         r
@@ -591,7 +606,9 @@ impl QMatrix {
         let Ok(Cow::Borrowed(bytes)) = tensor.data() else {
             return None;
         };
-        Self::build(tensor.dtype(), rows, cols, bytes, isa, int8, || Blocks::Ggml(tensor.clone()))
+        Self::build(tensor.dtype(), rows, cols, bytes, isa, int8, || {
+            Blocks::Ggml(tensor.clone())
+        })
     }
 
     /// A matrix over ggml blocks in a mapped file: K-quants are used where they
@@ -782,7 +799,7 @@ impl QMatrix {
         let chunks = rows.div_ceil(chunk_rows);
         let dst = SharedOut(out.as_mut_ptr());
         if self.kint8 {
-            let chunk_rows = chunk_rows.next_multiple_of(R);
+            let chunk_rows = chunk_rows.next_multiple_of(if n >= KTILE_MIN_N { Q } else { R });
             let chunks = rows.div_ceil(chunk_rows);
             let xq = Int8KRows::new(self.kind, x, cols);
             team.run(chunks, &|c| {
@@ -880,6 +897,59 @@ impl QMatrix {
             let (cols, rb) = (self.cols, self.row_bytes);
             let nb = cols / 256;
             let bytes = self.ggml_bytes();
+            if n >= KTILE_MIN_N {
+                // Prompts: 16 rows at a time repacked into an int8 tile (in L2),
+                // then every group of eight activation rows meets it.
+                let kq = match self.kind {
+                    Kind::Q4K => x86::KQ4,
+                    Kind::Q5K => x86::KQ5,
+                    _ => x86::KQ6,
+                };
+                let tb = nb * x86::ktile_block_bytes(kq);
+                return KTILE.with_borrow_mut(|tile| {
+                    tile.resize(tb, 0);
+                    for rt in (0..nrows).step_by(Q) {
+                        let nr = Q.min(nrows - rt);
+                        let rows: Vec<&[u8]> = (rt..rt + nr)
+                            .map(|i| &bytes[(r0 + i) * rb..(r0 + i + 1) * rb])
+                            .collect();
+                        // SAFETY (both): as below.
+                        unsafe {
+                            match kq {
+                                x86::KQ4 => x86::kq_tile_512::<{ x86::KQ4 }>(&rows, nb, tile),
+                                x86::KQ5 => x86::kq_tile_512::<{ x86::KQ5 }>(&rows, nb, tile),
+                                _ => x86::kq_tile_512::<{ x86::KQ6 }>(&rows, nb, tile),
+                            }
+                        }
+                        for t0 in (0..n).step_by(FUSED_MAX_N) {
+                            let tn = FUSED_MAX_N.min(n - t0);
+                            let (q, d, sd) = (&xq.q[t0 * cols..], &xq.d[t0 * nb..], &xq.sums_d[16 * t0 * nb..]);
+                            let mut res = [[0f32; Q]; FUSED_MAX_N];
+                            macro_rules! go {
+                                ($($t:literal)*) => {
+                                    match (kq == x86::KQ6, tn) {
+                                        $((true, $t) => {
+                                            let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                            unsafe { x86::int8_ktile_512::<16, $t>(tile, nb, q, cols, d, sd, o) }
+                                        })*
+                                        $((false, $t) => {
+                                            let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                            unsafe { x86::int8_ktile_512::<32, $t>(tile, nb, q, cols, d, sd, o) }
+                                        })*
+                                        _ => unreachable!("{tn} activation rows"),
+                                    }
+                                };
+                            }
+                            go!(1 2 3 4 5 6 7 8);
+                            for (j, res) in res[..tn].iter().enumerate() {
+                                for (i, &v) in res[..nr].iter().enumerate() {
+                                    put(t0 + j, rt + i, v);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
             // Activation rows outside: a group of eight stays in L1 while the
             // task's weight rows (in L2 after the first group) pass by.
             for t0 in (0..n).step_by(FUSED_MAX_N) {
@@ -1185,12 +1255,18 @@ impl<T> SharedOut<T> {
 }
 
 thread_local! {
+    /// A prompt product's int8 K-quant tile (`x86::kq_tile_512`).
+    static KTILE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     /// The transposed activations of `matmul_with`'s caller (`transpose_blocks`).
     static TRANSPOSED: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::default());
     /// A decode product's activations, where the caller's are not on a cache line.
     static ALIGNED_X: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::default());
 }
+
+/// From this many activation rows on, int8 K-quant products repack their
+/// weights into tiles (`x86::int8_ktile_512`).
+const KTILE_MIN_N: usize = 16;
 
 /// From this many activation rows on, AVX-512 panels go through `outer_512`.
 const OUTER_MIN_N: usize = 16;
@@ -1764,6 +1840,15 @@ mod tests {
             if !m.int8() {
                 continue; // no AVX-512 VNNI here
             }
+            if m.kint8 {
+                // K-quants: decode-sized products (row kernel) and prompt-sized
+                // ones (repacked tiles) each give a row the same bits in any
+                // batch of their size; the two kernels round differently.
+                let what = format!("{dtype:?}");
+                assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 7, 8, 14], &what);
+                assert_runs_equal_batched(&m, 45, &[0, 3, 29], KTILE_MIN_N, &what);
+                continue;
+            }
             assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &format!("{dtype:?}"));
         }
     }
@@ -1771,6 +1856,12 @@ mod tests {
     /// Multiplies `n` random activation rows together, then each row of `rows`
     /// alone, and asserts the same bits.
     fn assert_rows_alone_equal_batched(m: &QMatrix, n: usize, rows: &[usize], what: &str) {
+        assert_runs_equal_batched(m, n, rows, 1, what)
+    }
+
+    /// Runs of `len` activation rows starting at `starts`, multiplied on their
+    /// own, give the same bits as inside a batch of `n`.
+    fn assert_runs_equal_batched(m: &QMatrix, n: usize, starts: &[usize], len: usize, what: &str) {
         let (cols, out) = (m.cols(), m.rows());
         let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)
             .unwrap()
@@ -1780,11 +1871,18 @@ mod tests {
             .unwrap();
         let mut all = vec![0f32; n * out];
         m.matmul(&x, n, &mut all);
-        for &t in rows {
-            let mut one = vec![0f32; out];
-            m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
-            let same = one.iter().zip(&all[t * out..]).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{what}: row {t} alone differs from row {t} of {n}");
+        for &t in starts {
+            let mut some = vec![0f32; len * out];
+            m.matmul(&x[t * cols..(t + len) * cols], len, &mut some);
+            let same = some
+                .iter()
+                .zip(&all[t * out..])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{what}: rows {t}..{} alone differ from the same rows of {n}",
+                t + len
+            );
         }
     }
 

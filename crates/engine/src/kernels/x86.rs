@@ -1236,7 +1236,6 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     let nb = cols / 256;
     assert!(cols.is_multiple_of(256) && xq.len() >= T * cols && xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     assert!(row.len() >= nb * bb);
-    let m4 = _mm512_set1_epi8(0x0F);
     let xp = xq.as_ptr();
     // Q4_K / Q5_K: the products' scales (see `scale_index`); Q6_K: per half.
     let (i0, i1, i2, i3) = if KQ == KQ6 {
@@ -1254,12 +1253,6 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
             scale_index(KQ, 5, 7),
         )
     };
-    // Per-half shift counts (i16 lanes 0..16, 16..32) for the high bits.
-    let halves = |a: i16, b: i16| {
-        let mut v = [a; 32];
-        v[16..].fill(b);
-        _mm512_loadu_si512(v.as_ptr() as *const __m512i)
-    };
     // One weight row per call: with several rows' accumulators LLVM kept them on
     // the stack.
     let mut acc = [_mm512_setzero_ps(); T];
@@ -1273,30 +1266,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
                 let (sc, mn) = k4_scales(blk.add(4));
                 let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                 let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
-                let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
-                let q0 = _mm512_loadu_si512(qs as *const __m512i);
-                let q1 = _mm512_loadu_si512(qs.add(64) as *const __m512i);
-                let mut w = [
-                    _mm512_and_si512(q0, m4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
-                    _mm512_and_si512(q1, m4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
-                ];
-                if KQ == KQ5 {
-                    // qh bit 2c (low nibbles of 32-byte chunk c) or 2c + 1
-                    // (high nibbles) adds 16.
-                    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16) as *const __m256i));
-                    let h16 = _mm512_set1_epi8(0x10);
-                    let hb = [
-                        _mm512_sllv_epi16(qh, halves(4, 2)),
-                        _mm512_sllv_epi16(qh, halves(3, 1)),
-                        _mm512_srlv_epi16(qh, halves(0, 2)),
-                        _mm512_srlv_epi16(qh, halves(1, 3)),
-                    ];
-                    for k in 0..4 {
-                        w[k] = _mm512_or_si512(w[k], _mm512_and_si512(hb[k], h16));
-                    }
-                }
+                let w = kq_bytes::<KQ>(blk);
                 let s = [
                     _mm512_permutexvar_epi16(i0, sc16),
                     _mm512_permutexvar_epi16(i1, sc16),
@@ -1306,20 +1276,9 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
                 (w, s, (_mm256_zextsi128_si256(mn16), -dmin), d)
             }
             _ => {
-                let ql = blk;
-                let qh = blk.add(128);
                 let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
                 let d6 = f16_at(std::slice::from_raw_parts(blk.add(208), 2), 0);
-                let h30 = _mm512_set1_epi8(0x30);
-                let mut w = [_mm512_setzero_si512(); 4];
-                for h in 0..2 {
-                    let l = _mm512_loadu_si512(ql.add(64 * h) as *const __m512i);
-                    let hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(qh.add(32 * h) as *const __m256i));
-                    let ha = _mm512_and_si512(_mm512_sllv_epi16(hh, halves(4, 2)), h30);
-                    let hb = _mm512_and_si512(_mm512_srlv_epi16(hh, halves(0, 2)), h30);
-                    w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
-                    w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(l), m4), hb);
-                }
+                let w = kq_bytes::<KQ>(blk);
                 let sc512 = _mm512_zextsi256_si512(sc);
                 let s = [
                     _mm512_permutexvar_epi16(i0, sc512),
@@ -1356,4 +1315,216 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
         }
     }
     acc.map(|a| _mm512_reduce_add_ps(a))
+}
+
+/// Values per run (one scale) of a K-quant kind: 32 (Q4_K, Q5_K) or 16 (Q6_K).
+pub(super) const fn krun(kq: u8) -> usize {
+    if kq == KQ6 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Bytes per block column of a K-quant int8 tile (see `kq_tile_512`).
+pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
+    let l = krun(kq);
+    256 / l * (16 * l + 128)
+}
+
+/// Up to 16 ggml rows of Q4_K / Q5_K / Q6_K (`KQ`, `nb` blocks each) repacked
+/// into one int8 tile in `out` (`nb · ktile_block_bytes(KQ)` bytes): per block,
+/// per run slot `s` (the activations' run order of `int8_kquant_512`), `L/4`
+/// 64-byte groups holding each row's values `4g .. 4g + 4` of the run as
+/// unsigned bytes (row `r` at `4r`, as `Blocks::Int8`), then the rows' 16 run
+/// scales `d·sc` and 16 offsets (`−dmin·m`, or Q6_K's `−32·d·sc`) as f32. Rows
+/// past the last are zero. Used for prompts: one repack per tile and product,
+/// amortized over all the activation rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
+pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[&[u8]], nb: usize, out: &mut [u8]) {
+    let bb = match KQ {
+        KQ4 => 144,
+        KQ5 => 176,
+        _ => 210,
+    };
+    let (l, tb) = (krun(KQ), ktile_block_bytes(KQ));
+    let ns = 256 / l;
+    assert!(rows.len() <= 16 && out.len() >= nb * tb && rows.iter().all(|r| r.len() >= nb * bb));
+    // Natural run of each slot (Q4_K / Q5_K: a 64-byte load holds runs 0 and 2, ...).
+    const ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+    let mut vals = [[0u8; 256]; 16];
+    let mut sc = [[0f32; 16]; 16];
+    let mut mn = [[0f32; 16]; 16];
+    for b in 0..nb {
+        for (r, row) in rows.iter().enumerate() {
+            let blk = row.as_ptr().add(b * bb);
+            let w = kq_bytes::<KQ>(blk);
+            for (k, w) in w.iter().enumerate() {
+                _mm512_storeu_si512(vals[r].as_mut_ptr().add(64 * k) as *mut __m512i, *w);
+            }
+            if KQ == KQ6 {
+                let d = f16_at(std::slice::from_raw_parts(blk.add(208), 2), 0);
+                for s in 0..16 {
+                    let q = *blk.add(192 + s) as i8 as f32;
+                    sc[s][r] = d * q;
+                    mn[s][r] = -32.0 * d * q;
+                }
+            } else {
+                let head = std::slice::from_raw_parts(blk, 4);
+                let (d, dmin) = (f16_at(head, 0), f16_at(head, 2));
+                let (scs, mins) = k4_scales(blk.add(4));
+                for s in 0..8 {
+                    let j = ORDER[s];
+                    sc[s][r] = d * ((scs >> (8 * j)) & 0xFF) as f32;
+                    mn[s][r] = -dmin * ((mins >> (8 * j)) & 0xFF) as f32;
+                }
+            }
+        }
+        for r in rows.len()..16 {
+            vals[r] = [0; 256];
+            for s in 0..ns {
+                sc[s][r] = 0.0;
+                mn[s][r] = 0.0;
+            }
+        }
+        // Each group: the 16 rows' 4 bytes, gathered 256 bytes apart.
+        let idx = _mm512_setr_epi32(
+            0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 2816, 3072, 3328, 3584, 3840,
+        );
+        let (vp, col) = (vals.as_ptr() as *const u8, out.as_mut_ptr().add(b * tb));
+        for s in 0..ns {
+            let slot = col.add(s * (16 * l + 128));
+            for g in 0..l / 4 {
+                let v = _mm512_i32gather_epi32::<1>(idx, vp.add(s * l + 4 * g) as *const i32);
+                _mm512_storeu_si512(slot.add(64 * g) as *mut __m512i, v);
+            }
+            _mm512_storeu_ps(slot.add(16 * l) as *mut f32, _mm512_loadu_ps(sc[s].as_ptr()));
+            _mm512_storeu_ps(slot.add(16 * l + 64) as *mut f32, _mm512_loadu_ps(mn[s].as_ptr()));
+        }
+    }
+}
+
+/// One K-quant block's 256 values as unsigned bytes, four 64-byte vectors in
+/// the activations' run order (see `int8_kquant_512`).
+#[inline(always)]
+unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let halves = |a: i16, b: i16| {
+        let mut v = [a; 32];
+        v[16..].fill(b);
+        _mm512_loadu_si512(v.as_ptr() as *const __m512i)
+    };
+    if KQ == KQ6 {
+        let h30 = _mm512_set1_epi8(0x30);
+        let mut w = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let l = _mm512_loadu_si512(blk.add(64 * h) as *const __m512i);
+            let hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i));
+            let ha = _mm512_and_si512(_mm512_sllv_epi16(hh, halves(4, 2)), h30);
+            let hb = _mm512_and_si512(_mm512_srlv_epi16(hh, halves(0, 2)), h30);
+            w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
+            w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(l), m4), hb);
+        }
+        return w;
+    }
+    let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
+    let q0 = _mm512_loadu_si512(qs as *const __m512i);
+    let q1 = _mm512_loadu_si512(qs.add(64) as *const __m512i);
+    let mut w = [
+        _mm512_and_si512(q0, m4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+        _mm512_and_si512(q1, m4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+    ];
+    if KQ == KQ5 {
+        // qh bit 2c (low nibbles of 32-byte chunk c) or 2c + 1 (high nibbles) adds 16.
+        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16) as *const __m256i));
+        let h16 = _mm512_set1_epi8(0x10);
+        let hb = [
+            _mm512_sllv_epi16(qh, halves(4, 2)),
+            _mm512_sllv_epi16(qh, halves(3, 1)),
+            _mm512_srlv_epi16(qh, halves(0, 2)),
+            _mm512_srlv_epi16(qh, halves(1, 3)),
+        ];
+        for k in 0..4 {
+            w[k] = _mm512_or_si512(w[k], _mm512_and_si512(hb[k], h16));
+        }
+    }
+    w
+}
+
+/// Rows `0..16` of one K-quant int8 tile (see `kq_tile_512`, runs of `L`)
+/// dotted with `T` activation rows (`xq`, `xd` as for `int8_kquant_512`;
+/// `xsd[16(t·nb + b) + s]` the block's `d·Σq` over run slot `s`): `out[t][r]`.
+/// Per run: `L/4` `vpdpbusd` sum each row's products in its own i32 lane, one
+/// conversion and two multiply-adds apply the run's scale and offset — about
+/// twice the products per instruction of the row kernel, whose scales go
+/// through `vpdpwssd`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
+    tile: &[u8],
+    nb: usize,
+    xq: &[i8],
+    cols: usize,
+    xd: &[f32],
+    xsd: &[f32],
+    out: &mut [[f32; 16]; T],
+) {
+    let ns = 256 / L;
+    let sb = 16 * L + 128;
+    let bb = ns * sb;
+    assert!(T <= 8 && (L == 16 || L == 32));
+    assert!(tile.len() >= nb * bb && cols >= 256 * nb && xq.len() >= (T - 1) * cols + 256 * nb);
+    assert!(xd.len() >= T * nb && xsd.len() >= 16 * T * nb);
+    let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        for s in 0..ns {
+            let base = tp.add(b * bb + s * sb);
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (k, w) in w.iter_mut().enumerate().take(L / 4) {
+                *w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
+            }
+            let sc = _mm512_loadu_ps(base.add(16 * L) as *const f32);
+            let mn = _mm512_loadu_ps(base.add(16 * L + 64) as *const f32);
+            // Spelled out per row so that every accumulator stays in a register.
+            macro_rules! row {
+                ($t:literal) => {
+                    if $t < T {
+                        let x = xp.add($t * cols + 256 * b + L * s);
+                        let at = $t * nb + b;
+                        let mut i = _mm512_setzero_si512();
+                        for k in 0..L / 4 {
+                            let x4 = _mm512_set1_epi32((x.add(4 * k) as *const i32).read_unaligned());
+                            i = _mm512_dpbusd_epi32(i, w[k], x4);
+                        }
+                        let a = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(i),
+                            _mm512_mul_ps(sc, _mm512_set1_ps(*xd.get_unchecked(at))),
+                            acc[$t],
+                        );
+                        acc[$t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsd.get_unchecked(16 * at + s)), a);
+                    }
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), a);
+    }
 }
