@@ -1164,6 +1164,9 @@ pub(super) unsafe fn attention_values_512<T: KvLane>(p: &[f32], v: &[T], hd: usi
 
 // ------------------------------------------- AVX-512 VNNI, int8 K-quants ----
 
+/// How far ahead `int8_kquant_512` prefetches its weight row.
+const KQ_PREFETCH_BYTES: usize = 2048;
+
 /// `int8_kquant_512`'s block kinds.
 pub(super) const KQ4: u8 = 0;
 pub(super) const KQ5: u8 = 1;
@@ -1258,6 +1261,12 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let blk = row.as_ptr().add(b * bb);
+        // Decode streams every weight from memory once: prefetch well ahead (past
+        // the row's end into the next row, which the caller takes next), a hint
+        // that never faults (hence `wrapping_add`).
+        for l in 0..3 {
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(KQ_PREFETCH_BYTES + 64 * l) as *const i8);
+        }
         // The four 64-value weight vectors (unsigned bytes) and their scales.
         let (w, s, fix, d) = match KQ {
             KQ4 | KQ5 => {
