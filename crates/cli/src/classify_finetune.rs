@@ -219,6 +219,7 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let mut last_line = Instant::now();
     let summary = trainer.run(&stop, &mut |p| match p {
         Progress::Started {
             total_steps,
@@ -243,8 +244,10 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         Progress::Step {
             step, loss, seconds, ..
         } => {
-            // No terminal (a log file): a line every 10 steps instead of the bar.
-            if bar.is_hidden() && step % 10 == 0 {
+            // No terminal (a log file): a line every 10 steps, or every 30 s
+            // when steps are slow, instead of the bar.
+            if bar.is_hidden() && (step % 10 == 0 || last_line.elapsed().as_secs() >= 30) {
+                last_line = Instant::now();
                 eprintln!("fine-tuning step {step}: loss {loss:.4} ({seconds:.1} s/step)");
             }
             bar.set_message(format!("loss {loss:.4}"));
