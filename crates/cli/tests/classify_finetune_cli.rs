@@ -255,7 +255,7 @@ fn finetune_learns_the_labels_saves_a_reusable_adapter_and_serves_it_with_lora()
         "--method",
         "score",
         "--calibrate",
-        "none",
+        "batch",
         "--prompt-style",
         "chat",
     ]);
