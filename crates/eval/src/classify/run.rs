@@ -67,6 +67,9 @@ pub fn classify_items(
             .flat_map(|p| names.iter().cloned().zip(p.iter().copied()))
             .collect()
     };
+    // Inputs left without a label (every vote unparsed after the backend's
+    // retries): a retry that then parses is not a failure of the input.
+    let unparsed = std::sync::atomic::AtomicU64::new(0);
     par_map(opts.threads, items, stop, |_, (item, demos)| {
         let mut demos = demos.as_slice();
         while !demos.is_empty()
@@ -111,6 +114,9 @@ pub fn classify_items(
             demos: demos.iter().map(|d| d.id.clone()).collect(),
             scores: BTreeMap::new(),
         };
+        if record.label.is_none() {
+            unparsed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         out.append(&record)?;
         on_record(&record);
         Ok(())
@@ -123,7 +129,7 @@ pub fn classify_items(
             prompt_tokens: after.prompt_tokens - before.prompt_tokens,
             completion_tokens: after.completion_tokens - before.completion_tokens,
             reused_tokens: after.reused_tokens - before.reused_tokens,
-            parse_failures: after.parse_failures - before.parse_failures,
+            parse_failures: unparsed.load(std::sync::atomic::Ordering::Relaxed),
         },
     })
 }
