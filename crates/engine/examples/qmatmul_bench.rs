@@ -8,8 +8,8 @@
 //! quantized weight bytes read per product. Times are the best of repeated passes;
 //! `--hot` uses a single copy (cache-resident: the compute cost alone);
 //! `--ours` skips candle; `--n N` runs n = N only (default 1, 8 and 128); `--int8` measures our 8-bit
-//! activation scheme (AVX-512 VNNI) instead of f32 activations; `--llama-1b` uses
-//! Llama 3.2 1B's K-quant shapes.
+//! activation scheme (AVX-512 VNNI) instead of f32 activations; `--llama-1b` and
+//! `--llama-8b` use Llama 3.2 1B's or Llama 3.1 8B's K-quant shapes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +63,13 @@ fn main() -> candle_core::Result<()> {
     );
     // `--llama-1b`: Llama 3.2 1B's K-quant shapes (Q4_K_M: Q4_K, Q6_K for some
     // down projections and the output) instead of SmolLM2's.
-    let cases: &[(GgmlDType, usize, usize)] = if std::env::args().any(|a| a == "--llama-1b") {
+    let cases: &[(GgmlDType, usize, usize)] = if std::env::args().any(|a| a == "--llama-8b") {
+        &[
+            (GgmlDType::Q4K, 4096, 4096),
+            (GgmlDType::Q4K, 14336, 4096),
+            (GgmlDType::Q6K, 4096, 14336),
+        ]
+    } else if std::env::args().any(|a| a == "--llama-1b") {
         &[
             (GgmlDType::Q4K, 2048, 2048),
             (GgmlDType::Q4K, 8192, 2048),

@@ -30,7 +30,11 @@ impl Weight {
         Ok(match self {
             Weight::Dense(t) => t.to_dtype(dtype)?,
             Weight::Quantized(q) => q.dequantize(device)?.to_dtype(dtype)?,
-            Weight::Mapped(m) => m.to_qtensor()?.dequantize(device)?.to_dtype(dtype)?,
+            Weight::Mapped(m) => {
+                let t = m.to_qtensor()?.dequantize(device)?.to_dtype(dtype)?;
+                m.release_pages();
+                t
+            }
         })
     }
 

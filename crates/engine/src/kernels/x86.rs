@@ -1208,7 +1208,7 @@ unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
 
 /// `out[t] = dot(weight row, activation row t)` for one ggml row of
 /// Q4_K / Q5_K / Q6_K (`KQ`) and `T` activation rows rounded to 8 bits per
-/// block of 256 (llama.cpp's Q8_K): `xq` (`cols` each; for Q4_K / Q5_K each
+/// block of 256 (llama.cpp's Q8_K): `xq` (`stride` apart; for Q4_K / Q5_K each
 /// block's 32-value runs in the order 0, 2, 1, 3, 4, 6, 5, 7, the order in which
 /// the weights' nibbles come out of a 64-byte load), `xd[t·nb + b]` the block's
 /// scale, `xs[16(t·nb + b) ..]` its sums of `q` (Q4_K / Q5_K: 8 sums over the
@@ -1230,6 +1230,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     xd: &[f32],
     xs: &[i16],
     cols: usize,
+    stride: usize,
 ) -> [f32; T] {
     let bb = match KQ {
         KQ4 => 144,
@@ -1237,7 +1238,8 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
         _ => 210,
     };
     let nb = cols / 256;
-    assert!(cols.is_multiple_of(256) && xq.len() >= T * cols && xd.len() >= T * nb && xs.len() >= 16 * T * nb);
+    assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
+    assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     assert!(row.len() >= nb * bb);
     let xp = xq.as_ptr();
     // Q4_K / Q5_K: the products' scales (see `scale_index`); Q6_K: per half.
@@ -1301,7 +1303,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
         };
         let vd = _mm512_set1_ps(d);
         for t in 0..T {
-            let x = xp.add(t * cols + 256 * b);
+            let x = xp.add(t * stride + 256 * b);
             let at = t * nb + b;
             let mut i = _mm512_setzero_si512();
             for k in 0..4 {

@@ -64,7 +64,11 @@ impl Linear {
         let weight = match (weight, dense) {
             (Weight::Mapped(m), None) => match QMatrix::from_mapped(&m) {
                 Some(k) => LinearWeight::Kernel(k),
-                None => LinearWeight::Quantized(QMatMul::from_arc(m.to_qtensor()?)?),
+                None => {
+                    let q = m.to_qtensor()?;
+                    m.release_pages();
+                    LinearWeight::Quantized(QMatMul::from_arc(q)?)
+                }
             },
             (Weight::Quantized(q), None) => match QMatrix::from_qtensor(&q) {
                 Some(m) => LinearWeight::Kernel(m),
