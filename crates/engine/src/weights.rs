@@ -243,27 +243,6 @@ impl GgufSource {
         })
     }
 
-    /// Drops the mapped pages of a tensor that has been copied out, so the file's
-    /// pages and their copy are not both counted while the model loads (the page
-    /// cache keeps them; a later read maps them again).
-    fn release_pages(&self, start: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            const PAGE: usize = 4096;
-            let from = start / PAGE * PAGE;
-            let to = (start + len).div_ceil(PAGE) * PAGE;
-            let to = to.min(self.mmap.len());
-            if to > from {
-                // SAFETY: the mapping is read-only and file-backed; after DONTNEED a
-                // read faults the same file bytes in again, so no slice changes.
-                let _ = unsafe {
-                    self.mmap
-                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
-                };
-            }
-        }
-    }
-
     /// The model shape described by the metadata.
     pub fn config(&mut self) -> Result<ModelConfig> {
         let cfg = ModelConfig::from_gguf(&self.content, &self.path)?;
@@ -343,7 +322,7 @@ impl WeightSource for GgufSource {
             None => bytes,
         };
         let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &self.device, dtype)?;
-        self.release_pages(start, size);
+        crate::kernels::release_mapped(&self.mmap, start, size);
         let q = QTensor::new(storage, dims)?;
         let shift = self.arch.and_then(|(arch, _, _)| names::shifted_norm(arch, name));
         Ok(match dtype {

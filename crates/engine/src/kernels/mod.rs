@@ -523,6 +523,26 @@ fn untile_row(kind: Kind, tile: &[u8], r: usize, nb: usize, dst: &mut Vec<u8>) {
     }
 }
 
+/// Drops bytes `start .. start + len` of a read-only file mapping from the
+/// process once they have been copied out, so the file's pages and their copy
+/// are not both counted while a model loads (the page cache keeps them; a later
+/// read maps them in again).
+pub fn release_mapped(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let from = start / PAGE * PAGE;
+        let to = ((start + len).div_ceil(PAGE) * PAGE).min(map.len());
+        if to > from {
+            // SAFETY: the mapping is read-only and file-backed; after DONTNEED a
+            // read faults the same file bytes in again, so no slice changes.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, len);
+}
+
 /// ggml blocks of one tensor inside a mapped model file: the weights are read
 /// where the file lies, so a model takes its file's pages and no copy of them.
 #[derive(Clone)]
@@ -555,10 +575,6 @@ impl MappedBlocks {
         &self.map[self.start..self.start + self.len]
     }
 
-    pub fn dtype(&self) -> GgmlDType {
-        self.dtype
-    }
-
     pub fn dims(&self) -> &[usize] {
         &self.dims
     }
@@ -578,23 +594,10 @@ impl MappedBlocks {
         })
     }
 
-    /// Drops the mapped pages of these blocks from the process (the page cache
-    /// keeps them; a later read maps them in again), once they have been copied.
+    /// Drops the mapped pages of these blocks from the process, once they have
+    /// been copied (see [`release_mapped`]).
     pub fn release_pages(&self) {
-        #[cfg(unix)]
-        {
-            const PAGE: usize = 4096;
-            let from = self.start / PAGE * PAGE;
-            let to = ((self.start + self.len).div_ceil(PAGE) * PAGE).min(self.map.len());
-            if to > from {
-                // SAFETY: the mapping is read-only and file-backed; after DONTNEED
-                // a read faults the same file bytes in again, so no slice changes.
-                let _ = unsafe {
-                    self.map
-                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
-                };
-            }
-        }
+        release_mapped(&self.map, self.start, self.len)
     }
 
     /// A copy as a candle `QTensor` (for paths without our kernels).
@@ -942,15 +945,17 @@ impl QMatrix {
                     tile.resize(tb, 0);
                     for rt in (0..nrows).step_by(Q) {
                         let nr = Q.min(nrows - rt);
-                        let rows: Vec<&[u8]> = (rt..rt + nr)
-                            .map(|i| &bytes[(r0 + i) * rb..(r0 + i + 1) * rb])
-                            .collect();
+                        let all: [&[u8]; Q] = std::array::from_fn(|i| {
+                            let r = r0 + rt + i.min(nr - 1);
+                            &bytes[r * rb..(r + 1) * rb]
+                        });
+                        let rows = &all[..nr];
                         // SAFETY (both): as below.
                         unsafe {
                             match kq {
-                                x86::KQ4 => x86::kq_tile_512::<{ x86::KQ4 }>(&rows, nb, tile),
-                                x86::KQ5 => x86::kq_tile_512::<{ x86::KQ5 }>(&rows, nb, tile),
-                                _ => x86::kq_tile_512::<{ x86::KQ6 }>(&rows, nb, tile),
+                                x86::KQ4 => x86::kq_tile_512::<{ x86::KQ4 }>(rows, nb, tile),
+                                x86::KQ5 => x86::kq_tile_512::<{ x86::KQ5 }>(rows, nb, tile),
+                                _ => x86::kq_tile_512::<{ x86::KQ6 }>(rows, nb, tile),
                             }
                         }
                         for t0 in (0..n).step_by(FUSED_MAX_N) {
