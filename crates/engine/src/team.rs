@@ -14,6 +14,60 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// Denormal floats flushed to zero (x86 MXCSR FTZ + DAZ) while alive; the
+/// previous mode comes back on drop. Each arithmetic step that meets a denormal
+/// costs a microcode assist of ~100 cycles: a SiLU of a large negative gate, or a
+/// Q8_K block of such values whose scale times the weight's is below f32's
+/// normal range, made one 8B down projection 11x slower. Values that small
+/// (< 1.2e-38) change no logit a user can see.
+pub struct DenormalsOff {
+    #[cfg(target_arch = "x86_64")]
+    saved: u32,
+}
+
+#[cfg(target_arch = "x86_64")]
+const FTZ_DAZ: u32 = 0x8040;
+
+impl DenormalsOff {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> DenormalsOff {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let saved = mxcsr();
+            if saved & FTZ_DAZ != FTZ_DAZ {
+                set_mxcsr(saved | FTZ_DAZ);
+            }
+            DenormalsOff { saved }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        DenormalsOff {}
+    }
+}
+
+impl Drop for DenormalsOff {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        if mxcsr() != self.saved {
+            set_mxcsr(self.saved);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn mxcsr() -> u32 {
+    let mut v = 0u32;
+    // SAFETY: stores the 32-bit control register into `v`.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut v, options(nostack)) };
+    v
+}
+
+#[cfg(target_arch = "x86_64")]
+fn set_mxcsr(v: u32) {
+    // SAFETY: only the FTZ/DAZ bits differ from the current value (or it is the
+    // value read before): no exception is unmasked.
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &v, options(nostack, readonly)) };
+}
+
 /// How long an idle helper keeps spinning before it parks.
 const SPIN: Duration = Duration::from_micros(300);
 
@@ -99,6 +153,7 @@ impl Team {
         if tasks == 0 {
             return;
         }
+        let _flush = DenormalsOff::new();
         if tasks == 1 || self.helpers == 0 {
             (0..tasks).for_each(f);
             return;
@@ -170,6 +225,8 @@ fn work(s: &Shared, generation: u64, f: Task<'_>, tasks: usize) {
 }
 
 fn helper(s: &Shared) {
+    // For the thread's life: it runs nothing but the engine's loops.
+    std::mem::forget(DenormalsOff::new());
     let mut seen = 0u64;
     loop {
         // Spin (then yield) while loops keep coming; park when they stop.
@@ -218,6 +275,22 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
             }
         }
+    }
+
+    #[test]
+    fn denormals_are_flushed_inside_a_loop_and_kept_outside() {
+        let tiny = std::hint::black_box(1e-30f32);
+        let scale = std::hint::black_box(1e-10f32);
+        assert!(tiny * scale > 0.0, "a denormal product outside the team");
+        let team = Team::new(2);
+        let flushed: Vec<AtomicBool> = (0..4).map(|_| AtomicBool::new(false)).collect();
+        team.run(4, &|i| {
+            let v = std::hint::black_box(tiny) * std::hint::black_box(scale);
+            flushed[i].store(v == 0.0, Ordering::Relaxed);
+        });
+        #[cfg(target_arch = "x86_64")]
+        assert!(flushed.iter().all(|f| f.load(Ordering::Relaxed)));
+        assert!(tiny * scale > 0.0, "the caller's mode is restored");
     }
 
     #[test]

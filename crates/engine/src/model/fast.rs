@@ -90,6 +90,9 @@ impl Model {
     /// The decoder layers over the embedded tokens `x` (`[tokens, hidden]`) of a
     /// ragged batch; returns the residual stream.
     pub(super) fn layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
+        // Elementwise work and activation rounding on this thread too (see
+        // `DenormalsOff`).
+        let _flush = crate::team::DenormalsOff::new();
         let cfg = &self.cfg;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
         let total = x.len() / h;
