@@ -78,11 +78,11 @@ for ((r = 1; r <= RUNS; r++)); do
             --output-format jsonl | tee -a "$OUT/llamacpp.jsonl" >&2
         json_line "vicugna --batch $b" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$((GEN_TOKENS + 1))" --threads "$THREADS" \
-            --batch "$b" --json | tee -a "$OUT/vicugna.jsonl" >&2
+            --batch "$b" --int8 off --json | tee -a "$OUT/vicugna.jsonl" >&2
         if [[ "$INT8" == 1 ]]; then
             json_line "vicugna --int8 --batch $b" "$VICUGNA_BIN" bench --model "$MODEL" \
                 --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$((GEN_TOKENS + 1))" --threads "$THREADS" \
-                --batch "$b" --int8 --json | tee -a "$OUT/vicugna-int8.jsonl" >&2
+                --batch "$b" --int8 on --json | tee -a "$OUT/vicugna-int8.jsonl" >&2
         fi
     done
 done

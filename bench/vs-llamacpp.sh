@@ -17,8 +17,9 @@
 #   VICUGNA_BIN=target/release/vicugna
 #   SKIP_VICUGNA=1            run only the llama.cpp half (and the bandwidth probe)
 #
-# Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B), and the
-# same two with --int8 (8-bit activations; shown where the CPU has AVX-512 VNNI).
+# Runs R rounds, alternating: llama.cpp, vicugna (1 stream), vicugna (--batch B), all with
+# f32 activations (--int8 off), and the same two with --int8 on (8-bit activations; shown
+# where the CPU has AVX-512 VNNI; the default, auto, is int8 on K-quants only).
 # Prints medians, vicugna/llama.cpp ratios, the memory read bandwidth (bench/bandwidth.c,
 # over 1 GiB and over the model file's size), the decode limit bandwidth /
 # weight_bytes_per_token, batch/single decode ratio, and
@@ -186,21 +187,21 @@ for ((r = 1; r <= RUNS; r++)); do
         | tee -a "$OUT/llamacpp.jsonl" >&2
     if [[ "$SKIP_VICUGNA" != 1 ]]; then
         json_line vicugna "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
-            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --json \
+            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 off --json \
             | tee -a "$OUT/vicugna.jsonl" >&2
         touch "$OUT/vicugna-batch.jsonl" "$OUT/vicugna-int8-batch.jsonl"
         [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
-            --batch "$BATCH" --json \
+            --batch "$BATCH" --int8 off --json \
             | tee -a "$OUT/vicugna-batch.jsonl" >&2
         # 8-bit activations (`--int8`; only where the CPU has AVX-512 VNNI).
         [[ "$INT8" == 1 ]] || continue
         json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
-            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 --json \
+            --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 on --json \
             | tee -a "$OUT/vicugna-int8.jsonl" >&2
         [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --int8 --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
-            --batch "$BATCH" --int8 --json \
+            --batch "$BATCH" --int8 on --json \
             | tee -a "$OUT/vicugna-int8-batch.jsonl" >&2
     fi
 done

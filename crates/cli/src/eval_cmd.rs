@@ -52,10 +52,10 @@ pub struct ApiArgs {
     /// Local model: CPU threads.
     #[arg(long)]
     threads: Option<usize>,
-    /// Local model: 8-bit activations in Q4 products (faster, llama.cpp-like
-    /// accuracy; see `vicugna serve --help`).
-    #[arg(long)]
-    int8: bool,
+    /// Local model: 8-bit activations in quantized products, auto, on or off
+    /// (see `vicugna serve --help`).
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    int8: crate::model_arg::Int8Arg,
     /// Local model: attention cache element type, auto, f32 or f16 (see `vicugna serve --help`).
     #[arg(long, default_value = "auto")]
     kv_cache: crate::model_arg::KvCacheArg,

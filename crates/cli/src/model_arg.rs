@@ -23,17 +23,39 @@ pub struct ModelArgs {
     /// applied on top of the base weights without merging.
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
-    /// Round activations to 8 bits in quantized products (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K; CPUs with AVX-512 VNNI, as llama.cpp does):
-    /// faster prompts and batches, with llama.cpp-like accuracy instead of the
+    /// Round activations to 8 bits in quantized products, as llama.cpp does (CPUs
+    /// with AVX-512 VNNI): faster, with llama.cpp-like accuracy instead of the
     /// exact f32 product (near-ties in greedy decoding may go the other way).
-    #[arg(long)]
-    pub int8: bool,
+    /// auto: K-quant weights only (Q4_K/Q5_K/Q6_K, as in Q4_K_M files: 1.8-3x
+    /// faster there); on (`--int8`): also Q4_0/Q4_1/Q8_0; off: f32 everywhere
+    /// (HF's greedy tokens).
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    pub int8: Int8Arg,
     /// Attention cache element type: f16 (half the memory per token, faster
     /// long contexts and batches; keys and values rounded as llama.cpp stores
     /// them), f32 (HF's arithmetic), or auto: f16 for weights kept quantized
     /// (GGUF), f32 for plain ones.
     #[arg(long, default_value = "auto")]
     pub kv_cache: KvCacheArg,
+}
+
+/// `--int8`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Arg {
+    Auto,
+    On,
+    Off,
+}
+
+impl Int8Arg {
+    fn mode(self) -> vicugna_engine::kernels::Int8Mode {
+        use vicugna_engine::kernels::Int8Mode;
+        match self {
+            Int8Arg::Auto => Int8Mode::KQuants,
+            Int8Arg::On => Int8Mode::On,
+            Int8Arg::Off => Int8Mode::Off,
+        }
+    }
 }
 
 /// `--kv-cache`.
@@ -56,7 +78,7 @@ impl ModelArgs {
     /// Resolves a named model (`default`, `gemma3-270m`), then loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
         self.apply_threads();
-        vicugna_engine::kernels::set_int8_activations(self.int8);
+        vicugna_engine::kernels::set_int8_mode(self.int8.mode());
         let path = vicugna_engine::default_model::resolve_model_arg(Some(&self.model), &mut |m| eprintln!("{m}"))?;
         let mut loaded = LoadedModel::load(&path, &LoadOptions { dtype: self.dtype })?;
         match self.kv_cache {
@@ -64,9 +86,9 @@ impl ModelArgs {
             KvCacheArg::F32 => loaded.model.set_kv_dtype(KvDType::F32),
             KvCacheArg::F16 => loaded.model.set_kv_dtype(KvDType::F16),
         }
-        if self.int8 && !loaded.model.int8_activations() {
+        if self.int8 == Int8Arg::On && !loaded.model.int8_activations() {
             eprintln!(
-                "warning: --int8 has no effect here: it needs Q4_0/Q4_1/Q8_0 weights kept quantized \
+                "warning: --int8 has no effect here: it needs Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights kept quantized \
                  (a GGUF with --dtype auto) and a CPU with AVX-512 VNNI; using f32 activations"
             );
         }

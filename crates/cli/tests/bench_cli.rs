@@ -51,3 +51,39 @@ fn bench_refuses_too_few_tokens_to_time() {
     assert!(stderr.contains("--gen-tokens"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The activations a run on a named model reports in its JSON line.
+fn activations(model: &str, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vicugna"))
+        .args([
+            "bench",
+            "--model",
+            model,
+            "--prompt-tokens",
+            "4",
+            "--gen-tokens",
+            "2",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{model} {extra:?}: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["activations"].as_str().expect("activations").to_string()
+}
+
+#[test]
+fn int8_activations_are_the_default_for_k_quants_only() {
+    let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_vnni"));
+    let int8 = if vnni { "int8" } else { "f32" };
+    // Gemma 3 270M's Q4_K_M file: K-quant products round activations by default.
+    assert_eq!(activations("gemma3-270m", &[]), int8);
+    assert_eq!(activations("gemma3-270m", &["--int8", "off"]), "f32");
+    // The default model is Q4_1 / Q8_0: f32 unless asked.
+    assert_eq!(activations("default", &[]), "f32");
+    assert_eq!(activations("default", &["--int8"]), int8);
+}

@@ -280,21 +280,46 @@ fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
     out
 }
 
-static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes matrices created from now on use the int8 scheme where the CPU has
-/// AVX-512 VNNI (`vicugna … --int8`; also `VICUGNA_KERNEL=int8`). Off by
-/// default: the f32 product keeps HF's greedy tokens; int8 trades that for
-/// speed, as llama.cpp does.
-pub fn set_int8_activations(on: bool) {
-    INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Which quantized products round their activations to 8 bits (llama.cpp's
+/// scheme, on CPUs with AVX-512 VNNI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Mode {
+    /// None: the exact f32 product everywhere (HF's greedy tokens).
+    Off,
+    /// Every kind with an int8 kernel (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K).
+    On,
+    /// K-quants only (Q4_K / Q5_K / Q6_K): there the f32 product dequantizes
+    /// each 256-value block before multiplying and runs at half llama.cpp's
+    /// speed, the int8 one at 1.5-1.8x; the Q4_0 / Q4_1 / Q8_0 f32 kernels
+    /// already outrun llama.cpp and keep HF's tokens.
+    KQuants,
 }
 
-/// Whether new matrices on `isa` use the int8 scheme.
-fn int8_default(isa: Isa) -> bool {
+static INT8_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Makes matrices created from now on use the int8 scheme for the kinds `mode`
+/// names, where the CPU has AVX-512 VNNI (`vicugna … --int8 on|off|auto`;
+/// `VICUGNA_KERNEL=int8` forces it on). The library's default is `Off`.
+pub fn set_int8_mode(mode: Int8Mode) {
+    INT8_MODE.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `set_int8_mode(On)` or `set_int8_mode(Off)`.
+pub fn set_int8_activations(on: bool) {
+    set_int8_mode(if on { Int8Mode::On } else { Int8Mode::Off });
+}
+
+/// Whether new matrices of `dtype` on `isa` use the int8 scheme.
+fn int8_default(isa: Isa, dtype: GgmlDType) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
-    int8_supported(isa) && (env || INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed))
+    let mode = match INT8_MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Int8Mode::On,
+        2 => Int8Mode::KQuants,
+        _ => Int8Mode::Off,
+    };
+    let kquant = matches!(Kind::from_dtype(dtype), Some(Kind::Q4K | Kind::Q5K | Kind::Q6K));
+    int8_supported(isa) && (env || mode == Int8Mode::On || (mode == Int8Mode::KQuants && kquant))
 }
 
 /// Whether this CPU can run the int8 scheme on `isa` (every kind here has an
@@ -619,7 +644,7 @@ impl QMatrix {
 
     /// Like [`Self::from_qtensor`], for a given path (which this CPU must support).
     pub fn with_isa(tensor: &Arc<QTensor>, isa: Isa) -> Option<Self> {
-        Self::with_scheme(tensor, isa, int8_default(isa))
+        Self::with_scheme(tensor, isa, int8_default(isa, tensor.dtype()))
     }
 
     /// Like [`Self::with_isa`], choosing whether to use the int8 scheme (where this
@@ -648,9 +673,15 @@ impl QMatrix {
         let &[rows, cols] = &blocks.dims[..] else {
             return None;
         };
-        let m = Self::build(blocks.dtype, rows, cols, blocks.bytes(), isa, int8_default(isa), || {
-            Blocks::Mapped(blocks.clone())
-        })?;
+        let m = Self::build(
+            blocks.dtype,
+            rows,
+            cols,
+            blocks.bytes(),
+            isa,
+            int8_default(isa, blocks.dtype),
+            || Blocks::Mapped(blocks.clone()),
+        )?;
         if !matches!(m.blocks, Blocks::Mapped(_)) {
             // Repacked: the file's pages are not needed again, so they do not
             // count twice while the model loads.
