@@ -145,9 +145,8 @@ impl LocalBackend {
     /// one-string choice constraint; the engine reports logprobs before the
     /// constraint's mask, so the sum over the forced tokens is the model's
     /// log-probability of that label (in the tokenization the constrained
-    /// decoder follows). The decision and the label requests are submitted
-    /// together, share the prompt's KV cache (prefix reuse) and cost a few
-    /// decode steps each.
+    /// decoder follows). The decision runs the prompt; the label requests
+    /// start from its KV cache (`run_sharing_prompt`).
     fn decide(&self, prompt: &[u32], prompts: &Prompts, seed: Option<u64>) -> Result<(usize, Vec<f64>)> {
         let choices: Vec<String> = (0..prompts.labels.len()).map(|i| prompts.label_choice(i)).collect();
         let request = |choice: Vec<String>, sampling: SamplingParams, logprobs: Option<usize>| {
@@ -157,11 +156,11 @@ impl LocalBackend {
             req.constraint = Some(Constraint::Choice(choice));
             req
         };
-        let decision = self
-            .engine
-            .submit(request(choices.clone(), self.sampling(seed), None))?;
-        let logs = self.choice_logprobs(prompt, &choices)?;
-        let (text, _) = self.collect(decision)?;
+        let mut reqs = vec![request(choices.clone(), self.sampling(seed), None)];
+        reqs.extend(choices.iter().map(|c| Self::forced(prompt, c)));
+        let mut results = self.run_sharing_prompt(reqs)?.into_iter();
+        let (text, _) = results.next().unwrap_or_default();
+        let logs: Vec<f64> = results.map(|(_, lps)| lps.iter().sum()).collect();
         let label = choices.iter().position(|c| *c == text).ok_or_else(|| {
             ClassifyError::Setting(format!("the constrained decision {text:?} is not one of the labels"))
         })?;
@@ -171,25 +170,45 @@ impl LocalBackend {
     /// The model's log-probability of each of `choices` (all its tokens) right
     /// after `prompt`. Each choice is forced with a one-string constraint; the
     /// engine reports logprobs before the constraint's mask, so the sum over the
-    /// forced tokens is the model's own log-probability of that text. The
-    /// requests are submitted together and share the prompt's KV cache.
+    /// forced tokens is the model's own log-probability of that text.
     fn choice_logprobs(&self, prompt: &[u32], choices: &[String]) -> Result<Vec<f64>> {
-        let scored: Vec<_> = choices
-            .iter()
-            .map(|c| {
-                let mut req = GenerateRequest::new(Prompt::Ids(prompt.to_vec()), 64);
-                req.sampling = SamplingParams::greedy();
-                req.logprobs = Some(0);
-                req.constraint = Some(Constraint::Choice(vec![c.clone()]));
-                self.engine.submit(req)
-            })
+        let reqs = choices.iter().map(|c| Self::forced(prompt, c)).collect();
+        Ok(self
+            .run_sharing_prompt(reqs)?
+            .into_iter()
+            .map(|(_, lps)| lps.iter().sum())
+            .collect())
+    }
+
+    /// A request that writes `choice` after `prompt`, with its tokens' logprobs.
+    fn forced(prompt: &[u32], choice: &str) -> GenerateRequest {
+        let mut req = GenerateRequest::new(Prompt::Ids(prompt.to_vec()), 64);
+        req.sampling = SamplingParams::greedy();
+        req.logprobs = Some(0);
+        req.constraint = Some(Constraint::Choice(vec![choice.to_string()]));
+        req
+    }
+
+    /// Runs requests with the same prompt; returns each one's text and token
+    /// logprobs, in order. The first runs its prompt alone; the others are
+    /// submitted once its first token is out, so they start from a copy of its
+    /// KV cache (prefix reuse) and cost a few decode steps each. Submitted
+    /// together, each would run the whole prompt: no cache holds it yet.
+    fn run_sharing_prompt(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<(String, Vec<f64>)>> {
+        let mut reqs = reqs.into_iter();
+        let Some(first) = reqs.next() else {
+            return Ok(vec![]);
+        };
+        let mut lead = self.engine.submit(first)?;
+        let first_event = lead.next_blocking();
+        let rest: Vec<_> = reqs
+            .map(|r| self.engine.submit(r))
             .collect::<std::result::Result<_, _>>()?;
-        let mut logs = Vec::with_capacity(choices.len());
-        for stream in scored {
-            let (_, lps) = self.collect(stream)?;
-            logs.push(lps.iter().sum::<f64>());
+        let mut out = vec![self.collect_after(first_event, lead)?];
+        for stream in rest {
+            out.push(self.collect(stream)?);
         }
-        Ok(logs)
+        Ok(out)
     }
 
     /// The prompt `--method score` reads label probabilities after: the
@@ -228,8 +247,20 @@ impl LocalBackend {
 
     /// Reads a request to its end: the text and each generated token's logprob.
     fn collect(&self, mut stream: vicugna_engine::EventStream) -> Result<(String, Vec<f64>)> {
+        let first = stream.next_blocking();
+        self.collect_after(first, stream)
+    }
+
+    /// `collect`, with the stream's first event already read (`first`).
+    fn collect_after(
+        &self,
+        first: Option<Event>,
+        mut stream: vicugna_engine::EventStream,
+    ) -> Result<(String, Vec<f64>)> {
         let (mut text, mut lps) = (String::new(), Vec::new());
-        while let Some(ev) = stream.next_blocking() {
+        let mut next = first;
+        while let Some(ev) = next.take() {
+            next = stream.next_blocking();
             match ev {
                 Event::Token { text: t, logprob, .. } => {
                     text.push_str(&t);
