@@ -1333,8 +1333,10 @@ thread_local! {
 }
 
 /// From this many activation rows on, int8 K-quant products repack their
-/// weights into tiles (`x86::int8_ktile_512`).
-const KTILE_MIN_N: usize = 16;
+/// weights into tiles (`x86::int8_ktile_512`). A batch-16 decode step is faster
+/// without the repack (1B Q4_K_M, 2 threads: ~60 against ~53 tokens/s), a
+/// batch of 24 or a prompt with it (~65 against ~54).
+const KTILE_MIN_N: usize = 20;
 
 /// From this many activation rows on, AVX-512 panels go through `outer_512`.
 const OUTER_MIN_N: usize = 16;
@@ -1914,7 +1916,7 @@ mod tests {
                 // batch of their size; the two kernels round differently.
                 let what = format!("{dtype:?}");
                 assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 7, 8, 14], &what);
-                assert_runs_equal_batched(&m, 45, &[0, 3, 29], KTILE_MIN_N, &what);
+                assert_runs_equal_batched(&m, 45, &[0, 3, 25], KTILE_MIN_N, &what);
                 continue;
             }
             assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &format!("{dtype:?}"));
