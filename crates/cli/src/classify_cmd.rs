@@ -222,6 +222,21 @@ fn input_format(path: &std::path::Path, f: Option<FormatArg>) -> InputFormat {
     }
 }
 
+/// Labelled items from `path` (demonstrations, training examples), read with
+/// the run's fields and format; each must have a gold label (`what` names the
+/// item in the error: "a demonstration", "a training example").
+fn read_labelled(a: &ClassifyArgs, path: &std::path::Path, labels: &LabelSet, what: &str) -> Result<Vec<Item>> {
+    let fields = Fields {
+        text: a.text_field.clone(),
+        gold: a.gold_field.clone(),
+    };
+    let items = read_items(path, input_format(path, a.format), &fields, labels)?;
+    if let Some(bad) = items.iter().find(|i| i.gold.is_none()) {
+        return Err(ClassifyError::input(path, bad.line, format!("{what} needs a gold label")).into());
+    }
+    Ok(items)
+}
+
 impl ClassifyArgs {
     /// The method: as given, else score with --finetune, else carp.
     fn method(&self) -> MethodArg {
@@ -264,13 +279,7 @@ pub fn run(mut a: ClassifyArgs) -> Result<()> {
         bail!("--votes applies to generated answers; --method score and baseline decide once per input");
     }
     let pool: Vec<Item> = match (&a.demos, a.shots) {
-        (Some(path), k) if k > 0 => {
-            let pool = read_items(path, input_format(path, a.format), &fields, &labels)?;
-            if let Some(bad) = pool.iter().find(|i| i.gold.is_none()) {
-                return Err(ClassifyError::input(path, bad.line, "a demonstration needs a gold label").into());
-            }
-            pool
-        }
+        (Some(path), k) if k > 0 => read_labelled(&a, path, &labels, "a demonstration")?,
         _ => Vec::new(),
     };
     let lang = match a.lang {

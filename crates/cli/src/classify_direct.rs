@@ -17,11 +17,9 @@ use vicugna_eval::classify::local::{LocalBackend, LocalOptions};
 use vicugna_eval::classify::output::{check_run_settings, sidecar};
 use vicugna_eval::classify::parallel::par_map;
 use vicugna_eval::classify::score::{self, Calibration, CalibrationFile, ScoreLine, ScoresFile, CONTENT_FREE_INPUTS};
-use vicugna_eval::classify::{
-    read_items, Backend, ClassifyError, Item, LabelSet, Lang, Prompts, Record, ResultsFile, RunSummary,
-};
+use vicugna_eval::classify::{Backend, ClassifyError, Item, LabelSet, Lang, Prompts, Record, ResultsFile, RunSummary};
 
-use super::{input_format, interrupted, report, CalibrateArg, ClassifyArgs, MethodArg, PromptStyleArg};
+use super::{interrupted, read_labelled, report, CalibrateArg, ClassifyArgs, MethodArg, PromptStyleArg};
 
 /// Runs `--method score` or `--method baseline` over `items`.
 pub(super) fn run(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang) -> Result<()> {
@@ -246,14 +244,7 @@ fn run_baseline(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang)
     if a.api_base.is_some() {
         bail!("--method baseline uses no language model; drop --api-base");
     }
-    let fields = vicugna_eval::classify::Fields {
-        text: a.text_field.clone(),
-        gold: a.gold_field.clone(),
-    };
-    let train = read_items(train_path, input_format(train_path, a.format), &fields, labels)?;
-    if let Some(bad) = train.iter().find(|i| i.gold.is_none()) {
-        return Err(ClassifyError::input(train_path, bad.line, "a training example needs a gold label").into());
-    }
+    let train = read_labelled(a, train_path, labels, "a training example")?;
     let examples: Vec<(String, usize)> = train.iter().filter_map(|i| Some((i.text.clone(), i.gold?))).collect();
     let (out, done) = ResultsFile::open(&a.output)?;
     let settings = json!({

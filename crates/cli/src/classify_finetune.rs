@@ -20,12 +20,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vicugna_eval::classify::output::sidecar;
-use vicugna_eval::classify::{read_items, ClassifyError, LabelSet, Method, Prompts};
+use vicugna_eval::classify::{LabelSet, Method, Prompts};
 use vicugna_train::lora::LoraConfig;
 use vicugna_train::optim::AdamWConfig;
 use vicugna_train::trainer::{Length, Mode, Precision, Progress, TrainConfig, Trainer};
 
-use super::{input_format, ClassifyArgs};
+use super::{read_labelled, ClassifyArgs};
 
 /// The settings file in the adapter directory.
 const SETTINGS_FILE: &str = "finetune.json";
@@ -64,14 +64,7 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
     a.model.apply_threads();
     let model = vicugna_engine::default_model::resolve_model_arg(Some(&a.model.model), &mut |m| eprintln!("{m}"))?;
 
-    let fields = vicugna_eval::classify::Fields {
-        text: a.text_field.clone(),
-        gold: a.gold_field.clone(),
-    };
-    let train = read_items(train_path, input_format(train_path, a.format), &fields, labels)?;
-    if let Some(bad) = train.iter().find(|i| i.gold.is_none()) {
-        return Err(ClassifyError::input(train_path, bad.line, "a training example needs a gold label").into());
-    }
+    let train = read_labelled(a, train_path, labels, "a training example")?;
     if train.is_empty() {
         bail!("--finetune {}: no labelled items to train on", train_path.display());
     }

@@ -3,8 +3,8 @@
 //! `out[n × rows] = x[n × cols] · Wᵀ` where `W` is a ggml-quantized matrix (each of
 //! its `rows` rows is `cols / block` blocks, ggml layout) and `x` is f32.
 //!
-//! On CPUs with AVX-512 VNNI, when asked for (`--int8`, see
-//! [`set_int8_activations`]; int8 scheme): Q4_0 / Q4_1 / Q8_0 activations are
+//! On CPUs with AVX-512 VNNI, when asked for (see [`Int8Mode`]; the command
+//! line asks for K-quants by default; int8 scheme): Q4_0 / Q4_1 / Q8_0 activations are
 //! rounded to 8 bits per run of 8 values (scale = max|x| / 127; llama.cpp uses
 //! runs of 32) and multiplied with the 4- or 8-bit values by `vpdpbusd`, 64
 //! products per instruction; the integer sums are exact and are scaled per run
@@ -24,8 +24,8 @@
 //! element is computed by the same instructions whatever `n` is, so a row's
 //! result does not depend on the rows batched with it (prompt or decode, alone
 //! or batched: the same bits). Its error against the dequantized-f32 product is
-//! bounded by Σ_r Σ_k |w_rk| · max|x_r| / 254 over the runs `r` (tested). It is
-//! off by default because rounding activations moves near-ties in greedy
+//! bounded by Σ_r Σ_k |w_rk| · max|x_r| / 254 over the runs `r` (tested). The
+//! library leaves it off because rounding activations moves near-ties in greedy
 //! decoding away from HF's choices (as llama.cpp's does).
 //!
 //! By default weight blocks are dequantized on the fly, to exactly the values
