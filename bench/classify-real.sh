@@ -6,7 +6,8 @@
 # (test items and a disjoint demonstration pool) and runs vanilla zero-shot,
 # CARP zero-shot, CARP kNN few-shot, label scoring with batch calibration
 # (`--method score`; the uncalibrated accuracy is read from the same run's raw
-# scores), fine-tune-then-label (a LoRA trained on the pool, then label
+# scores), the text's likelihood after each label's statement with batch
+# calibration (`--method channel`, METHODS=channel), fine-tune-then-label (a LoRA trained on the pool, then label
 # scoring with it; METHODS=finetune) and the TF-IDF + logistic regression
 # baseline trained on the pool, for each model in MODELS, printing accuracy,
 # macro-F1, items/s and the fine-tuning time.
@@ -19,7 +20,7 @@
 # Settings (environment): N test items per class (200; N_ZH, N_BBC per dataset),
 # POOL labelled items per class for demonstrations and training (16; POOL_ZH,
 # POOL_BBC), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
-# METHODS ("vanilla carp carp-knn"; also score, score-cf, baseline, finetune),
+# METHODS ("vanilla carp carp-knn"; also score, score-cf, channel, baseline, finetune),
 # FT_EPOCHS (2) and FT_LR (1e-3) for finetune,
 # MODELS ("default"; e.g. "default gemma3-270m"), BIN (target/release/vicugna),
 # WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
@@ -114,6 +115,7 @@ run() { # dataset model method
                       --demo-cache "$WORK/$ds-$model-demo-cache.jsonl") ;;
     score) flags+=(--method score --calibrate batch) ;;
     score-cf) flags+=(--method score --calibrate content-free) ;;
+    channel) flags+=(--method channel --calibrate batch) ;;
     baseline) flags+=(--method baseline --demos "$WORK/$ds-demos.jsonl") ;;
     # The adapter (<out>.lora/) is kept: a rerun with the same settings reuses it.
     finetune) flags+=(--finetune "$WORK/$ds-demos.jsonl" --finetune-epochs "${FT_EPOCHS:-2}"
@@ -166,6 +168,7 @@ for ds in datasets:
             mt = s.get("metrics", {})
             who = "—" if m == "baseline" else mnames.get(model, model)
             label = {"score": "score + batch calibration", "score-cf": "score + content-free calibration",
+                     "channel": "channel + batch calibration",
                      "baseline": "TF-IDF + logistic regression",
                      "finetune": "fine-tune (LoRA), then score"}.get(m, m)
             ft = "—"
@@ -176,12 +179,12 @@ for ds in datasets:
                      f"{f.get('train_seconds', 0) / 60:.1f} min"
             print(f"| {names.get(ds, ds)} | {who} | {label} | {s['items']} | {mt.get('accuracy', 0):.3f} | "
                   f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.2f} | {ft} |")
-            if m == "score":
+            if m in ("score", "channel"):
                 # The same run's raw scores, uncalibrated.
                 recs = [json.loads(l) for l in open(os.path.join(work, f"{ds}-{model}-{m}.jsonl"))]
                 pairs = [(r["gold"], max(r["scores"], key=r["scores"].get)) for r in recs]
                 labels = sorted({g for g, _ in pairs})
                 acc = sum(g == p for g, p in pairs) / len(pairs)
-                print(f"| {names.get(ds, ds)} | {who} | score, no calibration | {len(pairs)} | {acc:.3f} | "
+                print(f"| {names.get(ds, ds)} | {who} | {m}, no calibration | {len(pairs)} | {acc:.3f} | "
                       f"{macro_f1(pairs, labels):.3f} | {s['items_per_s']:.2f} | — |")
 PY

@@ -1,4 +1,4 @@
-//! `--method score` and `--method baseline`: decisions read from label
+//! `--method score`, `channel` and `baseline`: decisions read from label
 //! probabilities (of a local model, or of a classical classifier) rather than
 //! generated. Both write the same results file, metrics and summary as the
 //! generating methods, in input order.
@@ -69,9 +69,11 @@ fn bar(len: usize, done: usize) -> ProgressBar {
 }
 
 fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, stop: &AtomicBool) -> Result<()> {
+    let channel = matches!(a.method(), MethodArg::Channel);
+    let method = if channel { "channel" } else { "score" };
     if a.api_base.is_some() {
         bail!(
-            "--method score reads label log-probabilities from a local model and does not work with --api-base; \
+            "--method {method} reads log-probabilities from a local model and does not work with --api-base; \
              use --method carp or vanilla through an API"
         );
     }
@@ -82,6 +84,35 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
     };
     let names: Vec<String> = labels.names().iter().map(|s| s.to_string()).collect();
     let prompts = Prompts::new(labels.clone(), lang, a.task.clone(), a.max_words);
+    let template = a
+        .channel_template
+        .clone()
+        .unwrap_or_else(|| prompts.default_channel_template());
+    if channel && !template.contains("{label}") && !template.contains("{description}") {
+        bail!(
+            "--channel-template {template:?} names no label: put {{label}} (or {{description}}) where the label goes, \
+             e.g. \"This review is {{label}}.\""
+        );
+    }
+    let statements: Vec<String> = (0..labels.len())
+        .map(|i| prompts.channel_statement(&template, i))
+        .collect();
+    if channel {
+        if let Some(i) = (1..statements.len()).find(|&i| statements[..i].contains(&statements[i])) {
+            bail!(
+                "--channel-template {template:?} gives label {:?} the same statement as another label: {:?}",
+                labels.labels[i].name,
+                statements[i]
+            );
+        }
+    }
+    let score_labels = |backend: &LocalBackend, text: &str| {
+        if channel {
+            backend.channel_labels(&prompts, &statements, text)
+        } else {
+            backend.score_labels(&prompts, text)
+        }
+    };
     let (out, done) = ResultsFile::open(&a.output)?;
     let scores_path = sidecar(&a.output, "scores.jsonl");
     let (scores_file, mut scored) = ScoresFile::open(&scores_path, labels.len())?;
@@ -111,9 +142,10 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
             },
         )?;
     }
-    let style = if plain { "plain" } else { "chat" };
-    let settings = json!({
-        "method": "score",
+    // The channel reads the text's own likelihood: always plain text.
+    let style = if plain || channel { "plain" } else { "chat" };
+    let mut settings = json!({
+        "method": method,
         "calibrate": calibrate.name(),
         "prompt_style": style,
         "labels": labels.names(),
@@ -122,7 +154,9 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         "task": prompts.task,
         "max_words": a.max_words,
     });
-    let mut settings = settings;
+    if channel {
+        settings["channel_template"] = json!(template);
+    }
     if let Some(h) = &a.finetune_hash {
         settings["finetune"] = json!(h);
     }
@@ -133,7 +167,7 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         .filter(|i| !done_ids.contains(i.id.as_str()) && !scored.contains_key(&i.id))
         .collect();
     eprintln!(
-        "{} inputs ({} already labelled, {} already scored), method score, calibration {}, {} labels, \
+        "{} inputs ({} already labelled, {} already scored), method {method}, calibration {}, {} labels, \
          prompts in {} ({style}), model {}",
         items.len(),
         done_ids.len(),
@@ -143,12 +177,15 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         lang.code(),
         backend.model_id()
     );
+    if channel {
+        eprintln!("label statements before each text: {template:?}");
+    }
 
     let start = Instant::now();
     let before = backend.stats();
     let pb = bar(items.len(), items.len() - todo.len());
     let result = par_map(a.concurrency, &todo, stop, |_, item| {
-        let logprobs = backend.score_labels(&prompts, &item.text)?;
+        let logprobs = score_labels(&backend, &item.text)?;
         scores_file.append(&ScoreLine {
             id: item.id.clone(),
             logprobs: logprobs.clone(),
@@ -181,7 +218,7 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
                 Calibration::ContentFree => {
                     let cf: Vec<Vec<f64>> = CONTENT_FREE_INPUTS
                         .iter()
-                        .map(|t| backend.score_labels(&prompts, t))
+                        .map(|t| score_labels(&backend, t))
                         .collect::<std::result::Result<_, _>>()?;
                     (score::content_free_bias(&cf, names.len()), cf.len())
                 }
@@ -234,7 +271,7 @@ fn run_score(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang, st
         calibrate.name(),
         cal_path.display()
     );
-    report(a, labels, "score", lang, &summary, &backend.model_id())
+    report(a, labels, method, lang, &summary, &backend.model_id())
 }
 
 fn run_baseline(a: &ClassifyArgs, labels: &LabelSet, items: &[Item], lang: Lang) -> Result<()> {

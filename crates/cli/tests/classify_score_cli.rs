@@ -1,5 +1,6 @@
-//! `vicugna classify --method score` and `--method baseline` end to end on the
-//! real binary: label log-probabilities read from the default model, batch
+//! `vicugna classify --method score`, `channel` and `baseline` end to end on the
+//! real binary: label log-probabilities read from the default model, the
+//! text's likelihood after each label's statement, batch
 //! calibration undoing a biased label, a resumed run keeping its labels, the
 //! TF-IDF + logistic regression baseline, and clear errors for bad flags.
 
@@ -293,6 +294,65 @@ fn baseline_trains_on_the_demos_and_labels() {
     assert_eq!(s["metrics"]["accuracy"], 1.0, "{s}");
 }
 
+#[test]
+fn channel_reads_each_text_after_each_label_statement() {
+    let dir = Scratch::new("classify-score", "channel");
+    let input = dir.join("in.jsonl");
+    write_reviews(&input);
+    let out = dir.join("out.jsonl");
+    let o = classify(&[
+        "--labels",
+        "positive,negative",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--method",
+        "channel",
+        "--calibrate",
+        "none",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The default statement comes from the default task.
+    assert!(err.contains("\"The category of a text is {label}.\""), "{err}");
+    let recs = records(&out);
+    assert_eq!(recs.len(), 6);
+    for r in &recs {
+        // log P(text | statement): a sum over the text's tokens, far below a
+        // single label's log-probability.
+        let scores = r["scores"].as_object().unwrap_or_else(|| panic!("no scores: {r}"));
+        assert!(scores.values().all(|v| v.as_f64().unwrap() < -10.0), "{r}");
+    }
+    // Each obvious review reads as more likely after its own label's statement.
+    assert_eq!(
+        labels_of(&recs),
+        ["positive", "negative", "positive", "negative", "positive", "negative"]
+    );
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out.run.json")).unwrap()).unwrap();
+    assert_eq!(run["method"], "channel", "{run}");
+    assert_eq!(run["channel_template"], "The category of a text is {label}.", "{run}");
+
+    // Another statement is another run: refused on the same output, with the reason.
+    expect_error(
+        &[
+            "--labels",
+            "positive,negative",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--method",
+            "channel",
+            "--calibrate",
+            "none",
+            "--channel-template",
+            "A {label} review:",
+        ],
+        &["channel_template"],
+    );
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let o = classify(args);
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
@@ -325,11 +385,24 @@ fn bad_flags_are_clear_errors() {
     );
     expect_error(
         &with(&["--method", "score", "--shots", "2", "--demos", "x.jsonl"]),
-        &["--method score is zero-shot", "--shots"],
+        &["--method score and channel are zero-shot", "--shots"],
     );
     expect_error(
         &with(&["--method", "score", "--api-base", "http://127.0.0.1:9/v1"]),
         &["--method score", "--api-base"],
     );
+    expect_error(
+        &with(&["--method", "channel", "--channel-template", "A review:"]),
+        &["--channel-template \"A review:\" names no label", "{label}"],
+    );
+    expect_error(
+        &with(&["--method", "score", "--channel-template", "A {label} review:"]),
+        &["--channel-template is for --method channel"],
+    );
+    let same = dir.join("same.txt");
+    std::fs::write(&same, "positive: a review\nnegative: a review\n").unwrap();
+    let mut args = with(&["--method", "channel", "--channel-template", "This is {description}."]);
+    args[1] = same.to_str().unwrap();
+    expect_error(&args, &["label \"negative\" the same statement", "This is a review."]);
     assert!(!out.exists(), "no results file after a refused run");
 }

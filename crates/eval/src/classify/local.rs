@@ -236,6 +236,55 @@ impl LocalBackend {
         self.choice_logprobs(&prompt, &choices)
     }
 
+    /// `--method channel`: each label's log-probability of the text after a
+    /// sentence stating that label (`statements[i]`), log P(text | label) —
+    /// the noisy-channel reading of Min et al. 2022. Small models judge how
+    /// well a text continues a statement better than they name its label.
+    /// Plain text, no chat template: this is the likelihood of the text itself.
+    pub fn channel_labels(&self, prompts: &Prompts, statements: &[String], text: &str) -> Result<Vec<f64>> {
+        let tok = self
+            .engine
+            .tokenizer()
+            .ok_or(vicugna_engine::EngineError::EngineStopped)?;
+        let literal =
+            |s: &str, special: bool| tok.encode_with_literal_spans(s, std::slice::from_ref(&(0..s.len())), special);
+        // The text is tokenized once, apart from the statement, so every label
+        // scores the same tokens.
+        let body = literal(&format!("\n{}", prompts.clip(text)), false)?;
+        let mut streams = Vec::with_capacity(statements.len());
+        for st in statements {
+            let mut ids = literal(st, true)?;
+            let scored_from = ids.len();
+            ids.extend_from_slice(&body);
+            let mut req = GenerateRequest::new(Prompt::Ids(ids), 1);
+            req.echo = true;
+            req.logprobs = Some(0);
+            streams.push((scored_from, self.engine.submit(req)?));
+        }
+        let mut out = Vec::with_capacity(streams.len());
+        for (scored_from, mut stream) in streams {
+            let mut sum = None;
+            while let Some(ev) = stream.next_blocking() {
+                match ev {
+                    // Entry j is the logprob of prompt token j + 1.
+                    Event::Prompt {
+                        logprobs: Some(lps), ..
+                    } => {
+                        sum = Some(lps[scored_from - 1..].iter().map(|l| l.logprob as f64).sum::<f64>());
+                    }
+                    Event::Done { usage, .. } => {
+                        self.count(usage.prompt_tokens, usage.completion_tokens);
+                        break;
+                    }
+                    Event::Error(e) => return Err(vicugna_engine::EngineError::InvalidRequest(e).into()),
+                    _ => {}
+                }
+            }
+            out.push(sum.ok_or(vicugna_engine::EngineError::EngineStopped)?);
+        }
+        Ok(out)
+    }
+
     /// Whether the model looks like a base model: no chat template, or a file
     /// name that names no instruction or chat tuning.
     pub fn looks_like_base_model(&self) -> bool {

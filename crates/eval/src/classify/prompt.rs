@@ -112,6 +112,31 @@ impl Prompts {
         }
     }
 
+    /// `--method channel`'s default label statement: the task and the label as
+    /// one sentence, e.g. "The topic of a BBC news article is {label}."
+    pub fn default_channel_template(&self) -> String {
+        match self.lang {
+            Lang::En => {
+                let mut chars = self.task.chars();
+                let task: String = chars
+                    .next()
+                    .map(|c| c.to_uppercase().chain(chars).collect())
+                    .unwrap_or_default();
+                format!("{task} is {{label}}.")
+            }
+            Lang::Zh => format!("{}是{{label}}。", self.task),
+        }
+    }
+
+    /// Label `i`'s statement from a channel template: `{label}` is the label's
+    /// name, `{description}` its description (the name when it has none).
+    pub fn channel_statement(&self, template: &str, i: usize) -> String {
+        let label = &self.labels.labels[i];
+        template
+            .replace("{label}", &label.name)
+            .replace("{description}", label.description.as_deref().unwrap_or(&label.name))
+    }
+
     /// The line that starts the clues.
     pub fn clues_marker(&self) -> &'static str {
         match self.lang {
@@ -405,6 +430,36 @@ mod tests {
                 "{req}"
             );
         }
+    }
+
+    #[test]
+    fn channel_statements_name_each_label() {
+        let label = |name: &str, description: Option<&str>| super::super::labels::Label {
+            name: name.into(),
+            description: description.map(Into::into),
+        };
+        let labels = LabelSet {
+            labels: vec![label("sport", Some("matches and players")), label("tech", None)],
+        };
+        let p = Prompts::new(labels, Lang::En, Some("the topic of a news article".into()), 100);
+        let t = p.default_channel_template();
+        assert_eq!(t, "The topic of a news article is {label}.");
+        assert_eq!(p.channel_statement(&t, 0), "The topic of a news article is sport.");
+        assert_eq!(
+            p.channel_statement("About {description}:", 0),
+            "About matches and players:"
+        );
+        assert_eq!(p.channel_statement("About {description}:", 1), "About tech:");
+        let zh = Prompts::new(
+            LabelSet::from_arg("正面,负面").unwrap(),
+            Lang::Zh,
+            Some("评论的情感".into()),
+            100,
+        );
+        assert_eq!(
+            zh.channel_statement(&zh.default_channel_template(), 1),
+            "评论的情感是负面。"
+        );
     }
 
     #[test]
