@@ -257,6 +257,27 @@ fn block_parts(kind: Kind) -> (usize, usize, usize) {
     }
 }
 
+/// Bytes of ggml's `block_q5_0`: f16 `d`, the 32 high bits `qh`, 16 bytes of low nibbles.
+const Q5_0_BYTES: usize = 22;
+
+/// `block_q5_0`s rewritten as `block_q8_0`s holding the same values: value `j`
+/// is `d · (q_j - 16)`, `q_j` = low nibble (`qs[j]` low half for `j < 16`, else
+/// `qs[j - 16]` high half) plus bit `j` of `qh` as its fifth bit.
+fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / Q5_0_BYTES * 34);
+    for blk in src.chunks_exact(Q5_0_BYTES) {
+        out.extend_from_slice(&blk[..2]);
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let qs = &blk[6..];
+        for j in 0..32 {
+            let nibble = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
+            let q = (nibble | ((((qh >> j) & 1) as u8) << 4)) as i8 - 16;
+            out.push(q as u8);
+        }
+    }
+    out
+}
+
 /// ggml rows (`rows × nb` blocks of `kind`) repacked into tiles (see `Blocks::Tiled`).
 fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
     let (qoff, qb, ns) = block_parts(kind);
@@ -660,6 +681,9 @@ impl QMatrix {
         let Ok(Cow::Borrowed(bytes)) = tensor.data() else {
             return None;
         };
+        if tensor.dtype() == GgmlDType::Q5_0 {
+            return Self::widened_q5_0(bytes, rows, cols, isa, int8);
+        }
         Self::build(tensor.dtype(), rows, cols, bytes, isa, int8, || {
             Blocks::Ggml(tensor.clone())
         })
@@ -673,6 +697,11 @@ impl QMatrix {
         let &[rows, cols] = &blocks.dims[..] else {
             return None;
         };
+        if blocks.dtype == GgmlDType::Q5_0 {
+            let m = Self::widened_q5_0(blocks.bytes(), rows, cols, isa, int8_default(isa, blocks.dtype))?;
+            blocks.release_pages();
+            return Some(m);
+        }
         let m = Self::build(
             blocks.dtype,
             rows,
@@ -688,6 +717,24 @@ impl QMatrix {
             blocks.release_pages();
         }
         Some(m)
+    }
+
+    /// Q5_0 blocks (Gemma 3's Q4_K_M files keep the 262k-row embedding in
+    /// them) as Q8_0, which has kernels here: candle's Q5_0 product was 60% of
+    /// a prompt-logprob pass. Lossless: both formats are a block of 32 integers
+    /// times one f16 scale, and Q5_0's 5-bit `q - 16` fits in Q8_0's i8.
+    fn widened_q5_0(bytes: &[u8], rows: usize, cols: usize, isa: Isa, int8: bool) -> Option<Self> {
+        if bytes.len() % Q5_0_BYTES != 0 || bytes.len() / Q5_0_BYTES * 32 != rows * cols {
+            return None;
+        }
+        let storage = candle_core::quantized::QStorage::from_data(
+            Cow::Owned(q5_0_as_q8_0(bytes)),
+            &candle_core::Device::Cpu,
+            GgmlDType::Q8_0,
+        )
+        .ok()?;
+        let q8 = Arc::new(QTensor::new(storage, (rows, cols)).ok()?);
+        Self::with_scheme(&q8, isa, int8)
     }
 
     fn build(
@@ -2117,12 +2164,47 @@ mod tests {
     }
 
     #[test]
+    fn q5_0_runs_as_the_same_values_in_q8_0() {
+        let w = Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu).unwrap();
+        let q5 = Arc::new(QTensor::quantize(&w, GgmlDType::Q5_0).unwrap());
+        let want = q5.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let Ok(Cow::Borrowed(bytes)) = q5.data() else {
+            panic!("borrowed blocks")
+        };
+        let storage =
+            candle_core::quantized::QStorage::from_data(Cow::Owned(q5_0_as_q8_0(bytes)), &Device::Cpu, GgmlDType::Q8_0)
+                .unwrap();
+        let q8 = QTensor::new(storage, (40, 256)).unwrap();
+        let got = q8.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, want, "widening is lossless");
+        // The kernels take it, and give the dequantized weights' product.
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+        let exact = x
+            .matmul(&Tensor::new(want, &Device::Cpu).unwrap().t().unwrap())
+            .unwrap();
+        for isa in Isa::available() {
+            let m = QMatrix::with_scheme(&q5, isa, false).unwrap_or_else(|| panic!("{isa:?} refused Q5_0"));
+            assert_eq!(m.dtype(), GgmlDType::Q8_0);
+            let y = m.forward(&x).unwrap();
+            let diff = (y - &exact)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-3, "{isa:?}: {diff}");
+        }
+    }
+
+    #[test]
     fn unsupported_types_are_refused() {
         let w = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::F32,
             GgmlDType::F16,
-            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q2K,
             GgmlDType::Q3K,
         ] {
@@ -2130,7 +2212,7 @@ mod tests {
             assert!(QMatrix::from_qtensor(&q).is_none(), "{dtype:?}");
         }
         // And candle's path still works for them.
-        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q5_0).unwrap());
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q5_1).unwrap());
         let mm = candle_core::quantized::QMatMul::from_arc(q).unwrap();
         let x = Tensor::ones((1, 256), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(mm.forward(&x).unwrap().dims(), &[1, 4]);
