@@ -724,7 +724,7 @@ impl QMatrix {
     /// a prompt-logprob pass. Lossless: both formats are a block of 32 integers
     /// times one f16 scale, and Q5_0's 5-bit `q - 16` fits in Q8_0's i8.
     fn widened_q5_0(bytes: &[u8], rows: usize, cols: usize, isa: Isa, int8: bool) -> Option<Self> {
-        if bytes.len() % Q5_0_BYTES != 0 || bytes.len() / Q5_0_BYTES * 32 != rows * cols {
+        if !bytes.len().is_multiple_of(Q5_0_BYTES) || bytes.len() / Q5_0_BYTES * 32 != rows * cols {
             return None;
         }
         let storage = candle_core::quantized::QStorage::from_data(
