@@ -67,7 +67,9 @@ pub struct ClassifyArgs {
     /// --calibrate; the default with --finetune); channel reads how likely the
     /// text is after a sentence stating each label (--channel-template; local
     /// model, zero-shot, calibrated like score): the most accurate zero-shot
-    /// method on the README's held-out benchmarks; baseline trains character
+    /// method on the README's held-out benchmarks (score and channel use f32
+    /// activations unless --int8 on: their sums of log-probabilities are
+    /// sensitive to 8-bit rounding); baseline trains character
     /// n-gram TF-IDF + logistic regression on --demos (no language model), to
     /// see whether a model earns its cost on your data.
     #[arg(long, value_enum)]
