@@ -135,6 +135,9 @@ for ds in $DATASETS; do
     for m in $METHODS; do
       # The baseline uses no language model: once per dataset.
       [ "$m" = baseline ] && [ "$model" != "${MODELS%% *}" ] && continue
+      # Chinese work without --model runs Gemma 3 270M (classify says so): the
+      # same run twice when both are listed.
+      [ "$ds" = zh ] && [ "$model" = default ] && [ "$m" != baseline ] && [[ " $MODELS " == *" gemma3-270m "* ]] && continue
       echo "== $ds $model $m"
       run "$ds" "$model" "$m" || true
     done
@@ -166,7 +169,11 @@ for ds in datasets:
                 continue
             s = json.load(open(p))
             mt = s.get("metrics", {})
-            who = "—" if m == "baseline" else mnames.get(model, model)
+            # The model that ran (Chinese runs of `default` use Gemma 3 270M).
+            ran = s.get("model", "")
+            who = "—" if m == "baseline" else next(
+                (v for k, v in (("SmolLM2", "SmolLM2-135M-Instruct"), ("gemma-3-270m", "Gemma 3 270M")) if k in ran),
+                mnames.get(model, model))
             label = {"score": "score + batch calibration", "score-cf": "score + content-free calibration",
                      "channel": "channel + batch calibration",
                      "baseline": "TF-IDF + logistic regression",
