@@ -353,6 +353,65 @@ fn channel_reads_each_text_after_each_label_statement() {
     );
 }
 
+/// Each record's raw scores, in input order.
+fn scores_of(path: &Path) -> Vec<Vec<f64>> {
+    records(path)
+        .iter()
+        .map(|r| {
+            let s = r["scores"].as_object().unwrap_or_else(|| panic!("no scores: {r}"));
+            s.values().map(|v| v.as_f64().unwrap()).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn channel_on_k_quants_keeps_f32_activations_unless_asked() {
+    // Gemma 3 270M's Q4_K_M file: generation rounds its activations to 8 bits
+    // by default (where the CPU has VNNI); a sum of log-probabilities over a
+    // whole text does not, unless --int8 on asks.
+    let dir = Scratch::new("classify-score", "channel-int8");
+    let input = dir.join("in.jsonl");
+    write_reviews(&input);
+    let run = |name: &str, more: &[&str]| {
+        let out = dir.join(format!("{name}.jsonl"));
+        let args: Vec<&str> = [
+            "--labels",
+            "positive,negative",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--method",
+            "channel",
+            "--calibrate",
+            "none",
+            "--limit",
+            "2",
+            "--model",
+            "gemma3-270m",
+        ]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect();
+        let o = classify(&args);
+        assert!(o.status.success(), "{}", show(&o));
+        scores_of(&out)
+    };
+    let default = run("default", &[]);
+    let off = run("off", &["--int8", "off"]);
+    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| (x - y).abs() < 1e-2)
+    };
+    assert!(close(&default, &off), "default {default:?} vs --int8 off {off:?}");
+    if std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_vnni")) {
+        let on = run("on", &["--int8", "on"]);
+        assert!(!close(&on, &off), "--int8 on {on:?} vs off {off:?}");
+    }
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let o = classify(args);
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
