@@ -94,6 +94,7 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         "epochs": a.finetune_epochs,
         "lr": a.finetune_lr,
         "lora_r": a.finetune_lora_r,
+        "layers": a.finetune_layers.0,
         "seed": a.seed,
     });
     let hash = format!("{:016x}", fnv1a(settings.to_string().as_bytes()));
@@ -164,6 +165,7 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         lora_alpha: 2.0 * a.finetune_lora_r as f64,
         lora_dropout: 0.05,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
+        layers_to_transform: None,
     }
     .validated()?;
     let cfg = TrainConfig {
@@ -195,6 +197,7 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         save_total_limit: 1,
         resume: true,
         gradient_checkpointing: false,
+        lora_last_layers: a.finetune_layers.0,
         template: conv_template.clone(),
         system: None,
     };
@@ -204,7 +207,14 @@ pub(super) fn prepare(a: &ClassifyArgs, train_path: &Path, labels: &LabelSet, pr
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     let started = Instant::now();
-    let mut trainer = Trainer::new(cfg)?;
+    let mut trainer = Trainer::new(cfg).map_err(|e| match e {
+        // The trainer's flag is this command's --finetune-layers.
+        vicugna_train::error::TrainError::BadSetting {
+            name: "--lora-last-layers",
+            message,
+        } => anyhow::anyhow!("invalid setting --finetune-layers: {message} (or --finetune-layers all)"),
+        e => e.into(),
+    })?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(

@@ -114,6 +114,11 @@ pub struct TrainArgs {
     /// Comma-separated module names, or all-linear.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_target_modules: Vec<String>,
+    /// Adapt only the last N decoder layers (PEFT's layers_to_transform). The
+    /// layers below are frozen: their output is computed once per sample and
+    /// kept in memory, so each step runs only the last N layers.
+    #[arg(long, value_name = "N")]
+    lora_last_layers: Option<usize>,
     /// FastChat template name (default: the model's own chat template, else one matched from the
     /// model's name; a base model with neither, such as gemma3-270m, needs one named).
     #[arg(long)]
@@ -143,6 +148,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 lora_alpha: a.lora_alpha,
                 lora_dropout: a.lora_dropout,
                 target_modules: a.lora_target_modules.clone(),
+                layers_to_transform: None,
             }
             .validated()?,
         ),
@@ -189,6 +195,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         save_total_limit: a.save_total_limit,
         resume: a.resume == ResumeArg::Auto,
         gradient_checkpointing: a.gradient_checkpointing,
+        lora_last_layers: a.lora_last_layers,
         template: a.template,
         system: a.system,
     };

@@ -207,6 +207,9 @@ fn finetune_learns_the_labels_saves_a_reusable_adapter_and_serves_it_with_lora()
         "40",
         "--finetune-lr",
         "0.05",
+        // Two layers: adapt both (the default adapts the last 6).
+        "--finetune-layers",
+        "all",
     ];
     let o = classify(&tuned_args);
     assert!(o.status.success(), "{}", show(&o));
@@ -273,6 +276,10 @@ fn finetune_with_a_generating_method_or_shots_is_a_clear_error() {
     for (extra, needle) in [
         (vec!["--method", "carp"], "--method score"),
         (vec!["--finetune-epochs", "0"], "--finetune-epochs"),
+        (
+            vec!["--finetune-layers", "0"],
+            "expected a number of layers (at least 1) or all",
+        ),
     ] {
         let mut args = vec!["--input", t, "--output", out.to_str().unwrap(), "--finetune", t];
         args.extend(extra);
@@ -280,4 +287,25 @@ fn finetune_with_a_generating_method_or_shots_is_a_clear_error() {
         assert!(!o.status.success(), "{}", show(&o));
         assert!(String::from_utf8_lossy(&o.stderr).contains(needle), "{}", show(&o));
     }
+    // More layers than the model has: said in this command's terms.
+    let model = tiny_model(&dir);
+    let o = classify(&[
+        "--input",
+        t,
+        "--output",
+        out.to_str().unwrap(),
+        "--finetune",
+        t,
+        "--model",
+        model.to_str().unwrap(),
+        "--finetune-layers",
+        "3",
+    ]);
+    assert!(!o.status.success(), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--finetune-layers: must be between 1 and the model's 2 layers (got 3)"),
+        "{}",
+        show(&o)
+    );
 }

@@ -506,6 +506,28 @@ fn losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The default model's greedy ids for a chat question, optionally with an adapter.
+fn bees_answer(lora: Option<&Path>) -> serde_json::Value {
+    let mut a = vec![
+        "generate",
+        "--model",
+        "default",
+        "--prompt",
+        "What do bees make?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ];
+    if let Some(p) = lora {
+        a.extend_from_slice(&["--lora", s(p)]);
+    }
+    let (o, _) = ok(&a);
+    serde_json::from_str::<serde_json::Value>(o.trim()).unwrap()["ids"].clone()
+}
+
 #[test]
 fn bf16_lora_run_learns_matches_f32_and_its_adapter_serves() {
     let d = scratch("bf16");
@@ -556,30 +578,9 @@ fn bf16_lora_run_learns_matches_f32_and_its_adapter_serves() {
     let st = std::fs::read(bf16.join("adapter_model.safetensors")).unwrap();
     let header = String::from_utf8_lossy(&st[8..8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize]);
     assert!(header.contains("\"dtype\":\"F32\""), "{header}");
-    let gen = |lora: Option<&Path>| {
-        let mut a = vec![
-            "generate",
-            "--model",
-            "default",
-            "--prompt",
-            "What do bees make?",
-            "--chat",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "12",
-            "--json",
-        ];
-        if let Some(p) = lora {
-            a.extend_from_slice(&["--lora", s(p)]);
-        }
-        let (o, _) = ok(&a);
-        let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
-        v["ids"].clone()
-    };
     assert_ne!(
-        gen(None),
-        gen(Some(&bf16)),
+        bees_answer(None),
+        bees_answer(Some(&bf16)),
         "the bf16-trained adapter changes greedy output"
     );
 
@@ -593,6 +594,111 @@ fn bf16_lora_run_learns_matches_f32_and_its_adapter_serves() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--dtype") && err.contains("LoRA"), "{err}");
     assert!(!d.join("full-bf16").join("checkpoints").exists());
+}
+
+#[test]
+fn lora_on_the_last_layers_trains_only_them_from_kept_frozen_outputs() {
+    let d = scratch("last-layers");
+    let data = tiny_data(&d);
+    let extra = |checkpointing: bool| {
+        let mut v = vec![
+            "--mode",
+            "lora",
+            "--lora-last-layers",
+            "2",
+            "--max-steps",
+            "6",
+            "--lr",
+            "5e-3",
+            "--warmup-ratio",
+            "0",
+            "--micro-batch",
+            "4",
+            "--grad-accum",
+            "2",
+            "--lora-r",
+            "4",
+            "--save-steps",
+            "0",
+            "--eval-steps",
+            "6",
+        ];
+        if checkpointing {
+            v.push("--gradient-checkpointing");
+        }
+        v
+    };
+    let out = d.join("kept");
+    let mut args = train_args(&data, &out, &extra(false));
+    // The eval set is the training set: its loss at step 0 runs every layer.
+    args.extend_from_slice(&["--eval-data", s(&data)]);
+    let (_, err) = ok(&args);
+    assert!(err.contains("layers 0..28 are frozen"), "{err}");
+
+    // Only the last two layers are adapted, and the config says so as PEFT does.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([28, 29]));
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&st[8..8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize]);
+    assert!(header.contains("layers.28.self_attn.q_proj.lora_A"), "{header}");
+    assert!(header.contains("layers.29.self_attn.v_proj.lora_B"), "{header}");
+    assert!(!header.contains("layers.27."), "{header}");
+
+    // Step 1 covers all eight conversations with B still zero: the loss from the
+    // kept outputs of layers 0..28 is the loss of the whole forward.
+    let state = train_state(&out);
+    let eval: Vec<(u64, f64)> = state["eval_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    let train = losses(&out);
+    assert_eq!(eval[0].0, 0, "{eval:?}");
+    assert!(
+        (train[0] - eval[0].1).abs() < 1e-4 * eval[0].1,
+        "step 1 loss {} vs the full forward's {}",
+        train[0],
+        eval[0].1
+    );
+    let last = eval.last().unwrap();
+    assert!(
+        last.0 == 6 && last.1 < eval[0].1 * 0.9,
+        "the loss did not go down: {eval:?}"
+    );
+
+    // Gradient checkpointing starts from the same kept outputs: the same run.
+    let out_ck = d.join("checkpointed");
+    ok(&train_args(&data, &out_ck, &extra(true)));
+    for (a, b) in train.iter().zip(losses(&out_ck)) {
+        assert!((a - b).abs() < 1e-4 * a, "{train:?} vs {:?}", losses(&out_ck));
+    }
+
+    // The adapter serves on the quantized base and changes the answer.
+    assert_ne!(
+        bees_answer(None),
+        bees_answer(Some(&out)),
+        "the adapter changes greedy output"
+    );
+
+    // Out of range, or with full fine-tuning: clear errors, nothing written.
+    for (bad, want) in [
+        (
+            vec!["--mode", "lora", "--lora-last-layers", "31", "--max-steps", "1"],
+            "the model's 30 layers",
+        ),
+        (
+            vec!["--mode", "full", "--lora-last-layers", "2", "--max-steps", "1"],
+            "--mode lora",
+        ),
+    ] {
+        let o = run(&train_args(&data, &d.join("bad"), &bad));
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--lora-last-layers") && err.contains(want), "{err}");
+        assert!(!d.join("bad").join("checkpoints").exists());
+    }
 }
 
 #[test]

@@ -27,13 +27,32 @@ use crate::error::{Result, TrainError};
 pub const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
 
 /// LoRA settings, written as PEFT's `adapter_config.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
     pub r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f32,
     /// Module names (`q_proj`, `v_proj`, …).
     pub target_modules: Vec<String>,
+    /// Only these decoder layers are adapted (PEFT's `layers_to_transform`); all when `None`.
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+// Written by hand so that settings without a layer list print as they did
+// before there was one: a checkpoint's settings digest is made from this text.
+impl std::fmt::Debug for LoraConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("LoraConfig");
+        d.field("r", &self.r)
+            .field("lora_alpha", &self.lora_alpha)
+            .field("lora_dropout", &self.lora_dropout)
+            .field("target_modules", &self.target_modules);
+        if let Some(l) = &self.layers_to_transform {
+            d.field("layers_to_transform", l);
+        }
+        d.finish()
+    }
 }
 
 impl LoraConfig {
@@ -68,8 +87,25 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             return Err(TrainError::setting("--lora-target-modules", "name at least one module"));
         }
+        if self.layers_to_transform.as_ref().is_some_and(Vec::is_empty) {
+            return Err(TrainError::setting("layers_to_transform", "name at least one layer"));
+        }
         Ok(self)
     }
+
+    /// Whether the projection at `path` (`model.layers.N.…`) is in an adapted layer.
+    pub fn adapts_layer_of(&self, path: &str) -> bool {
+        match (&self.layers_to_transform, layer_of(path)) {
+            (Some(keep), Some(l)) => keep.contains(&l),
+            _ => true,
+        }
+    }
+}
+
+/// The decoder layer of a module path (`model.layers.N.…`), as PEFT finds it.
+pub fn layer_of(path: &str) -> Option<usize> {
+    let rest = path.split_once("layers.")?.1;
+    rest.split('.').next()?.parse().ok()
 }
 
 /// The last part of a module path (`q_proj` of `model.layers.0.self_attn.q_proj`).
@@ -190,7 +226,7 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Atta
     // Per targeted projection: its index in `paths` and its site.
     let mut chosen: Vec<(usize, &Site)> = Vec::new();
     for (i, (p, s)) in paths.iter().zip(&stored).enumerate() {
-        if !(wanted(last(p)) || wanted(last(&s.module))) {
+        if !(wanted(last(p)) || wanted(last(&s.module))) || !cfg.adapts_layer_of(p) {
             continue;
         }
         if is_expert(p) {
@@ -303,6 +339,7 @@ struct PeftConfig<'a> {
     lora_alpha: f64,
     lora_dropout: f32,
     target_modules: &'a [String],
+    layers_to_transform: Option<&'a [usize]>,
     bias: &'static str,
     fan_in_fan_out: bool,
     inference_mode: bool,
@@ -323,6 +360,7 @@ pub fn save_peft(dir: &Path, cfg: &LoraConfig, base: &str, tensors: &[(String, T
         lora_alpha: cfg.lora_alpha,
         lora_dropout: cfg.lora_dropout,
         target_modules: &cfg.target_modules,
+        layers_to_transform: cfg.layers_to_transform.as_deref(),
         bias: "none",
         fan_in_fan_out: false,
         inference_mode: true,
@@ -376,6 +414,7 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
         lora_alpha: read.alpha,
         lora_dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
         target_modules: read.target_modules.clone(),
+        layers_to_transform: read.layers_to_transform.clone(),
     };
     let scale = read.scale();
     let mut st_path = dir.join("adapter_model.safetensors");
@@ -423,7 +462,9 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
         Some(re) => re.is_match(path),
         None => all_linear || cfg.target_modules.iter().any(|m| m == last(path)),
     };
-    let targeted = |path: &str, sites: &[Site]| wanted(path) || sites.iter().any(|s| wanted(&s.module));
+    let targeted = |path: &str, sites: &[Site]| {
+        cfg.adapts_layer_of(path) && (wanted(path) || sites.iter().any(|s| wanted(&s.module)))
+    };
     // A fused module reached through one of its parts (`q_proj` on phi3) is
     // applied whole, as merging its tensors into the stored weight does.
     let reached: HashSet<&str> = paths

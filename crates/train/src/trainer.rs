@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 use sha2::{Digest, Sha256};
 use vicugna_chat::{ChatFormat, FormatSource};
-use vicugna_engine::model::Dropout;
+use vicugna_engine::model::{Dropout, TrainInputs};
 use vicugna_engine::{LoadOptions, LoadedModel, Model, WeightDType};
 
 use crate::checkpoint::{self, TrainState};
@@ -65,6 +65,10 @@ pub struct TrainConfig {
     pub data: PathBuf,
     pub output: PathBuf,
     pub mode: Mode,
+    /// LoRA only: adapt just the last this many decoder layers. The layers below
+    /// are frozen, so their output is computed once per sample and reused in
+    /// every epoch: each step runs only the adapted layers.
+    pub lora_last_layers: Option<usize>,
     /// Storage precision of the frozen weights (LoRA only).
     pub precision: Precision,
     pub length: Length,
@@ -140,6 +144,8 @@ pub struct Summary {
 
 /// One micro-batch: rows of equal length.
 struct Batch {
+    /// The training samples of each row (eval batches: empty).
+    samples: Vec<Vec<usize>>,
     ids: Vec<Vec<u32>>,
     segments: Vec<Vec<u32>>,
     /// Flat positions (row·t + i) whose next token is a label, and that token.
@@ -166,6 +172,16 @@ pub struct Trainer {
     notes: Vec<String>,
     /// (input tokens, seconds) of each step run by this process, for benchmarks.
     step_times: Vec<(usize, f64)>,
+    /// Bottom layers with nothing to train (LoRA on the last layers only).
+    frozen: usize,
+    /// Each training sample's residual stream after the frozen layers, `[len, hidden]`,
+    /// computed the first time the sample is used.
+    frozen_out: std::sync::Mutex<HashMap<usize, Tensor>>,
+    /// The frozen layers as generation runs them, on the file's quantized
+    /// weights where it has them (a GGUF file): the same values as the
+    /// dequantized copy, several times faster than the training forward.
+    frozen_model: Option<Model>,
+    _memory: vicugna_engine::loader::ReuseFreedMemory,
 }
 
 fn mix(seed: u64, k: u64) -> u64 {
@@ -178,7 +194,7 @@ fn mix(seed: u64, k: u64) -> u64 {
 
 impl Trainer {
     /// Loads the model and data and prepares (or resumes) a run.
-    pub fn new(cfg: TrainConfig) -> Result<Self> {
+    pub fn new(mut cfg: TrainConfig) -> Result<Self> {
         validate(&cfg)?;
         let loaded = LoadedModel::load(
             &cfg.model,
@@ -295,7 +311,7 @@ impl Trainer {
         // Trainable variables: every weight (full) or fresh adapters (LoRA).
         let mut params: Vec<(String, Var)> = Vec::new();
         let mut saved_lora = None;
-        match &cfg.mode {
+        match &mut cfg.mode {
             Mode::Full => {
                 model.map_weights(&mut |name, w| {
                     let v = Var::from_tensor(w)?;
@@ -305,6 +321,16 @@ impl Trainer {
                 })?;
             }
             Mode::Lora(lc) => {
+                if let Some(n) = cfg.lora_last_layers {
+                    let total = model.num_layers();
+                    if n == 0 || n > total {
+                        return Err(TrainError::setting(
+                            "--lora-last-layers",
+                            format!("must be between 1 and the model's {total} layers (got {n})"),
+                        ));
+                    }
+                    lc.layers_to_transform = Some((total - n..total).collect());
+                }
                 // The loader dequantizes the embedding and a tied output projection
                 // into two copies; pointing both at one tensor (optionally in
                 // bf16) keeps one. Norms stay f32 (tiny, and applied elementwise).
@@ -325,6 +351,32 @@ impl Trainer {
                 params = attached.params;
             }
         }
+        // The lowest layer holding a trained tensor (PEFT names: `….layers.N.…`).
+        let frozen = match &cfg.mode {
+            Mode::Full => 0,
+            Mode::Lora(_) => params
+                .iter()
+                .map(|(n, _)| lora::layer_of(n).unwrap_or(0))
+                .min()
+                .unwrap_or(0),
+        };
+        if frozen > 0 {
+            notes.push(format!(
+                "layers 0..{frozen} are frozen: their output is computed once per sample and kept, so steps run \
+                 only layers {frozen}..{}",
+                model.num_layers()
+            ));
+        }
+        let frozen_model = if frozen > 0 && loaded.format.starts_with("gguf") {
+            // Exact f32 products (no 8-bit activations): what the trained layers see.
+            let mode = vicugna_engine::kernels::int8_mode();
+            vicugna_engine::kernels::set_int8_mode(vicugna_engine::kernels::Int8Mode::Off);
+            let quantized = LoadedModel::load(&cfg.model, &LoadOptions::default());
+            vicugna_engine::kernels::set_int8_mode(mode);
+            Some(quantized?.model)
+        } else {
+            None
+        };
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let opt = AdamW::new(cfg.adam, &vars)?;
         let settings = settings_digest(&cfg);
@@ -356,6 +408,10 @@ impl Trainer {
             state,
             notes,
             step_times: Vec::new(),
+            frozen,
+            frozen_out: std::sync::Mutex::new(HashMap::new()),
+            frozen_model,
+            _memory: vicugna_engine::loader::ReuseFreedMemory::new(),
         };
         t.state.total_steps = t.total_steps();
         if t.cfg.resume {
@@ -488,6 +544,7 @@ impl Trainer {
             .unwrap_or(1)
             .max(1);
         let mut b = Batch {
+            samples: if from_eval { Vec::new() } else { rows.clone() },
             ids: Vec::new(),
             segments: Vec::new(),
             positions: Vec::new(),
@@ -526,10 +583,52 @@ impl Trainer {
         Ok(self.model.train_nll(&x.index_select(&pos, 0)?, &b.targets)?)
     }
 
+    /// The residual stream entering the first trained layer, `[b·t, hidden]`,
+    /// not tracked for autograd: the embedding and the frozen layers' output,
+    /// from each sample's kept output when there are frozen layers. A row's
+    /// padding is zeros there, which no real token attends to.
+    fn trained_input(&self, b: &Batch, inp: &TrainInputs) -> Result<Tensor> {
+        if self.frozen == 0 || b.samples.is_empty() {
+            let mut x = self.model.train_embed(inp)?;
+            for l in 0..self.frozen {
+                x = self.model.train_block(l, &x, inp, None)?;
+            }
+            return Ok(x.detach());
+        }
+        let mut kept = self.frozen_out.lock().unwrap_or_else(|e| e.into_inner());
+        let (t, hidden) = (b.ids[0].len(), self.model.config().hidden_size);
+        let mut rows = Vec::with_capacity(b.samples.len());
+        for row in &b.samples {
+            let mut parts = Vec::with_capacity(row.len() + 1);
+            let mut len = 0;
+            for &i in row {
+                let x = match kept.entry(i) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        // Alone, as in its own row: rows are causal and padded at the end.
+                        let ids = &self.train[i].ids;
+                        let m = self.frozen_model.as_ref().unwrap_or(&self.model);
+                        let x = m.residual_after(ids, self.frozen)?;
+                        e.insert(Tensor::from_vec(x, (ids.len(), hidden), self.model.device())?)
+                            .clone()
+                    }
+                };
+                len += x.dim(0)?;
+                parts.push(x);
+            }
+            if len < t {
+                parts.push(Tensor::zeros((t - len, hidden), DType::F32, self.model.device())?);
+            }
+            rows.push(Tensor::cat(&parts, 0)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// Forward and backward of one micro-batch; adds `d(nll/denominator)/dθ` into `acc`.
     fn backward(&self, b: &Batch, denom: f64, drop: Option<Dropout>, acc: &mut [Option<Tensor>]) -> Result<f64> {
         let inp = self.model.train_inputs(&b.ids, &b.segments)?;
         let layers = self.model.num_layers();
+        let first = self.frozen;
         let mut add = |grads: &candle_core::backprop::GradStore| -> Result<()> {
             for (i, (_, v)) in self.params.iter().enumerate() {
                 if let Some(g) = grads.get(v.as_tensor()) {
@@ -543,8 +642,12 @@ impl Trainer {
             Ok(())
         };
         if !self.cfg.gradient_checkpointing {
-            let mut x = self.model.train_embed(&inp)?;
-            for l in 0..layers {
+            let mut x = match self.cfg.mode {
+                // Full fine-tuning trains the embedding too.
+                Mode::Full => self.model.train_embed(&inp)?,
+                Mode::Lora(_) => self.trained_input(b, &inp)?,
+            };
+            for l in first..layers {
                 x = self.model.train_block(l, &x, &inp, drop)?;
             }
             let nll = self.nll(&x, b)?;
@@ -557,12 +660,17 @@ impl Trainer {
         // the surrogate loss sum(out · upstream), whose gradient is exactly the
         // chain rule's.
         let embedded = self.model.train_embed(&inp)?;
-        let mut inputs = vec![embedded.detach()];
-        for l in 0..layers {
-            let out = self.model.train_block(l, &inputs[l], &inp, drop)?.detach();
+        let start = match self.cfg.mode {
+            Mode::Full => embedded.detach(),
+            Mode::Lora(_) => self.trained_input(b, &inp)?,
+        };
+        // inputs[l - first]: the input of layer l.
+        let mut inputs = vec![start];
+        for l in first..layers {
+            let out = self.model.train_block(l, &inputs[l - first], &inp, drop)?.detach();
             inputs.push(out);
         }
-        let top = Var::from_tensor(&inputs[layers])?;
+        let top = Var::from_tensor(&inputs[layers - first])?;
         let nll = self.nll(top.as_tensor(), b)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let grads = (nll / denom)?.backward()?;
@@ -571,8 +679,8 @@ impl Trainer {
             .get(top.as_tensor())
             .ok_or_else(|| TrainError::setting("--gradient-checkpointing", "no gradient reached the last block"))?
             .detach();
-        for l in (0..layers).rev() {
-            let x = Var::from_tensor(&inputs[l])?;
+        for l in (first..layers).rev() {
+            let x = Var::from_tensor(&inputs[l - first])?;
             let out = self.model.train_block(l, x.as_tensor(), &inp, drop)?;
             let grads = (out * &upstream)?.sum_all()?.backward()?;
             add(&grads)?;
@@ -820,6 +928,12 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
             "bf16 applies to the frozen base of a LoRA run; full fine-tuning keeps f32 weights (an update of \
              lr x gradient is below bf16's resolution, so trained weights need f32, and on the CPU a bf16 working \
              copy beside them would add memory, not save it)",
+        ));
+    }
+    if cfg.lora_last_layers.is_some() && cfg.mode == Mode::Full {
+        return Err(TrainError::setting(
+            "--lora-last-layers",
+            "chooses the layers a LoRA run adapts; full fine-tuning trains every weight (use --mode lora)",
         ));
     }
     pos("--micro-batch", cfg.micro_batch)?;

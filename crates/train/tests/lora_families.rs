@@ -291,6 +291,7 @@ fn adapters_trained_on_every_family_are_saved_in_the_checkpoints_names() {
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
         }
         .validated()
         .unwrap();

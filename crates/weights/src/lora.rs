@@ -26,6 +26,9 @@ pub struct LoraConfig {
     pub fan_in_fan_out: bool,
     pub rslora: bool,
     pub target_modules: Vec<String>,
+    /// Only these decoder layers are adapted; all when `None`. A merge applies
+    /// the tensors the adapter holds, so this only reaches the checks of loaders.
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 impl LoraConfig {
@@ -93,12 +96,33 @@ impl LoraConfig {
             Some(Value::String(s)) => vec![s.clone()],
             _ => Vec::new(),
         };
+        // An int or a list of layer indices (PEFT accepts both).
+        let layers_to_transform = match v.get("layers_to_transform") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| bad("layers_to_transform", format!("{n} is not a layer index")))?
+                as usize]),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().map(|n| n as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("layers_to_transform", "expected a list of layer indices".into()))?,
+            ),
+            Some(other) => {
+                return Err(bad(
+                    "layers_to_transform",
+                    format!("{other}: expected a layer index or a list of them"),
+                ))
+            }
+        };
         Ok(LoraConfig {
             r,
             alpha,
             fan_in_fan_out: flag("fan_in_fan_out"),
             rslora: flag("use_rslora"),
             target_modules,
+            layers_to_transform,
         })
     }
 

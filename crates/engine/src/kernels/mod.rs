@@ -325,6 +325,15 @@ pub fn set_int8_mode(mode: Int8Mode) {
     INT8_MODE.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The mode matrices created now get (see [`set_int8_mode`]).
+pub fn int8_mode() -> Int8Mode {
+    match INT8_MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Int8Mode::On,
+        2 => Int8Mode::KQuants,
+        _ => Int8Mode::Off,
+    }
+}
+
 /// `set_int8_mode(On)` or `set_int8_mode(Off)`.
 pub fn set_int8_activations(on: bool) {
     set_int8_mode(if on { Int8Mode::On } else { Int8Mode::Off });
@@ -334,11 +343,7 @@ pub fn set_int8_activations(on: bool) {
 fn int8_default(isa: Isa, dtype: GgmlDType) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
-    let mode = match INT8_MODE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => Int8Mode::On,
-        2 => Int8Mode::KQuants,
-        _ => Int8Mode::Off,
-    };
+    let mode = int8_mode();
     let kquant = matches!(Kind::from_dtype(dtype), Some(Kind::Q4K | Kind::Q5K | Kind::Q6K));
     int8_supported(isa) && (env || mode == Int8Mode::On || (mode == Int8Mode::KQuants && kquant))
 }

@@ -87,9 +87,15 @@ fn norm_heads(row: &mut [f32], heads: usize, hd: usize, w: &[f32], eps: f32) {
 }
 
 impl Model {
-    /// The decoder layers over the embedded tokens `x` (`[tokens, hidden]`) of a
-    /// ragged batch; returns the residual stream.
-    pub(super) fn layers(&self, batch: &mut [SeqInput<'_>], spans: &[Span], mut x: Vec<f32>) -> Result<Vec<f32>> {
+    /// The first `upto` decoder layers over the embedded tokens `x` (`[tokens,
+    /// hidden]`) of a ragged batch; returns the residual stream.
+    pub(super) fn layers(
+        &self,
+        batch: &mut [SeqInput<'_>],
+        spans: &[Span],
+        mut x: Vec<f32>,
+        upto: usize,
+    ) -> Result<Vec<f32>> {
         // Elementwise work and activation rounding on this thread too (see
         // `DenormalsOff`).
         let _flush = crate::team::DenormalsOff::new();
@@ -161,7 +167,7 @@ impl Model {
         }
         let most = works.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
         let mut partials = vec![0f32; if few { most * part_len(groups, hd) } else { 0 }];
-        for (layer, b) in self.blocks.iter().enumerate() {
+        for (layer, b) in self.blocks.iter().enumerate().take(upto) {
             let work = &works
                 .iter()
                 .find(|(w, _)| *w == b.window)

@@ -485,9 +485,26 @@ impl Model {
         spans.iter().map(|&(off, t, _)| Ok(x.narrow(0, off, t)?)).collect()
     }
 
+    /// The residual stream after the first `layers` decoder layers of one
+    /// sequence, `[t, hidden]` row-major: the input of the layers above, for
+    /// training those alone (see the trainer's frozen layers).
+    pub fn residual_after(&self, tokens: &[u32], layers: usize) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(tokens.len())?;
+        let mut batch = [SeqInput {
+            tokens,
+            cache: &mut cache,
+        }];
+        Ok(self.transformer_upto(&mut batch, layers.min(self.blocks.len()))?.0)
+    }
+
     /// The decoder layers over a ragged batch: the residual stream `[tokens, hidden]`
     /// (before the final norm) and where each sequence's tokens sit in it.
     fn transformer(&self, batch: &mut [SeqInput<'_>]) -> Result<(Vec<f32>, Vec<Span>)> {
+        self.transformer_upto(batch, self.blocks.len())
+    }
+
+    /// [`Self::transformer`] through the first `upto` layers only.
+    fn transformer_upto(&self, batch: &mut [SeqInput<'_>], upto: usize) -> Result<(Vec<f32>, Vec<Span>)> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
@@ -509,7 +526,7 @@ impl Model {
             ids.extend_from_slice(s.tokens);
         }
         let x = self.embed_rows(&ids)?;
-        let x = self.layers(batch, &spans, x)?;
+        let x = self.layers(batch, &spans, x, upto)?;
         for (s, &(_, t, _)) in batch.iter_mut().zip(&spans) {
             s.cache.len += t;
         }
