@@ -21,7 +21,7 @@
 # POOL labelled items per class for demonstrations and training (16; POOL_ZH,
 # POOL_BBC), SHOTS per prompt (4), SEED (13), DATASETS ("zh bbc"),
 # METHODS ("vanilla carp carp-knn"; also score, score-cf, channel, baseline, finetune),
-# FT_EPOCHS (2) and FT_LR (1e-3) for finetune,
+# FT_EPOCHS (2), FT_LR (2e-3) and FT_LAYERS (9: the last N layers adapted, or all) for finetune,
 # MODELS ("default"; e.g. "default gemma3-270m"), BIN (target/release/vicugna),
 # WORK (target/classify-real), EXTRA (more flags for every run), ZH_CHARS (150)
 # and BBC_WORDS (120): texts are clipped to this length, PREP_ONLY=1
@@ -119,7 +119,7 @@ run() { # dataset model method
     baseline) flags+=(--method baseline --demos "$WORK/$ds-demos.jsonl") ;;
     # The adapter (<out>.lora/) is kept: a rerun with the same settings reuses it.
     finetune) flags+=(--finetune "$WORK/$ds-demos.jsonl" --finetune-epochs "${FT_EPOCHS:-2}"
-                      --finetune-lr "${FT_LR:-1e-3}") ;;
+                      --finetune-lr "${FT_LR:-2e-3}" --finetune-layers "${FT_LAYERS:-9}") ;;
   esac
   rm -f "$out" "$WORK/$ds-$model-$m".{run,metrics,calibration}.json "$WORK/$ds-$model-$m.scores.jsonl"
   # shellcheck disable=SC2086
@@ -182,8 +182,9 @@ for ds in datasets:
             fj = os.path.join(work, f"{ds}-{model}-{m}.lora", "finetune.json")
             if m == "finetune" and os.path.exists(fj):
                 f = json.load(open(fj))
+                layers = f['settings'].get('layers')
                 ft = f"{f['settings']['train_items']} items, {f['settings']['epochs']:g} epochs, " \
-                     f"{f.get('train_seconds', 0) / 60:.1f} min"
+                     f"{'last ' + str(layers) if layers else 'all'} layers, {f.get('train_seconds', 0) / 60:.1f} min"
             print(f"| {names.get(ds, ds)} | {who} | {label} | {s['items']} | {mt.get('accuracy', 0):.3f} | "
                   f"{mt.get('macro_f1', 0):.3f} | {s['items_per_s']:.2f} | {ft} |")
             if m in ("score", "channel"):

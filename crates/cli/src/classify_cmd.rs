@@ -99,12 +99,13 @@ pub struct ClassifyArgs {
     /// LoRA rank of --finetune (alpha is twice the rank; q_proj and v_proj adapted).
     #[arg(long, default_value_t = 8)]
     finetune_lora_r: usize,
-    /// Layers --finetune adapts: the last N, or all. The frozen layers below run
-    /// once per item, not in every step: a step of 8 BBC items on the default
-    /// model took 4 s with the last 6 of its 30 layers, 27-33 s with all.
-    /// Measured (BBC, 400 items, 2 epochs, 2 cores): 0.91 accuracy after 14
-    /// minutes of training.
-    #[arg(long, value_name = "N|all", default_value = "6")]
+    /// Layers --finetune adapts: the last N, or all. The layers below run once
+    /// per item, not in every step: a step of 8 BBC items on the default model
+    /// took 5.5 s with its last 6 layers of 30, 8.7 s with 9, 27-33 s with all.
+    /// Measured with 400 items, 2 epochs, 2 cores: BBC (default model) 0.91
+    /// with 6 layers, 0.90 with 9; Chinese reviews (Gemma 3 270M, 18 layers)
+    /// 0.82 with 6, 0.87 with 9; 13-16 minutes of training each.
+    #[arg(long, value_name = "N|all", default_value = "9")]
     finetune_layers: FinetuneLayers,
     /// --method score: prompt as a chat turn (instruction-tuned models) or as
     /// plain text (base models); auto picks plain for a model without a chat

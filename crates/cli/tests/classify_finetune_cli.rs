@@ -207,7 +207,7 @@ fn finetune_learns_the_labels_saves_a_reusable_adapter_and_serves_it_with_lora()
         "40",
         "--finetune-lr",
         "0.05",
-        // Two layers: adapt both (the default adapts the last 6).
+        // Two layers: adapt both (the default adapts the last 9).
         "--finetune-layers",
         "all",
     ];
