@@ -116,7 +116,8 @@ pub struct TrainArgs {
     lora_target_modules: Vec<String>,
     /// Adapt only the last N decoder layers (PEFT's layers_to_transform). The
     /// layers below are frozen: their output is computed once per sample and
-    /// kept in memory, so each step runs only the last N layers.
+    /// kept in memory (4 bytes x hidden size per token of the data; the run says
+    /// how much), so each step runs only the last N layers.
     #[arg(long, value_name = "N")]
     lora_last_layers: Option<usize>,
     /// FastChat template name (default: the model's own chat template, else one matched from the

@@ -361,9 +361,12 @@ impl Trainer {
                 .unwrap_or(0),
         };
         if frozen > 0 {
+            // The kept outputs grow with the data: say how much memory they take.
+            let tokens: usize = train.iter().map(|e| e.ids.len()).sum();
+            let mib = (tokens * model.config().hidden_size * 4) >> 20;
             notes.push(format!(
-                "layers 0..{frozen} are frozen: their output is computed once per sample and kept, so steps run \
-                 only layers {frozen}..{}",
+                "layers 0..{frozen} are frozen: their output is computed once per sample and kept ({mib} MiB for \
+                 {tokens} tokens), so steps run only layers {frozen}..{}",
                 model.num_layers()
             ));
         }
