@@ -337,7 +337,7 @@ if long:
     r = long[-1]
     ctx = r["prompt_tokens"] + r["gen_tokens"]
     print(f"\npeak RSS at a {ctx}-token context: {r['peak_rss_mib']:.0f} MiB; bound (file {r['model_file_mib']:.0f} "
-          f"+ KV cache {r['kv_cache_mib']:.0f} + 64) = {r['rss_bound_mib']:.0f} MiB; "
+          f"+ KV cache {r['kv_cache_mib']:.0f} + 100) = {r['rss_bound_mib']:.0f} MiB; "
           f"decode there {r['decode_tok_s']:.1f} tok/s")
 lc_pf, vi_pf = med(lc, "prefill_tok_s"), med(vi, "prefill_tok_s")
 lc_d, vi_d = med(lc, "decode_tok_s"), med(vi, "decode_tok_s")

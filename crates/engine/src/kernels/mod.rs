@@ -14,10 +14,10 @@
 //! layout, where they were loaded: their activations are rounded per block of
 //! 256 as llama.cpp's Q8_K, and `x86::int8_kquant_512` multiplies with
 //! `vpmaddubsw` + `vpdpwssd` (the runs' 6- or 8-bit scales folded into the
-//! integer sums). Prompt-sized products (`KTILE_MIN_N` rows or more) repack 16
-//! weight rows at a time into an int8 tile in L2 (`x86::kq_tile_512`) and sum
-//! each run with `vpdpbusd` in one lane per row (`x86::int8_ktile_512`), about
-//! twice the products per instruction. The two K-quant kernels round
+//! integer sums). Products of `KTILE_MIN_N` rows or more (prompts, batches of
+//! 8 sequences) repack 16 weight rows at a time into an int8 tile in L2
+//! (`x86::kq_tile_512`) and sum each run with `vpdpbusd` in one lane per row
+//! (`x86::int8_ktile_512`), about twice the products per instruction. The two K-quant kernels round
 //! differently, so there a row's bits depend on whether its product had fewer
 //! than `KTILE_MIN_N` rows (as llama.cpp's do); within each size class they do
 //! not depend on the batch (tested). Every activation row is rounded on its own and every output
@@ -492,6 +492,7 @@ impl Int8Rows {
 /// for K-quant weights under the int8 scheme; see `x86::int8_kquant_512` for the
 /// layout. Each row is rounded on its own, so its values never depend on the
 /// other rows.
+#[derive(Default)]
 struct Int8KRows {
     /// `n` rows `stride` apart: `round(x / d)` (ties to even), each block's runs
     /// of 32 in the order the kernel for the weights' kind reads them.
@@ -502,23 +503,45 @@ struct Int8KRows {
     stride: usize,
     /// `[n, nb]`: each block's `d = max|x| / 127`.
     d: Vec<f32>,
-    /// `[n, nb, 16]`: Σq per run (Q4_K / Q5_K: 8 runs of 32; Q6_K: 16 of 16).
+    /// `[n, nb, 16]`: Σq per run in natural order (Q4_K / Q5_K: 8 runs of 32;
+    /// Q6_K: 16 of 16).
     sums: Vec<i16>,
-    /// `[n, nb, 16]`: `d·Σq` per run, in the order of `q` (the prompt kernel's).
-    sums_d: Vec<f32>,
 }
 
 impl Int8KRows {
-    fn new(kind: Kind, x: &[f32], cols: usize) -> Self {
+    /// `x`'s rows rounded into this buffer (its vectors reused between products:
+    /// fresh ones came back from the kernel as zeroed pages every product), the
+    /// rows split over `team`.
+    fn fill(&mut self, kind: Kind, x: &[f32], cols: usize, team: &Team) {
         let (n, nb) = (x.len() / cols, cols / 256);
         let stride = if cols.is_multiple_of(1024) { cols + 64 } else { cols };
-        let mut r = Int8KRows {
-            q: vec![0; n * stride],
-            stride,
-            d: vec![0.0; n * nb],
-            sums: vec![0; 16 * n * nb],
-            sums_d: vec![0.0; 16 * n * nb],
-        };
+        self.stride = stride;
+        self.q.resize(n * stride, 0);
+        self.d.resize(n * nb, 0.0);
+        self.sums.resize(16 * n * nb, 0);
+        let (q, d) = (SharedOut(self.q.as_mut_ptr()), SharedOut(self.d.as_mut_ptr()));
+        let sums = SharedOut(self.sums.as_mut_ptr());
+        // About 64k values per task.
+        let per_task = (1usize << 16).div_ceil(cols).max(1);
+        team.run(n.div_ceil(per_task), &|c| {
+            for t in c * per_task..((c + 1) * per_task).min(n) {
+                // SAFETY: row `t`'s parts of the four buffers (sized above) belong to
+                // this task alone; the caller waits for every task.
+                unsafe {
+                    Self::round_row(
+                        kind,
+                        &x[t * cols..(t + 1) * cols],
+                        std::slice::from_raw_parts_mut(q.at(t * stride), cols),
+                        std::slice::from_raw_parts_mut(d.at(t * nb), nb),
+                        std::slice::from_raw_parts_mut(sums.at(16 * t * nb), 16 * nb),
+                    )
+                }
+            }
+        });
+    }
+
+    /// One row: `q`, `d` and `sums` of its blocks (see the fields).
+    fn round_row(kind: Kind, x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i16]) {
         // Q4_K / Q5_K: a 64-byte weight load holds runs 0 and 2 (low nibbles),
         // 1 and 3 (high nibbles), then 4, 6 and 5, 7.
         let order: [usize; 8] = if kind == Kind::Q6K {
@@ -527,13 +550,8 @@ impl Int8KRows {
             [0, 2, 1, 3, 4, 6, 5, 7]
         };
         let per_sum = if kind == Kind::Q6K { 16 } else { 32 };
-        let blocks =
-            r.q.chunks_exact_mut(stride)
-                .flat_map(|row| row[..cols].chunks_exact_mut(256))
-                .zip(r.d.iter_mut())
-                .zip(r.sums.chunks_exact_mut(16));
-        let blocks = blocks.zip(r.sums_d.chunks_exact_mut(16));
-        for (xb, (((q, d), sums), sums_d)) in x.chunks_exact(256).zip(blocks) {
+        let blocks = q.chunks_exact_mut(256).zip(d.iter_mut()).zip(sums.chunks_exact_mut(16));
+        for (xb, ((q, d), sums)) in x.chunks_exact(256).zip(blocks) {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -547,13 +565,7 @@ impl Int8KRows {
             for (slot, &run) in order.iter().enumerate() {
                 q[32 * slot..32 * slot + 32].copy_from_slice(&qn[32 * run..32 * run + 32]);
             }
-            let runs = 256 / per_sum;
-            for (slot, sd) in sums_d.iter_mut().take(runs).enumerate() {
-                let run = if runs == 8 { order[slot] } else { slot };
-                *sd = *d * sums[run] as f32;
-            }
         }
-        r
     }
 }
 
@@ -919,16 +931,17 @@ impl QMatrix {
         if self.kint8 {
             let chunk_rows = chunk_rows.next_multiple_of(if n >= KTILE_MIN_N { Q } else { R });
             let chunks = rows.div_ceil(chunk_rows);
-            let xq = Int8KRows::new(self.kind, x, cols);
-            team.run(chunks, &|c| {
-                let r0 = c * chunk_rows;
-                let nr = chunk_rows.min(rows - r0);
-                self.kint8_rows_task(r0, nr, &xq, n, &mut |t, i, v| {
-                    // SAFETY: as below.
-                    unsafe { *dst.at(t * rows + r0 + i) = v }
+            return INT8K.with_borrow_mut(|xq| {
+                xq.fill(self.kind, x, cols, team);
+                team.run(chunks, &|c| {
+                    let r0 = c * chunk_rows;
+                    let nr = chunk_rows.min(rows - r0);
+                    self.kint8_rows_task(r0, nr, xq, n, &mut |t, i, v| {
+                        // SAFETY: as below.
+                        unsafe { *dst.at(t * rows + r0 + i) = v }
+                    });
                 });
             });
-            return;
         }
         if int8 {
             let xq = Int8Rows::new(self.kind, x, cols);
@@ -1028,22 +1041,18 @@ impl QMatrix {
                     tile.resize(tb, 0);
                     for rt in (0..nrows).step_by(Q) {
                         let nr = Q.min(nrows - rt);
-                        let all: [&[u8]; Q] = std::array::from_fn(|i| {
-                            let r = r0 + rt + i.min(nr - 1);
-                            &bytes[r * rb..(r + 1) * rb]
-                        });
-                        let rows = &all[..nr];
+                        let rows = &bytes[(r0 + rt) * rb..(r0 + rt + nr) * rb];
                         // SAFETY (both): as below.
                         unsafe {
                             match kq {
-                                x86::KQ4 => x86::kq_tile_512::<{ x86::KQ4 }>(rows, nb, tile),
-                                x86::KQ5 => x86::kq_tile_512::<{ x86::KQ5 }>(rows, nb, tile),
-                                _ => x86::kq_tile_512::<{ x86::KQ6 }>(rows, nb, tile),
+                                x86::KQ4 => x86::kq_tile_512::<{ x86::KQ4 }>(rows, rb, nr, nb, tile),
+                                x86::KQ5 => x86::kq_tile_512::<{ x86::KQ5 }>(rows, rb, nr, nb, tile),
+                                _ => x86::kq_tile_512::<{ x86::KQ6 }>(rows, rb, nr, nb, tile),
                             }
                         }
                         for t0 in (0..n).step_by(FUSED_MAX_N) {
                             let tn = FUSED_MAX_N.min(n - t0);
-                            let (q, d, sd) = (&xq.q[t0 * xq.stride..], &xq.d[t0 * nb..], &xq.sums_d[16 * t0 * nb..]);
+                            let (q, d, sd) = (&xq.q[t0 * xq.stride..], &xq.d[t0 * nb..], &xq.sums[16 * t0 * nb..]);
                             let mut res = [[0f32; Q]; FUSED_MAX_N];
                             macro_rules! go {
                                 ($($t:literal)*) => {
@@ -1377,6 +1386,8 @@ impl<T> SharedOut<T> {
 thread_local! {
     /// A prompt product's int8 K-quant tile (`x86::kq_tile_512`).
     static KTILE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's rounded activations for int8 K-quant products.
+    static INT8K: std::cell::RefCell<Int8KRows> = std::cell::RefCell::default();
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     /// The transposed activations of `matmul_with`'s caller (`transpose_blocks`).
     static TRANSPOSED: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::default());
@@ -1385,10 +1396,12 @@ thread_local! {
 }
 
 /// From this many activation rows on, int8 K-quant products repack their
-/// weights into tiles (`x86::int8_ktile_512`). A batch-16 decode step is faster
-/// without the repack (1B Q4_K_M, 2 threads: ~60 against ~53 tokens/s), a
-/// batch of 24 or a prompt with it (~65 against ~54).
-const KTILE_MIN_N: usize = 20;
+/// weights into tiles (`x86::int8_ktile_512`): prompts, and decode steps of 8
+/// sequences or more. With the repack's scales decoded 16 rows at a time, 8
+/// rows are faster tiled (8B shapes, one thread: 14336 × 4096 Q4_K 6.4–6.6
+/// against 7.3–7.4 ms; 16 rows 8.9 against 14.9), 4 are not (5.1–5.6 against
+/// 4.1–4.5).
+const KTILE_MIN_N: usize = 8;
 
 /// From this many activation rows on, AVX-512 panels go through `outer_512`.
 const OUTER_MIN_N: usize = 16;
@@ -1967,7 +1980,7 @@ mod tests {
                 // ones (repacked tiles) each give a row the same bits in any
                 // batch of their size; the two kernels round differently.
                 let what = format!("{dtype:?}");
-                assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 7, 8, 14], &what);
+                assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 3, KTILE_MIN_N - 2], &what);
                 assert_runs_equal_batched(&m, 45, &[0, 3, 25], KTILE_MIN_N, &what);
                 continue;
             }

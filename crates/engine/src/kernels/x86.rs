@@ -1338,85 +1338,211 @@ pub(super) const fn krun(kq: u8) -> usize {
     }
 }
 
-/// Bytes per block column of a K-quant int8 tile (see `kq_tile_512`).
-pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
-    let l = krun(kq);
-    256 / l * (16 * l + 128)
+/// Bytes per run slot of a K-quant int8 tile: the 16 rows' values, then
+/// their run scales (see `kq_tile_512`).
+const fn ktile_slot_bytes(kq: u8) -> usize {
+    16 * krun(kq) + 64
 }
 
-/// Up to 16 ggml rows of Q4_K / Q5_K / Q6_K (`KQ`, `nb` blocks each) repacked
-/// into one int8 tile in `out` (`nb · ktile_block_bytes(KQ)` bytes): per block,
-/// per run slot `s` (the activations' run order of `int8_kquant_512`), `L/4`
-/// 64-byte groups holding each row's values `4g .. 4g + 4` of the run as
-/// unsigned bytes (row `r` at `4r`, as `Blocks::Int8`), then the rows' 16 run
-/// scales `d·sc` and 16 offsets (`−dmin·m`, or Q6_K's `−32·d·sc`) as f32. Rows
-/// past the last are zero. Used for prompts: one repack per tile and product,
-/// amortized over all the activation rows.
+/// Bytes per block column of a K-quant int8 tile (see `kq_tile_512`): the run
+/// slots, then the runs' offset multipliers as i16 pairs (one vector per pair
+/// of runs) and the 16 rows' offset scales.
+pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
+    let runs = 256 / krun(kq);
+    runs * ktile_slot_bytes(kq) + 64 * (runs / 2) + 64
+}
+
+/// Up to 16 consecutive ggml rows of Q4_K / Q5_K / Q6_K (`KQ`, `nb` blocks
+/// each; `rows` holds `nr` of them, `rb` bytes apart) repacked into one int8
+/// tile in `out` (`nb · ktile_block_bytes(KQ)` bytes): per block, per run slot
+/// `s` (the activations' run order of `int8_kquant_512`), `L/4` 64-byte groups
+/// holding each row's values `4g .. 4g + 4` of the run as unsigned bytes (row
+/// `r` at `4r`, as `Blocks::Int8`), then the rows' 16 run scales `d·sc` as f32;
+/// after the slots, per pair of runs in natural order one vector of the rows'
+/// offset multipliers as i16 pairs (Q4_K / Q5_K: the mins `m`; Q6_K: the
+/// scales `sc`), then the rows' offset scales (`−dmin`; Q6_K: `−32·d`) as f32.
+/// Rows past the last are zero. Used for prompts and batches: one repack per
+/// tile and product, amortized over all the activation rows.
+///
+/// The scales are decoded for all 16 rows at once, one row per lane (gathered
+/// from the block headers), and the next blocks are prefetched: the weights
+/// come from the mapped file, cold.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and VNNI.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
-pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[&[u8]], nb: usize, out: &mut [u8]) {
+pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize, nb: usize, out: &mut [u8]) {
     let bb = match KQ {
         KQ4 => 144,
         KQ5 => 176,
         _ => 210,
     };
-    let (l, tb) = (krun(KQ), ktile_block_bytes(KQ));
+    let (l, tb, sb) = (krun(KQ), ktile_block_bytes(KQ), ktile_slot_bytes(KQ));
     let ns = 256 / l;
-    assert!(rows.len() <= 16 && out.len() >= nb * tb && rows.iter().all(|r| r.len() >= nb * bb));
+    assert!((1..=16).contains(&nr) && rb >= nb * bb && rows.len() >= (nr - 1) * rb + nb * bb);
+    assert!(out.len() >= nb * tb && 16 * rb < i32::MAX as usize);
     // Natural run of each slot (Q4_K / Q5_K: a 64-byte load holds runs 0 and 2, ...).
     const ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+    // Rows past the last stay zero.
     let mut vals = [[0u8; 256]; 16];
-    let mut sc = [[0f32; 16]; 16];
-    let mut mn = [[0f32; 16]; 16];
+    let live: __mmask16 = ((1u32 << nr) - 1) as __mmask16;
+    let at = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(rb as i32),
+    );
+    // Four header bytes at `off` of every row's block `b`, one row per lane.
+    let head = |b: usize, off: usize| {
+        _mm512_mask_i32gather_epi32::<1>(
+            _mm512_setzero_si512(),
+            live,
+            at,
+            rows.as_ptr().add(b * bb + off) as *const i32,
+        )
+    };
+    // The low or high f16 of each lane as f32.
+    let f16s = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    let sign = _mm512_set1_epi32(i32::MIN);
     for b in 0..nb {
-        for (r, row) in rows.iter().enumerate() {
-            let blk = row.as_ptr().add(b * bb);
+        for r in 0..nr {
+            let blk = rows.as_ptr().add(r * rb + b * bb);
+            for line in 0..bb.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(2 * bb + 64 * line) as *const i8);
+            }
             let w = kq_bytes::<KQ>(blk);
             for (k, w) in w.iter().enumerate() {
                 _mm512_storeu_si512(vals[r].as_mut_ptr().add(64 * k) as *mut __m512i, *w);
             }
-            if KQ == KQ6 {
-                let d = f16_at(std::slice::from_raw_parts(blk.add(208), 2), 0);
-                for s in 0..16 {
-                    let q = *blk.add(192 + s) as i8 as f32;
-                    sc[s][r] = d * q;
-                    mn[s][r] = -32.0 * d * q;
-                }
-            } else {
-                let head = std::slice::from_raw_parts(blk, 4);
-                let (d, dmin) = (f16_at(head, 0), f16_at(head, 2));
-                let (scs, mins) = k4_scales(blk.add(4));
-                for s in 0..8 {
-                    let j = ORDER[s];
-                    sc[s][r] = d * ((scs >> (8 * j)) & 0xFF) as f32;
-                    mn[s][r] = -dmin * ((mins >> (8 * j)) & 0xFF) as f32;
-                }
+        }
+        let mut sc = [_mm512_setzero_ps(); 16];
+        // The offsets' multipliers, i16 pairs (runs 2p, 2p + 1), and scale.
+        let mut pairs = [_mm512_setzero_si512(); 8];
+        let lo16 = _mm512_set1_epi32(0xFFFF);
+        let neg = if KQ == KQ6 {
+            let d = f16s(_mm512_srli_epi32::<16>(head(b, 206)));
+            let q4 = [head(b, 192), head(b, 196), head(b, 200), head(b, 204)];
+            // Byte i of each lane, sign-extended.
+            let sbyte = |v: __m512i, i: usize| match i {
+                0 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v)),
+                1 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(v)),
+                2 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(v)),
+                _ => _mm512_srai_epi32::<24>(v),
+            };
+            for s in 0..16 {
+                sc[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sbyte(q4[s / 4], s % 4)));
+            }
+            for (p, pair) in pairs.iter_mut().enumerate() {
+                let v = q4[p / 2];
+                let (a, c) = (sbyte(v, 2 * (p % 2)), sbyte(v, 2 * (p % 2) + 1));
+                *pair = _mm512_or_si512(_mm512_and_si512(a, lo16), _mm512_slli_epi32::<16>(c));
+            }
+            _mm512_mul_ps(_mm512_set1_ps(-32.0), d)
+        } else {
+            // ggml's get_scale_min_k4 on all rows at once (as `k4_scales`).
+            let hd = head(b, 0);
+            let d = f16s(hd);
+            let neg_dmin = _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(f16s(_mm512_srli_epi32::<16>(hd))),
+                sign,
+            ));
+            let (a4, b4, c4) = (head(b, 4), head(b, 8), head(b, 12));
+            let (m6, m4, m2) = (
+                _mm512_set1_epi32(0x3f3f_3f3f),
+                _mm512_set1_epi32(0x0f0f_0f0f),
+                _mm512_set1_epi32(0x0303_0303),
+            );
+            let hi2 = |x: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(x), m2));
+            let scs = [
+                _mm512_and_si512(a4, m6),
+                _mm512_or_si512(_mm512_and_si512(c4, m4), hi2(a4)),
+            ];
+            let mins = [
+                _mm512_and_si512(b4, m6),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(c4), m4), hi2(b4)),
+            ];
+            let byte = |v: __m512i, i: usize| {
+                let v = match i {
+                    0 => v,
+                    1 => _mm512_srli_epi32::<8>(v),
+                    2 => _mm512_srli_epi32::<16>(v),
+                    _ => _mm512_srli_epi32::<24>(v),
+                };
+                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFF)))
+            };
+            for s in 0..8 {
+                let j = ORDER[s];
+                sc[s] = _mm512_mul_ps(d, byte(scs[j / 4], j % 4));
+            }
+            let ff = _mm512_set1_epi32(0xFF);
+            for (p, pair) in pairs.iter_mut().take(4).enumerate() {
+                let v = if p % 2 == 0 {
+                    mins[p / 2]
+                } else {
+                    _mm512_srli_epi32::<16>(mins[p / 2])
+                };
+                let hi = _mm512_and_si512(_mm512_srli_epi32::<8>(v), ff);
+                *pair = _mm512_or_si512(_mm512_and_si512(v, ff), _mm512_slli_epi32::<16>(hi));
+            }
+            neg_dmin
+        };
+        // Each group: the 16 rows' 4 bytes. Vector k of every row (64 values),
+        // transposed by dwords, gives groups 16k .. 16k + 16 of the block.
+        let col = out.as_mut_ptr().add(b * tb);
+        for k in 0..4 {
+            let m: [__m512i; 16] =
+                std::array::from_fn(|r| _mm512_loadu_si512(vals[r].as_ptr().add(64 * k) as *const __m512i));
+            for (j, v) in transpose_16x16(m).into_iter().enumerate() {
+                let (s, g) = ((16 * k + j) / (l / 4), (16 * k + j) % (l / 4));
+                _mm512_storeu_si512(col.add(s * sb + 64 * g) as *mut __m512i, v);
             }
         }
-        for r in rows.len()..16 {
-            vals[r] = [0; 256];
-            for s in 0..ns {
-                sc[s][r] = 0.0;
-                mn[s][r] = 0.0;
-            }
-        }
-        // Each group: the 16 rows' 4 bytes, gathered 256 bytes apart.
-        let idx = _mm512_setr_epi32(
-            0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 2816, 3072, 3328, 3584, 3840,
-        );
-        let (vp, col) = (vals.as_ptr() as *const u8, out.as_mut_ptr().add(b * tb));
         for s in 0..ns {
-            let slot = col.add(s * (16 * l + 128));
-            for g in 0..l / 4 {
-                let v = _mm512_i32gather_epi32::<1>(idx, vp.add(s * l + 4 * g) as *const i32);
-                _mm512_storeu_si512(slot.add(64 * g) as *mut __m512i, v);
-            }
-            _mm512_storeu_ps(slot.add(16 * l) as *mut f32, _mm512_loadu_ps(sc[s].as_ptr()));
-            _mm512_storeu_ps(slot.add(16 * l + 64) as *mut f32, _mm512_loadu_ps(mn[s].as_ptr()));
+            _mm512_storeu_ps(col.add(s * sb + 16 * l) as *mut f32, sc[s]);
         }
+        let tail = col.add(ns * sb);
+        for (p, pair) in pairs.iter().take(ns / 2).enumerate() {
+            _mm512_storeu_si512(tail.add(64 * p) as *mut __m512i, *pair);
+        }
+        _mm512_storeu_ps(tail.add(32 * ns) as *mut f32, neg);
     }
+}
+
+/// `out[j]` lane `r` = `m[r]` lane `j`: a 16 × 16 transpose of 32-bit elements
+/// in 64 two-source shuffles (unpacks within 128-bit lanes, then lane moves).
+#[inline(always)]
+unsafe fn transpose_16x16(m: [__m512i; 16]) -> [__m512i; 16] {
+    // Per 128-bit lane L: t[4i] = rows (4i, 4i+1) dwords 0, 1 interleaved, ...
+    let t: [__m512i; 16] = std::array::from_fn(|x| {
+        let (a, b) = (m[x & !1], m[x | 1]);
+        if x % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4i + c]: lane L holds rows 4i .. 4i + 4's dword 4L + c.
+    let u: [__m512i; 16] = std::array::from_fn(|x| {
+        let (i, c) = (x / 4, x % 4);
+        let (a, b) = (t[4 * i + c / 2], t[4 * i + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // out[4L + c] = lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let p01 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let q01 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let p23 = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+        let q23 = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(p01, q01);
+        out[4 + c] = _mm512_shuffle_i32x4::<0xDD>(p01, q01);
+        out[8 + c] = _mm512_shuffle_i32x4::<0x88>(p23, q23);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(p23, q23);
+    }
+    out
 }
 
 /// One K-quant block's 256 values as unsigned bytes, four 64-byte vectors in
@@ -1470,11 +1596,13 @@ unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
 
 /// Rows `0..16` of one K-quant int8 tile (see `kq_tile_512`, runs of `L`)
 /// dotted with `T` activation rows (`xq`, `xd` as for `int8_kquant_512`;
-/// `xsd[16(t·nb + b) + s]` the block's `d·Σq` over run slot `s`): `out[t][r]`.
-/// Per run: `L/4` `vpdpbusd` sum each row's products in its own i32 lane, one
-/// conversion and two multiply-adds apply the run's scale and offset — about
-/// twice the products per instruction of the row kernel, whose scales go
-/// through `vpdpwssd`.
+/// `xs[16(t·nb + b) ..]` the block's sums of `q` per run, natural order):
+/// `out[t][r]`. Per run: `L/4` `vpdpbusd` sum each row's products in its own
+/// i32 lane, one conversion and one multiply-add apply the run's scale; per
+/// block the offsets come from one integer dot product of the rows' multipliers
+/// with the activations' run sums (`vpdpwssd`), and the block's sum is scaled
+/// by its activation scale once — about twice the products per instruction of
+/// the row kernel, whose scales go through `vpdpwssd`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
@@ -1486,54 +1614,52 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
     xq: &[i8],
     cols: usize,
     xd: &[f32],
-    xsd: &[f32],
+    xs: &[i16],
     out: &mut [[f32; 16]; T],
 ) {
     let ns = 256 / L;
-    let sb = 16 * L + 128;
-    let bb = ns * sb;
+    let sb = 16 * L + 64;
+    let bb = ns * sb + 64 * (ns / 2) + 64;
     assert!(T <= 8 && (L == 16 || L == 32));
     assert!(tile.len() >= nb * bb && cols >= 256 * nb && xq.len() >= (T - 1) * cols + 256 * nb);
-    assert!(xd.len() >= T * nb && xsd.len() >= 16 * T * nb);
+    assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
+        let mut blk = [_mm512_setzero_ps(); T];
         for s in 0..ns {
             let base = tp.add(b * bb + s * sb);
-            let mut w = [_mm512_setzero_si512(); 8];
-            for (k, w) in w.iter_mut().enumerate().take(L / 4) {
-                *w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
+            // Each group of four bytes across all rows: T independent `vpdpbusd`
+            // chains in flight. The sums are exact, so the order does not matter.
+            let mut i = [_mm512_setzero_si512(); T];
+            for k in 0..L / 4 {
+                let w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
+                for (t, i) in i.iter_mut().enumerate() {
+                    let x = xp.add(t * cols + 256 * b + L * s + 4 * k);
+                    *i = _mm512_dpbusd_epi32(*i, w, _mm512_set1_epi32((x as *const i32).read_unaligned()));
+                }
             }
             let sc = _mm512_loadu_ps(base.add(16 * L) as *const f32);
-            let mn = _mm512_loadu_ps(base.add(16 * L + 64) as *const f32);
-            // Spelled out per row so that every accumulator stays in a register.
-            macro_rules! row {
-                ($t:literal) => {
-                    if $t < T {
-                        let x = xp.add($t * cols + 256 * b + L * s);
-                        let at = $t * nb + b;
-                        let mut i = _mm512_setzero_si512();
-                        for k in 0..L / 4 {
-                            let x4 = _mm512_set1_epi32((x.add(4 * k) as *const i32).read_unaligned());
-                            i = _mm512_dpbusd_epi32(i, w[k], x4);
-                        }
-                        let a = _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(i),
-                            _mm512_mul_ps(sc, _mm512_set1_ps(*xd.get_unchecked(at))),
-                            acc[$t],
-                        );
-                        acc[$t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsd.get_unchecked(16 * at + s)), a);
-                    }
-                };
+            for t in 0..T {
+                blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), sc, blk[t]);
             }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
+        }
+        // The offsets: Σ_runs multiplier·Σq, exact in i32, times their scale.
+        let tail = tp.add(b * bb + ns * sb);
+        let neg = _mm512_loadu_ps(tail.add(32 * ns) as *const f32);
+        for t in 0..T {
+            let sums = xs.as_ptr().add(16 * (t * nb + b));
+            let mut o = _mm512_setzero_si512();
+            for p in 0..ns / 2 {
+                let pair = _mm512_loadu_si512(tail.add(64 * p) as *const __m512i);
+                o = _mm512_dpwssd_epi32(
+                    o,
+                    pair,
+                    _mm512_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned()),
+                );
+            }
+            let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(o), neg, blk[t]);
+            acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(*xd.get_unchecked(t * nb + b)), acc[t]);
         }
     }
     for (o, a) in out.iter_mut().zip(acc) {
