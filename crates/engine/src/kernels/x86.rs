@@ -1602,7 +1602,9 @@ unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
 /// block the offsets come from one integer dot product of the rows' multipliers
 /// with the activations' run sums (`vpdpwssd`), and the block's sum is scaled
 /// by its activation scale once — about twice the products per instruction of
-/// the row kernel, whose scales go through `vpdpwssd`.
+/// the row kernel, whose scales go through `vpdpwssd`. `ahead` (any bytes,
+/// e.g. the weights the caller repacks next) is prefetched into L2 a little
+/// per block.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
@@ -1615,6 +1617,7 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
     cols: usize,
     xd: &[f32],
     xs: &[i16],
+    ahead: &[u8],
     out: &mut [[f32; 16]; T],
 ) {
     let ns = 256 / L;
@@ -1625,7 +1628,12 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
     assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
     let mut acc = [_mm512_setzero_ps(); T];
+    let lines = ahead.len().div_ceil(64);
+    let per_block = lines.div_ceil(nb.max(1));
     for b in 0..nb {
+        for line in b * per_block..((b + 1) * per_block).min(lines) {
+            _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * line) as *const i8);
+        }
         let mut blk = [_mm512_setzero_ps(); T];
         for s in 0..ns {
             let base = tp.add(b * bb + s * sb);
