@@ -17,10 +17,11 @@
 //! integer sums). Products of `KTILE_MIN_N` rows or more (prompts, batches of
 //! 8 sequences) repack 16 weight rows at a time into an int8 tile in L2
 //! (`x86::kq_tile_512`) and sum each run with `vpdpbusd` in one lane per row
-//! (`x86::int8_ktile_512`), about twice the products per instruction. The two K-quant kernels round
-//! differently, so there a row's bits depend on whether its product had fewer
-//! than `KTILE_MIN_N` rows (as llama.cpp's do); within each size class they do
-//! not depend on the batch (tested). Every activation row is rounded on its own and every output
+//! (`x86::int8_ktile_512`), about twice the products per instruction. The two
+//! K-quant kernels round differently, so there a row's bits depend on whether
+//! its product had fewer than `KTILE_MIN_N` rows (as llama.cpp's do); within
+//! each size class they do not depend on the batch (tested). Every activation
+//! row is rounded on its own and every output
 //! element is computed by the same instructions whatever `n` is, so a row's
 //! result does not depend on the rows batched with it (prompt or decode, alone
 //! or batched: the same bits). Its error against the dequantized-f32 product is
@@ -525,7 +526,7 @@ impl Int8KRows {
         let per_task = (1usize << 16).div_ceil(cols).max(1);
         team.run(n.div_ceil(per_task), &|c| {
             for t in c * per_task..((c + 1) * per_task).min(n) {
-                // SAFETY: row `t`'s parts of the four buffers (sized above) belong to
+                // SAFETY: row `t`'s parts of the three buffers (sized above) belong to
                 // this task alone; the caller waits for every task.
                 unsafe {
                     Self::round_row(
@@ -1055,23 +1056,27 @@ impl QMatrix {
                         // (Batches of eight or fewer lose by it: 8B, batch 8, 15.7
                         // → 13.9 tokens/s; the prefetches held the fill buffers
                         // the products' tile reads from L2 needed.)
-                        let next = if n > FUSED_MAX_N { (rt + Q).min(nrows) } else { nrows };
-                        let ahead = &bytes[(r0 + next) * rb..(r0 + (next + Q).min(nrows)) * rb];
+                        let next = (rt + Q).min(nrows);
+                        let ahead: &[u8] = if n > FUSED_MAX_N {
+                            &bytes[(r0 + next) * rb..(r0 + (next + Q).min(nrows)) * rb]
+                        } else {
+                            &[]
+                        };
                         for t0 in (0..n).step_by(FUSED_MAX_N) {
                             let tn = FUSED_MAX_N.min(n - t0);
                             let ahead = if t0 == 0 { ahead } else { &[] };
-                            let (q, d, sd) = (&xq.q[t0 * xq.stride..], &xq.d[t0 * nb..], &xq.sums[16 * t0 * nb..]);
+                            let (q, d, xs) = (&xq.q[t0 * xq.stride..], &xq.d[t0 * nb..], &xq.sums[16 * t0 * nb..]);
                             let mut res = [[0f32; Q]; FUSED_MAX_N];
                             macro_rules! go {
                                 ($($t:literal)*) => {
                                     match (kq == x86::KQ6, tn) {
                                         $((true, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<16, $t>(tile, nb, q, xq.stride, d, sd, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<16, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         $((false, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<32, $t>(tile, nb, q, xq.stride, d, sd, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<32, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         _ => unreachable!("{tn} activation rows"),
                                     }

@@ -1338,18 +1338,28 @@ pub(super) const fn krun(kq: u8) -> usize {
     }
 }
 
-/// Bytes per run slot of a K-quant int8 tile: the 16 rows' values, then
-/// their run scales (see `kq_tile_512`).
-const fn ktile_slot_bytes(kq: u8) -> usize {
-    16 * krun(kq) + 64
+/// Bytes per run slot of a K-quant int8 tile with runs of `l` values: the 16
+/// rows' values, then their run scales (see `kq_tile_512`).
+const fn ktile_slot_bytes(l: usize) -> usize {
+    16 * l + 64
 }
 
-/// Bytes per block column of a K-quant int8 tile (see `kq_tile_512`): the run
-/// slots, then the runs' offset multipliers as i16 pairs (one vector per pair
-/// of runs) and the 16 rows' offset scales.
+/// Offset of a block column's tail in a K-quant int8 tile with runs of `l`
+/// values: after the run slots come the runs' offset multipliers as i16 pairs
+/// (one vector per pair of runs), then the 16 rows' offset scales at
+/// `ktile_tail(l) + 32 · runs`.
+const fn ktile_tail(l: usize) -> usize {
+    256 / l * ktile_slot_bytes(l)
+}
+
+/// Bytes per block column of a K-quant int8 tile with runs of `l` values.
+const fn ktile_bytes(l: usize) -> usize {
+    ktile_tail(l) + 32 * (256 / l) + 64
+}
+
+/// Bytes per block column of a K-quant int8 tile (see `kq_tile_512`).
 pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
-    let runs = 256 / krun(kq);
-    runs * ktile_slot_bytes(kq) + 64 * (runs / 2) + 64
+    ktile_bytes(krun(kq))
 }
 
 /// Up to 16 consecutive ggml rows of Q4_K / Q5_K / Q6_K (`KQ`, `nb` blocks
@@ -1378,7 +1388,8 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
         KQ5 => 176,
         _ => 210,
     };
-    let (l, tb, sb) = (krun(KQ), ktile_block_bytes(KQ), ktile_slot_bytes(KQ));
+    let (l, tb) = (krun(KQ), ktile_block_bytes(KQ));
+    let sb = ktile_slot_bytes(l);
     let ns = 256 / l;
     assert!((1..=16).contains(&nr) && rb >= nb * bb && rows.len() >= (nr - 1) * rb + nb * bb);
     assert!(out.len() >= nb * tb && 16 * rb < i32::MAX as usize);
@@ -1499,7 +1510,7 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
         for s in 0..ns {
             _mm512_storeu_ps(col.add(s * sb + 16 * l) as *mut f32, sc[s]);
         }
-        let tail = col.add(ns * sb);
+        let tail = col.add(ktile_tail(l));
         for (p, pair) in pairs.iter().take(ns / 2).enumerate() {
             _mm512_storeu_si512(tail.add(64 * p) as *mut __m512i, *pair);
         }
@@ -1620,10 +1631,9 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
     ahead: &[u8],
     out: &mut [[f32; 16]; T],
 ) {
-    let ns = 256 / L;
-    let sb = 16 * L + 64;
-    let bb = ns * sb + 64 * (ns / 2) + 64;
     assert!(T <= 8 && (L == 16 || L == 32));
+    let ns = 256 / L;
+    let (sb, bb) = (ktile_slot_bytes(L), ktile_bytes(L));
     assert!(tile.len() >= nb * bb && cols >= 256 * nb && xq.len() >= (T - 1) * cols + 256 * nb);
     assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
@@ -1653,7 +1663,7 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize>(
             }
         }
         // The offsets: Σ_runs multiplier·Σq, exact in i32, times their scale.
-        let tail = tp.add(b * bb + ns * sb);
+        let tail = tp.add(b * bb + ktile_tail(L));
         let neg = _mm512_loadu_ps(tail.add(32 * ns) as *const f32);
         for t in 0..T {
             let sums = xs.as_ptr().add(16 * (t * nb + b));
