@@ -1014,8 +1014,9 @@ impl QMatrix {
     }
 
     /// The int8 scheme's `rows_task` for K-quants in ggml's layout: rows `r0 ..
-    /// r0 + nrows`, one weight row and up to eight activation rows per kernel
-    /// call; `put(t, i, v)` receives row `r0 + i` of activation row `t`.
+    /// r0 + nrows`: decode-sized products up to 64 weight rows and eight
+    /// activation rows per kernel call, prompt-sized ones 16-row tiles;
+    /// `put(t, i, v)` receives row `r0 + i` of activation row `t`.
     fn kint8_rows_task<P: FnMut(usize, usize, f32)>(
         &self,
         r0: usize,
@@ -1093,12 +1094,16 @@ impl QMatrix {
                 });
             }
             // Activation rows outside: a group of eight stays in L1 while the
-            // task's weight rows (in L2 after the first group) pass by.
+            // task's weight rows (in L2 after the first group) pass by; the
+            // kernel takes up to `G` weight rows per call.
+            const G: usize = 64;
+            let mut res = [0f32; G * FUSED_MAX_N];
             for t0 in (0..n).step_by(FUSED_MAX_N) {
                 let tn = FUSED_MAX_N.min(n - t0);
                 let (q, d, s) = (&xq.q[t0 * xq.stride..], &xq.d[t0 * nb..], &xq.sums[16 * t0 * nb..]);
-                for i in 0..nrows {
-                    let row = &bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
+                for i0 in (0..nrows).step_by(G) {
+                    let m = G.min(nrows - i0);
+                    let rows = &bytes[(r0 + i0) * rb..(r0 + i0 + m) * rb];
                     macro_rules! go {
                         ($kq:expr, $($t:literal)*) => {{
                             match tn {
@@ -1106,10 +1111,7 @@ impl QMatrix {
                                     // SAFETY: `kint8` is set only where the CPU has
                                     // AVX-512 VNNI (`int8_supported`); the kernel
                                     // checks its slice lengths.
-                                    let res = unsafe { x86::int8_kquant_512::<{ $kq }, $t>(row, q, d, s, cols, xq.stride) };
-                                    for (t, &v) in res.iter().enumerate() {
-                                        put(t0 + t, i, v);
-                                    }
+                                    unsafe { x86::int8_kquant_512::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res) }
                                 })*
                                 _ => unreachable!("{tn} activation rows"),
                             }
@@ -1119,6 +1121,11 @@ impl QMatrix {
                         Kind::Q4K => go!(x86::KQ4, 1 2 3 4 5 6 7 8),
                         Kind::Q5K => go!(x86::KQ5, 1 2 3 4 5 6 7 8),
                         _ => go!(x86::KQ6, 1 2 3 4 5 6 7 8),
+                    }
+                    for i in 0..m {
+                        for t in 0..tn {
+                            put(t0 + t, i0 + i, res[i * tn + t]);
+                        }
                     }
                 }
             }

@@ -1207,8 +1207,9 @@ unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
 }
 
-/// `out[t] = dot(weight row, activation row t)` for one ggml row of
-/// Q4_K / Q5_K / Q6_K (`KQ`) and `T` activation rows rounded to 8 bits per
+/// `out[i·T + t] = dot(weight row i, activation row t)` for `nr` consecutive
+/// ggml rows of Q4_K / Q5_K / Q6_K (`KQ`; `rows` holds them, `rb` bytes apart)
+/// and `T` activation rows rounded to 8 bits per
 /// block of 256 (llama.cpp's Q8_K): `xq` (`stride` apart; for Q4_K / Q5_K each
 /// block's 32-value runs in the order 0, 2, 1, 3, 4, 6, 5, 7, the order in which
 /// the weights' nibbles come out of a 64-byte load), `xd[t·nb + b]` the block's
@@ -1221,18 +1222,27 @@ unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
 /// (Q6_K) meet the activation sums. The integer sums are exact, so a result
 /// does not depend on `T` or the other rows.
 ///
+/// Sixteen rows' vector sums are reduced together (`sum16`, ~3 instructions a
+/// row): decode rows are short (8 blocks at 2048 columns), and a call and an
+/// `_mm512_reduce_add_ps` per row were a fifth of a row's time (Q4_K 2048 ×
+/// 2048, one thread, in cache: 0.103 → 0.084 ms). Each lane sums its own row
+/// in a fixed order, so a row's result does not depend on its neighbours.
+///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and VNNI.
-#[allow(clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
 pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
-    row: &[u8],
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
     xq: &[i8],
     xd: &[f32],
     xs: &[i16],
     cols: usize,
     stride: usize,
-) -> [f32; T] {
+    out: &mut [f32],
+) {
     let bb = match KQ {
         KQ4 => 144,
         KQ5 => 176,
@@ -1241,31 +1251,68 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     let nb = cols / 256;
     assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
     assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
-    assert!(row.len() >= nb * bb);
-    let xp = xq.as_ptr();
+    assert!(rb >= nb * bb && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * bb));
+    assert!(out.len() >= nr * T);
     // Q4_K / Q5_K: the products' scales (see `scale_index`); Q6_K: per half.
-    let (i0, i1, i2, i3) = if KQ == KQ6 {
-        (
+    let idx = if KQ == KQ6 {
+        [
             scale_index(KQ, 0, 0),
             scale_index(KQ, 4, 0),
             scale_index(KQ, 8, 0),
             scale_index(KQ, 12, 0),
-        )
+        ]
     } else {
-        (
+        [
             scale_index(KQ, 0, 2),
             scale_index(KQ, 1, 3),
             scale_index(KQ, 4, 6),
             scale_index(KQ, 5, 7),
-        )
+        ]
     };
-    // One weight row per call: with several rows' accumulators LLVM kept them on
-    // the stack.
+    let mut acc = [[_mm512_setzero_ps(); 16]; T];
+    for g in (0..nr).step_by(16) {
+        let m = 16.min(nr - g);
+        for r in 0..16 {
+            let a = if r < m {
+                kq_row_512::<KQ, T>(rows.as_ptr().add((g + r) * rb), nb, bb, xq, xd, xs, stride, &idx)
+            } else {
+                [_mm512_setzero_ps(); T]
+            };
+            for t in 0..T {
+                acc[t][r] = a[t];
+            }
+        }
+        for t in 0..T {
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), sum16(&acc[t]));
+            for r in 0..m {
+                out[(g + r) * T + t] = sums[r];
+            }
+        }
+    }
+}
+
+/// One row's per-lane sums for `int8_kquant_512` (`nb` blocks of `bb` bytes at
+/// `blk0`; `idx` the scale indices).
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn kq_row_512<const KQ: u8, const T: usize>(
+    blk0: *const u8,
+    nb: usize,
+    bb: usize,
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[i16],
+    stride: usize,
+    idx: &[__m512i; 4],
+) -> [__m512; T] {
+    let xp = xq.as_ptr();
+    let [i0, i1, i2, i3] = *idx;
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
-        let blk = row.as_ptr().add(b * bb);
+        let blk = blk0.add(b * bb);
         // Decode streams every weight from memory once: prefetch well ahead (past
-        // the row's end into the next row, which the caller takes next), a hint
+        // the row's end into the next row, which comes next), a hint
         // that never faults (hence `wrapping_add`).
         for l in 0..3 {
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(KQ_PREFETCH_BYTES + 64 * l) as *const i8);
@@ -1326,7 +1373,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
             }
         }
     }
-    acc.map(|a| _mm512_reduce_add_ps(a))
+    acc
 }
 
 /// Values per run (one scale) of a K-quant kind: 32 (Q4_K, Q5_K) or 16 (Q6_K).
