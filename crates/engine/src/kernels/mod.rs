@@ -56,6 +56,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 
+use rayon::prelude::*;
+
 use crate::team::Team;
 
 pub use aligned::{Aligned, Plain};
@@ -279,27 +281,67 @@ fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
     out
 }
 
-/// ggml rows (`rows × nb` blocks of `kind`) repacked into tiles (see `Blocks::Tiled`).
-fn tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    let (qoff, qb, ns) = block_parts(kind);
+/// ggml rows (`rows × nb` blocks of `kind`) repacked into tiles (see
+/// `Blocks::Tiled`) in `out` (`rows.div_ceil(R)` tiles, zero where no row is).
+fn tile_rows_into(kind: Kind, src: &[u8], rows: usize, nb: usize, out: &mut [u8]) {
+    match kind {
+        Kind::Q4_0 => tile_rows_as::<2, 16, 1>(kind, src, rows, nb, out),
+        Kind::Q4_1 => tile_rows_as::<4, 16, 2>(kind, src, rows, nb, out),
+        _ => tile_rows_as::<2, 32, 1>(kind, src, rows, nb, out),
+    }
+}
+
+/// `tile_rows_into` for a kind whose `block_parts` are `(QOFF, QB, NS)`:
+/// constant sizes make each copy a few moves, not a `memcpy` call per block,
+/// and the tiles are shared among the threads (an 8B Q8_0 file is 250 million
+/// blocks, all repacked while it loads).
+fn tile_rows_as<const QOFF: usize, const QB: usize, const NS: usize>(
+    kind: Kind,
+    src: &[u8],
+    rows: usize,
+    nb: usize,
+    out: &mut [u8],
+) {
+    debug_assert_eq!(block_parts(kind), (QOFF, QB, NS));
     let bb = kind.block_bytes();
     let (rb, tb) = (nb * bb, R * nb * bb);
-    let mut out = vec![0u8; rows.div_ceil(R) * tb];
-    for (t, tile) in out.chunks_exact_mut(tb).enumerate() {
-        let (scales, quants) = tile.split_at_mut(2 * nb * R * ns);
+    assert_eq!(out.len(), rows.div_ceil(R) * tb, "tile buffer size");
+    out.par_chunks_exact_mut(tb).enumerate().for_each(|(t, tile)| {
+        let (scales, quants) = tile.split_at_mut(2 * nb * R * NS);
         for r in 0..R.min(rows - t * R) {
             let row = &src[(t * R + r) * rb..(t * R + r + 1) * rb];
             for (b, blk) in row.chunks_exact(bb).enumerate() {
-                for j in 0..ns {
-                    let at = 2 * (b * R * ns + j * R + r);
+                for j in 0..NS {
+                    let at = 2 * (b * R * NS + j * R + r);
                     scales[at..at + 2].copy_from_slice(&blk[2 * j..2 * j + 2]);
                 }
-                let at = (b * R + r) * qb;
-                quants[at..at + qb].copy_from_slice(&blk[qoff..qoff + qb]);
+                let at = (b * R + r) * QB;
+                let q: &[u8; QB] = blk[QOFF..QOFF + QB].try_into().expect("QB bytes");
+                quants[at..at + QB].copy_from_slice(q);
             }
         }
+    });
+}
+
+/// `len` zero bytes for a repacked matrix, asking Linux for transparent huge
+/// pages (where they are given on request, `madvise` mode): the first write to
+/// each 4 KiB page otherwise costs a fault, two million of them for an 8B
+/// Q8_0 file. Advice only: without huge pages this is `vec![0; len]`.
+fn zeroed_huge(len: usize) -> Vec<u8> {
+    // Large zeroed allocations come from fresh mappings, untouched until written.
+    let v = vec![0u8; len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (start, end) = (v.as_ptr() as usize, v.as_ptr() as usize + len);
+        let (start, end) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if end > start {
+            // SAFETY: advice on whole pages inside `v`'s allocation; it changes
+            // how they are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
     }
-    out
+    v
 }
 
 /// Which quantized products round their activations to 8 bits (llama.cpp's
@@ -369,13 +411,14 @@ fn int8_at(ns: usize, g: usize, r: usize) -> usize {
     2 * ns * Q + 64 * g + 4 * r
 }
 
-/// ggml rows (`rows × nb` blocks of Q4_0 / Q4_1 / Q8_0) repacked into int8 tiles.
-fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+/// ggml rows (`rows × nb` blocks of Q4_0 / Q4_1 / Q8_0) repacked into int8
+/// tiles in `out` (`rows.div_ceil(Q)` tiles, zero where no row is).
+fn int8_tile_rows_into(kind: Kind, src: &[u8], rows: usize, nb: usize, out: &mut [u8]) {
     let (qoff, qb, ns) = block_parts(kind);
     let bb = kind.block_bytes();
     let (rb, cb) = (nb * bb, Q * bb);
-    let mut out = vec![0u8; rows.div_ceil(Q) * nb * cb];
-    for (t, tile) in out.chunks_exact_mut(nb * cb).enumerate() {
+    assert_eq!(out.len(), rows.div_ceil(Q) * nb * cb, "tile buffer size");
+    out.par_chunks_exact_mut(nb * cb).enumerate().for_each(|(t, tile)| {
         for r in 0..Q.min(rows - t * Q) {
             let row = &src[(t * Q + r) * rb..(t * Q + r + 1) * rb];
             for (blk, col) in row.chunks_exact(bb).zip(tile.chunks_exact_mut(cb)) {
@@ -389,8 +432,7 @@ fn int8_tile_rows(kind: Kind, src: &[u8], rows: usize, nb: usize) -> Vec<u8> {
                 }
             }
         }
-    }
-    out
+    });
 }
 
 /// Row `r` of an int8 tile back in ggml's block layout.
@@ -737,6 +779,101 @@ impl QMatrix {
         Some(m)
     }
 
+    /// A matrix over mapped ggml blocks left where they lie, for row lookups
+    /// only (`dequantize_row`; an embedding that is not also the output
+    /// layer): `from_mapped` would repack Q4_0 / Q4_1 / Q8_0 for products, a
+    /// copy of every row (558 MB for an 8B Q8_0 file) where a prompt reads a
+    /// few. `None` for a block type without kernels here.
+    pub fn from_mapped_for_lookup(blocks: &Arc<MappedBlocks>) -> Option<Self> {
+        let &[rows, cols] = &blocks.dims[..] else {
+            return None;
+        };
+        let kind = Kind::from_dtype(blocks.dtype)?;
+        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) {
+            return None;
+        }
+        let row_bytes = cols / kind.block_elems() * kind.block_bytes();
+        (blocks.bytes().len() == rows * row_bytes).then(|| QMatrix {
+            kind,
+            dtype: blocks.dtype,
+            rows,
+            cols,
+            row_bytes,
+            isa: Isa::detect(),
+            blocks: Blocks::Mapped(blocks.clone()),
+            row0: 0,
+            kint8: false,
+        })
+    }
+
+    /// Matrices over mapped ggml blocks that are multiplied as one (the q, k
+    /// and v projections; gate and up) repacked straight into one buffer, each
+    /// a view of it: `concat` over them then copies nothing. Repacking them
+    /// apart and concatenating held every part twice (125 MB for an 8B Q8_0
+    /// layer's gate and up), above the memory bound of a mapped file. `None`
+    /// where `from_mapped` would not repack them all alike with whole tiles.
+    pub fn from_mapped_parts(parts: &[&Arc<MappedBlocks>]) -> Option<Vec<QMatrix>> {
+        let isa = Isa::detect();
+        let first = parts.first()?;
+        let (dtype, cols) = (first.dtype, *first.dims.get(1)?);
+        let kind = Kind::from_dtype(dtype)?;
+        tiled_kind(kind)?;
+        let int8 = int8_default(isa, dtype) && int8_supported(isa);
+        if !int8 && isa != Isa::Avx512 || cols == 0 || !cols.is_multiple_of(kind.block_elems()) {
+            return None;
+        }
+        let tile = if int8 { Q } else { R };
+        let (nb, row_bytes) = (
+            cols / kind.block_elems(),
+            cols / kind.block_elems() * kind.block_bytes(),
+        );
+        let mut rows = Vec::with_capacity(parts.len());
+        for p in parts {
+            let &[r, c] = &p.dims[..] else { return None };
+            if p.dtype != dtype || c != cols || !r.is_multiple_of(tile) || p.bytes().len() != r * row_bytes {
+                return None;
+            }
+            rows.push(r);
+        }
+        let mut data = zeroed_huge(rows.iter().sum::<usize>() * row_bytes);
+        let mut at = 0;
+        for (p, &r) in parts.iter().zip(&rows) {
+            let out = &mut data[at..at + r * row_bytes];
+            if int8 {
+                int8_tile_rows_into(kind, p.bytes(), r, nb, out);
+            } else {
+                tile_rows_into(kind, p.bytes(), r, nb, out);
+            }
+            p.release_pages();
+            at += r * row_bytes;
+        }
+        let data = Arc::new(data);
+        let mut row0 = 0;
+        Some(
+            rows.iter()
+                .map(|&r| {
+                    let m = QMatrix {
+                        kind,
+                        dtype,
+                        rows: r,
+                        cols,
+                        row_bytes,
+                        isa,
+                        blocks: if int8 {
+                            Blocks::Int8(data.clone())
+                        } else {
+                            Blocks::Tiled(data.clone())
+                        },
+                        row0,
+                        kint8: false,
+                    };
+                    row0 += r;
+                    m
+                })
+                .collect(),
+        )
+    }
+
     /// Q5_0 blocks (Gemma 3's Q4_K_M files keep the 262k-row embedding in
     /// them) as Q8_0, which has kernels here: candle's Q5_0 product was 60% of
     /// a prompt-logprob pass. Lossless: both formats are a block of 32 integers
@@ -774,8 +911,16 @@ impl QMatrix {
         }
         let nb = cols / kind.block_elems();
         let blocks = match tiled_kind(kind) {
-            Some(_) if int8 && int8_supported(isa) => Blocks::Int8(Arc::new(int8_tile_rows(kind, bytes, rows, nb))),
-            Some(_) if isa == Isa::Avx512 => Blocks::Tiled(Arc::new(tile_rows(kind, bytes, rows, nb))),
+            Some(_) if int8 && int8_supported(isa) => {
+                let mut t = zeroed_huge(rows.div_ceil(Q) * Q * row_bytes);
+                int8_tile_rows_into(kind, bytes, rows, nb, &mut t);
+                Blocks::Int8(Arc::new(t))
+            }
+            Some(_) if isa == Isa::Avx512 => {
+                let mut t = zeroed_huge(rows.div_ceil(R) * R * row_bytes);
+                tile_rows_into(kind, bytes, rows, nb, &mut t);
+                Blocks::Tiled(Arc::new(t))
+            }
             _ => in_place(),
         };
         let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
@@ -803,7 +948,27 @@ impl QMatrix {
         let first = parts.first()?;
         let int8 = matches!(first.blocks, Blocks::Int8(_));
         let tile = if int8 { Q } else { R };
-        let mut data = Vec::new();
+        // Consecutive views of one buffer (`from_mapped_parts`): already one.
+        let buffer = |m: &QMatrix| match &m.blocks {
+            Blocks::Tiled(t) | Blocks::Int8(t) => Some(Arc::as_ptr(t)),
+            _ => None,
+        };
+        let adjacent = parts.windows(2).all(|w| {
+            buffer(w[0]).is_some()
+                && buffer(w[0]) == buffer(w[1])
+                && w[0].row0 + w[0].rows == w[1].row0
+                && (w[0].kind, w[0].cols, w[0].isa) == (w[1].kind, w[1].cols, w[1].isa)
+        });
+        if adjacent && buffer(first).is_some() {
+            let rows = parts.iter().map(|p| p.rows).sum();
+            let whole = QMatrix {
+                rows,
+                ..(*first).clone()
+            };
+            return Some((whole, parts.iter().map(|p| (*p).clone()).collect()));
+        }
+        let mut data = zeroed_huge(parts.iter().map(|p| p.rows * p.row_bytes).sum());
+        let mut at = 0;
         for p in parts {
             let t = match &p.blocks {
                 Blocks::Tiled(t) if !int8 => t,
@@ -814,7 +979,9 @@ impl QMatrix {
             if !same || !p.rows.is_multiple_of(tile) {
                 return None;
             }
-            data.extend_from_slice(&t[p.row0 * p.row_bytes..(p.row0 + p.rows) * p.row_bytes]);
+            let part = &t[p.row0 * p.row_bytes..(p.row0 + p.rows) * p.row_bytes];
+            data[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
         }
         let data = Arc::new(data);
         let blocks = if int8 { Blocks::Int8(data) } else { Blocks::Tiled(data) };
@@ -1829,6 +1996,76 @@ mod tests {
         }
         got.truncate(rows * cols);
         got
+    }
+
+    #[test]
+    fn mapped_parts_repacked_together_multiply_like_each_alone() {
+        // Three matrices' ggml bytes in one mapped file, as a GGUF holds q, k, v.
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let parts: Vec<Arc<QTensor>> = [32usize, 16, 16]
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| quantized(r, 256, dtype, 7 + i as u64))
+                .collect();
+            let path = std::env::temp_dir().join(format!("vicugna-mapped-parts-{}-{dtype:?}", std::process::id()));
+            let bytes: Vec<Vec<u8>> = parts.iter().map(|q| q.data().unwrap().into_owned()).collect();
+            std::fs::write(&path, bytes.concat()).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: a file this test wrote and nothing else changes.
+            let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+            std::fs::remove_file(&path).unwrap();
+            let mut start = 0;
+            let blocks: Vec<Arc<MappedBlocks>> = parts
+                .iter()
+                .zip(&bytes)
+                .map(|(q, b)| {
+                    let m = MappedBlocks::new(map.clone(), start, b.len(), dtype, q.shape().dims()).unwrap();
+                    start += b.len();
+                    Arc::new(m)
+                })
+                .collect();
+            let Some(views) = QMatrix::from_mapped_parts(&blocks.iter().collect::<Vec<_>>()) else {
+                // Only tiled (AVX-512) matrices are repacked.
+                assert!(!Isa::available().contains(&Isa::Avx512));
+                continue;
+            };
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (whole, _) = QMatrix::concat(&views.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(whole.rows(), 64);
+            let mut all = vec![0f32; 3 * 64];
+            whole.matmul(&x, 3, &mut all);
+            let mut off = 0;
+            for (b, v) in blocks.iter().zip(&views) {
+                let alone = QMatrix::from_mapped(b).unwrap();
+                let (mut a, mut got) = (vec![0f32; 3 * v.rows()], vec![0f32; 3 * v.rows()]);
+                alone.matmul(&x, 3, &mut a);
+                v.matmul(&x, 3, &mut got);
+                assert_eq!(
+                    a, got,
+                    "{dtype:?}: a part repacked with the others differs from it alone"
+                );
+                for t in 0..3 {
+                    assert_eq!(
+                        a[t * v.rows()..(t + 1) * v.rows()],
+                        all[t * 64 + off..t * 64 + off + v.rows()]
+                    );
+                }
+                // Looked up where it lies: the same rows as repacked.
+                let lookup = QMatrix::from_mapped_for_lookup(b).unwrap();
+                let (mut want, mut row) = (vec![0f32; 256], vec![0f32; 256]);
+                for r in [0, v.rows() - 1] {
+                    alone.dequantize_row(r, &mut want);
+                    lookup.dequantize_row(r, &mut row);
+                    assert_eq!(want, row, "{dtype:?}: row {r} looked up in the map");
+                }
+                off += v.rows();
+            }
+        }
     }
 
     #[test]

@@ -83,6 +83,31 @@ impl Linear {
         })
     }
 
+    /// Layers over mapped GGUF blocks that are multiplied together (see
+    /// `QMatrix::from_mapped_parts`), one per weight with its bias; `None`
+    /// where they are not all mapped blocks repacked alike.
+    pub fn mapped_parts(weights: &[Weight], biases: Vec<Option<Tensor>>) -> Option<Vec<Self>> {
+        let blocks: Vec<_> = weights
+            .iter()
+            .map(|w| match w {
+                Weight::Mapped(m) => Some(m),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let views = QMatrix::from_mapped_parts(&blocks)?;
+        Some(
+            views
+                .into_iter()
+                .zip(biases)
+                .map(|(m, bias)| Linear {
+                    weight: LinearWeight::Kernel(m),
+                    bias,
+                    lora: None,
+                })
+                .collect(),
+        )
+    }
+
     /// From a plain weight tensor (e.g. a trainable variable).
     pub fn from_tensor(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {

@@ -135,6 +135,25 @@ impl Model {
             let b = if with_bias { Some(bias(name, out)?) } else { None };
             Linear::new(w, b, dense, device)
         };
+        // Layers multiplied together (q, k, v; gate, up), each `(name, out)`:
+        // mapped blocks that are repacked go straight into one buffer.
+        let linears = |parts: &[(&str, usize)], inp: usize, with_bias: bool| -> Result<Vec<Linear>> {
+            let mut ws = Vec::with_capacity(parts.len());
+            let mut bs = Vec::with_capacity(parts.len());
+            for &(name, out) in parts {
+                ws.push(src.get(&format!("{name}.weight"), &[out, inp])?);
+                bs.push(if with_bias { Some(bias(name, out)?) } else { None });
+            }
+            if dense.is_none() {
+                if let Some(ls) = Linear::mapped_parts(&ws, bs.clone()) {
+                    return Ok(ls);
+                }
+            }
+            ws.into_iter()
+                .zip(bs)
+                .map(|(w, b)| Linear::new(w, b, dense, device))
+                .collect()
+        };
         // Rows `parts` of one stored matrix (a fused projection, stacked experts)
         // as separate layers; the bias split alike.
         let split = |w: Weight, b: Option<Tensor>, parts: &[(usize, usize)]| -> Result<Vec<Linear>> {
@@ -159,10 +178,12 @@ impl Model {
             (Weight::Quantized(_) | Weight::Mapped(_), None, LinearWeight::Kernel(m)) if tied => {
                 Embedding::Kernel(m.clone())
             }
-            (Weight::Mapped(m), None, _) => match QMatrix::from_mapped(&m) {
-                Some(k) => Embedding::Kernel(k),
-                None => Embedding::Quantized(QMatMul::from_arc(m.to_qtensor()?)?),
-            },
+            (Weight::Mapped(m), None, _) => {
+                match QMatrix::from_mapped_for_lookup(&m).or_else(|| QMatrix::from_mapped(&m)) {
+                    Some(k) => Embedding::Kernel(k),
+                    None => Embedding::Quantized(QMatMul::from_arc(m.to_qtensor()?)?),
+                }
+            }
             (Weight::Quantized(q), None, _) => match QMatrix::from_qtensor(&q) {
                 Some(m) => Embedding::Kernel(m),
                 None => Embedding::Quantized(QMatMul::from_arc(q)?),
@@ -193,11 +214,15 @@ impl Model {
                 let mut next = || parts.next().unwrap_or_else(|| unreachable!("three parts"));
                 (next(), next(), next())
             } else {
-                (
-                    linear(&format!("{p}.self_attn.q_proj"), qd, h, cfg.qkv_bias)?,
-                    linear(&format!("{p}.self_attn.k_proj"), kvd, h, cfg.qkv_bias)?,
-                    linear(&format!("{p}.self_attn.v_proj"), kvd, h, cfg.qkv_bias)?,
-                )
+                let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}"));
+                let parts = [
+                    (names[0].as_str(), qd),
+                    (names[1].as_str(), kvd),
+                    (names[2].as_str(), kvd),
+                ];
+                let mut parts = linears(&parts, h, cfg.qkv_bias)?.into_iter();
+                let mut next = || parts.next().unwrap_or_else(|| unreachable!("three parts"));
+                (next(), next(), next())
             };
             let dense_mlp = |prefix: &str| -> Result<Mlp> {
                 let (gate, up) = if spec.fused_gate_up {
@@ -206,10 +231,10 @@ impl Model {
                     let mut next = || parts.next().unwrap_or_else(|| unreachable!("two parts"));
                     (next(), next())
                 } else {
-                    (
-                        linear(&format!("{prefix}.gate_proj"), ffn, h, false)?,
-                        linear(&format!("{prefix}.up_proj"), ffn, h, false)?,
-                    )
+                    let (g, u) = (format!("{prefix}.gate_proj"), format!("{prefix}.up_proj"));
+                    let mut parts = linears(&[(g.as_str(), ffn), (u.as_str(), ffn)], h, false)?.into_iter();
+                    let mut next = || parts.next().unwrap_or_else(|| unreachable!("two parts"));
+                    (next(), next())
                 };
                 Ok(mlp(gate, up, linear(&format!("{prefix}.down_proj"), h, ffn, false)?))
             };
