@@ -344,6 +344,47 @@ fn zeroed_huge(len: usize) -> Vec<u8> {
     v
 }
 
+/// The kind and bytes per row of `rows × cols` blocks of `dtype` held in
+/// `len` bytes; `None` for a block type without kernels here or a size that
+/// does not fit.
+fn block_shape(dtype: GgmlDType, rows: usize, cols: usize, len: usize) -> Option<(Kind, usize)> {
+    let kind = Kind::from_dtype(dtype)?;
+    if cols == 0 || !cols.is_multiple_of(kind.block_elems()) {
+        return None;
+    }
+    let row_bytes = cols / kind.block_elems() * kind.block_bytes();
+    (len == rows * row_bytes).then_some((kind, row_bytes))
+}
+
+/// How a matrix of `kind` is held for products: repacked into int8 tiles of
+/// `Q` rows (`Some(true)`), into f32-path tiles of `R` rows (`Some(false)`), or
+/// used where it lies (`None`).
+fn tiling(kind: Kind, isa: Isa, int8: bool) -> Option<bool> {
+    match tiled_kind(kind) {
+        Some(_) if int8 && int8_supported(isa) => Some(true),
+        Some(_) if isa == Isa::Avx512 => Some(false),
+        _ => None,
+    }
+}
+
+/// `rows` ggml rows (`nb` blocks of `kind` each) repacked into `out`, in int8
+/// tiles or f32-path tiles (`tiling`); `out` holds whole tiles
+/// (`tiled_bytes`).
+fn tile_into(kind: Kind, int8_tiles: bool, src: &[u8], rows: usize, nb: usize, out: &mut [u8]) {
+    if int8_tiles {
+        int8_tile_rows_into(kind, src, rows, nb, out)
+    } else {
+        tile_rows_into(kind, src, rows, nb, out)
+    }
+}
+
+/// Bytes of `rows` rows of `row_bytes` repacked: whole tiles, zero past the
+/// last row.
+fn tiled_bytes(rows: usize, row_bytes: usize, int8_tiles: bool) -> usize {
+    let tile = if int8_tiles { Q } else { R };
+    rows.div_ceil(tile) * tile * row_bytes
+}
+
 /// Which quantized products round their activations to 8 bits (llama.cpp's
 /// scheme, on CPUs with AVX-512 VNNI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -805,12 +846,8 @@ impl QMatrix {
         let &[rows, cols] = &blocks.dims[..] else {
             return None;
         };
-        let kind = Kind::from_dtype(blocks.dtype)?;
-        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) {
-            return None;
-        }
-        let row_bytes = cols / kind.block_elems() * kind.block_bytes();
-        (blocks.bytes().len() == rows * row_bytes).then(|| QMatrix {
+        let (kind, row_bytes) = block_shape(blocks.dtype, rows, cols, blocks.bytes().len())?;
+        Some(QMatrix {
             kind,
             dtype: blocks.dtype,
             rows,
@@ -833,50 +870,47 @@ impl QMatrix {
         let isa = Isa::detect();
         let first = parts.first()?;
         let (dtype, cols) = (first.dtype, *first.dims.get(1)?);
-        let kind = Kind::from_dtype(dtype)?;
-        tiled_kind(kind)?;
-        let int8 = int8_default(isa, dtype) && int8_supported(isa);
-        if !int8 && isa != Isa::Avx512 || cols == 0 || !cols.is_multiple_of(kind.block_elems()) {
-            return None;
-        }
-        let tile = if int8 { Q } else { R };
-        let (nb, row_bytes) = (
-            cols / kind.block_elems(),
-            cols / kind.block_elems() * kind.block_bytes(),
-        );
-        let mut rows = Vec::with_capacity(parts.len());
+        let int8_tiles = tiling(Kind::from_dtype(dtype)?, isa, int8_default(isa, dtype))?;
+        let tile = if int8_tiles { Q } else { R };
+        let mut shapes = Vec::with_capacity(parts.len());
         for p in parts {
-            let &[r, c] = &p.dims[..] else { return None };
-            if p.dtype != dtype || c != cols || !r.is_multiple_of(tile) || p.bytes().len() != r * row_bytes {
+            let &[rows, c] = &p.dims[..] else { return None };
+            let (kind, row_bytes) = block_shape(p.dtype, rows, c, p.bytes().len())?;
+            if p.dtype != dtype || c != cols || !rows.is_multiple_of(tile) || !isa.supported() {
                 return None;
             }
-            rows.push(r);
+            shapes.push((kind, rows, row_bytes));
         }
-        let mut data = zeroed_huge(rows.iter().sum::<usize>() * row_bytes);
+        let row_bytes = shapes[0].2;
+        let nb = cols / shapes[0].0.block_elems();
+        let mut data = zeroed_huge(shapes.iter().map(|&(_, rows, _)| rows).sum::<usize>() * row_bytes);
         let mut at = 0;
-        for (p, &r) in parts.iter().zip(&rows) {
-            let out = &mut data[at..at + r * row_bytes];
-            if int8 {
-                int8_tile_rows_into(kind, p.bytes(), r, nb, out);
-            } else {
-                tile_rows_into(kind, p.bytes(), r, nb, out);
-            }
+        for (p, &(kind, rows, _)) in parts.iter().zip(&shapes) {
+            tile_into(
+                kind,
+                int8_tiles,
+                p.bytes(),
+                rows,
+                nb,
+                &mut data[at..at + rows * row_bytes],
+            );
             p.release_pages();
-            at += r * row_bytes;
+            at += rows * row_bytes;
         }
         let data = Arc::new(data);
         let mut row0 = 0;
         Some(
-            rows.iter()
-                .map(|&r| {
+            shapes
+                .iter()
+                .map(|&(kind, rows, row_bytes)| {
                     let m = QMatrix {
                         kind,
                         dtype,
-                        rows: r,
+                        rows,
                         cols,
                         row_bytes,
                         isa,
-                        blocks: if int8 {
+                        blocks: if int8_tiles {
                             Blocks::Int8(data.clone())
                         } else {
                             Blocks::Tiled(data.clone())
@@ -884,7 +918,7 @@ impl QMatrix {
                         row0,
                         kint8: false,
                     };
-                    row0 += r;
+                    row0 += rows;
                     m
                 })
                 .collect(),
@@ -918,27 +952,23 @@ impl QMatrix {
         int8: bool,
         in_place: impl FnOnce() -> Blocks,
     ) -> Option<Self> {
-        let kind = Kind::from_dtype(dtype)?;
-        if cols == 0 || !cols.is_multiple_of(kind.block_elems()) || !isa.supported() {
+        if !isa.supported() {
             return None;
         }
-        let row_bytes = cols / kind.block_elems() * kind.block_bytes();
-        if bytes.len() != rows * row_bytes {
-            return None;
-        }
+        let (kind, row_bytes) = block_shape(dtype, rows, cols, bytes.len())?;
         let nb = cols / kind.block_elems();
-        let blocks = match tiled_kind(kind) {
-            Some(_) if int8 && int8_supported(isa) => {
-                let mut t = zeroed_huge(rows.div_ceil(Q) * Q * row_bytes);
-                int8_tile_rows_into(kind, bytes, rows, nb, &mut t);
-                Blocks::Int8(Arc::new(t))
+        let blocks = match tiling(kind, isa, int8) {
+            Some(int8_tiles) => {
+                let mut t = zeroed_huge(tiled_bytes(rows, row_bytes, int8_tiles));
+                tile_into(kind, int8_tiles, bytes, rows, nb, &mut t);
+                let t = Arc::new(t);
+                if int8_tiles {
+                    Blocks::Int8(t)
+                } else {
+                    Blocks::Tiled(t)
+                }
             }
-            Some(_) if isa == Isa::Avx512 => {
-                let mut t = zeroed_huge(rows.div_ceil(R) * R * row_bytes);
-                tile_rows_into(kind, bytes, rows, nb, &mut t);
-                Blocks::Tiled(Arc::new(t))
-            }
-            _ => in_place(),
+            None => in_place(),
         };
         let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
             && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K)

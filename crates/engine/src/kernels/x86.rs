@@ -1243,11 +1243,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     stride: usize,
     out: &mut [f32],
 ) {
-    let bb = match KQ {
-        KQ4 => 144,
-        KQ5 => 176,
-        _ => 210,
-    };
+    let bb = kblock_bytes(KQ);
     let nb = cols / 256;
     assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
     assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
@@ -1274,7 +1270,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
         let m = 16.min(nr - g);
         for r in 0..16 {
             let a = if r < m {
-                kq_row_512::<KQ, T>(rows.as_ptr().add((g + r) * rb), nb, bb, xq, xd, xs, stride, &idx)
+                kq_row_512::<KQ, T>(rows.as_ptr().add((g + r) * rb), nb, xq, xd, xs, stride, &idx)
             } else {
                 [_mm512_setzero_ps(); T]
             };
@@ -1292,14 +1288,13 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     }
 }
 
-/// One row's per-lane sums for `int8_kquant_512` (`nb` blocks of `bb` bytes at
+/// One row's per-lane sums for `int8_kquant_512` (`nb` blocks at
 /// `blk0`; `idx` the scale indices).
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn kq_row_512<const KQ: u8, const T: usize>(
     blk0: *const u8,
     nb: usize,
-    bb: usize,
     xq: &[i8],
     xd: &[f32],
     xs: &[i16],
@@ -1310,7 +1305,7 @@ unsafe fn kq_row_512<const KQ: u8, const T: usize>(
     let [i0, i1, i2, i3] = *idx;
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
-        let blk = blk0.add(b * bb);
+        let blk = blk0.add(b * kblock_bytes(KQ));
         // Decode streams every weight from memory once: prefetch well ahead (past
         // the row's end into the next row, which comes next), a hint
         // that never faults (hence `wrapping_add`).
@@ -1376,6 +1371,16 @@ unsafe fn kq_row_512<const KQ: u8, const T: usize>(
     acc
 }
 
+/// Bytes per 256-value block of a K-quant kind (ggml's `block_q4_K`,
+/// `block_q5_K`, `block_q6_K`).
+const fn kblock_bytes(kq: u8) -> usize {
+    match kq {
+        KQ4 => 144,
+        KQ5 => 176,
+        _ => 210,
+    }
+}
+
 /// Values per run (one scale) of a K-quant kind: 32 (Q4_K, Q5_K) or 16 (Q6_K).
 pub(super) const fn krun(kq: u8) -> usize {
     if kq == KQ6 {
@@ -1430,11 +1435,7 @@ pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
 pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize, nb: usize, out: &mut [u8]) {
-    let bb = match KQ {
-        KQ4 => 144,
-        KQ5 => 176,
-        _ => 210,
-    };
+    let bb = kblock_bytes(KQ);
     let (l, tb) = (krun(KQ), ktile_block_bytes(KQ));
     let sb = ktile_slot_bytes(l);
     let ns = 256 / l;
