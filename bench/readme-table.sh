@@ -81,8 +81,9 @@ print(f"Host: {cpu}, {ncpu} CPUs, L3 {l3}; {s0.get('threads')} threads; measured
       f"speed does not depend on the values.\n")
 print("| model | file | bytes/token | limit tok/s | llama.cpp decode | vicugna decode (f32 / int8) "
       "| vicugna/llama.cpp (f32 / int8) | % of limit (llama.cpp / vicugna best) "
+      "| % of each run's own limit (llama.cpp / vicugna best) "
       "| prefill llama.cpp / vicugna (best) | prefill ratio | peak RSS vicugna / llama.cpp |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for label, s in rows:
     lim = num(s.get("decode_limit_tok_s"))
     lc, v, v8 = num(s.get("llamacpp_decode_tok_s")), num(s.get("vicugna_decode_tok_s")), num(s.get("vicugna_int8_decode_tok_s"))
@@ -90,13 +91,18 @@ for label, s in rows:
     lp, vp, vp8 = num(s.get("llamacpp_prefill_tok_s")), num(s.get("vicugna_prefill_tok_s")), num(s.get("vicugna_int8_prefill_tok_s"))
     vpb = max(x for x in (vp, vp8) if not math.isnan(x)) if not (math.isnan(vp) and math.isnan(vp8)) else math.nan
     bpt = num(s.get("gguf_bytes_per_token") or s.get("weight_bytes_per_token"))
+    # The best vicugna column's percent against the bandwidth probed before each run.
+    rp = num(s.get("vicugna_int8_pct_of_round_limit") if best == v8 else s.get("vicugna_pct_of_round_limit"))
     print(f"| {label} | {s['file_bytes'] / 2**20:.0f} MiB | {fmt(bpt / 1e6, 0)} MB | {fmt(lim)} | {fmt(lc)} "
           f"| {fmt(v)} / {fmt(v8)} | {ratio(v, lc)} / {ratio(v8, lc)} "
           f"| {fmt(100 * lc / lim, 0, '%')} / {fmt(100 * best / lim, 0, '%')} "
+          f"| {fmt(num(s.get('llamacpp_pct_of_round_limit')), 0, '%')} / {fmt(rp, 0, '%')} "
           f"| {fmt(lp)} / {fmt(vpb)} | {ratio(vpb, lp)} "
           f"| {fmt(num(s.get('vicugna_peak_rss_mib')), 0)} / {fmt(num(s.get('llamacpp_peak_rss_mib')), 0)} MiB |")
 print("\nbytes/token: the weights a decode step reads (for the mixture of experts, the non-expert "
-      "weights and 2 of 8 experts); limit: bandwidth / bytes per token; llama.cpp's RSS includes "
+      "weights and 2 of 8 experts); limit: bandwidth / bytes per token; each run's own limit: the "
+      "bandwidth probed just before that run (median over the rounds), for hosts whose bandwidth "
+      "drifts; llama.cpp's RSS includes "
       "the Python interpreter of llama-cpp-python.")
 PY
 cat "$OUT/table.md"

@@ -28,6 +28,10 @@
 # (bench/gguf_info.py): for a mixture of experts, the non-expert weights and
 # expert_used_count/expert_count of the stacked expert tensors, printed with the
 # bandwidth each engine's decode speed implies.
+# The bandwidth is also probed just before each engine's run in every round (a 0.5 s
+# read of min(model file, 1 GiB)): on hosts whose bandwidth drifts from minute to minute
+# (29-56 GB/s on one EPYC), each run's percent of the limit uses the bandwidth of its
+# own moment, and the medians of those percentages are printed beside the global ones.
 # Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/, with summary.json
 # (the numbers bench/readme-table.sh puts in one table).
 set -euo pipefail
@@ -163,6 +167,15 @@ OUT="$ROOT/target/bench/vs-llamacpp-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 : > "$OUT/llamacpp.jsonl"; : > "$OUT/vicugna.jsonl"; : > "$OUT/vicugna-batch.jsonl"
 : > "$OUT/vicugna-int8.jsonl"; : > "$OUT/vicugna-int8-batch.jsonl"
+: > "$OUT/bandwidth-rounds.tsv"
+# Bandwidth of this moment, before one engine's run: "<label> <round> <GB/s>".
+PROBE_MIB=$(( MODEL_MIB < 1024 ? MODEL_MIB : 1024 ))
+probe() {
+    [[ -x "$BW_BIN" ]] || return 0
+    local gbs
+    gbs="$("$BW_BIN" "$THREADS" "$PROBE_MIB" 4 2>/dev/null)" || gbs="nan"
+    printf '%s\t%s\t%s\n' "$1" "$2" "$gbs" >> "$OUT/bandwidth-rounds.tsv"
+}
 
 read -r LOAD1 _ < /proc/loadavg || LOAD1="?"
 echo "== model $MODEL" >&2
@@ -182,10 +195,12 @@ json_line() {
 
 for ((r = 1; r <= RUNS; r++)); do
     echo "== round $r/$RUNS" >&2
+    probe llama.cpp "$r"
     json_line llama.cpp "$VENV/bin/python" "$ROOT/bench/llamacpp_bench.py" --model "$MODEL" \
         --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
         | tee -a "$OUT/llamacpp.jsonl" >&2
     if [[ "$SKIP_VICUGNA" != 1 ]]; then
+        probe vicugna "$r"
         json_line vicugna "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 off --json \
             | tee -a "$OUT/vicugna.jsonl" >&2
@@ -196,6 +211,7 @@ for ((r = 1; r <= RUNS; r++)); do
             | tee -a "$OUT/vicugna-batch.jsonl" >&2
         # 8-bit activations (`--int8`; only where the CPU has AVX-512 VNNI).
         [[ "$INT8" == 1 ]] || continue
+        probe "vicugna int8" "$r"
         json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 on --json \
             | tee -a "$OUT/vicugna-int8.jsonl" >&2
@@ -283,12 +299,31 @@ print(f"\nmemory read bandwidth ({t} threads): {fmt(bw_mem)} GB/s over 1 GiB, "
 if bw_model > 1.3 * bw_mem:
     print("  the weights fit in this CPU's cache: a single stream is bound by arithmetic more than by "
           "memory, and batching gains less than where it streams from memory")
+round_pct = {}
 if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
     limit = bw * 1e9 / wbt
     print(f"weight bytes per token: {wbt / 1e6:.1f} MB -> decode limit {limit:.1f} tok/s")
+    # Each run against the bandwidth probed just before it (see the header).
+    probes = {}
+    try:
+        with open(os.path.join(out, "bandwidth-rounds.tsv")) as f:
+            for line in f:
+                label, rnd, gbs = line.rstrip("\n").split("\t")
+                probes.setdefault(label, []).append(float(gbs))
+    except (OSError, ValueError):
+        probes = {}
+    seen = [g for v in probes.values() for g in v if not math.isnan(g)]
+    if seen:
+        print(f"  bandwidth probed before each run: {min(seen):.1f}-{max(seen):.1f} GB/s")
     for label, rows in [cols[0], cols[1]] + ([cols[3]] if int8 else []):
         d = med(rows, "decode_tok_s")
-        print(f"  {label:12} decode = {fmt(100 * d / limit, 1)}% of the limit")
+        bws = probes.get(label, [])
+        pct = [100 * float(r["decode_tok_s"]) * wbt / (g * 1e9)
+               for r, g in zip(rows, bws) if not math.isnan(g) and r.get("decode_tok_s") is not None]
+        round_pct[label] = statistics.median(pct) if pct else math.nan
+        per_round = (f"; against each run's own probe: median {fmt(round_pct[label], 1)}% "
+                     f"({', '.join(f'{p:.0f}' for p in pct)})") if pct else ""
+        print(f"  {label:12} decode = {fmt(100 * d / limit, 1)}% of the limit{per_round}")
 else:
     print("decode limit: — (needs vicugna's weight_bytes_per_token and the bandwidth)")
 d1, db = med(vi, "decode_tok_s"), med(vb, "decode_tok_s")
@@ -347,6 +382,9 @@ summary = {
     "model": model, "file_bytes": os.path.getsize(model), "weight_bytes_per_token": nan(wbt),
     "gguf_bytes_per_token": nan(gbt), "expert_bytes_per_token": gguf.get("expert_bytes_per_token"),
     "bandwidth_gb_s": nan(bw), "decode_limit_tok_s": nan(limit_tok_s),
+    "llamacpp_pct_of_round_limit": nan(round_pct.get("llama.cpp", math.nan)),
+    "vicugna_pct_of_round_limit": nan(round_pct.get("vicugna", math.nan)),
+    "vicugna_int8_pct_of_round_limit": nan(round_pct.get("vicugna int8", math.nan)),
     "prompt_tokens": int(n), "gen_tokens": int(m), "threads": int(t), "runs": int(runs),
     "llamacpp_decode_tok_s": nan(lc_d), "vicugna_decode_tok_s": nan(vi_d),
     "vicugna_int8_decode_tok_s": nan(med(v8, "decode_tok_s")) if int8 else None,
