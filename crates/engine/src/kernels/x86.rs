@@ -1423,7 +1423,7 @@ pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
 /// after the slots, per pair of runs in natural order one vector of the rows'
 /// offset multipliers as i16 pairs (Q4_K / Q5_K: the mins `m`; Q6_K: the
 /// scales `sc`), then the rows' offset scales (`−dmin`; Q6_K: `−32·d`) as f32.
-/// Rows past the last are zero. Used for prompts and batches: one repack per
+/// Rows past the last have zero values. Used for prompts and batches: one repack per
 /// tile and product, amortized over all the activation rows.
 ///
 /// The scales are decoded for all 16 rows at once, one row per lane (gathered
@@ -1462,11 +1462,20 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
     // The low or high f16 of each lane as f32.
     let f16s = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
     let sign = _mm512_set1_epi32(i32::MIN);
+    // Q4_K transposes the rows' packed nibbles, then unpacks them in place:
+    // two 16 × 16 transposes, not four of the unpacked values (8B shapes,
+    // batch of 8, 14336 × 4096: 2.39–2.50 → 2.06–2.25 ms). Q6_K, done the same
+    // way (three transposes), was slower (2.9 → 3.4 ms: its `qh` and `ql`
+    // vectors spill), so it and Q5_K unpack first (`vals`).
+    let packed = KQ == KQ4;
     for b in 0..nb {
         for r in 0..nr {
             let blk = rows.as_ptr().add(r * rb + b * bb);
             for line in 0..bb.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(2 * bb + 64 * line) as *const i8);
+            }
+            if packed {
+                continue;
             }
             let w = kq_bytes::<KQ>(blk);
             for (k, w) in w.iter().enumerate() {
@@ -1498,13 +1507,14 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
             _mm512_mul_ps(_mm512_set1_ps(-32.0), d)
         } else {
             // ggml's get_scale_min_k4 on all rows at once (as `k4_scales`).
-            let hd = head(b, 0);
+            // The 16-byte headers by loads and a transpose, not four gathers
+            // (slow on Zen 4: ~23 cycles each, a tenth of a Q4_K tile block).
+            let [hd, a4, b4, c4] = head16(rows, rb, nr, b * bb);
             let d = f16s(hd);
             let neg_dmin = _mm512_castsi512_ps(_mm512_xor_si512(
                 _mm512_castps_si512(f16s(_mm512_srli_epi32::<16>(hd))),
                 sign,
             ));
-            let (a4, b4, c4) = (head(b, 4), head(b, 8), head(b, 12));
             let (m6, m4, m2) = (
                 _mm512_set1_epi32(0x3f3f_3f3f),
                 _mm512_set1_epi32(0x0f0f_0f0f),
@@ -1547,12 +1557,37 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
         // Each group: the 16 rows' 4 bytes. Vector k of every row (64 values),
         // transposed by dwords, gives groups 16k .. 16k + 16 of the block.
         let col = out.as_mut_ptr().add(b * tb);
-        for k in 0..4 {
-            let m: [__m512i; 16] =
-                std::array::from_fn(|r| _mm512_loadu_si512(vals[r].as_ptr().add(64 * k) as *const __m512i));
-            for (j, v) in transpose_16x16(m).into_iter().enumerate() {
-                let (s, g) = ((16 * k + j) / (l / 4), (16 * k + j) % (l / 4));
-                _mm512_storeu_si512(col.add(s * sb + 64 * g) as *mut __m512i, v);
+        // Group j of vector k (`kq_bytes`' order) to its run slot.
+        let put = |k: usize, j: usize, v: __m512i| {
+            let (s, g) = ((16 * k + j) / (l / 4), (16 * k + j) % (l / 4));
+            _mm512_storeu_si512(col.add(s * sb + 64 * g) as *mut __m512i, v);
+        };
+        // 64 bytes at `off` of every row's block, transposed by dwords.
+        let packed_at = |off: usize| {
+            transpose_16x16(std::array::from_fn(|r| {
+                if r < nr {
+                    _mm512_loadu_si512(rows.as_ptr().add(r * rb + b * bb + off) as *const __m512i)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            }))
+        };
+        let m4 = _mm512_set1_epi8(0x0F);
+        if KQ == KQ4 {
+            // As `kq_bytes`: vector 2h the low nibbles of bytes 64h .., 2h + 1 the high.
+            for h in 0..2 {
+                for (j, t) in packed_at(16 + 64 * h).into_iter().enumerate() {
+                    put(2 * h, j, _mm512_and_si512(t, m4));
+                    put(2 * h + 1, j, _mm512_and_si512(_mm512_srli_epi16::<4>(t), m4));
+                }
+            }
+        } else {
+            for k in 0..4 {
+                let m: [__m512i; 16] =
+                    std::array::from_fn(|r| _mm512_loadu_si512(vals[r].as_ptr().add(64 * k) as *const __m512i));
+                for (j, v) in transpose_16x16(m).into_iter().enumerate() {
+                    put(k, j, v);
+                }
             }
         }
         for s in 0..ns {
@@ -1564,6 +1599,31 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
         }
         _mm512_storeu_ps(tail.add(32 * ns) as *mut f32, neg);
     }
+}
+
+/// Dword `c` of the 16 bytes at `off` of each of `nr` rows (`rb` bytes apart;
+/// lanes past the last row repeat it): `out[c]` lane `r` = row `r`'s. Sixteen
+/// loads, twelve lane inserts and a 4 × 4 transpose within each 128-bit lane.
+#[inline(always)]
+unsafe fn head16(rows: &[u8], rb: usize, nr: usize, off: usize) -> [__m512i; 4] {
+    // Clamped, not a branch to a zero vector: that built the vectors on the
+    // stack and ran slower than the gathers.
+    let row = |r: usize| _mm_loadu_si128(rows.as_ptr().add(r.min(nr - 1) * rb + off) as *const __m128i);
+    // z[q] lane L = row 4L + q's header.
+    let z: [__m512i; 4] = std::array::from_fn(|q| {
+        let v = _mm512_castsi128_si512(row(q));
+        let v = _mm512_inserti32x4::<1>(v, row(4 + q));
+        let v = _mm512_inserti32x4::<2>(v, row(8 + q));
+        _mm512_inserti32x4::<3>(v, row(12 + q))
+    });
+    let (t0, t1) = (_mm512_unpacklo_epi32(z[0], z[1]), _mm512_unpackhi_epi32(z[0], z[1]));
+    let (t2, t3) = (_mm512_unpacklo_epi32(z[2], z[3]), _mm512_unpackhi_epi32(z[2], z[3]));
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
 }
 
 /// `out[j]` lane `r` = `m[r]` lane `j`: a 16 × 16 transpose of 32-bit elements
