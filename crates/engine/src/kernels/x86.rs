@@ -1488,7 +1488,9 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
         let lo16 = _mm512_set1_epi32(0xFFFF);
         let neg = if KQ == KQ6 {
             let d = f16s(_mm512_srli_epi32::<16>(head(b, 206)));
-            let q4 = [head(b, 192), head(b, 196), head(b, 200), head(b, 204)];
+            // The 16 scale bytes by loads (`head16`), not four gathers (8B
+            // shapes, batch of 8, 4096 × 14336: medians 3.07 → 2.87 ms).
+            let q4 = head16(rows, rb, nr, b * bb + 192);
             // Byte i of each lane, sign-extended.
             let sbyte = |v: __m512i, i: usize| match i {
                 0 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v)),
