@@ -1423,12 +1423,12 @@ pub(super) const fn ktile_block_bytes(kq: u8) -> usize {
 /// after the slots, per pair of runs in natural order one vector of the rows'
 /// offset multipliers as i16 pairs (Q4_K / Q5_K: the mins `m`; Q6_K: the
 /// scales `sc`), then the rows' offset scales (`−dmin`; Q6_K: `−32·d`) as f32.
-/// Rows past the last have zero values. Used for prompts and batches: one repack per
-/// tile and product, amortized over all the activation rows.
+/// Rows past the last have zero values. Used for prompts and batches: one
+/// repack per tile and product, amortized over all the activation rows.
 ///
-/// The scales are decoded for all 16 rows at once, one row per lane (gathered
-/// from the block headers), and the next blocks are prefetched: the weights
-/// come from the mapped file, cold.
+/// The scales are decoded for all 16 rows at once, one row per lane (loaded
+/// from the block headers by `head16`; Q6_K's `d` gathered), and the next
+/// blocks are prefetched: the weights come from the mapped file, cold.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, VL, BW and VNNI.
@@ -1464,9 +1464,9 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
     let sign = _mm512_set1_epi32(i32::MIN);
     // Q4_K transposes the rows' packed nibbles, then unpacks them in place:
     // two 16 × 16 transposes, not four of the unpacked values (8B shapes,
-    // batch of 8, 14336 × 4096: 2.39–2.50 → 2.06–2.25 ms). Q6_K, done the same
-    // way (three transposes), was slower (2.9 → 3.4 ms: its `qh` and `ql`
-    // vectors spill), so it and Q5_K unpack first (`vals`).
+    // batch of 8, 14336 × 4096: 2.39–2.50 → 2.06–2.25 ms). Q6_K done the same
+    // way (three transposes, more unpacking after them) was no faster (2.9
+    // against 3.0 ms), so it and Q5_K unpack first (`vals`).
     let packed = KQ == KQ4;
     for b in 0..nb {
         for r in 0..nr {
