@@ -26,7 +26,13 @@ static double now(void) {
 
 static double fma_rate(long rounds) {
     __m512 x = _mm512_set1_ps(0.9999f), y = _mm512_set1_ps(1e-4f);
-    __m512 a0 = x, a1 = y, a2 = x, a3 = y, a4 = x, a5 = y, a6 = x, a7 = y, a8 = x, a9 = y;
+    /* Ten different starting values: chains that start equal compute equal
+     * values, and the compiler keeps one of them (it ran 2 chains, not 10, and
+     * this probe reported five times the real rate). */
+    __m512 a0 = _mm512_set1_ps(0.0f), a1 = _mm512_set1_ps(1.0f), a2 = _mm512_set1_ps(2.0f),
+           a3 = _mm512_set1_ps(3.0f), a4 = _mm512_set1_ps(4.0f), a5 = _mm512_set1_ps(5.0f),
+           a6 = _mm512_set1_ps(6.0f), a7 = _mm512_set1_ps(7.0f), a8 = _mm512_set1_ps(8.0f),
+           a9 = _mm512_set1_ps(9.0f);
     double t = now();
     for (long n = 0; n < rounds; n++) {
         a0 = _mm512_fmadd_ps(a0, x, y); a1 = _mm512_fmadd_ps(a1, x, y);
@@ -42,7 +48,10 @@ static double fma_rate(long rounds) {
 #ifdef __AVX512VNNI__
 static double vnni_rate(long rounds) {
     __m512i w = _mm512_set1_epi8(3), v = _mm512_set1_epi8(5);
-    __m512i c0 = w, c1 = v, c2 = w, c3 = v, c4 = w, c5 = v, c6 = w, c7 = v, c8 = w, c9 = v;
+    __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2),
+            c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5),
+            c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7), c8 = _mm512_set1_epi32(8),
+            c9 = _mm512_set1_epi32(9);
     double t = now();
     for (long n = 0; n < rounds; n++) {
         c0 = _mm512_dpbusd_epi32(c0, w, v); c1 = _mm512_dpbusd_epi32(c1, w, v);
