@@ -28,10 +28,11 @@
 # (bench/gguf_info.py): for a mixture of experts, the non-expert weights and
 # expert_used_count/expert_count of the stacked expert tensors, printed with the
 # bandwidth each engine's decode speed implies.
-# The bandwidth is also probed just before each engine's run in every round (a 0.5 s
-# read of min(model file, 1 GiB)): on hosts whose bandwidth drifts from minute to minute
-# (29-56 GB/s on one EPYC), each run's percent of the limit uses the bandwidth of its
-# own moment, and the medians of those percentages are printed beside the global ones.
+# The bandwidth is also probed just before and just after each engine's run in every
+# round (0.5 s reads of min(model file, 1 GiB)): on hosts whose bandwidth drifts from
+# minute to minute (24-56 GB/s on one EPYC), each run's percent of the limit uses the
+# mean of its two probes, and the medians of those percentages are printed beside the
+# global ones.
 # Raw JSON lines are kept in target/bench/vs-llamacpp-<time>/, with summary.json
 # (the numbers bench/readme-table.sh puts in one table).
 set -euo pipefail
@@ -199,11 +200,13 @@ for ((r = 1; r <= RUNS; r++)); do
     json_line llama.cpp "$VENV/bin/python" "$ROOT/bench/llamacpp_bench.py" --model "$MODEL" \
         --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
         | tee -a "$OUT/llamacpp.jsonl" >&2
+    probe "llama.cpp after" "$r"
     if [[ "$SKIP_VICUGNA" != 1 ]]; then
         probe vicugna "$r"
         json_line vicugna "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 off --json \
             | tee -a "$OUT/vicugna.jsonl" >&2
+        probe "vicugna after" "$r"
         touch "$OUT/vicugna-batch.jsonl" "$OUT/vicugna-int8-batch.jsonl"
         [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
@@ -215,6 +218,7 @@ for ((r = 1; r <= RUNS; r++)); do
         json_line "vicugna --int8" "$VICUGNA_BIN" bench --model "$MODEL" --prompt-tokens "$PROMPT_TOKENS" \
             --gen-tokens "$GEN_TOKENS" --threads "$THREADS" --int8 on --json \
             | tee -a "$OUT/vicugna-int8.jsonl" >&2
+        probe "vicugna int8 after" "$r"
         [[ "$SKIP_BATCH" == 1 ]] || json_line "vicugna --int8 --batch $BATCH" "$VICUGNA_BIN" bench --model "$MODEL" \
             --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --threads "$THREADS" \
             --batch "$BATCH" --int8 on --json \
@@ -303,7 +307,8 @@ round_pct = {}
 if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
     limit = bw * 1e9 / wbt
     print(f"weight bytes per token: {wbt / 1e6:.1f} MB -> decode limit {limit:.1f} tok/s")
-    # Each run against the bandwidth probed just before it (see the header).
+    # Each run against the bandwidth probed just before and just after it (their
+    # mean; see the header).
     probes = {}
     try:
         with open(os.path.join(out, "bandwidth-rounds.tsv")) as f:
@@ -314,10 +319,12 @@ if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
         probes = {}
     seen = [g for v in probes.values() for g in v if not math.isnan(g)]
     if seen:
-        print(f"  bandwidth probed before each run: {min(seen):.1f}-{max(seen):.1f} GB/s")
+        print(f"  bandwidth probed before and after each run: {min(seen):.1f}-{max(seen):.1f} GB/s")
     for label, rows in [cols[0], cols[1]] + ([cols[3]] if int8 else []):
         d = med(rows, "decode_tok_s")
-        bws = probes.get(label, [])
+        # The mean of the probes before and after each run (either, where one failed).
+        bws = [statistics.mean([g for g in pair if not math.isnan(g)] or [math.nan])
+               for pair in zip(probes.get(label, []), probes.get(label + " after", []))]
         pct = [100 * float(r["decode_tok_s"]) * wbt / (g * 1e9)
                for r, g in zip(rows, bws) if not math.isnan(g) and r.get("decode_tok_s") is not None]
         round_pct[label] = statistics.median(pct) if pct else math.nan
