@@ -91,7 +91,7 @@ for label, s in rows:
     lp, vp, vp8 = num(s.get("llamacpp_prefill_tok_s")), num(s.get("vicugna_prefill_tok_s")), num(s.get("vicugna_int8_prefill_tok_s"))
     vpb = max(x for x in (vp, vp8) if not math.isnan(x)) if not (math.isnan(vp) and math.isnan(vp8)) else math.nan
     bpt = num(s.get("gguf_bytes_per_token") or s.get("weight_bytes_per_token"))
-    # The best vicugna column's percent against the bandwidth probed before each run.
+    # The best vicugna column's percent against the bandwidth probed around each run.
     rp = num(s.get("vicugna_int8_pct_of_round_limit") if best == v8 else s.get("vicugna_pct_of_round_limit"))
     print(f"| {label} | {s['file_bytes'] / 2**20:.0f} MiB | {fmt(bpt / 1e6, 0)} MB | {fmt(lim)} | {fmt(lc)} "
           f"| {fmt(v)} / {fmt(v8)} | {ratio(v, lc)} / {ratio(v8, lc)} "
@@ -101,8 +101,8 @@ for label, s in rows:
           f"| {fmt(num(s.get('vicugna_peak_rss_mib')), 0)} / {fmt(num(s.get('llamacpp_peak_rss_mib')), 0)} MiB |")
 print("\nbytes/token: the weights a decode step reads (for the mixture of experts, the non-expert "
       "weights and 2 of 8 experts); limit: bandwidth / bytes per token; each run's own limit: the "
-      "bandwidth probed just before that run (median over the rounds), for hosts whose bandwidth "
-      "drifts; llama.cpp's RSS includes "
+      "mean of the bandwidth probed just before and just after that run (median over the rounds), "
+      "for hosts whose bandwidth drifts; llama.cpp's RSS includes "
       "the Python interpreter of llama-cpp-python.")
 PY
 cat "$OUT/table.md"

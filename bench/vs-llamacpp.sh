@@ -169,7 +169,7 @@ mkdir -p "$OUT"
 : > "$OUT/llamacpp.jsonl"; : > "$OUT/vicugna.jsonl"; : > "$OUT/vicugna-batch.jsonl"
 : > "$OUT/vicugna-int8.jsonl"; : > "$OUT/vicugna-int8-batch.jsonl"
 : > "$OUT/bandwidth-rounds.tsv"
-# Bandwidth of this moment, before one engine's run: "<label> <round> <GB/s>".
+# Bandwidth of this moment, before or after one engine's run: "<label> <round> <GB/s>".
 PROBE_MIB=$(( MODEL_MIB < 1024 ? MODEL_MIB : 1024 ))
 probe() {
     [[ -x "$BW_BIN" ]] || return 0
@@ -328,7 +328,7 @@ if not math.isnan(wbt) and not math.isnan(bw) and wbt > 0:
         pct = [100 * float(r["decode_tok_s"]) * wbt / (g * 1e9)
                for r, g in zip(rows, bws) if not math.isnan(g) and r.get("decode_tok_s") is not None]
         round_pct[label] = statistics.median(pct) if pct else math.nan
-        per_round = (f"; against each run's own probe: median {fmt(round_pct[label], 1)}% "
+        per_round = (f"; against each run's own probes: median {fmt(round_pct[label], 1)}% "
                      f"({', '.join(f'{p:.0f}' for p in pct)})") if pct else ""
         print(f"  {label:12} decode = {fmt(100 * d / limit, 1)}% of the limit{per_round}")
 else:
