@@ -8,9 +8,14 @@
 //! rounded to 8 bits per run of 8 values (scale = max|x| / 127; llama.cpp uses
 //! runs of 32) and multiplied with the 4- or 8-bit values by `vpdpbusd`, 64
 //! products per instruction; the integer sums are exact and are scaled per run
-//! in f32. Those weights are repacked at load into tiles of `Q` = 16 rows, one
-//! row per i32 lane (see `Blocks::Int8`), so a tile's 16 results come out in one
-//! vector with no horizontal sums. K-quants (Q4_K / Q5_K / Q6_K) stay in ggml's
+//! in f32. Q4_0 / Q4_1 weights are repacked at load into tiles of `Q` = 16 rows,
+//! one row per i32 lane (see `Blocks::Int8`), so a tile's 16 results come out in
+//! one vector with no horizontal sums. Q8_0 stays where it was loaded (its files
+//! are the largest; a copy at load took seconds): products of `KTILE_MIN_N`
+//! rows or more repack it 16 rows at a time into the same tiles
+//! (`x86::q8_tile_512`), smaller ones multiply it row by row where it lies
+//! (`x86::int8_q8_rows_512`), so Q8_0 has the K-quants' two size classes
+//! below. K-quants (Q4_K / Q5_K / Q6_K) stay in ggml's
 //! layout, where they were loaded: their activations are rounded per block of
 //! 256 as llama.cpp's Q8_K, and `x86::int8_kquant_512` multiplies with
 //! `vpmaddubsw` + `vpdpwssd` (the runs' 6- or 8-bit scales folded into the
@@ -21,10 +26,10 @@
 //! K-quant kernels round differently, so there a row's bits depend on whether
 //! its product had fewer than `KTILE_MIN_N` rows (as llama.cpp's do); within
 //! each size class they do not depend on the batch (tested). Every activation
-//! row is rounded on its own and every output
-//! element is computed by the same instructions whatever `n` is, so a row's
-//! result does not depend on the rows batched with it (prompt or decode, alone
-//! or batched: the same bits). Its error against the dequantized-f32 product is
+//! row is rounded on its own and, for Q4_0 / Q4_1, every output element is
+//! computed by the same instructions whatever `n` is, so a row's result does
+//! not depend on the rows batched with it (prompt or decode, alone or batched:
+//! the same bits). Its error against the dequantized-f32 product is
 //! bounded by Σ_r Σ_k |w_rk| · max|x_r| / 254 over the runs `r` (tested). The
 //! library leaves it off because rounding activations moves near-ties in greedy
 //! decoding away from HF's choices (as llama.cpp's does).
@@ -33,10 +38,12 @@
 //! ggml's dequantization gives, and multiplied with f32 FMAs: the result is the
 //! dequantized-f32 matmul up to summation order. Two schemes, both over tiles of
 //! `R` weight rows:
-//! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_TILED_MAX_N`, i.e. decode): the
-//!   weights are repacked at load into tiles of `R` rows (see `Blocks::Tiled`);
-//!   each block is dequantized in registers (4-bit types through a 16-entry
-//!   `vpermps` table) and used at once for all `n` activation rows.
+//! - fused (AVX-512; Q4_0, Q4_1, Q8_0; n ≤ `FUSED_TILED_MAX_N`, i.e. decode):
+//!   Q4_0 / Q4_1 are repacked at load into tiles of `R` rows (see
+//!   `Blocks::Tiled`), Q8_0 is read where it lies, `R` rows at a time
+//!   (`x86::fused_q8_rows_512`, the same values in the same order); each block
+//!   is dequantized in registers (4-bit types through a 16-entry `vpermps`
+//!   table) and used at once for all `n` activation rows.
 //! - panel (every type and path; larger n, i.e. prefill): rows are dequantized
 //!   once into an f32 panel that stays in L2, then an `R × T` f32 micro-kernel
 //!   runs over it for every tile of `T` activation rows.
@@ -190,7 +197,9 @@ pub struct QMatrix {
     blocks: Blocks,
     /// The first of this matrix's rows in `blocks` (a multiple of `R` when tiled).
     row0: usize,
-    /// K-quants in ggml's layout under the int8 scheme (`x86::int8_kquant_512`).
+    /// K-quants or Q8_0 in ggml's layout under the int8 scheme (two size
+    /// classes: row kernels below `KTILE_MIN_N` activation rows, int8 tiles
+    /// repacked per product from there).
     kint8: bool,
 }
 
@@ -219,6 +228,10 @@ enum Blocks {
     /// (and for Q4 a mask) gives every row's next four values in its own i32
     /// lane. Rows past the last are zero.
     Int8(Arc<Vec<u8>>),
+    /// Matrices used where they lie (`Ggml` / `Mapped`: K-quants, Q8_0), one
+    /// after another, multiplied as one (see [`QMatrix::concat`]): one product
+    /// (one rounding of the activations, one hand-out of tasks) for all.
+    Joined(Arc<Vec<QMatrix>>),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -293,8 +306,8 @@ fn tile_rows_into(kind: Kind, src: &[u8], rows: usize, nb: usize, out: &mut [u8]
 
 /// `tile_rows_into` for a kind whose `block_parts` are `(QOFF, QB, NS)`:
 /// constant sizes make each copy a few moves, not a `memcpy` call per block,
-/// and the tiles are shared among the threads (an 8B Q8_0 file is 250 million
-/// blocks, all repacked while it loads).
+/// and the tiles are shared among the threads (a model's Q4_0 / Q4_1 blocks
+/// are all repacked while it loads).
 fn tile_rows_as<const QOFF: usize, const QB: usize, const NS: usize>(
     kind: Kind,
     src: &[u8],
@@ -325,8 +338,8 @@ fn tile_rows_as<const QOFF: usize, const QB: usize, const NS: usize>(
 
 /// `len` zero bytes for a repacked matrix, asking Linux for transparent huge
 /// pages (where they are given on request, `madvise` mode): the first write to
-/// each 4 KiB page otherwise costs a fault, two million of them for an 8B
-/// Q8_0 file. Advice only: without huge pages this is `vec![0; len]`.
+/// each 4 KiB page otherwise costs a fault (a quarter million per GB).
+/// Advice only: without huge pages this is `vec![0; len]`.
 fn zeroed_huge(len: usize) -> Vec<u8> {
     // Large zeroed allocations come from fresh mappings, untouched until written.
     let v = vec![0u8; len];
@@ -361,6 +374,9 @@ fn block_shape(dtype: GgmlDType, rows: usize, cols: usize, len: usize) -> Option
 /// used where it lies (`None`).
 fn tiling(kind: Kind, isa: Isa, int8: bool) -> Option<bool> {
     match tiled_kind(kind) {
+        // Q8_0 stays where it lies (see `matmul_with`): its files are the
+        // largest (8.5 GB at 8B), and the copy made at load took 3.5-4.5 s.
+        _ if kind == Kind::Q8_0 => None,
         Some(_) if int8 && int8_supported(isa) => Some(true),
         Some(_) if isa == Isa::Avx512 => Some(false),
         _ => None,
@@ -812,23 +828,22 @@ impl QMatrix {
     /// [`Self::from_qtensor`] does. `None` for a block type without kernels here.
     pub fn from_mapped(blocks: &Arc<MappedBlocks>) -> Option<Self> {
         let isa = Isa::detect();
+        Self::from_mapped_scheme(blocks, isa, int8_default(isa, blocks.dtype))
+    }
+
+    /// [`Self::from_mapped`] on `isa`, choosing whether to use the int8 scheme.
+    fn from_mapped_scheme(blocks: &Arc<MappedBlocks>, isa: Isa, int8: bool) -> Option<Self> {
         let &[rows, cols] = &blocks.dims[..] else {
             return None;
         };
         if blocks.dtype == GgmlDType::Q5_0 {
-            let m = Self::widened_q5_0(blocks.bytes(), rows, cols, isa, int8_default(isa, blocks.dtype))?;
+            let m = Self::widened_q5_0(blocks.bytes(), rows, cols, isa, int8)?;
             blocks.release_pages();
             return Some(m);
         }
-        let m = Self::build(
-            blocks.dtype,
-            rows,
-            cols,
-            blocks.bytes(),
-            isa,
-            int8_default(isa, blocks.dtype),
-            || Blocks::Mapped(blocks.clone()),
-        )?;
+        let m = Self::build(blocks.dtype, rows, cols, blocks.bytes(), isa, int8, || {
+            Blocks::Mapped(blocks.clone())
+        })?;
         if !matches!(m.blocks, Blocks::Mapped(_)) {
             // Repacked: the file's pages are not needed again, so they do not
             // count twice while the model loads.
@@ -839,9 +854,8 @@ impl QMatrix {
 
     /// A matrix over mapped ggml blocks left where they lie, for row lookups
     /// only (`dequantize_row`; an embedding that is not also the output
-    /// layer): `from_mapped` would repack Q4_0 / Q4_1 / Q8_0 for products, a
-    /// copy of every row (558 MB for an 8B Q8_0 file) where a prompt reads a
-    /// few. `None` for a block type without kernels here.
+    /// layer): `from_mapped` would repack Q4_0 / Q4_1 for products, a copy of
+    /// every row where a prompt reads a few. `None` for a block type without kernels here.
     pub fn from_mapped_for_lookup(blocks: &Arc<MappedBlocks>) -> Option<Self> {
         let &[rows, cols] = &blocks.dims[..] else {
             return None;
@@ -863,8 +877,8 @@ impl QMatrix {
     /// Matrices over mapped ggml blocks that are multiplied as one (the q, k
     /// and v projections; gate and up) repacked straight into one buffer, each
     /// a view of it: `concat` over them then copies nothing. Repacking them
-    /// apart and concatenating held every part twice (125 MB for an 8B Q8_0
-    /// layer's gate and up), above the memory bound of a mapped file. `None`
+    /// apart and concatenating held every part twice, above the memory bound
+    /// of a mapped file. `None`
     /// where `from_mapped` would not repack them all alike with whole tiles.
     pub fn from_mapped_parts(parts: &[&Arc<MappedBlocks>]) -> Option<Vec<QMatrix>> {
         let isa = Isa::detect();
@@ -971,7 +985,7 @@ impl QMatrix {
             None => in_place(),
         };
         let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
-            && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K)
+            && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K | Kind::Q8_0)
             && int8
             && int8_supported(isa);
         Some(QMatrix {
@@ -989,10 +1003,27 @@ impl QMatrix {
 
     /// The rows of several matrices as one (for one pass over, e.g., the q, k and
     /// v projections), and each part as a view of it: the blocks are stored once.
+    /// Matrices used where they lie (K-quants, Q8_0) are joined, not copied.
     /// `None` unless all are tiled alike with row counts that are multiples of
-    /// the tile's.
+    /// the tile's, or all used where they lie alike.
     pub fn concat(parts: &[&QMatrix]) -> Option<(QMatrix, Vec<QMatrix>)> {
         let first = parts.first()?;
+        // Used where they lie: joined, nothing copied.
+        let in_place = |m: &QMatrix| matches!(m.blocks, Blocks::Ggml(_) | Blocks::Mapped(_));
+        if parts.iter().all(|p| in_place(p)) {
+            let shape = |m: &QMatrix| (m.kind, m.cols, m.row_bytes, m.isa, m.kint8);
+            if !parts.iter().all(|p| shape(p) == shape(first)) {
+                return None;
+            }
+            let views: Vec<QMatrix> = parts.iter().map(|p| (*p).clone()).collect();
+            let whole = QMatrix {
+                rows: parts.iter().map(|p| p.rows).sum(),
+                blocks: Blocks::Joined(Arc::new(views.clone())),
+                row0: 0,
+                ..(*first).clone()
+            };
+            return Some((whole, views));
+        }
         let int8 = matches!(first.blocks, Blocks::Int8(_));
         let tile = if int8 { Q } else { R };
         // Consecutive views of one buffer (`from_mapped_parts`): already one.
@@ -1060,6 +1091,15 @@ impl QMatrix {
         assert!(r < self.rows && dst.len() == self.cols, "row {r} of {:?}", self);
         let nb = self.cols / self.kind.block_elems();
         match &self.blocks {
+            Blocks::Joined(parts) => {
+                let mut r = r;
+                for p in parts.iter() {
+                    if r < p.rows {
+                        return p.dequantize_row(r, dst);
+                    }
+                    r -= p.rows;
+                }
+            }
             Blocks::Ggml(_) | Blocks::Mapped(_) => {
                 let rb = self.row_bytes;
                 scalar::dequant_row(self.kind, &self.ggml_bytes()[r * rb..(r + 1) * rb], dst)
@@ -1103,6 +1143,12 @@ impl QMatrix {
         matches!(self.blocks, Blocks::Int8(_)) || self.kint8
     }
 
+    /// Q8_0 in ggml's layout on the AVX-512 path, multiplied where it lies
+    /// (see `tiling`).
+    fn q8_in_place(&self) -> bool {
+        self.kind == Kind::Q8_0 && self.isa == Isa::Avx512 && matches!(self.blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
+    }
+
     /// The path `matmul` uses.
     pub fn isa(&self) -> Isa {
         self.isa
@@ -1117,7 +1163,7 @@ impl QMatrix {
                 _ => unreachable!("CPU QTensor storage is borrowed"),
             },
             Blocks::Mapped(m) => m.bytes(),
-            _ => unreachable!("ggml_bytes of a tiled matrix"),
+            _ => unreachable!("ggml_bytes of a tiled or joined matrix"),
         };
         &all[self.row0 * self.row_bytes..(self.row0 + self.rows) * self.row_bytes]
     }
@@ -1136,36 +1182,62 @@ impl QMatrix {
             return;
         }
         let team = Team::global();
-        let int8 = matches!(self.blocks, Blocks::Int8(_));
-        let chunk_rows = rows_per_task
+        // The matrices whose rows these are, each from its first output row
+        // (one, or the parts of a joined matrix: all alike, see `concat`).
+        let own = [(self, 0)];
+        let parts: Vec<(&QMatrix, usize)> = match &self.blocks {
+            Blocks::Joined(parts) => {
+                let mut at = 0;
+                parts
+                    .iter()
+                    .map(|p| {
+                        at += p.rows;
+                        (p, at - p.rows)
+                    })
+                    .collect()
+            }
+            _ => own.to_vec(),
+        };
+        let first = parts[0].0;
+        let q8_in_place = first.q8_in_place();
+        let int8 = matches!(first.blocks, Blocks::Int8(_)) || (first.kint8 && q8_in_place);
+        let mut chunk_rows = rows_per_task
             .unwrap_or_else(|| self.rows_per_task(n, team.threads()))
             .max(1)
             .next_multiple_of(if int8 { Q } else { R });
-        let chunks = rows.div_ceil(chunk_rows);
+        let kquant = first.kint8 && !q8_in_place;
+        if kquant {
+            chunk_rows = chunk_rows.next_multiple_of(if n >= KTILE_MIN_N { Q } else { R });
+        }
+        // Each task: (matrix, its first output row, first row in it, rows).
+        let tasks: Vec<(&QMatrix, usize, usize, usize)> = parts
+            .iter()
+            .flat_map(|&(m, at)| {
+                (0..m.rows)
+                    .step_by(chunk_rows)
+                    .map(move |r0| (m, at, r0, chunk_rows.min(m.rows - r0)))
+            })
+            .collect();
         let dst = SharedOut(out.as_mut_ptr());
-        if self.kint8 {
-            let chunk_rows = chunk_rows.next_multiple_of(if n >= KTILE_MIN_N { Q } else { R });
-            let chunks = rows.div_ceil(chunk_rows);
+        if kquant {
             return INT8K.with_borrow_mut(|xq| {
-                xq.fill(self.kind, x, cols, team);
-                team.run(chunks, &|c| {
-                    let r0 = c * chunk_rows;
-                    let nr = chunk_rows.min(rows - r0);
-                    self.kint8_rows_task(r0, nr, xq, n, &mut |t, i, v| {
+                xq.fill(first.kind, x, cols, team);
+                team.run(tasks.len(), &|c| {
+                    let (m, at, r0, nr) = tasks[c];
+                    m.kint8_rows_task(r0, nr, xq, n, &mut |t, i, v| {
                         // SAFETY: as below.
-                        unsafe { *dst.at(t * rows + r0 + i) = v }
+                        unsafe { *dst.at(t * rows + at + r0 + i) = v }
                     });
                 });
             });
         }
         if int8 {
-            let xq = Int8Rows::new(self.kind, x, cols);
-            team.run(chunks, &|c| {
-                let r0 = c * chunk_rows;
-                let nr = chunk_rows.min(rows - r0);
-                self.int8_rows_task(r0, nr, &xq, n, &mut |t, i, v| {
+            let xq = Int8Rows::new(first.kind, x, cols);
+            team.run(tasks.len(), &|c| {
+                let (m, at, r0, nr) = tasks[c];
+                m.int8_rows_task(r0, nr, &xq, n, &mut |t, i, v| {
                     // SAFETY: as below (`v` fits: `i + v.len() ≤ nr`).
-                    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.at(t * rows + r0 + i), v.len()) }
+                    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.at(t * rows + at + r0 + i), v.len()) }
                 });
             });
             return;
@@ -1173,7 +1245,9 @@ impl QMatrix {
         // Decode products read each activation vector once per weight row: from
         // a cache line (see `Aligned`), copied there if the caller's buffer is
         // not on one (a prompt's products load them once per panel: no copy).
-        let fused = self.isa == Isa::Avx512 && n <= FUSED_TILED_MAX_N && matches!(self.blocks, Blocks::Tiled(_));
+        let fused = first.isa == Isa::Avx512
+            && n <= FUSED_TILED_MAX_N
+            && (matches!(first.blocks, Blocks::Tiled(_)) || q8_in_place);
         if fused && !(x.as_ptr() as usize).is_multiple_of(aligned::LINE) {
             return ALIGNED_X.with_borrow_mut(|buf| {
                 if buf.len() < x.len() {
@@ -1187,18 +1261,17 @@ impl QMatrix {
         // kernel (`outer_512`), shared by every task; the buffer is the calling
         // thread's, kept between products (a fresh one cost page faults).
         TRANSPOSED.with_borrow_mut(|buf| {
-            let outer = self.isa == Isa::Avx512 && n >= OUTER_MIN_N;
+            let outer = first.isa == Isa::Avx512 && n >= OUTER_MIN_N;
             if outer {
                 transpose_blocks(x, n, cols, buf);
             }
             let xt = outer.then_some((&buf[..], OUTER_T));
-            team.run(chunks, &|c| {
-                let r0 = c * chunk_rows;
-                let nr = chunk_rows.min(rows - r0);
+            team.run(tasks.len(), &|c| {
+                let (m, at, r0, nr) = tasks[c];
                 SCRATCH.with(|s| {
-                    // SAFETY: element (0, r0) of `out`; see the closure below.
-                    let task_out = SharedOut(unsafe { dst.at(r0) });
-                    self.rows_task(
+                    // SAFETY: element (0, at + r0) of `out`; see the closure below.
+                    let task_out = SharedOut(unsafe { dst.at(at + r0) });
+                    m.rows_task(
                         r0,
                         nr,
                         x,
@@ -1209,9 +1282,9 @@ impl QMatrix {
                         rows,
                         &mut |t, i, v| {
                             // SAFETY: `out` is `[n, rows]` and outlives the loop; each
-                            // output row belongs to exactly one chunk, so no two tasks
+                            // output row belongs to exactly one task, so no two tasks
                             // write the same element.
-                            unsafe { *dst.at(t * rows + r0 + i) = v }
+                            unsafe { *dst.at(t * rows + at + r0 + i) = v }
                         },
                     )
                 });
@@ -1364,15 +1437,59 @@ impl QMatrix {
         n: usize,
         put: &mut P,
     ) {
+        // Q8_0 in place, fewer than `KTILE_MIN_N` activation rows (decode): row
+        // by row where the rows lie, up to `G` rows per kernel call.
         #[cfg(target_arch = "x86_64")]
-        if let Blocks::Int8(data) = &self.blocks {
+        if self.q8_in_place() && n < KTILE_MIN_N {
+            const G: usize = 64;
+            let (cols, rb) = (self.cols, self.row_bytes);
+            let bytes = self.ggml_bytes();
+            let mut res = [0f32; G * KTILE_MIN_N];
+            for i0 in (0..nrows).step_by(G) {
+                let m = G.min(nrows - i0);
+                let rows = &bytes[(r0 + i0) * rb..(r0 + i0 + m) * rb];
+                macro_rules! go {
+                    ($($t:literal)*) => {
+                        match n {
+                            // SAFETY: Q8_0 uses the int8 scheme only where the CPU
+                            // has AVX-512 VNNI (`int8_supported`); the kernel
+                            // checks its slice lengths.
+                            $($t => unsafe { x86::int8_q8_rows_512::<$t>(rows, rb, m, &xq.q, &xq.d, cols, &mut res) },)*
+                            _ => unreachable!("{n} activation rows"),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6 7);
+                for i in 0..m {
+                    for t in 0..n {
+                        put(t, i0 + i, &res[i * n + t..][..1]);
+                    }
+                }
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.blocks, Blocks::Int8(_)) || self.q8_in_place() {
             assert!(r0.is_multiple_of(Q) && r0 + nrows <= self.rows);
             let (cols, nb) = (self.cols, self.cols / 32);
             let tb = Q * self.row_bytes;
             let q41 = self.kind == Kind::Q4_1;
             let q8 = self.kind == Kind::Q8_0;
+            // Q8_0 in place: each tile repacked into this thread's buffer (in L2).
+            let mut repacked = KTILE.take();
             for rt in (0..nrows).step_by(Q) {
-                let tile = &data[(self.row0 + r0 + rt) / Q * tb..][..tb];
+                let tile: &[u8] = match &self.blocks {
+                    Blocks::Int8(data) => &data[(self.row0 + r0 + rt) / Q * tb..][..tb],
+                    _ => {
+                        let (rb, nr) = (self.row_bytes, Q.min(nrows - rt));
+                        repacked.resize(tb, 0);
+                        let rows = &self.ggml_bytes()[(r0 + rt) * rb..(r0 + rt + nr) * rb];
+                        // SAFETY: Q8_0 uses the int8 scheme only where the CPU has
+                        // AVX-512 VNNI (`int8_supported`); the function checks lengths.
+                        unsafe { x86::q8_tile_512(rows, rb, nr, nb, &mut repacked) };
+                        &repacked
+                    }
+                };
                 for t0 in (0..n).step_by(FUSED_MAX_N) {
                     let tn = FUSED_MAX_N.min(n - t0);
                     let (q, d) = (&xq.q[t0 * cols..], &xq.d[4 * t0 * nb..]);
@@ -1408,6 +1525,7 @@ impl QMatrix {
                     }
                 }
             }
+            KTILE.set(repacked);
             return;
         }
         let _ = (r0, nrows, xq, n, put);
@@ -1437,10 +1555,21 @@ impl QMatrix {
         let (isa, cols, rb) = (self.isa, self.cols, self.row_bytes);
         let tmax = isa.tile_t();
         let panel = (PANEL_BYTES / (4 * cols)).clamp(R, 64) / R * R;
+        // Q8_0 in place, decode-sized n: the fused kernel with each block read
+        // where it lies (`x86::fused_q8_rows_512`).
         #[cfg(target_arch = "x86_64")]
-        if let (Blocks::Tiled(data), Some(k)) = (&self.blocks, tiled_kind(self.kind)) {
+        let in_place = self.q8_in_place() && n <= FUSED_TILED_MAX_N;
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(k)) = (
+            matches!(self.blocks, Blocks::Tiled(_)) || in_place,
+            tiled_kind(self.kind),
+        ) {
             let nb = cols / 32;
             let tb = R * rb;
+            let data: &[u8] = match &self.blocks {
+                Blocks::Tiled(data) => data,
+                _ => self.ggml_bytes(),
+            };
             let tile = |row: usize| &data[(self.row0 + row) / R * tb..][..tb];
             let nscales = nb * R * x86::tile_nscales(k);
             // Activation rows per pass: all 8 (two passes of two weight rows each)
@@ -1454,38 +1583,40 @@ impl QMatrix {
             };
             if n <= FUSED_TILED_MAX_N {
                 for rt in (0..nrows).step_by(R) {
-                    let t = tile(r0 + rt);
-                    // SAFETY (both): tiled matrices exist only on the AVX-512 path
-                    // (`with_isa` checks the CPU); the kernels check slice lengths.
-                    unsafe { x86::tile_scales_512(t, nscales, &mut s.scales) };
+                    let nr = R.min(nrows - rt);
+                    let t = if in_place { &[][..] } else { tile(r0 + rt) };
+                    if !in_place {
+                        // SAFETY (all three): tiled or in-place Q8_0 matrices reach
+                        // here only on the AVX-512 path (`with_isa` checks the
+                        // CPU); the kernels check slice lengths.
+                        unsafe { x86::tile_scales_512(t, nscales, &mut s.scales) };
+                    }
+                    let scales = &s.scales;
                     // Up to 8 activation rows per pass; the tile stays in L1
                     // between passes.
                     for t0 in (0..n).step_by(g) {
                         let tn = g.min(n - t0);
                         let xs = &x[t0 * cols..(t0 + tn) * cols];
-                        // Prefetch two tiles ahead (measured best of one to four).
-                        let nr = R.min(nrows - rt);
+                        // SAFETY: the caller vouches for `dst` (`tn` rows of
+                        // `stride`, this task's alone).
+                        let call = |dst: *mut f32, stride: usize| unsafe {
+                            if in_place {
+                                // `data` is this matrix's ggml rows.
+                                let rows = &data[(r0 + rt) * rb..(r0 + rt + nr) * rb];
+                                fused_q8_rows(rows, rb, nr, xs, cols, tn, 2 * tb, dst, stride)
+                            } else {
+                                // Prefetch two tiles ahead (measured best of one to four).
+                                fused(k, t, scales, xs, cols, tn, 2 * tb, dst, stride)
+                            }
+                        };
                         if nr == R {
-                            // SAFETY: `out` covers rows `rt .. rt + R` of this task
-                            // for activation rows `t0 .. t0 + tn` (`out_rows` apart).
-                            unsafe {
-                                fused(
-                                    k,
-                                    t,
-                                    &s.scales,
-                                    xs,
-                                    cols,
-                                    tn,
-                                    2 * tb,
-                                    out.at(t0 * out_rows + rt),
-                                    out_rows,
-                                )
-                            };
+                            // `out` covers rows `rt .. rt + R` of this task for
+                            // activation rows `t0 .. t0 + tn` (`out_rows` apart).
+                            call(unsafe { out.at(t0 * out_rows + rt) }, out_rows);
                         } else {
                             // A last, partial tile: through a buffer.
                             let mut buf = [0f32; FUSED_MAX_N * R];
-                            // SAFETY: `buf` holds `tn` rows of `R`.
-                            unsafe { fused(k, t, &s.scales, xs, cols, tn, 2 * tb, buf.as_mut_ptr(), R) };
+                            call(buf.as_mut_ptr(), R);
                             for j in 0..tn {
                                 for i in 0..nr {
                                     put(t0 + j, rt + i, buf[j * R + i]);
@@ -1806,6 +1937,41 @@ unsafe fn fused(
     }
 }
 
+/// `fused` for `R` consecutive Q8_0 rows in ggml's layout (`nr` of them in
+/// `rows`, `rb` bytes apart), read where they lie.
+///
+/// # Safety
+/// As `fused`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fused_q8_rows(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    prefetch: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    use x86::fused_q8_rows_512;
+    // SAFETY (all calls): as in `fused`.
+    macro_rules! go {
+        ([$($n:literal)*], [$($m:literal)*]) => {
+            match n {
+                $($n => unsafe { fused_q8_rows_512::<0, R, $n>(rows, rb, nr, x, cols, prefetch, out, stride) },)*
+                $($m => unsafe {
+                    fused_q8_rows_512::<0, 2, $m>(rows, rb, nr, x, cols, prefetch, out, stride);
+                    fused_q8_rows_512::<2, 2, $m>(rows, rb, nr, x, cols, prefetch, out, stride);
+                })*
+                _ => unreachable!("fused kernel for {n} rows"),
+            }
+        };
+    }
+    go!([1 2 3 4], [5 6 7 8])
+}
+
 /// One row of blocks to f32 on the given path.
 fn dequant_row(isa: Isa, kind: Kind, src: &[u8], dst: &mut [f32]) {
     match isa {
@@ -2036,7 +2202,7 @@ mod tests {
             }
             #[cfg(not(target_arch = "x86_64"))]
             Blocks::Tiled(_) => unreachable!(),
-            Blocks::Int8(_) => {
+            Blocks::Int8(_) | Blocks::Joined(_) => {
                 for r in 0..rows {
                     m.dequantize_row(r, &mut got[r * cols..(r + 1) * cols]);
                 }
@@ -2049,7 +2215,8 @@ mod tests {
     #[test]
     fn mapped_parts_repacked_together_multiply_like_each_alone() {
         // Three matrices' ggml bytes in one mapped file, as a GGUF holds q, k, v.
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // (Q8_0 is not repacked at load: `q8_0_is_multiplied_where_the_file_maps_it`.)
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
             let parts: Vec<Arc<QTensor>> = [32usize, 16, 16]
                 .iter()
                 .enumerate()
@@ -2118,15 +2285,24 @@ mod tests {
 
     #[test]
     fn views_of_a_concatenation_multiply_like_their_parts() {
+        // Q4_0 / Q4_1 are repacked (tiles copied together on AVX-512); Q8_0 and
+        // the K-quants are used where they lie (joined).
         let dev = Device::Cpu;
-        for (dtype, int8) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
-            .into_iter()
-            .flat_map(|d| [(d, false), (d, true)])
+        let cols = 256;
+        for (dtype, int8) in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ]
+        .into_iter()
+        .flat_map(|d| [(d, false), (d, true)])
         {
             let parts: Vec<Arc<QTensor>> = [16usize, 32, 16]
                 .iter()
                 .enumerate()
-                .map(|(i, &r)| quantized(r, 64, dtype, i as u64))
+                .map(|(i, &r)| quantized(r, cols, dtype, i as u64))
                 .collect();
             let ms: Vec<QMatrix> = parts
                 .iter()
@@ -2134,32 +2310,109 @@ mod tests {
                 .collect();
             let refs: Vec<&QMatrix> = ms.iter().collect();
             let Some((whole, views)) = QMatrix::concat(&refs) else {
-                // Only tiled (AVX-512) matrices concatenate.
-                assert!(!Isa::available().contains(&Isa::Avx512));
-                continue;
+                panic!("{dtype:?}: parts alike did not concatenate");
             };
             assert_eq!(whole.rows(), 64);
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (3, 64), &dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let mut all = vec![0f32; 3 * 64];
-            whole.matmul(&x, 3, &mut all);
-            let mut off = 0;
-            for (m, v) in ms.iter().zip(&views) {
-                let (mut a, mut b) = (vec![0f32; 3 * m.rows()], vec![0f32; 3 * m.rows()]);
-                m.matmul(&x, 3, &mut a);
-                v.matmul(&x, 3, &mut b);
-                assert_eq!(a, b, "{dtype:?}: a view differs from its part");
-                for t in 0..3 {
-                    assert_eq!(
-                        a[t * m.rows()..(t + 1) * m.rows()],
-                        all[t * 64 + off..t * 64 + off + m.rows()]
-                    );
+            assert_eq!(whole.int8(), ms[0].int8());
+            let mut row = vec![0f32; cols];
+            let mut want = vec![0f32; cols];
+            whole.dequantize_row(50, &mut row);
+            ms[2].dequantize_row(2, &mut want);
+            assert_eq!(row, want, "{dtype:?}: row 50 of the whole");
+            // Decode, a batch of 8 (int8 tiles), a prompt (panels).
+            for n in [3, 8, 40] {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, cols), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mut all = vec![0f32; n * 64];
+                whole.matmul(&x, n, &mut all);
+                let mut off = 0;
+                for (m, v) in ms.iter().zip(&views) {
+                    let (mut a, mut b) = (vec![0f32; n * m.rows()], vec![0f32; n * m.rows()]);
+                    m.matmul(&x, n, &mut a);
+                    v.matmul(&x, n, &mut b);
+                    assert_eq!(a, b, "{dtype:?}: a view differs from its part");
+                    for t in 0..n {
+                        assert_eq!(
+                            a[t * m.rows()..(t + 1) * m.rows()],
+                            all[t * 64 + off..t * 64 + off + m.rows()],
+                            "{dtype:?} int8 {int8}, n {n}: part at {off} inside the whole"
+                        );
+                    }
+                    off += m.rows();
                 }
-                off += m.rows();
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_is_multiplied_where_the_file_maps_it() {
+        let (rows, cols) = (40, 576);
+        let q = quantized(rows, cols, GgmlDType::Q8_0, 11);
+        let bytes = q.data().unwrap().into_owned();
+        let path = std::env::temp_dir().join(format!("vicugna-mapped-q8-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a file this test wrote and nothing else changes.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let blocks = Arc::new(MappedBlocks::new(map.clone(), 0, bytes.len(), GgmlDType::Q8_0, &[rows, cols]).unwrap());
+        assert!(
+            QMatrix::from_mapped_parts(&[&blocks]).is_none(),
+            "Q8_0 parts are not repacked together"
+        );
+        for int8 in [false, true] {
+            let m = QMatrix::from_mapped_scheme(&blocks, Isa::detect(), int8).unwrap();
+            assert!(
+                matches!(m.blocks, Blocks::Mapped(_)),
+                "int8 {int8}: Q8_0 copied at load"
+            );
+            let held = QMatrix::with_scheme(&q, m.isa(), m.int8()).unwrap();
+            for n in [1, 8, 33] {
+                let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+                let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                m.matmul(&x, n, &mut a);
+                held.matmul(&x, n, &mut b);
+                assert_eq!(a, b, "int8 {int8}, n {n}: mapped and held Q8_0 differ");
+            }
+        }
+    }
+
+    /// Rows of Q8_0 repacked per product (`x86::q8_tile_512`) take exactly the
+    /// bytes the load-time repack (`int8_tile_rows_into`) gives them.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q8_0_tiles_repacked_per_product_match_the_int8_layout() {
+        if !Isa::available().contains(&Isa::Avx512) {
+            return;
+        }
+        let (rows, nb) = (16 + 11, 5);
+        let q = quantized(rows, 32 * nb, GgmlDType::Q8_0, 13);
+        let bytes = q.data().unwrap().into_owned();
+        let rb = nb * 34;
+        let mut want = vec![0u8; 2 * 16 * rb];
+        int8_tile_rows_into(Kind::Q8_0, &bytes, rows, nb, &mut want);
+        for (t, nr) in [(0, 16), (1, 11)] {
+            let mut got = vec![0u8; 16 * rb];
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe { x86::q8_tile_512(&bytes[16 * t * rb..(16 * t + nr) * rb], rb, nr, nb, &mut got) };
+            let want = &want[t * 16 * rb..(t + 1) * 16 * rb];
+            for b in 0..nb {
+                for r in 0..nr {
+                    let (w, g) = (&want[b * 16 * 34..], &got[b * 16 * 34..]);
+                    assert_eq!(
+                        w[2 * r..2 * r + 2],
+                        g[2 * r..2 * r + 2],
+                        "tile {t} block {b} row {r}: d"
+                    );
+                    for gr in 0..8 {
+                        let at = int8_at(1, gr, r);
+                        assert_eq!(w[at..at + 4], g[at..at + 4], "tile {t} block {b} row {r} group {gr}");
+                    }
+                }
             }
         }
     }
@@ -2281,7 +2534,7 @@ mod tests {
                 continue; // no AVX-512 VNNI here
             }
             if m.kint8 {
-                // K-quants: decode-sized products (row kernel) and prompt-sized
+                // K-quants and Q8_0: decode-sized products (row kernel) and prompt-sized
                 // ones (repacked tiles) each give a row the same bits in any
                 // batch of their size; the two kernels round differently.
                 let what = format!("{dtype:?}");

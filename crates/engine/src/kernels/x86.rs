@@ -20,6 +20,14 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
+/// The f16 at `p` as f32, by `vcvtph2ps` (`half` checks the CPU on every
+/// call). For functions that enable AVX-512 F, which implies F16C.
+#[inline(always)]
+unsafe fn f16_512(p: *const u8) -> f32 {
+    let h = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
 // ---------------------------------------------------------------- AVX-512 ----
 
 /// 16 bytes at `p` zero-extended to 16 × i32.
@@ -63,7 +71,7 @@ pub(super) unsafe fn dequant_row_512(kind: Kind, src: &[u8], dst: &mut [f32]) {
                 _mm512_storeu_ps(y.add(16), _mm512_add_ps(_mm512_mul_ps(cvt(hi), d), m));
             }
             Kind::Q8_0 => {
-                let d = _mm512_set1_ps(f16_at(blk, 0));
+                let d = _mm512_set1_ps(f16_512(p));
                 for h in 0..2 {
                     let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2 + 16 * h) as *const __m128i));
                     _mm512_storeu_ps(y.add(16 * h), _mm512_mul_ps(cvt(q), d));
@@ -627,6 +635,67 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
             }
         }
     }
+    store_sums::<F, RR, T>(acc, out, stride)
+}
+
+/// Rows `F .. F + RR` of `R` = 4 consecutive ggml Q8_0 rows (`rb` bytes apart;
+/// `rows` holds `nr` of them, later ones repeat the last) dotted with the `T`
+/// rows of `x`: `fused_tile_512` for Q8_0 with each block and scale read where
+/// it lies, so the same values meet `x` in the same order (the same bits as the
+/// tiled layout's). The rows after them (the next calls') are prefetched
+/// `prefetch` bytes on from `rows`, a block column's share each block.
+///
+/// # Safety
+/// As `fused_tile_512`.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+pub(super) unsafe fn fused_q8_rows_512<const F: usize, const RR: usize, const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    x: &[f32],
+    cols: usize,
+    prefetch: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    const BB: usize = 34;
+    let nb = cols / 32;
+    assert!(F + RR <= 4 && (1..=4).contains(&nr) && cols.is_multiple_of(32) && x.len() >= T * cols);
+    assert!(rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
+    let row: [*const u8; RR] = std::array::from_fn(|r| rows.as_ptr().add((F + r).min(nr - 1) * rb));
+    let xp = x.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; RR];
+    let ahead = rows.as_ptr().wrapping_add(prefetch);
+    for b in 0..nb {
+        if F == 0 {
+            // A hint only: it never faults (hence `wrapping_add`).
+            for l in 0..3 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * BB * b + 64 * l) as *const i8);
+            }
+        }
+        for r in 0..RR {
+            let blk = row[r].add(b * BB);
+            let d = f16_512(blk);
+            let (lo, hi) = tile_block::<FUSED_Q8_0>(blk.add(2), d, 0.0);
+            for t in 0..T {
+                let xq = xp.add(t * cols + 32 * b);
+                acc[r][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq), acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq.add(16)), acc[r][t]);
+            }
+        }
+    }
+    store_sums::<F, RR, T>(acc, out, stride)
+}
+
+/// The fused kernels' sums: `acc[r][t]` reduced and stored at
+/// `out[t * stride + F + r]`.
+#[inline(always)]
+unsafe fn store_sums<const F: usize, const RR: usize, const T: usize>(
+    acc: [[__m512; T]; RR],
+    out: *mut f32,
+    stride: usize,
+) {
     // All RR·T sums in one transposing tree. Lane i's sum depends on acc i alone,
     // in an order fixed by `sum16`, so a row's result has the same bits for any T
     // (a sequence's logits do not move when it is batched).
@@ -895,6 +964,170 @@ pub(super) unsafe fn int8_q8_tile_512<const T: usize>(
         _mm512_storeu_ps(o.as_mut_ptr(), a);
     }
 }
+
+/// Up to 16 consecutive ggml rows of Q8_0 (`nb` blocks each; `rows` holds `nr`
+/// of them, `rb` bytes apart) repacked into one int8 tile in `out` (`nb · 544`
+/// bytes, the layout of `kernels::Blocks::Int8`): per block column the rows'
+/// f16 `d`, then eight 64-byte groups, group `g` holding each row's bytes
+/// `4g .. 4g + 4` (row `r` at `4r`). Lanes past the last row repeat it
+/// (clamped loads); the caller drops their results. Q8_0 matrices stay where
+/// the file maps them and are repacked a tile at a time by every product. The
+/// 16 rows after them (the next tile's, contiguous) are prefetched, a block
+/// column's share each block.
+///
+/// Per block column: the rows' 32 value bytes paired into eight vectors, an
+/// 8 × 8 dword transpose within each 256-bit half (unpacks), and 128-bit lane
+/// moves that put the rows in order.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q8_tile_512(rows: &[u8], rb: usize, nr: usize, nb: usize, out: &mut [u8]) {
+    const BB: usize = 34;
+    const CB: usize = 16 * BB;
+    assert!((1..=16).contains(&nr) && rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
+    assert!(out.len() >= nb * CB);
+    let row: [*const u8; 16] = std::array::from_fn(|r| rows.as_ptr().add(r.min(nr - 1) * rb));
+    for b in 0..nb {
+        let col = out.as_mut_ptr().add(b * CB);
+        let ahead = rows.as_ptr().wrapping_add(16 * rb + b * CB);
+        for l in 0..CB.div_ceil(64) + 1 {
+            // A hint, never a fault (hence `wrapping_add`).
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l) as *const i8);
+        }
+        for (r, p) in row.iter().enumerate() {
+            let d = (p.add(b * BB) as *const u16).read_unaligned();
+            (col as *mut u16).add(r).write_unaligned(d);
+        }
+        let y = |r: usize| _mm256_loadu_si256(row[r].add(b * BB + 2) as *const __m256i);
+        // z[i] = rows i | i + 4 and z[4 + i] = rows 8 + i | 12 + i (i < 4).
+        let z: [__m512i; 8] = std::array::from_fn(|i| {
+            let (lo, hi) = if i < 4 { (i, i + 4) } else { (i + 4, i + 8) };
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y(lo)), y(hi))
+        });
+        let t: [__m512i; 8] = std::array::from_fn(|x| {
+            let (a, b) = (z[x & !1], z[x | 1]);
+            if x % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[k] (k < 4), per 128-bit lane: rows 0-3 dword k, rows 0-3 dword
+        // 4 + k, rows 4-7 dword k, rows 4-7 dword 4 + k; u[4 + k] the same for
+        // rows 8-15.
+        let u: [__m512i; 8] = std::array::from_fn(|x| {
+            let (h, k) = (x & 4, x & 3);
+            let (a, b) = (t[h + (k >> 1)], t[h + 2 + (k >> 1)]);
+            if k % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for k in 0..4 {
+            let lo = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[k], u[4 + k]);
+            let hi = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[k], u[4 + k]);
+            _mm512_storeu_si512(col.add(32 + 64 * k) as *mut __m512i, lo);
+            _mm512_storeu_si512(col.add(32 + 64 * (4 + k)) as *mut __m512i, hi);
+        }
+    }
+}
+
+/// Up to 16·k ggml Q8_0 rows (`nr` of them in `rows`, `rb` bytes apart) dotted
+/// with `T` < 8 rows of 8-bit activations (`Int8Rows` for Q8_0: `xq` the
+/// values plus 128 as unsigned bytes, `cols` apart; `xd[4(t·nb + b) + e]` the
+/// scale of run `e` of block `b`): `out[r·T + t]`. Decode-sized products,
+/// read where the file maps the rows, one row after another (one stream).
+/// Per row, two blocks per vector: each i32 lane sums four products
+/// (`vpdpbusd`, started at −128·Σw to take the activations' offset back out),
+/// and is scaled by its run's `xd` times its block's `d`. Sixteen rows' sums are
+/// reduced together (`sum16`). Each row's sum has a fixed order whatever `T`,
+/// but not the int8 tiles' order: batches of 8 and more (tiles) round
+/// differently, as the K-quants' kernels do.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and VNNI.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_q8_rows_512<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    xq: &[i8],
+    xd: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    const BB: usize = 34;
+    let nb = cols / 32;
+    assert!((1..8).contains(&T) && cols.is_multiple_of(32) && xq.len() >= T * cols && xd.len() >= 4 * T * nb);
+    assert!(rb >= nb * BB && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * BB));
+    assert!(out.len() >= nr * T);
+    let c128 = _mm512_set1_epi8(-128);
+    // Lane l of a two-block vector takes run l / 2 of its 8 (two blocks' 4).
+    let runs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let (xp, dp) = (xq.as_ptr(), xd.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 16]; T];
+    for g in (0..nr).step_by(16) {
+        let m = 16.min(nr - g);
+        for r in 0..16 {
+            let mut a = [_mm512_setzero_ps(); T];
+            if r < m {
+                let row = rows.as_ptr().add((g + r) * rb);
+                for b in (0..nb).step_by(2) {
+                    let two = b + 1 < nb;
+                    let blk = row.add(b * BB);
+                    // Well ahead, past the row's end into the next (a hint,
+                    // never a fault: hence `wrapping_add`).
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q8_ROW_PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q8_ROW_PREFETCH + 64) as *const i8);
+                    let lo = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let (w, dw) = if two {
+                        let hi = _mm256_loadu_si256(blk.add(BB + 2) as *const __m256i);
+                        let d = _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(_mm_set1_epi16((blk as *const i16).read_unaligned())),
+                            _mm_set1_epi16((blk.add(BB) as *const i16).read_unaligned()),
+                        );
+                        (
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+                            _mm512_cvtph_ps(d),
+                        )
+                    } else {
+                        let d = _mm256_zextsi128_si256(_mm_set1_epi16((blk as *const i16).read_unaligned()));
+                        (_mm512_zextsi256_si512(lo), _mm512_cvtph_ps(d))
+                    };
+                    let init = _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w),
+                    );
+                    let lanes: __mmask16 = if two { 0xFFFF } else { 0x00FF };
+                    let runs8: __mmask8 = if two { 0xFF } else { 0x0F };
+                    for t in 0..T {
+                        let x = _mm512_maskz_loadu_epi32(lanes, xp.add(t * cols + 32 * b) as *const i32);
+                        let d8 = _mm256_maskz_loadu_ps(runs8, dp.add(4 * (t * nb + b)));
+                        let xd = _mm512_permutexvar_ps(runs, _mm512_castps256_ps512(d8));
+                        let i = _mm512_dpbusd_epi32(init, x, w);
+                        a[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(xd, dw), a[t]);
+                    }
+                }
+            }
+            for t in 0..T {
+                acc[t][r] = a[t];
+            }
+        }
+        for t in 0..T {
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), sum16(&acc[t]));
+            for r in 0..m {
+                out[(g + r) * T + t] = sums[r];
+            }
+        }
+    }
+}
+
+/// How far ahead `int8_q8_rows_512` prefetches its row.
+const Q8_ROW_PREFETCH: usize = 1024;
 
 // ------------------------------------------------------ AVX-512, attention ----
 
