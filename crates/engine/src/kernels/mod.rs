@@ -1426,9 +1426,9 @@ impl QMatrix {
         }
     }
 
-    /// The int8 scheme's `rows_task`: rows `r0 .. r0 + nrows` (`r0` a multiple of
-    /// `Q`), activation rows 8 at a time; `put(t, i, v)` receives rows
-    /// `r0 + i ..` of activation row `t`.
+    /// The int8 scheme's `rows_task` for Q4_0 / Q4_1 tiles and Q8_0 in place:
+    /// rows `r0 .. r0 + nrows` (`r0` a multiple of `Q`), activation rows 8 at a
+    /// time; `put(t, i, v)` receives rows `r0 + i ..` of activation row `t`.
     fn int8_rows_task<P: FnMut(usize, usize, &[f32])>(
         &self,
         r0: usize,
@@ -1475,7 +1475,8 @@ impl QMatrix {
             let tb = Q * self.row_bytes;
             let q41 = self.kind == Kind::Q4_1;
             let q8 = self.kind == Kind::Q8_0;
-            // Q8_0 in place: each tile repacked into this thread's buffer (in L2).
+            // Q8_0 in place: each tile repacked into this thread's buffer (in
+            // L2; the K-quants' tile buffer, free here: the two paths never nest).
             let mut repacked = KTILE.take();
             for rt in (0..nrows).step_by(Q) {
                 let tile: &[u8] = match &self.blocks {
