@@ -1468,6 +1468,38 @@ impl QMatrix {
             }
             return;
         }
+        // Q8_0 in place, one group of activation rows (a batch of 8): each
+        // 16-row tile transposed in registers and used at once (the same bits
+        // as through a repacked tile, which would be read once).
+        #[cfg(target_arch = "x86_64")]
+        if self.q8_in_place() && n <= FUSED_MAX_N {
+            let (cols, nb, rb) = (self.cols, self.cols / 32, self.row_bytes);
+            let bytes = self.ggml_bytes();
+            for rt in (0..nrows).step_by(Q) {
+                let nr = Q.min(nrows - rt);
+                let rows = &bytes[(r0 + rt) * rb..(r0 + rt + nr) * rb];
+                let mut res = [[0f32; Q]; FUSED_MAX_N];
+                macro_rules! go {
+                    ($($t:literal)*) => {
+                        match n {
+                            $($t => {
+                                let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                // SAFETY: Q8_0 uses the int8 scheme only where the CPU
+                                // has AVX-512 VNNI (`int8_supported`); the kernel
+                                // checks its slice lengths.
+                                unsafe { x86::int8_q8_rows_tile_512::<$t>(rows, rb, nr, nb, &xq.q, cols, &xq.d, o) }
+                            })*
+                            _ => unreachable!("{n} activation rows"),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6 7 8);
+                for (t, res) in res[..n].iter().enumerate() {
+                    put(t, rt, &res[..nr]);
+                }
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if matches!(self.blocks, Blocks::Int8(_)) || self.q8_in_place() {
             assert!(r0.is_multiple_of(Q) && r0 + nrows <= self.rows);
@@ -1586,13 +1618,18 @@ impl QMatrix {
                 for rt in (0..nrows).step_by(R) {
                     let nr = R.min(nrows - rt);
                     let t = if in_place { &[][..] } else { tile(r0 + rt) };
-                    if !in_place {
-                        // SAFETY (all three): tiled or in-place Q8_0 matrices reach
-                        // here only on the AVX-512 path (`with_isa` checks the
-                        // CPU); the kernels check slice lengths.
+                    // SAFETY (all four): tiled or in-place Q8_0 matrices reach
+                    // here only on the AVX-512 path (`with_isa` checks the CPU);
+                    // the kernels check slice lengths.
+                    // In place, one pass (n ≤ 4): the kernel converts each scale.
+                    let one_pass = n <= 4;
+                    if in_place && !one_pass {
+                        let rows = &data[(r0 + rt) * rb..(r0 + rt + nr) * rb];
+                        unsafe { x86::q8_scales_512(rows, rb, nr, nb, &mut s.scales) };
+                    } else if !in_place {
                         unsafe { x86::tile_scales_512(t, nscales, &mut s.scales) };
                     }
-                    let scales = &s.scales;
+                    let scales = if in_place && one_pass { &[][..] } else { &s.scales[..] };
                     // Up to 8 activation rows per pass; the tile stays in L1
                     // between passes.
                     for t0 in (0..n).step_by(g) {
@@ -1604,7 +1641,7 @@ impl QMatrix {
                             if in_place {
                                 // `data` is this matrix's ggml rows.
                                 let rows = &data[(r0 + rt) * rb..(r0 + rt + nr) * rb];
-                                fused_q8_rows(rows, rb, nr, xs, cols, tn, 2 * tb, dst, stride)
+                                fused_q8_rows(rows, rb, nr, scales, xs, cols, tn, 2 * tb, dst, stride)
                             } else {
                                 // Prefetch two tiles ahead (measured best of one to four).
                                 fused(k, t, scales, xs, cols, tn, 2 * tb, dst, stride)
@@ -1949,6 +1986,7 @@ unsafe fn fused_q8_rows(
     rows: &[u8],
     rb: usize,
     nr: usize,
+    sc: &[f32],
     x: &[f32],
     cols: usize,
     n: usize,
@@ -1961,10 +1999,10 @@ unsafe fn fused_q8_rows(
     macro_rules! go {
         ([$($n:literal)*], [$($m:literal)*]) => {
             match n {
-                $($n => unsafe { fused_q8_rows_512::<0, R, $n>(rows, rb, nr, x, cols, prefetch, out, stride) },)*
+                $($n => unsafe { fused_q8_rows_512::<0, R, $n>(rows, rb, nr, sc, x, cols, prefetch, out, stride) },)*
                 $($m => unsafe {
-                    fused_q8_rows_512::<0, 2, $m>(rows, rb, nr, x, cols, prefetch, out, stride);
-                    fused_q8_rows_512::<2, 2, $m>(rows, rb, nr, x, cols, prefetch, out, stride);
+                    fused_q8_rows_512::<0, 2, $m>(rows, rb, nr, sc, x, cols, prefetch, out, stride);
+                    fused_q8_rows_512::<2, 2, $m>(rows, rb, nr, sc, x, cols, prefetch, out, stride);
                 })*
                 _ => unreachable!("fused kernel for {n} rows"),
             }

@@ -642,8 +642,12 @@ pub(super) unsafe fn fused_tile_512<const K: u8, const R: usize, const F: usize,
 /// `rows` holds `nr` of them, later ones repeat the last) dotted with the `T`
 /// rows of `x`: `fused_tile_512` for Q8_0 with each block and scale read where
 /// it lies, so the same values meet `x` in the same order (the same bits as the
-/// tiled layout's). The rows after them (the next calls') are prefetched
-/// `prefetch` bytes on from `rows`, a block column's share each block.
+/// tiled layout's). `sc[r·nb + b]` is row `r`'s block-`b` scale as f32
+/// (`q8_scales_512`, converted once for all passes over these rows), or `sc`
+/// is empty and each scale is converted where it lies (one pass: the
+/// gathers ahead of it cost more than they save). The rows
+/// after them (the next calls') are prefetched `prefetch` bytes on from
+/// `rows`, a block column's share each block.
 ///
 /// # Safety
 /// As `fused_tile_512`.
@@ -653,6 +657,7 @@ pub(super) unsafe fn fused_q8_rows_512<const F: usize, const RR: usize, const T:
     rows: &[u8],
     rb: usize,
     nr: usize,
+    sc: &[f32],
     x: &[f32],
     cols: usize,
     prefetch: usize,
@@ -662,6 +667,7 @@ pub(super) unsafe fn fused_q8_rows_512<const F: usize, const RR: usize, const T:
     const BB: usize = 34;
     let nb = cols / 32;
     assert!(F + RR <= 4 && (1..=4).contains(&nr) && cols.is_multiple_of(32) && x.len() >= T * cols);
+    assert!(sc.is_empty() || sc.len() >= (F + RR) * nb);
     assert!(rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
     let row: [*const u8; RR] = std::array::from_fn(|r| rows.as_ptr().add((F + r).min(nr - 1) * rb));
     let xp = x.as_ptr();
@@ -676,7 +682,11 @@ pub(super) unsafe fn fused_q8_rows_512<const F: usize, const RR: usize, const T:
         }
         for r in 0..RR {
             let blk = row[r].add(b * BB);
-            let d = f16_512(blk);
+            let d = if sc.is_empty() {
+                f16_512(blk)
+            } else {
+                *sc.get_unchecked((F + r) * nb + b)
+            };
             let (lo, hi) = tile_block::<FUSED_Q8_0>(blk.add(2), d, 0.0);
             for t in 0..T {
                 let xq = xp.add(t * cols + 32 * b);
@@ -686,6 +696,37 @@ pub(super) unsafe fn fused_q8_rows_512<const F: usize, const RR: usize, const T:
         }
     }
     store_sums::<F, RR, T>(acc, out, stride)
+}
+
+/// The scales of 4 consecutive ggml Q8_0 rows (`nr` of them in `rows`, `rb`
+/// bytes apart; later ones repeat the last) as f32: `out[r·nb + b]`, sixteen
+/// blocks per gather.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q8_scales_512(rows: &[u8], rb: usize, nr: usize, nb: usize, out: &mut Vec<f32>) {
+    const BB: usize = 34;
+    assert!((1..=4).contains(&nr) && rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
+    if out.len() < 4 * nb + 16 {
+        out.resize(4 * nb + 16, 0.0);
+    }
+    let at = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(BB as i32),
+    );
+    for r in 0..4 {
+        let row = rows.as_ptr().add(r.min(nr - 1) * rb);
+        for b in (0..nb).step_by(16) {
+            let live: __mmask16 = if nb - b >= 16 { 0xFFFF } else { (1u16 << (nb - b)) - 1 };
+            // The dword at each block's start: its f16 `d`, then two values.
+            let h = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live, at, row.add(b * BB) as *const i32);
+            _mm512_storeu_ps(
+                out.as_mut_ptr().add(r * nb + b),
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)),
+            );
+        }
+    }
 }
 
 /// The fused kernels' sums: `acc[r][t]` reduced and stored at
@@ -903,23 +944,127 @@ pub(super) unsafe fn int8_q8_tile_512<const T: usize>(
     out: &mut [[f32; 16]; T],
 ) {
     let cb = 16 * (2 + 32);
-    assert!(T <= 8, "int8 kernel: at most 8 activation rows per call");
-    assert!(tile.len() >= nb * cb && cols >= 32 * nb && xq.len() >= (T - 1) * cols + 32 * nb);
-    assert!(xd.len() >= 4 * T * nb);
-    let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
-    let ones = _mm512_set1_epi8(1);
-    let mut acc = [_mm512_setzero_ps(); T];
-    for b in 0..nb {
+    assert!(tile.len() >= nb * cb);
+    let tp = tile.as_ptr();
+    int8_q8_512::<T>(nb, xq, cols, xd, out, |b| {
         let col = tp.add(b * cb);
         for l in (0..cb).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(col.wrapping_add(INT8_PREFETCH_BLOCKS * cb + l) as *const i8);
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(col as *const __m256i));
         let qs = col.add(32);
-        let mut w = [_mm512_setzero_si512(); 8];
-        for (g, w) in w.iter_mut().enumerate() {
-            *w = _mm512_loadu_si512(qs.add(64 * g) as *const __m512i);
+        (
+            d,
+            std::array::from_fn(|g| _mm512_loadu_si512(qs.add(64 * g) as *const __m512i)),
+        )
+    })
+}
+
+/// `int8_q8_tile_512` on up to 16 consecutive ggml Q8_0 rows (`nr` of them in
+/// `rows`, `rb` bytes apart; lanes past the last repeat it) where they lie:
+/// each block column transposed in registers as `q8_tile_512` lays it out
+/// (its `d` gathered), so the same values meet the activations in the same
+/// order, with no tile written and read back. For products of one group of
+/// activation rows (a batch of 8), where a tile would be used once.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn int8_q8_rows_tile_512<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    nb: usize,
+    xq: &[i8],
+    cols: usize,
+    xd: &[f32],
+    out: &mut [[f32; 16]; T],
+) {
+    const BB: usize = 34;
+    const CB: usize = 16 * BB;
+    assert!((1..=16).contains(&nr) && rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
+    assert!(16 * rb < i32::MAX as usize);
+    let row: [*const u8; 16] = std::array::from_fn(|r| rows.as_ptr().add(r.min(nr - 1) * rb));
+    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let at = _mm512_mullo_epi32(
+        _mm512_min_epi32(at, _mm512_set1_epi32(nr as i32 - 1)),
+        _mm512_set1_epi32(rb as i32),
+    );
+    int8_q8_512::<T>(nb, xq, cols, xd, out, |b| {
+        let ahead = rows.as_ptr().wrapping_add(16 * rb + b * CB);
+        for l in 0..CB.div_ceil(64) + 1 {
+            // A hint, never a fault (hence `wrapping_add`).
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l) as *const i8);
         }
+        let h = _mm512_i32gather_epi32::<1>(at, rows.as_ptr().add(b * BB) as *const i32);
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+        (d, q8_columns(&row, b))
+    })
+}
+
+/// Block `b`'s 32 value bytes of 16 rows as `Blocks::Int8`'s eight groups
+/// (group `g` lane `r` = row `r`'s bytes `4g .. 4g + 4`): the rows paired into
+/// eight vectors, an 8 × 8 dword transpose within each 256-bit half
+/// (unpacks), and 128-bit lane moves that put the rows in order.
+#[inline(always)]
+unsafe fn q8_columns(row: &[*const u8; 16], b: usize) -> [__m512i; 8] {
+    const BB: usize = 34;
+    let y = |r: usize| _mm256_loadu_si256(row[r].add(b * BB + 2) as *const __m256i);
+    // z[i] = rows i | i + 4 and z[4 + i] = rows 8 + i | 12 + i (i < 4).
+    let z: [__m512i; 8] = std::array::from_fn(|i| {
+        let (lo, hi) = if i < 4 { (i, i + 4) } else { (i + 4, i + 8) };
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y(lo)), y(hi))
+    });
+    let t: [__m512i; 8] = std::array::from_fn(|x| {
+        let (a, b) = (z[x & !1], z[x | 1]);
+        if x % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[k] (k < 4), per 128-bit lane: rows 0-3 dword k, rows 0-3 dword
+    // 4 + k, rows 4-7 dword k, rows 4-7 dword 4 + k; u[4 + k] the same for
+    // rows 8-15.
+    let u: [__m512i; 8] = std::array::from_fn(|x| {
+        let (h, k) = (x & 4, x & 3);
+        let (a, b) = (t[h + (k >> 1)], t[h + 2 + (k >> 1)]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    std::array::from_fn(|g| {
+        let k = g & 3;
+        if g < 4 {
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(u[k], u[4 + k])
+        } else {
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(u[k], u[4 + k])
+        }
+    })
+}
+
+/// The body of `int8_q8_tile_512`, each block column's `d` (16 rows as f32)
+/// and eight value groups from `col(b)`.
+#[inline(always)]
+unsafe fn int8_q8_512<const T: usize>(
+    nb: usize,
+    xq: &[i8],
+    cols: usize,
+    xd: &[f32],
+    out: &mut [[f32; 16]; T],
+    col: impl Fn(usize) -> (__m512, [__m512i; 8]),
+) {
+    assert!(T <= 8, "int8 kernel: at most 8 activation rows per call");
+    assert!(cols >= 32 * nb && xq.len() >= (T - 1) * cols + 32 * nb);
+    assert!(xd.len() >= 4 * T * nb);
+    let xp = xq.as_ptr();
+    let ones = _mm512_set1_epi8(1);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let (d, w) = col(b);
         // Per run of 8 values (groups 2e, 2e + 1): −128·Σw of each row.
         let mut init = [_mm512_setzero_si512(); 4];
         for (e, init) in init.iter_mut().enumerate() {
@@ -999,37 +1144,8 @@ pub(super) unsafe fn q8_tile_512(rows: &[u8], rb: usize, nr: usize, nb: usize, o
             let d = (p.add(b * BB) as *const u16).read_unaligned();
             (col as *mut u16).add(r).write_unaligned(d);
         }
-        let y = |r: usize| _mm256_loadu_si256(row[r].add(b * BB + 2) as *const __m256i);
-        // z[i] = rows i | i + 4 and z[4 + i] = rows 8 + i | 12 + i (i < 4).
-        let z: [__m512i; 8] = std::array::from_fn(|i| {
-            let (lo, hi) = if i < 4 { (i, i + 4) } else { (i + 4, i + 8) };
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y(lo)), y(hi))
-        });
-        let t: [__m512i; 8] = std::array::from_fn(|x| {
-            let (a, b) = (z[x & !1], z[x | 1]);
-            if x % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
-            }
-        });
-        // u[k] (k < 4), per 128-bit lane: rows 0-3 dword k, rows 0-3 dword
-        // 4 + k, rows 4-7 dword k, rows 4-7 dword 4 + k; u[4 + k] the same for
-        // rows 8-15.
-        let u: [__m512i; 8] = std::array::from_fn(|x| {
-            let (h, k) = (x & 4, x & 3);
-            let (a, b) = (t[h + (k >> 1)], t[h + 2 + (k >> 1)]);
-            if k % 2 == 0 {
-                _mm512_unpacklo_epi64(a, b)
-            } else {
-                _mm512_unpackhi_epi64(a, b)
-            }
-        });
-        for k in 0..4 {
-            let lo = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[k], u[4 + k]);
-            let hi = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[k], u[4 + k]);
-            _mm512_storeu_si512(col.add(32 + 64 * k) as *mut __m512i, lo);
-            _mm512_storeu_si512(col.add(32 + 64 * (4 + k)) as *mut __m512i, hi);
+        for (g, v) in q8_columns(&row, b).iter().enumerate() {
+            _mm512_storeu_si512(col.add(32 + 64 * g) as *mut __m512i, *v);
         }
     }
 }
