@@ -13,7 +13,9 @@
 //! one vector with no horizontal sums. Q8_0 stays where it was loaded (its files
 //! are the largest; a copy at load took seconds): products of `KTILE_MIN_N`
 //! rows or more repack it 16 rows at a time into the same tiles
-//! (`x86::q8_tile_512`), smaller ones multiply it row by row where it lies
+//! (`x86::q8_tile_512`; a batch of 8, which would read each tile once,
+//! transposes the rows in registers instead: `x86::int8_q8_rows_tile_512`),
+//! smaller ones multiply it row by row where it lies
 //! (`x86::int8_q8_rows_512`), so Q8_0 has the K-quants' two size classes
 //! below. K-quants (Q4_K / Q5_K / Q6_K) stay in ggml's
 //! layout, where they were loaded: their activations are rounded per block of
