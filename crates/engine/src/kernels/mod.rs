@@ -1184,23 +1184,13 @@ impl QMatrix {
             return;
         }
         let team = Team::global();
-        // The matrices whose rows these are, each from its first output row
-        // (one, or the parts of a joined matrix: all alike, see `concat`).
-        let own = [(self, 0)];
-        let parts: Vec<(&QMatrix, usize)> = match &self.blocks {
-            Blocks::Joined(parts) => {
-                let mut at = 0;
-                parts
-                    .iter()
-                    .map(|p| {
-                        at += p.rows;
-                        (p, at - p.rows)
-                    })
-                    .collect()
-            }
-            _ => own.to_vec(),
+        // The matrices whose rows these are (this one, or the parts of a
+        // joined matrix: all alike, see `concat`).
+        let parts: &[QMatrix] = match &self.blocks {
+            Blocks::Joined(parts) => parts,
+            _ => std::slice::from_ref(self),
         };
-        let first = parts[0].0;
+        let first = &parts[0];
         let q8_in_place = first.q8_in_place();
         let int8 = matches!(first.blocks, Blocks::Int8(_)) || (first.kint8 && q8_in_place);
         let mut chunk_rows = rows_per_task
@@ -1212,14 +1202,17 @@ impl QMatrix {
             chunk_rows = chunk_rows.next_multiple_of(if n >= KTILE_MIN_N { Q } else { R });
         }
         // Each task: (matrix, its first output row, first row in it, rows).
-        let tasks: Vec<(&QMatrix, usize, usize, usize)> = parts
-            .iter()
-            .flat_map(|&(m, at)| {
+        let mut tasks: Vec<(&QMatrix, usize, usize, usize)> =
+            Vec::with_capacity(rows.div_ceil(chunk_rows) + parts.len());
+        let mut at = 0;
+        for m in parts {
+            tasks.extend(
                 (0..m.rows)
                     .step_by(chunk_rows)
-                    .map(move |r0| (m, at, r0, chunk_rows.min(m.rows - r0)))
-            })
-            .collect();
+                    .map(|r0| (m, at, r0, chunk_rows.min(m.rows - r0))),
+            );
+            at += m.rows;
+        }
         let dst = SharedOut(out.as_mut_ptr());
         if kquant {
             return INT8K.with_borrow_mut(|xq| {
@@ -2411,19 +2404,41 @@ mod tests {
             QMatrix::from_mapped_parts(&[&blocks]).is_none(),
             "Q8_0 parts are not repacked together"
         );
+        let isa = Isa::detect();
         for int8 in [false, true] {
-            let m = QMatrix::from_mapped_scheme(&blocks, Isa::detect(), int8).unwrap();
+            let m = QMatrix::from_mapped_scheme(&blocks, isa, int8).unwrap();
             assert!(
                 matches!(m.blocks, Blocks::Mapped(_)),
                 "int8 {int8}: Q8_0 copied at load"
             );
-            let held = QMatrix::with_scheme(&q, m.isa(), m.int8()).unwrap();
-            for n in [1, 8, 33] {
+            if isa != Isa::Avx512 || (int8 && !m.int8()) {
+                continue; // no tiles to compare with on this CPU
+            }
+            // The same rows repacked at load, as before Q8_0 was read in place:
+            // the f32 products keep their bits at every size, the int8 ones
+            // from `KTILE_MIN_N` rows (below it the row kernel rounds apart).
+            let row_bytes = cols / 32 * 34;
+            let mut t = vec![0u8; tiled_bytes(rows, row_bytes, int8)];
+            tile_into(Kind::Q8_0, int8, &bytes, rows, cols / 32, &mut t);
+            let tiled = QMatrix {
+                blocks: if int8 {
+                    Blocks::Int8(Arc::new(t))
+                } else {
+                    Blocks::Tiled(Arc::new(t))
+                },
+                kint8: false,
+                ..m.clone()
+            };
+            let sizes: &[usize] = if int8 { &[KTILE_MIN_N, 33] } else { &[1, 5, 8, 33] };
+            for &n in sizes {
                 let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
                 let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 m.matmul(&x, n, &mut a);
-                held.matmul(&x, n, &mut b);
-                assert_eq!(a, b, "int8 {int8}, n {n}: mapped and held Q8_0 differ");
+                tiled.matmul(&x, n, &mut b);
+                assert_eq!(
+                    a, b,
+                    "int8 {int8}, n {n}: Q8_0 in place differs from its load-time tiles"
+                );
             }
         }
     }

@@ -981,26 +981,59 @@ pub(super) unsafe fn int8_q8_rows_tile_512<const T: usize>(
     xd: &[f32],
     out: &mut [[f32; 16]; T],
 ) {
-    const BB: usize = 34;
-    const CB: usize = 16 * BB;
-    assert!((1..=16).contains(&nr) && rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
-    assert!(16 * rb < i32::MAX as usize);
-    let row: [*const u8; 16] = std::array::from_fn(|r| rows.as_ptr().add(r.min(nr - 1) * rb));
-    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let at = _mm512_mullo_epi32(
-        _mm512_min_epi32(at, _mm512_set1_epi32(nr as i32 - 1)),
-        _mm512_set1_epi32(rb as i32),
-    );
+    let q8 = Q8Rows::new(rows, rb, nr, nb);
     int8_q8_512::<T>(nb, xq, cols, xd, out, |b| {
-        let ahead = rows.as_ptr().wrapping_add(16 * rb + b * CB);
+        let (d, w) = q8.column(b);
+        (_mm512_cvtph_ps(d), w)
+    })
+}
+
+/// Up to 16 consecutive ggml Q8_0 rows (`nr` of `rows`, `rb` bytes apart;
+/// lanes past the last repeat it) read a block column at a time in
+/// `Blocks::Int8`'s layout (`q8_tile_512`, `int8_q8_rows_tile_512`).
+struct Q8Rows {
+    rows: *const u8,
+    rb: usize,
+    row: [*const u8; 16],
+    /// Each lane's row offset, for the scales' gather.
+    at: __m512i,
+}
+
+impl Q8Rows {
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[inline(always)]
+    unsafe fn new(rows: &[u8], rb: usize, nr: usize, nb: usize) -> Self {
+        assert!((1..=16).contains(&nr) && rb >= nb * 34 && rows.len() >= (nr - 1) * rb + nb * 34);
+        assert!(16 * rb < i32::MAX as usize);
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let at = _mm512_min_epi32(iota, _mm512_set1_epi32(nr as i32 - 1));
+        Q8Rows {
+            rows: rows.as_ptr(),
+            rb,
+            row: std::array::from_fn(|r| rows.as_ptr().add(r.min(nr - 1) * rb)),
+            at: _mm512_mullo_epi32(at, _mm512_set1_epi32(rb as i32)),
+        }
+    }
+
+    /// Block column `b`: the rows' f16 `d` (16 × u16) and their eight value
+    /// groups (`q8_columns`). The 16 rows after these (the next tile's,
+    /// contiguous) are prefetched into L2, a block column's share.
+    ///
+    /// # Safety
+    /// `b` must be below the `nb` given to `new`; the CPU must support AVX-512 F.
+    #[inline(always)]
+    unsafe fn column(&self, b: usize) -> (__m256i, [__m512i; 8]) {
+        const CB: usize = 16 * 34;
+        let ahead = self.rows.wrapping_add(16 * self.rb + b * CB);
         for l in 0..CB.div_ceil(64) + 1 {
             // A hint, never a fault (hence `wrapping_add`).
             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l) as *const i8);
         }
-        let h = _mm512_i32gather_epi32::<1>(at, rows.as_ptr().add(b * BB) as *const i32);
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-        (d, q8_columns(&row, b))
-    })
+        // The dword at each row's block start: its f16 `d`, then two values.
+        let h = _mm512_i32gather_epi32::<1>(self.at, self.rows.add(b * 34) as *const i32);
+        (_mm512_cvtepi32_epi16(h), q8_columns(&self.row, b))
+    }
 }
 
 /// Block `b`'s 32 value bytes of 16 rows as `Blocks::Int8`'s eight groups
@@ -1016,26 +1049,12 @@ unsafe fn q8_columns(row: &[*const u8; 16], b: usize) -> [__m512i; 8] {
         let (lo, hi) = if i < 4 { (i, i + 4) } else { (i + 4, i + 8) };
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y(lo)), y(hi))
     });
-    let t: [__m512i; 8] = std::array::from_fn(|x| {
-        let (a, b) = (z[x & !1], z[x | 1]);
-        if x % 2 == 0 {
-            _mm512_unpacklo_epi32(a, b)
-        } else {
-            _mm512_unpackhi_epi32(a, b)
-        }
-    });
     // u[k] (k < 4), per 128-bit lane: rows 0-3 dword k, rows 0-3 dword
     // 4 + k, rows 4-7 dword k, rows 4-7 dword 4 + k; u[4 + k] the same for
     // rows 8-15.
-    let u: [__m512i; 8] = std::array::from_fn(|x| {
-        let (h, k) = (x & 4, x & 3);
-        let (a, b) = (t[h + (k >> 1)], t[h + 2 + (k >> 1)]);
-        if k % 2 == 0 {
-            _mm512_unpacklo_epi64(a, b)
-        } else {
-            _mm512_unpackhi_epi64(a, b)
-        }
-    });
+    let lo = transpose_4x4_lanes([z[0], z[1], z[2], z[3]]);
+    let hi = transpose_4x4_lanes([z[4], z[5], z[6], z[7]]);
+    let u = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
     std::array::from_fn(|g| {
         let k = g & 3;
         if g < 4 {
@@ -1128,23 +1147,14 @@ unsafe fn int8_q8_512<const T: usize>(
 /// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn q8_tile_512(rows: &[u8], rb: usize, nr: usize, nb: usize, out: &mut [u8]) {
-    const BB: usize = 34;
-    const CB: usize = 16 * BB;
-    assert!((1..=16).contains(&nr) && rb >= nb * BB && rows.len() >= (nr - 1) * rb + nb * BB);
+    const CB: usize = 16 * 34;
     assert!(out.len() >= nb * CB);
-    let row: [*const u8; 16] = std::array::from_fn(|r| rows.as_ptr().add(r.min(nr - 1) * rb));
+    let q8 = Q8Rows::new(rows, rb, nr, nb);
     for b in 0..nb {
         let col = out.as_mut_ptr().add(b * CB);
-        let ahead = rows.as_ptr().wrapping_add(16 * rb + b * CB);
-        for l in 0..CB.div_ceil(64) + 1 {
-            // A hint, never a fault (hence `wrapping_add`).
-            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l) as *const i8);
-        }
-        for (r, p) in row.iter().enumerate() {
-            let d = (p.add(b * BB) as *const u16).read_unaligned();
-            (col as *mut u16).add(r).write_unaligned(d);
-        }
-        for (g, v) in q8_columns(&row, b).iter().enumerate() {
+        let (d, w) = q8.column(b);
+        _mm256_storeu_si256(col as *mut __m256i, d);
+        for (g, v) in w.iter().enumerate() {
             _mm512_storeu_si512(col.add(32 + 64 * g) as *mut __m512i, *v);
         }
     }
@@ -1967,8 +1977,15 @@ unsafe fn head16(rows: &[u8], rb: usize, nr: usize, off: usize) -> [__m512i; 4] 
         let v = _mm512_inserti32x4::<2>(v, row(8 + q));
         _mm512_inserti32x4::<3>(v, row(12 + q))
     });
-    let (t0, t1) = (_mm512_unpacklo_epi32(z[0], z[1]), _mm512_unpackhi_epi32(z[0], z[1]));
-    let (t2, t3) = (_mm512_unpacklo_epi32(z[2], z[3]), _mm512_unpackhi_epi32(z[2], z[3]));
+    transpose_4x4_lanes(z)
+}
+
+/// Within each 128-bit lane, a 4 × 4 transpose of dwords: `out[c]` lane `L`
+/// holds dword `c` of lane `L` of `v[0]`, `v[1]`, `v[2]`, `v[3]`.
+#[inline(always)]
+unsafe fn transpose_4x4_lanes(v: [__m512i; 4]) -> [__m512i; 4] {
+    let (t0, t1) = (_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    let (t2, t3) = (_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
     [
         _mm512_unpacklo_epi64(t0, t2),
         _mm512_unpackhi_epi64(t0, t2),
@@ -1981,25 +1998,12 @@ unsafe fn head16(rows: &[u8], rb: usize, nr: usize, off: usize) -> [__m512i; 4] 
 /// in 64 two-source shuffles (unpacks within 128-bit lanes, then lane moves).
 #[inline(always)]
 unsafe fn transpose_16x16(m: [__m512i; 16]) -> [__m512i; 16] {
-    // Per 128-bit lane L: t[4i] = rows (4i, 4i+1) dwords 0, 1 interleaved, ...
-    let t: [__m512i; 16] = std::array::from_fn(|x| {
-        let (a, b) = (m[x & !1], m[x | 1]);
-        if x % 2 == 0 {
-            _mm512_unpacklo_epi32(a, b)
-        } else {
-            _mm512_unpackhi_epi32(a, b)
-        }
-    });
     // u[4i + c]: lane L holds rows 4i .. 4i + 4's dword 4L + c.
-    let u: [__m512i; 16] = std::array::from_fn(|x| {
-        let (i, c) = (x / 4, x % 4);
-        let (a, b) = (t[4 * i + c / 2], t[4 * i + 2 + c / 2]);
-        if c % 2 == 0 {
-            _mm512_unpacklo_epi64(a, b)
-        } else {
-            _mm512_unpackhi_epi64(a, b)
-        }
-    });
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        let q = transpose_4x4_lanes([m[4 * i], m[4 * i + 1], m[4 * i + 2], m[4 * i + 3]]);
+        u[4 * i..4 * i + 4].copy_from_slice(&q);
+    }
     // out[4L + c] = lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
     let mut out = [_mm512_setzero_si512(); 16];
     for c in 0..4 {
