@@ -23,8 +23,9 @@
 //! `vpmaddubsw` + `vpdpwssd` (the runs' 6- or 8-bit scales folded into the
 //! integer sums). Products of `KTILE_MIN_N` rows or more (prompts, batches of
 //! 8 sequences) repack 16 weight rows at a time into an int8 tile in L2
-//! (`x86::kq_tile_512`) and sum each run with `vpdpbusd` in one lane per row
-//! (`x86::int8_ktile_512`), about twice the products per instruction. The two
+//! (`x86::kq_tile_512`; Q4_K's values stay packed there, two runs to a byte,
+//! unpacked as they are read) and sum each run with `vpdpbusd` in one lane
+//! per row (`x86::int8_ktile_512`), about twice the products per instruction. The two
 //! K-quant kernels round differently, so there a row's bits depend on whether
 //! its product had fewer than `KTILE_MIN_N` rows (as llama.cpp's do); within
 //! each size class they do not depend on the batch (tested). Every activation
@@ -1353,14 +1354,18 @@ impl QMatrix {
                             let mut res = [[0f32; Q]; FUSED_MAX_N];
                             macro_rules! go {
                                 ($($t:literal)*) => {
-                                    match (kq == x86::KQ6, tn) {
-                                        $((true, $t) => {
+                                    match (kq, tn) {
+                                        $((x86::KQ4, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<16, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<32, $t, true>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
-                                        $((false, $t) => {
+                                        $((x86::KQ5, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<32, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<32, $t, false>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                        })*
+                                        $((_, $t) => {
+                                            let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
+                                            unsafe { x86::int8_ktile_512::<16, $t, false>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         _ => unreachable!("{tn} activation rows"),
                                     }
