@@ -1822,11 +1822,13 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
     // The low or high f16 of each lane as f32.
     let f16s = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
     let sign = _mm512_set1_epi32(i32::MIN);
-    // Q4_K transposes the rows' packed nibbles, then unpacks them in place:
-    // two 16 × 16 transposes, not four of the unpacked values (8B shapes,
-    // batch of 8, 14336 × 4096: 2.39–2.50 → 2.06–2.25 ms). Q6_K done the same
-    // way (three transposes, more unpacking after them) was no faster (2.9
-    // against 3.0 ms), so it and Q5_K unpack first (`vals`).
+    // Q4_K transposes the rows' packed nibbles and leaves them packed: two
+    // 16 × 16 transposes, not four of the unpacked values (8B shapes, batch
+    // of 8, 14336 × 4096: 2.39–2.50 → 2.06–2.25 ms with the nibbles unpacked
+    // after the transposes). Q6_K done the same way (three transposes, more
+    // unpacking after them) was no faster (2.9 against 3.0 ms), nor with its
+    // values left packed for the product to unpack (3% faster at 8 rows, 5%
+    // slower at 128), so it and Q5_K unpack first (`vals`).
     let packed = KQ == KQ4;
     for b in 0..nb {
         for r in 0..nr {
@@ -2114,7 +2116,25 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
             _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * line) as *const i8);
         }
         let mut blk = [_mm512_setzero_ps(); T];
-        if NIBBLES {
+        if !NIBBLES {
+            for s in 0..ns {
+                let base = tp.add(b * bb + s * sb);
+                // Each group of four bytes across all rows: T independent `vpdpbusd`
+                // chains in flight. The sums are exact, so the order does not matter.
+                let mut i = [_mm512_setzero_si512(); T];
+                for k in 0..L / 4 {
+                    let w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
+                    for (t, i) in i.iter_mut().enumerate() {
+                        let x = xp.add(t * cols + 256 * b + L * s + 4 * k);
+                        *i = _mm512_dpbusd_epi32(*i, w, _mm512_set1_epi32((x as *const i32).read_unaligned()));
+                    }
+                }
+                let sc = _mm512_loadu_ps(base.add(16 * L) as *const f32);
+                for t in 0..T {
+                    blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), sc, blk[t]);
+                }
+            }
+        } else {
             // Q4_K: slot 4h + q holds the packed bytes of slots 4h + q (low
             // nibbles) and 4h + 2 + q (high nibbles); each load feeds both, in
             // 2T independent `vpdpbusd` chains.
@@ -2139,26 +2159,6 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[t]), scl, blk[t]);
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[t]), sch, blk[t]);
                 }
-            }
-        }
-        for s in 0..ns {
-            if NIBBLES {
-                break;
-            }
-            let base = tp.add(b * bb + s * sb);
-            // Each group of four bytes across all rows: T independent `vpdpbusd`
-            // chains in flight. The sums are exact, so the order does not matter.
-            let mut i = [_mm512_setzero_si512(); T];
-            for k in 0..L / 4 {
-                let w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
-                for (t, i) in i.iter_mut().enumerate() {
-                    let x = xp.add(t * cols + 256 * b + L * s + 4 * k);
-                    *i = _mm512_dpbusd_epi32(*i, w, _mm512_set1_epi32((x as *const i32).read_unaligned()));
-                }
-            }
-            let sc = _mm512_loadu_ps(base.add(16 * L) as *const f32);
-            for t in 0..T {
-                blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), sc, blk[t]);
             }
         }
         // The offsets: Σ_runs multiplier·Σq, exact in i32, times their scale.
