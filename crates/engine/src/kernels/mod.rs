@@ -28,7 +28,10 @@
 //! per row (`x86::int8_ktile_512`), about twice the products per instruction. The two
 //! K-quant kernels round differently, so there a row's bits depend on whether
 //! its product had fewer than `KTILE_MIN_N` rows (as llama.cpp's do); within
-//! each size class they do not depend on the batch (tested). Every activation
+//! each size class they do not depend on the batch (tested). CPUs with AVX2
+//! but not AVX-512 VNNI get the scheme for K-quants only, through
+//! `x86::int8_kquant_256` (one 32-value run per vector, `vpmaddubsw` +
+//! `vpmaddwd`) at every size: one size class there. Every activation
 //! row is rounded on its own and, for Q4_0 / Q4_1, every output element is
 //! computed by the same instructions whatever `n` is, so a row's result does
 //! not depend on the rows batched with it (prompt or decode, alone or batched:
@@ -380,7 +383,7 @@ fn tiling(kind: Kind, isa: Isa, int8: bool) -> Option<bool> {
         // Q8_0 stays where it lies (see `matmul_with`): its files are the
         // largest (8.5 GB at 8B), and the copy made at load took 3.5-4.5 s.
         _ if kind == Kind::Q8_0 => None,
-        Some(_) if int8 && int8_supported(isa) => Some(true),
+        Some(_) if int8 && int8_supported(isa, kind) => Some(true),
         Some(_) if isa == Isa::Avx512 => Some(false),
         _ => None,
     }
@@ -405,7 +408,7 @@ fn tiled_bytes(rows: usize, row_bytes: usize, int8_tiles: bool) -> usize {
 }
 
 /// Which quantized products round their activations to 8 bits (llama.cpp's
-/// scheme, on CPUs with AVX-512 VNNI).
+/// scheme, on CPUs with AVX-512 VNNI; K-quants also on AVX2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Mode {
     /// None: the exact f32 product everywhere (HF's greedy tokens).
@@ -422,7 +425,7 @@ pub enum Int8Mode {
 static INT8_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Makes matrices created from now on use the int8 scheme for the kinds `mode`
-/// names, where the CPU has AVX-512 VNNI (`vicugna … --int8 on|off|auto`;
+/// names, where the CPU has AVX-512 VNNI, or AVX2 for K-quants (`vicugna … --int8 on|off|auto`;
 /// `VICUGNA_KERNEL=int8` forces it on). The library's default is `Off`.
 pub fn set_int8_mode(mode: Int8Mode) {
     INT8_MODE.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
@@ -447,8 +450,10 @@ fn int8_default(isa: Isa, dtype: GgmlDType) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
     let mode = int8_mode();
-    let kquant = matches!(Kind::from_dtype(dtype), Some(Kind::Q4K | Kind::Q5K | Kind::Q6K));
-    int8_supported(isa) && (env || mode == Int8Mode::On || (mode == Int8Mode::KQuants && kquant))
+    let kind = Kind::from_dtype(dtype);
+    let kquant = matches!(kind, Some(Kind::Q4K | Kind::Q5K | Kind::Q6K));
+    kind.is_some_and(|k| int8_supported(isa, k))
+        && (env || mode == Int8Mode::On || (mode == Int8Mode::KQuants && kquant))
 }
 
 /// Whether the CPU is AMD's (where a batch of eight prefetches its next
@@ -468,16 +473,21 @@ fn amd_cpu() -> bool {
     })
 }
 
-/// Whether this CPU can run the int8 scheme on `isa` (every kind here has an
-/// int8 kernel).
-fn int8_supported(isa: Isa) -> bool {
+/// Whether this CPU can run the int8 scheme for `kind` on `isa` (AVX-512 VNNI:
+/// every kind here; AVX2: the K-quants).
+fn int8_supported(isa: Isa, kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        isa == Isa::Avx512 && is_x86_feature_detected!("avx512vnni")
+        match isa {
+            Isa::Avx512 => is_x86_feature_detected!("avx512vnni"),
+            // The K-quant row kernel only (`x86::int8_kquant_256`).
+            Isa::Avx2 => matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K),
+            Isa::Scalar => false,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = isa;
+        let _ = (isa, kind);
         false
     }
 }
@@ -990,7 +1000,7 @@ impl QMatrix {
         let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
             && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K | Kind::Q8_0)
             && int8
-            && int8_supported(isa);
+            && int8_supported(isa, kind);
         Some(QMatrix {
             kind,
             dtype,
@@ -1313,7 +1323,8 @@ impl QMatrix {
             let (cols, rb) = (self.cols, self.row_bytes);
             let nb = cols / 256;
             let bytes = self.ggml_bytes();
-            if n >= KTILE_MIN_N {
+            let avx2 = self.isa == Isa::Avx2;
+            if n >= KTILE_MIN_N && !avx2 {
                 // Prompts: 16 rows at a time repacked into an int8 tile (in L2),
                 // then every group of eight activation rows meets it.
                 let kq = match self.kind {
@@ -1397,9 +1408,16 @@ impl QMatrix {
                             match tn {
                                 $($t => {
                                     // SAFETY: `kint8` is set only where the CPU has
-                                    // AVX-512 VNNI (`int8_supported`); the kernel
-                                    // checks its slice lengths.
-                                    unsafe { x86::int8_kquant_512::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res) }
+                                    // AVX-512 VNNI, or AVX2 on the AVX2 path
+                                    // (`int8_supported`); the kernels check their
+                                    // slice lengths.
+                                    unsafe {
+                                        if avx2 {
+                                            x86::int8_kquant_256::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res)
+                                        } else {
+                                            x86::int8_kquant_512::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res)
+                                        }
+                                    }
                                 })*
                                 _ => unreachable!("{tn} activation rows"),
                             }
@@ -1422,7 +1440,7 @@ impl QMatrix {
         #[allow(unreachable_code)]
         {
             let _ = (r0, nrows, xq, n, put);
-            unreachable!("kint8_rows_task without AVX-512")
+            unreachable!("kint8_rows_task without AVX2")
         }
     }
 
@@ -2533,7 +2551,11 @@ mod tests {
                     for (isa, want_int8) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
                         let m = QMatrix::with_scheme(&q, isa, want_int8).unwrap();
                         let int8 = m.int8();
-                        assert_eq!(int8, want_int8 && int8_supported(isa), "{dtype:?} {isa:?}: int8 scheme");
+                        assert_eq!(
+                            int8,
+                            want_int8 && int8_supported(isa, m.kind),
+                            "{dtype:?} {isa:?}: int8 scheme"
+                        );
                         // Values per activation scale: runs of 8, or Q8_K's blocks of 256.
                         let run = if m.kint8 { 256 } else { 8 };
                         for rpt in [None, Some(8), Some(rows)] {
@@ -2598,20 +2620,27 @@ mod tests {
         ] {
             let (rows, cols) = (100, if dtype.block_size() == 256 { 512 } else { 576 });
             let q = quantized(rows, cols, dtype, 5);
-            let m = QMatrix::with_scheme(&q, Isa::detect(), true).unwrap();
-            if !m.int8() {
-                continue; // no AVX-512 VNNI here
+            for isa in Isa::available() {
+                let m = QMatrix::with_scheme(&q, isa, true).unwrap();
+                if !m.int8() {
+                    continue; // no int8 kernel for this kind on this path
+                }
+                let what = format!("{dtype:?} {isa:?}");
+                if m.kint8 && isa == Isa::Avx2 {
+                    // AVX2 K-quants: the row kernel for every size.
+                    assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &what);
+                    continue;
+                }
+                if m.kint8 {
+                    // K-quants and Q8_0: decode-sized products (row kernel) and prompt-sized
+                    // ones (repacked tiles) each give a row the same bits in any
+                    // batch of their size; the two kernels round differently.
+                    assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 3, KTILE_MIN_N - 2], &what);
+                    assert_runs_equal_batched(&m, 45, &[0, 3, 25], KTILE_MIN_N, &what);
+                    continue;
+                }
+                assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &what);
             }
-            if m.kint8 {
-                // K-quants and Q8_0: decode-sized products (row kernel) and prompt-sized
-                // ones (repacked tiles) each give a row the same bits in any
-                // batch of their size; the two kernels round differently.
-                let what = format!("{dtype:?}");
-                assert_rows_alone_equal_batched(&m, KTILE_MIN_N - 1, &[0, 3, KTILE_MIN_N - 2], &what);
-                assert_runs_equal_batched(&m, 45, &[0, 3, 25], KTILE_MIN_N, &what);
-                continue;
-            }
-            assert_rows_alone_equal_batched(&m, 21, &[0, 7, 8, 20], &format!("{dtype:?}"));
         }
     }
 

@@ -1730,6 +1730,140 @@ unsafe fn kq_row_512<const KQ: u8, const T: usize>(
     acc
 }
 
+/// `int8_kquant_512` for CPUs with AVX2 but not AVX-512 VNNI (most desktop
+/// and laptop CPUs): the same arguments, activations and output. Each
+/// 32-value run (Q6_K: two runs of 16) fills one vector, so its scale is one
+/// broadcast: `vpmaddubsw` multiplies the unsigned weight values by the
+/// signed activations into i16 pairs (at most 2 · 63 · 127, no saturation),
+/// `vpmaddwd` weights them by the run's scale into i32 lanes. The integer sums
+/// are exact and each row is summed on its own, so a result does not depend on
+/// `T` or the other rows. Without it, AVX2 hosts dequantized K-quant rows to
+/// f32 and decoded a 1B Q4_K_M model at a quarter of the memory's pace.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn int8_kquant_256<const KQ: u8, const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[i16],
+    cols: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let bb = kblock_bytes(KQ);
+    let nb = cols / 256;
+    assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
+    assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
+    assert!(rb >= nb * bb && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * bb));
+    assert!(out.len() >= nr * T);
+    // Where natural run c's activations are (Q4_K / Q5_K: see `round_row`).
+    const POS: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+    let m4 = _mm256_set1_epi8(0x0F);
+    let xp = xq.as_ptr();
+    for r in 0..nr {
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let blk = rows.as_ptr().add(r * rb + b * bb);
+            // Decode streams the weights from memory once (see `kq_row_512`).
+            for l in 0..bb.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(KQ_PREFETCH_BYTES + 64 * l) as *const i8);
+            }
+            // Values 32c .. 32c + 32 of the block as unsigned bytes, and their scales.
+            let mut w = [_mm256_setzero_si256(); 8];
+            let mut sc = [_mm256_setzero_si256(); 8];
+            let hdr = std::slice::from_raw_parts(blk, bb);
+            let (d, fix) = if KQ == KQ6 {
+                let (ql, qh) = (blk, blk.add(128));
+                let h30 = _mm256_set1_epi8(0x30);
+                for h in 0..2 {
+                    let l0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
+                    let l1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
+                    let hh = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
+                    w[4 * h] = _mm256_or_si256(
+                        _mm256_and_si256(l0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(hh), h30),
+                    );
+                    w[4 * h + 1] = _mm256_or_si256(
+                        _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(hh), h30),
+                    );
+                    w[4 * h + 2] = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                        _mm256_and_si256(hh, h30),
+                    );
+                    w[4 * h + 3] = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(hh), h30),
+                    );
+                }
+                let s = std::slice::from_raw_parts(blk.add(192) as *const i8, 16);
+                for c in 0..8 {
+                    sc[c] = _mm256_set_m128i(_mm_set1_epi16(s[2 * c + 1] as i16), _mm_set1_epi16(s[2 * c] as i16));
+                }
+                // The −32 of every value, through the runs' sums: 32·Σ sc·Σq.
+                (
+                    f16_at(hdr, 208),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i)),
+                )
+            } else {
+                let (scs, mins) = k4_scales(blk.add(4));
+                let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
+                let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+                let one = _mm256_set1_epi8(1);
+                for j in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                    w[2 * j] = _mm256_and_si256(q, m4);
+                    w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                }
+                if KQ == KQ5 {
+                    // qh bit c of each byte adds 16 to value c's run.
+                    for c in 0..8 {
+                        let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c as i32)), one);
+                        w[c] = _mm256_or_si256(w[c], _mm256_slli_epi16::<4>(bit));
+                    }
+                }
+                for c in 0..8 {
+                    sc[c] = _mm256_set1_epi16(((scs >> (8 * c)) & 0xFF) as i16);
+                }
+                let mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+                (f16_at(hdr, 0), _mm256_zextsi128_si256(mn))
+            };
+            let vd = _mm256_set1_ps(d);
+            for t in 0..T {
+                let at = t * nb + b;
+                let x = xp.add(t * stride + 256 * b);
+                let mut i = _mm256_setzero_si256();
+                for c in 0..8 {
+                    let xo = if KQ == KQ6 { 32 * c } else { 32 * POS[c] };
+                    let p = _mm256_maddubs_epi16(w[c], _mm256_loadu_si256(x.add(xo) as *const __m256i));
+                    i = _mm256_add_epi32(i, _mm256_madd_epi16(p, sc[c]));
+                }
+                let sums = _mm256_loadu_si256(xs.as_ptr().add(16 * at) as *const __m256i);
+                let dx = _mm256_set1_ps(*xd.get_unchecked(at));
+                if KQ == KQ6 {
+                    i = _mm256_sub_epi32(i, _mm256_slli_epi32::<5>(_mm256_madd_epi16(fix, sums)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i), vd), dx, acc[t]);
+                } else {
+                    // The mins: −dmin·Σ_j m_j·sums_j (8 sums, the upper 8 i16 of
+                    // `sums` meet zeros).
+                    let dmin = _mm256_set1_ps(-f16_at(hdr, 2));
+                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(fix, sums));
+                    let v = _mm256_fmadd_ps(mins, dmin, _mm256_mul_ps(_mm256_cvtepi32_ps(i), vd));
+                    acc[t] = _mm256_fmadd_ps(v, dx, acc[t]);
+                }
+            }
+        }
+        for t in 0..T {
+            out[r * T + t] = hsum256(acc[t]);
+        }
+    }
+}
+
 /// Bytes per 256-value block of a K-quant kind (ggml's `block_q4_K`,
 /// `block_q5_K`, `block_q6_K`).
 const fn kblock_bytes(kq: u8) -> usize {
