@@ -1566,6 +1566,31 @@ unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
 }
 
+/// The block bytes and blocks per row of an `int8_kquant_512` /
+/// `int8_kquant_256` call, after checking its slices hold what it reads.
+#[allow(clippy::too_many_arguments)]
+fn kquant_rows_checked(
+    kq: u8,
+    t: usize,
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[i16],
+    cols: usize,
+    stride: usize,
+    out: &[f32],
+) -> (usize, usize) {
+    let bb = kblock_bytes(kq);
+    let nb = cols / 256;
+    assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (t - 1) * stride + cols);
+    assert!(xd.len() >= t * nb && xs.len() >= 16 * t * nb);
+    assert!(rb >= nb * bb && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * bb));
+    assert!(out.len() >= nr * t);
+    (bb, nb)
+}
+
 /// `out[i·T + t] = dot(weight row i, activation row t)` for `nr` consecutive
 /// ggml rows of Q4_K / Q5_K / Q6_K (`KQ`; `rows` holds them, `rb` bytes apart)
 /// and `T` activation rows rounded to 8 bits per
@@ -1602,12 +1627,7 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
     stride: usize,
     out: &mut [f32],
 ) {
-    let bb = kblock_bytes(KQ);
-    let nb = cols / 256;
-    assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
-    assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
-    assert!(rb >= nb * bb && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * bb));
-    assert!(out.len() >= nr * T);
+    let (_, nb) = kquant_rows_checked(KQ, T, rows, rb, nr, xq, xd, xs, cols, stride, out);
     // Q4_K / Q5_K: the products' scales (see `scale_index`); Q6_K: per half.
     let idx = if KQ == KQ6 {
         [
@@ -1755,12 +1775,7 @@ pub(super) unsafe fn int8_kquant_256<const KQ: u8, const T: usize>(
     stride: usize,
     out: &mut [f32],
 ) {
-    let bb = kblock_bytes(KQ);
-    let nb = cols / 256;
-    assert!(cols.is_multiple_of(256) && stride >= cols && xq.len() >= (T - 1) * stride + cols);
-    assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
-    assert!(rb >= nb * bb && (nr == 0 || rows.len() >= (nr - 1) * rb + nb * bb));
-    assert!(out.len() >= nr * T);
+    let (bb, nb) = kquant_rows_checked(KQ, T, rows, rb, nr, xq, xd, xs, cols, stride, out);
     // Where natural run c's activations are (Q4_K / Q5_K: see `round_row`).
     const POS: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
     let m4 = _mm256_set1_epi8(0x0F);
@@ -1813,8 +1828,6 @@ pub(super) unsafe fn int8_kquant_256<const KQ: u8, const T: usize>(
             } else {
                 let (scs, mins) = k4_scales(blk.add(4));
                 let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
-                let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
-                let one = _mm256_set1_epi8(1);
                 for j in 0..4 {
                     let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                     w[2 * j] = _mm256_and_si256(q, m4);
@@ -1822,6 +1835,8 @@ pub(super) unsafe fn int8_kquant_256<const KQ: u8, const T: usize>(
                 }
                 if KQ == KQ5 {
                     // qh bit c of each byte adds 16 to value c's run.
+                    let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+                    let one = _mm256_set1_epi8(1);
                     for c in 0..8 {
                         let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c as i32)), one);
                         w[c] = _mm256_or_si256(w[c], _mm256_slli_epi16::<4>(bit));
