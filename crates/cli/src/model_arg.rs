@@ -24,7 +24,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
     /// Round activations to 8 bits in quantized products, as llama.cpp does (CPUs
-    /// with AVX-512 VNNI; with AVX2, K-quants only): faster, with llama.cpp-like accuracy instead of the
+    /// with AVX-512 VNNI; with AVX2 or AVX-512 without VNNI, K-quants only): faster, with llama.cpp-like accuracy instead of the
     /// exact f32 product (near-ties in greedy decoding may go the other way).
     /// auto: K-quant weights only (Q4_K/Q5_K/Q6_K, as in Q4_K_M files: 1.8-3x
     /// faster there); on (`--int8`): also Q4_0/Q4_1/Q8_0; off: f32 everywhere
@@ -89,7 +89,7 @@ impl ModelArgs {
         if self.int8 == Int8Arg::On && !loaded.model.int8_activations() {
             eprintln!(
                 "warning: --int8 has no effect here: it needs Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights kept quantized \
-                 (a GGUF with --dtype auto) and a CPU with AVX-512 VNNI (AVX2: K-quants only); using f32 activations"
+                 (a GGUF with --dtype auto) and a CPU with AVX-512 VNNI (AVX2 or AVX-512 without VNNI: K-quants only); using f32 activations"
             );
         }
         if let Some(dir) = &self.lora {

@@ -474,14 +474,15 @@ fn amd_cpu() -> bool {
 }
 
 /// Whether this CPU can run the int8 scheme for `kind` on `isa` (AVX-512 VNNI:
-/// every kind here; AVX2: the K-quants).
+/// every kind here; AVX2, and AVX-512 without VNNI: the K-quants).
 fn int8_supported(isa: Isa, kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        let kquant = matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K);
         match isa {
-            Isa::Avx512 => is_x86_feature_detected!("avx512vnni"),
+            Isa::Avx512 => vnni() || kquant,
             // The K-quant row kernel only (`x86::int8_kquant_256`).
-            Isa::Avx2 => matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K),
+            Isa::Avx2 => kquant,
             Isa::Scalar => false,
         }
     }
@@ -490,6 +491,33 @@ fn int8_supported(isa: Isa, kind: Kind) -> bool {
         let _ = (isa, kind);
         false
     }
+}
+
+/// Whether this CPU has AVX-512 VNNI (`vpdpbusd`), which the int8 tiles and the
+/// 512-bit int8 kernels need. `VICUGNA_KERNEL=avx512-novnni` hides it, so that a
+/// VNNI CPU takes (and tests) the path of AVX-512 CPUs without it (Skylake-X
+/// class: many cloud machines), whose K-quants take the 256-bit row kernel.
+fn vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        let hidden = std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "avx512-novnni");
+        #[cfg(target_arch = "x86_64")]
+        {
+            !hidden && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = hidden;
+            false
+        }
+    })
+}
+
+/// Whether K-quant products under the int8 scheme take the 256-bit row kernel
+/// (`x86::int8_kquant_256`) at every size: on the AVX2 path, and on AVX-512
+/// without VNNI. Those have no int8 tiles, so one size class.
+fn kquant_256(isa: Isa) -> bool {
+    isa == Isa::Avx2 || (isa == Isa::Avx512 && !vnni())
 }
 
 /// Byte offset of row `r`'s group-`g` bytes inside an int8 block column with `ns`
@@ -1323,7 +1351,7 @@ impl QMatrix {
             let (cols, rb) = (self.cols, self.row_bytes);
             let nb = cols / 256;
             let bytes = self.ggml_bytes();
-            let avx2 = self.isa == Isa::Avx2;
+            let avx2 = kquant_256(self.isa);
             if n >= KTILE_MIN_N && !avx2 {
                 // Prompts: 16 rows at a time repacked into an int8 tile (in L2),
                 // then every group of eight activation rows meets it.
@@ -1408,8 +1436,9 @@ impl QMatrix {
                             match tn {
                                 $($t => {
                                     // SAFETY: `kint8` is set only where the CPU has
-                                    // AVX-512 VNNI, or AVX2 on the AVX2 path
-                                    // (`int8_supported`); the kernels check their
+                                    // AVX-512 VNNI, or AVX2 (`int8_supported`; every
+                                    // AVX-512 CPU has it) where `kquant_256` picks
+                                    // the 256-bit kernel; the kernels check their
                                     // slice lengths.
                                     unsafe {
                                         if avx2 {
@@ -2627,7 +2656,7 @@ mod tests {
                 }
                 let what = format!("{dtype:?} {isa:?}");
                 // (AVX2 K-quants: the row kernel for every size, one class.)
-                if m.kint8 && isa != Isa::Avx2 {
+                if m.kint8 && !kquant_256(isa) {
                     // K-quants and Q8_0: decode-sized products (row kernel) and prompt-sized
                     // ones (repacked tiles) each give a row the same bits in any
                     // batch of their size; the two kernels round differently.
