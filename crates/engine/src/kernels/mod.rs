@@ -1396,15 +1396,15 @@ impl QMatrix {
                                     match (kq, tn) {
                                         $((x86::KQ4, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<32, $t, true>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<{ x86::KQ4 }, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         $((x86::KQ5, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<32, $t, false>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<{ x86::KQ5 }, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         $((_, $t) => {
                                             let o: &mut [[f32; Q]; $t] = (&mut res[..$t]).try_into().unwrap();
-                                            unsafe { x86::int8_ktile_512::<16, $t, false>(tile, nb, q, xq.stride, d, xs, ahead, o) }
+                                            unsafe { x86::int8_ktile_512::<{ x86::KQ6 }, $t>(tile, nb, q, xq.stride, d, xs, ahead, o) }
                                         })*
                                         _ => unreachable!("{tn} activation rows"),
                                     }

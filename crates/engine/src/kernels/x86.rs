@@ -2090,7 +2090,7 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
             // the high. The bytes go transposed but packed where vector 2h's
             // values would (slots 4h, 4h + 1); slots 4h + 2, 4h + 3 (the high
             // nibbles) keep their scales but no values, and
-            // `int8_ktile_512::<_, _, true>` unpacks both as it reads them:
+            // `int8_ktile_512::<KQ4, _>` unpacks both as it reads them:
             // half the bytes written and read back (8B shapes, batch of 8,
             // 14336 × 4096: 2.31–2.42 → 2.03–2.11 ms).
             for h in 0..2 {
@@ -2224,8 +2224,8 @@ unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
     w
 }
 
-/// Rows `0..16` of one K-quant int8 tile (see `kq_tile_512`, runs of `L`)
-/// dotted with `T` activation rows (`xq`, `xd` as for `int8_kquant_512`;
+/// Rows `0..16` of one `KQ` int8 tile (see `kq_tile_512`; runs of `L` =
+/// `krun(KQ)` values) dotted with `T` activation rows (`xq`, `xd` as for `int8_kquant_512`;
 /// `xs[16(t·nb + b) ..]` the block's sums of `q` per run, natural order):
 /// `out[t][r]`. Per run: `L/4` `vpdpbusd` sum each row's products in its own
 /// i32 lane, one conversion and one multiply-add apply the run's scale; per
@@ -2234,14 +2234,14 @@ unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
 /// by its activation scale once — about twice the products per instruction of
 /// the row kernel, whose scales go through `vpdpwssd`. `ahead` (any bytes,
 /// e.g. the weights the caller repacks next) is prefetched into L2 a little
-/// per block. `NIBBLES`: a Q4_K tile, its values packed (`kq_tile_512`); the
-/// runs are then scaled in the order 0, 2, 1, 3, 4, 6, 5, 7 of their slots.
+/// per block. A Q4_K tile holds its values packed (`kq_tile_512`); its
+/// runs are scaled in the order 0, 2, 1, 3, 4, 6, 5, 7 of their slots.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLES: bool>(
+pub(super) unsafe fn int8_ktile_512<const KQ: u8, const T: usize>(
     tile: &[u8],
     nb: usize,
     xq: &[i8],
@@ -2251,9 +2251,11 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
     ahead: &[u8],
     out: &mut [[f32; 16]; T],
 ) {
-    assert!(T <= 8 && (L == 16 || L == 32) && (!NIBBLES || L == 32));
-    let ns = 256 / L;
-    let (sb, bb) = (ktile_slot_bytes(L), ktile_bytes(L));
+    // Q4_K's tiles hold packed values (`kq_tile_512`).
+    let (l, nibbles) = (krun(KQ), KQ == KQ4);
+    assert!(T <= 8);
+    let ns = 256 / l;
+    let (sb, bb) = (ktile_slot_bytes(l), ktile_bytes(l));
     assert!(tile.len() >= nb * bb && cols >= 256 * nb && xq.len() >= (T - 1) * cols + 256 * nb);
     assert!(xd.len() >= T * nb && xs.len() >= 16 * T * nb);
     let (tp, xp) = (tile.as_ptr(), xq.as_ptr());
@@ -2265,20 +2267,20 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
             _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * line) as *const i8);
         }
         let mut blk = [_mm512_setzero_ps(); T];
-        if !NIBBLES {
+        if !nibbles {
             for s in 0..ns {
                 let base = tp.add(b * bb + s * sb);
                 // Each group of four bytes across all rows: T independent `vpdpbusd`
                 // chains in flight. The sums are exact, so the order does not matter.
                 let mut i = [_mm512_setzero_si512(); T];
-                for k in 0..L / 4 {
+                for k in 0..l / 4 {
                     let w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
                     for (t, i) in i.iter_mut().enumerate() {
-                        let x = xp.add(t * cols + 256 * b + L * s + 4 * k);
+                        let x = xp.add(t * cols + 256 * b + l * s + 4 * k);
                         *i = _mm512_dpbusd_epi32(*i, w, _mm512_set1_epi32((x as *const i32).read_unaligned()));
                     }
                 }
-                let sc = _mm512_loadu_ps(base.add(16 * L) as *const f32);
+                let sc = _mm512_loadu_ps(base.add(16 * l) as *const f32);
                 for t in 0..T {
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), sc, blk[t]);
                 }
@@ -2302,8 +2304,8 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
                         hi[t] = _mm512_dpbusd_epi32(hi[t], wh, _mm512_set1_epi32((x as *const i32).read_unaligned()));
                     }
                 }
-                let scl = _mm512_loadu_ps(base.add(16 * L) as *const f32);
-                let sch = _mm512_loadu_ps(base.add(2 * sb + 16 * L) as *const f32);
+                let scl = _mm512_loadu_ps(base.add(16 * l) as *const f32);
+                let sch = _mm512_loadu_ps(base.add(2 * sb + 16 * l) as *const f32);
                 for t in 0..T {
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[t]), scl, blk[t]);
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[t]), sch, blk[t]);
@@ -2311,7 +2313,7 @@ pub(super) unsafe fn int8_ktile_512<const L: usize, const T: usize, const NIBBLE
             }
         }
         // The offsets: Σ_runs multiplier·Σq, exact in i32, times their scale.
-        let tail = tp.add(b * bb + ktile_tail(L));
+        let tail = tp.add(b * bb + ktile_tail(l));
         let neg = _mm512_loadu_ps(tail.add(32 * ns) as *const f32);
         for t in 0..T {
             let sums = xs.as_ptr().add(16 * (t * nb + b));
