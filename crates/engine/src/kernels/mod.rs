@@ -142,7 +142,7 @@ pub enum Isa {
 
 impl Isa {
     /// The best this CPU supports; `VICUGNA_KERNEL=scalar|avx2` caps it (for
-    /// comparisons).
+    /// comparisons; `avx512-novnni` keeps AVX-512 and hides VNNI, see `vnni`).
     pub fn detect() -> Isa {
         let cap = std::env::var("VICUGNA_KERNEL").ok();
         let best = Self::available().into_iter().last().unwrap_or(Isa::Scalar);
@@ -1351,8 +1351,8 @@ impl QMatrix {
             let (cols, rb) = (self.cols, self.row_bytes);
             let nb = cols / 256;
             let bytes = self.ggml_bytes();
-            let avx2 = kquant_256(self.isa);
-            if n >= KTILE_MIN_N && !avx2 {
+            let row256 = kquant_256(self.isa);
+            if n >= KTILE_MIN_N && !row256 {
                 // Prompts: 16 rows at a time repacked into an int8 tile (in L2),
                 // then every group of eight activation rows meets it.
                 let kq = match self.kind {
@@ -1441,7 +1441,7 @@ impl QMatrix {
                                     // the 256-bit kernel; the kernels check their
                                     // slice lengths.
                                     unsafe {
-                                        if avx2 {
+                                        if row256 {
                                             x86::int8_kquant_256::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res)
                                         } else {
                                             x86::int8_kquant_512::<{ $kq }, $t>(rows, rb, m, q, d, s, cols, xq.stride, &mut res)
