@@ -111,6 +111,11 @@ impl Kind {
         })
     }
 
+    /// Q4_K, Q5_K or Q6_K (256-value super-blocks with per-run scales).
+    fn is_kquant(self) -> bool {
+        matches!(self, Kind::Q4K | Kind::Q5K | Kind::Q6K)
+    }
+
     /// Values per block.
     pub(crate) fn block_elems(self) -> usize {
         match self {
@@ -451,7 +456,7 @@ fn int8_default(isa: Isa, dtype: GgmlDType) -> bool {
     let env = *ENV.get_or_init(|| std::env::var("VICUGNA_KERNEL").is_ok_and(|v| v == "int8"));
     let mode = int8_mode();
     let kind = Kind::from_dtype(dtype);
-    let kquant = matches!(kind, Some(Kind::Q4K | Kind::Q5K | Kind::Q6K));
+    let kquant = kind.is_some_and(Kind::is_kquant);
     kind.is_some_and(|k| int8_supported(isa, k))
         && (env || mode == Int8Mode::On || (mode == Int8Mode::KQuants && kquant))
 }
@@ -478,7 +483,7 @@ fn amd_cpu() -> bool {
 fn int8_supported(isa: Isa, kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let kquant = matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K);
+        let kquant = kind.is_kquant();
         match isa {
             Isa::Avx512 => vnni() || kquant,
             // The K-quant row kernel only (`x86::int8_kquant_256`).
@@ -1026,7 +1031,7 @@ impl QMatrix {
             None => in_place(),
         };
         let kint8 = matches!(blocks, Blocks::Ggml(_) | Blocks::Mapped(_))
-            && matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K | Kind::Q8_0)
+            && (kind.is_kquant() || kind == Kind::Q8_0)
             && int8
             && int8_supported(isa, kind);
         Some(QMatrix {
@@ -1736,7 +1741,7 @@ impl QMatrix {
         // registers and used at once (`fused_kquant_512`), `R` weight rows and up
         // to 4 activation rows at a time (16 accumulators).
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && n <= FUSED_TILED_MAX_N && matches!(self.kind, Kind::Q4K | Kind::Q5K | Kind::Q6K) {
+        if isa == Isa::Avx512 && n <= FUSED_TILED_MAX_N && self.kind.is_kquant() {
             let bytes = self.ggml_bytes();
             let row = |i: usize| &bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
             for i in (0..nrows).step_by(R) {
