@@ -1566,6 +1566,27 @@ unsafe fn k4_scales(p: *const u8) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
 }
 
+/// `vpdpwssd` (`acc += a·b` over i16 pairs into i32 lanes), as one instruction.
+/// LLVM splits `_mm512_dpwssd_epi32` into `vpmaddwd` + `vpaddd` unless it
+/// knows the target CPU runs the fused form fast, and with a generic target
+/// it knows none: one more instruction per use in the K-quant kernels' inner
+/// loops. A macro, so the `asm!` sits in the caller, whose AVX-512 VNNI
+/// target features it needs.
+macro_rules! dpwssd {
+    ($acc:expr, $a:expr, $b:expr) => {{
+        let mut acc: __m512i = $acc;
+        let (a, b): (__m512i, __m512i) = ($a, $b);
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }};
+}
+
 /// The block bytes and blocks per row of an `int8_kquant_512` /
 /// `int8_kquant_256` call, after checking its slices hold what it reads.
 #[allow(clippy::too_many_arguments)]
@@ -1670,7 +1691,8 @@ pub(super) unsafe fn int8_kquant_512<const KQ: u8, const T: usize>(
 /// One row's per-lane sums for `int8_kquant_512` (`nb` blocks at
 /// `blk0`; `idx` the scale indices).
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn kq_row_512<const KQ: u8, const T: usize>(
     blk0: *const u8,
     nb: usize,
@@ -1730,7 +1752,7 @@ unsafe fn kq_row_512<const KQ: u8, const T: usize>(
             let mut i = _mm512_setzero_si512();
             for k in 0..4 {
                 let p = _mm512_maddubs_epi16(w[k], _mm512_loadu_si512(x.add(64 * k) as *const __m512i));
-                i = _mm512_dpwssd_epi32(i, p, s[k]);
+                i = dpwssd!(i, p, s[k]);
             }
             let sums = _mm256_loadu_si256(xs.as_ptr().add(16 * at) as *const __m256i);
             let dx = _mm512_set1_ps(*xd.get_unchecked(at));
@@ -2320,10 +2342,10 @@ pub(super) unsafe fn int8_ktile_512<const KQ: u8, const T: usize>(
             let mut o = _mm512_setzero_si512();
             for p in 0..ns / 2 {
                 let pair = _mm512_loadu_si512(tail.add(64 * p) as *const __m512i);
-                o = _mm512_dpwssd_epi32(
+                o = dpwssd!(
                     o,
                     pair,
-                    _mm512_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned()),
+                    _mm512_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned())
                 );
             }
             let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(o), neg, blk[t]);
