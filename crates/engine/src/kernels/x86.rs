@@ -20,8 +20,10 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-/// The f16 at `p` as f32, by `vcvtph2ps` (`half` checks the CPU on every
-/// call). For functions that enable AVX-512 F, which implies F16C.
+/// The f16 at `p` as f32, by `vcvtph2ps`: no CPU check even in a build
+/// without F16C as a compile-time feature, where `half` would check on every
+/// call (this workspace enables it, `.cargo/config.toml`). For functions that
+/// enable AVX-512 F, which implies F16C.
 #[inline(always)]
 unsafe fn f16_512(p: *const u8) -> f32 {
     let h = (p as *const u16).read_unaligned();
