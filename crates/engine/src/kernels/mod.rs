@@ -2660,7 +2660,8 @@ mod tests {
                     continue; // no int8 kernel for this kind on this path
                 }
                 let what = format!("{dtype:?} {isa:?}");
-                // (AVX2 K-quants: the row kernel for every size, one class.)
+                // (K-quants on the 256-bit row kernel, `kquant_256`: AVX2, or AVX-512
+                // without VNNI; every size, one class.)
                 if m.kint8 && !kquant_256(isa) {
                     // K-quants and Q8_0: decode-sized products (row kernel) and prompt-sized
                     // ones (repacked tiles) each give a row the same bits in any
