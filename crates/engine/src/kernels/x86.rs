@@ -2258,7 +2258,7 @@ unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
 /// by its activation scale once — about twice the products per instruction of
 /// the row kernel, whose scales go through `vpdpwssd`. `ahead` (any bytes,
 /// e.g. the weights the caller repacks next) is prefetched into L2 a little
-/// per block. A Q4_K tile holds its values packed (`kq_tile_512`); its
+/// per run slot. A Q4_K tile holds its values packed (`kq_tile_512`); its
 /// runs are scaled in the order 0, 2, 1, 3, 4, 6, 5, 7 of their slots.
 ///
 /// # Safety
@@ -2286,13 +2286,24 @@ pub(super) unsafe fn int8_ktile_512<const KQ: u8, const T: usize>(
     let mut acc = [_mm512_setzero_ps(); T];
     let lines = ahead.len().div_ceil(64);
     let per_block = lines.div_ceil(nb.max(1));
+    // A block's share of the prefetches, spread over its slots, not issued
+    // at its start in one burst (8B shapes, batch of 8, EPYC, alternating
+    // runs: medians 23.95 → 24.91 tokens/s over six, within noise over four).
+    let per_slot = per_block.div_ceil(if nibbles { 4 } else { ns });
     for b in 0..nb {
-        for line in b * per_block..((b + 1) * per_block).min(lines) {
-            _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * line) as *const i8);
-        }
+        let (mut line, end) = (b * per_block, ((b + 1) * per_block).min(lines));
+        let mut prefetch = || {
+            for _ in 0..per_slot {
+                if line < end {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * line) as *const i8);
+                    line += 1;
+                }
+            }
+        };
         let mut blk = [_mm512_setzero_ps(); T];
         if !nibbles {
             for s in 0..ns {
+                prefetch();
                 let base = tp.add(b * bb + s * sb);
                 // Each group of four bytes across all rows: T independent `vpdpbusd`
                 // chains in flight. The sums are exact, so the order does not matter.
@@ -2315,6 +2326,7 @@ pub(super) unsafe fn int8_ktile_512<const KQ: u8, const T: usize>(
             // 2T independent `vpdpbusd` chains.
             let m4 = _mm512_set1_epi8(0x0F);
             for s in [0usize, 1, 4, 5] {
+                prefetch();
                 let base = tp.add(b * bb + s * sb);
                 let mut lo = [_mm512_setzero_si512(); T];
                 let mut hi = [_mm512_setzero_si512(); T];
