@@ -1976,8 +1976,6 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
     assert!(out.len() >= nb * tb && 16 * rb < i32::MAX as usize);
     // Natural run of each slot (Q4_K / Q5_K: a 64-byte load holds runs 0 and 2, ...).
     const ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
-    // Rows past the last stay zero.
-    let mut vals = [[0u8; 256]; 16];
     let live: __mmask16 = ((1u32 << nr) - 1) as __mmask16;
     let at = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -2001,20 +1999,12 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
     // after the transposes). Q6_K done the same way (three transposes, more
     // unpacking after them) was no faster (2.9 against 3.0 ms), nor with its
     // values left packed for the product to unpack (3% faster at 8 rows, 5%
-    // slower at 128), so it and Q5_K unpack first (`vals`).
-    let packed = KQ == KQ4;
+    // slower at 128), so it and Q5_K unpack first.
     for b in 0..nb {
         for r in 0..nr {
             let blk = rows.as_ptr().add(r * rb + b * bb);
             for line in 0..bb.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(2 * bb + 64 * line) as *const i8);
-            }
-            if packed {
-                continue;
-            }
-            let w = kq_bytes::<KQ>(blk);
-            for (k, w) in w.iter().enumerate() {
-                _mm512_storeu_si512(vals[r].as_mut_ptr().add(64 * k) as *mut __m512i, *w);
             }
         }
         let mut sc = [_mm512_setzero_ps(); 16];
@@ -2123,9 +2113,17 @@ pub(super) unsafe fn kq_tile_512<const KQ: u8>(rows: &[u8], rb: usize, nr: usize
                 }
             }
         } else {
+            // Each row's vector k made and transposed in registers, not all
+            // four stored and loaded back (8B shapes, batch of 8, 4096 ×
+            // 14336 Q6_K, two threads: 3.10–3.12 → 2.91–3.05 ms).
             for k in 0..4 {
-                let m: [__m512i; 16] =
-                    std::array::from_fn(|r| _mm512_loadu_si512(vals[r].as_ptr().add(64 * k) as *const __m512i));
+                let m: [__m512i; 16] = std::array::from_fn(|r| {
+                    if r < nr {
+                        kq_byte::<KQ>(rows.as_ptr().add(r * rb + b * bb), k)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
                 for (j, v) in transpose_16x16(m).into_iter().enumerate() {
                     put(k, j, v);
                 }
@@ -2203,49 +2201,60 @@ unsafe fn transpose_16x16(m: [__m512i; 16]) -> [__m512i; 16] {
 /// the activations' run order (see `int8_kquant_512`).
 #[inline(always)]
 unsafe fn kq_bytes<const KQ: u8>(blk: *const u8) -> [__m512i; 4] {
+    [
+        kq_byte::<KQ>(blk, 0),
+        kq_byte::<KQ>(blk, 1),
+        kq_byte::<KQ>(blk, 2),
+        kq_byte::<KQ>(blk, 3),
+    ]
+}
+
+/// Vector `k` of `kq_bytes` alone (the loads it shares with its neighbour
+/// are repeated; where both are made together the compiler merges them).
+#[inline(always)]
+unsafe fn kq_byte<const KQ: u8>(blk: *const u8, k: usize) -> __m512i {
     let m4 = _mm512_set1_epi8(0x0F);
     let halves = |a: i16, b: i16| {
         let mut v = [a; 32];
         v[16..].fill(b);
         _mm512_loadu_si512(v.as_ptr() as *const __m512i)
     };
+    let h = k / 2;
     if KQ == KQ6 {
         let h30 = _mm512_set1_epi8(0x30);
-        let mut w = [_mm512_setzero_si512(); 4];
-        for h in 0..2 {
-            let l = _mm512_loadu_si512(blk.add(64 * h) as *const __m512i);
-            let hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i));
-            let ha = _mm512_and_si512(_mm512_sllv_epi16(hh, halves(4, 2)), h30);
-            let hb = _mm512_and_si512(_mm512_srlv_epi16(hh, halves(0, 2)), h30);
-            w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
-            w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(l), m4), hb);
-        }
-        return w;
+        let l = _mm512_loadu_si512(blk.add(64 * h) as *const __m512i);
+        let hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i));
+        return if k.is_multiple_of(2) {
+            _mm512_or_si512(
+                _mm512_and_si512(l, m4),
+                _mm512_and_si512(_mm512_sllv_epi16(hh, halves(4, 2)), h30),
+            )
+        } else {
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                _mm512_and_si512(_mm512_srlv_epi16(hh, halves(0, 2)), h30),
+            )
+        };
     }
     let qs = blk.add(if KQ == KQ4 { 16 } else { 48 });
-    let q0 = _mm512_loadu_si512(qs as *const __m512i);
-    let q1 = _mm512_loadu_si512(qs.add(64) as *const __m512i);
-    let mut w = [
-        _mm512_and_si512(q0, m4),
-        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
-        _mm512_and_si512(q1, m4),
-        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
-    ];
-    if KQ == KQ5 {
-        // qh bit 2c (low nibbles of 32-byte chunk c) or 2c + 1 (high nibbles) adds 16.
-        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16) as *const __m256i));
-        let h16 = _mm512_set1_epi8(0x10);
-        let hb = [
-            _mm512_sllv_epi16(qh, halves(4, 2)),
-            _mm512_sllv_epi16(qh, halves(3, 1)),
-            _mm512_srlv_epi16(qh, halves(0, 2)),
-            _mm512_srlv_epi16(qh, halves(1, 3)),
-        ];
-        for k in 0..4 {
-            w[k] = _mm512_or_si512(w[k], _mm512_and_si512(hb[k], h16));
-        }
+    let q = _mm512_loadu_si512(qs.add(64 * h) as *const __m512i);
+    let w = if k.is_multiple_of(2) {
+        _mm512_and_si512(q, m4)
+    } else {
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
+    };
+    if KQ != KQ5 {
+        return w;
     }
-    w
+    // qh bit 2c (low nibbles of 32-byte chunk c) or 2c + 1 (high nibbles) adds 16.
+    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16) as *const __m256i));
+    let hb = match k {
+        0 => _mm512_sllv_epi16(qh, halves(4, 2)),
+        1 => _mm512_sllv_epi16(qh, halves(3, 1)),
+        2 => _mm512_srlv_epi16(qh, halves(0, 2)),
+        _ => _mm512_srlv_epi16(qh, halves(1, 3)),
+    };
+    _mm512_or_si512(w, _mm512_and_si512(hb, _mm512_set1_epi8(0x10)))
 }
 
 /// Rows `0..16` of one `KQ` int8 tile (see `kq_tile_512`; runs of `L` =
